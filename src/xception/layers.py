@@ -1,0 +1,184 @@
+"""Building blocks of Xception: the separable convolution with every switch the paper studies,
+TensorFlow-style 'same' pooling, and conv + batch norm (+ ReLU).
+
+The separable convolution is the paper's object of study, so it carries the ablation switches:
+`segments` (channel groups of the spatial 3x3 conv: 1 = a regular conv, k = an Inception-like
+module with k segments, "depthwise" = one segment per channel), `order` (depthwise first, as built,
+or pointwise first, as in "extreme Inception") and `mid_activation` (none, ReLU or ELU between the
+two halves).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ConvBNAct",
+    "SeparableConv2d",
+    "SamePadMaxPool2d",
+    "make_activation",
+    "resolve_segments",
+    "tf_same_padding",
+]
+
+ORDERS = ("depthwise_first", "pointwise_first")
+MID_ACTIVATIONS = (None, "relu", "elu")
+
+
+def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """Padding (before, after) that TensorFlow's 'same' applies along one axis.
+
+    TensorFlow puts total // 2 before and the remainder after, so an even input under a 3x3/2
+    window is padded (0, 1), not (1, 1) as a symmetric PyTorch padding would do.
+    """
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def make_activation(name: str | None) -> nn.Module | None:
+    """ReLU, ELU or nothing; the name is checked so a typo fails loudly."""
+    if name is None:
+        return None
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "elu":
+        return nn.ELU(inplace=True)
+    raise ValueError(f"unknown activation {name!r}: use None, 'relu' or 'elu'")
+
+
+def resolve_segments(segments: int | str, channels: int) -> int:
+    """Number of channel groups of the spatial conv over `channels` channels."""
+    if segments == "depthwise":
+        return channels
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+        raise ValueError(
+            f"segments={segments!r} is not valid: use a positive integer (1 = regular conv) "
+            "or 'depthwise' (one segment per channel)"
+        )
+    if channels % segments:
+        raise ValueError(
+            f"segments={segments} does not divide {channels} channels: choose a divisor of "
+            f"{channels} or 'depthwise'"
+        )
+    return segments
+
+
+class SeparableConv2d(nn.Module):
+    """Spatial 3x3 conv over channel segments and a pointwise 1x1 conv, no bias, nothing between
+    them by default (the paper's best setting).
+
+    With order="depthwise_first" the spatial conv runs on the `in_channels` input channels (this is
+    Keras' SeparableConv2D when segments="depthwise"); with "pointwise_first" the 1x1 conv maps to
+    `out_channels` first and the spatial conv runs on those.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        dilation: int = 1,
+        segments: int | str = "depthwise",
+        order: str = "depthwise_first",
+        mid_activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r} is not valid: use one of {ORDERS}")
+        if mid_activation not in MID_ACTIVATIONS:
+            raise ValueError(
+                f"mid_activation={mid_activation!r} is not valid: use None, 'relu' or 'elu'"
+            )
+        self.order = order
+        spatial_channels = in_channels if order == "depthwise_first" else out_channels
+        groups = resolve_segments(segments, spatial_channels)
+        # Stride is always 1 in Xception ('same' padding is then symmetric, d on each side).
+        spatial = nn.Conv2d(
+            spatial_channels,
+            spatial_channels,
+            kernel_size,
+            padding=dilation * (kernel_size - 1) // 2,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        )
+        pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        if order == "depthwise_first":
+            self.spatial = spatial
+            self.mid_act = make_activation(mid_activation)
+            self.pointwise = pointwise
+        else:
+            self.pointwise = pointwise
+            self.mid_act = make_activation(mid_activation)
+            self.spatial = spatial
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = (
+            (self.spatial, self.pointwise)
+            if self.order == "depthwise_first"
+            else (self.pointwise, self.spatial)
+        )
+        x = first(x)
+        if self.mid_act is not None:
+            x = self.mid_act(x)
+        return second(x)
+
+
+class SamePadMaxPool2d(nn.Module):
+    """3x3 max pool with 'same' output size.
+
+    mode="keras" pads like TensorFlow (asymmetric on even inputs, with -inf so padding never wins);
+    mode="symmetric" pads (k-1)//2 on every side, like timm/Cadene's port.
+    """
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2, mode: str = "keras") -> None:
+        super().__init__()
+        if mode not in ("keras", "symmetric"):
+            raise ValueError(f"padding={mode!r} is not valid: use 'keras' or 'symmetric'")
+        self.kernel_size, self.stride, self.mode = kernel_size, stride, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size, self.stride
+        if self.mode == "symmetric" or s == 1:
+            return F.max_pool2d(x, k, s, padding=(k - 1) // 2)
+        top, bottom = tf_same_padding(x.shape[-2], k, s)
+        left, right = tf_same_padding(x.shape[-1], k, s)
+        if top == bottom and left == right:
+            return F.max_pool2d(x, k, s, padding=(top, left))
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, k, s)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, mode={self.mode!r}"
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv (no bias) -> BatchNorm (-> ReLU). Used by the stem and, without ReLU, the shortcuts."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        *,
+        bn_eps: float = 1e-3,
+        bn_momentum: float = 0.01,
+        act: bool = True,
+    ) -> None:
+        layers: dict[str, nn.Module] = {
+            "conv": nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False),
+            "bn": nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum),
+        }
+        if act:
+            layers["act"] = nn.ReLU(inplace=True)
+        super().__init__()
+        for name, module in layers.items():
+            self.add_module(name, module)

@@ -1,0 +1,437 @@
+"""Xception (Chollet, CVPR 2017, Figure 5): entry flow, middle flow repeated, exit flow.
+
+One frozen dataclass, `XceptionConfig`, describes every variant: each of the paper's ablations is
+one field. Modules are named after the paper's blocks (block1 ... block14 for the paper's model,
+and inside them sepconv1, sepconv1_bn, ...), so Keras' layer `block2_sepconv1_bn` is our
+`block2.sepconv1_bn`; the shortcuts Keras leaves unnamed are `blockN.shortcut` here.
+
+The model knows nothing of files, training or the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import (
+    MID_ACTIVATIONS,
+    ORDERS,
+    ConvBNAct,
+    SamePadMaxPool2d,
+    SeparableConv2d,
+)
+
+__all__ = ["Xception", "XceptionConfig", "XceptionBlock", "count_macs", "summary"]
+
+
+@dataclass(frozen=True)
+class XceptionConfig:
+    """Everything that defines an Xception variant. Defaults are the paper's ImageNet model.
+
+    Paper ablations: `residual`, `mid_activation`, `order`, `segments`. Channel tuples are the
+    paper's widths before the `width` multiplier; `stem_stride=1, stem_padding="same"` keeps small
+    images (28-64 px) from being thrown away by the stem.
+    """
+
+    num_classes: int = 1000
+    in_chans: int = 3
+    residual: bool = True
+    mid_activation: str | None = None  # None | "relu" | "elu", between spatial and pointwise
+    order: str = "depthwise_first"  # | "pointwise_first"
+    segments: int | str = "depthwise"  # 1 = regular conv, k segments, or one per channel
+    middle_blocks: int = 8
+    width: float = 1.0
+    stem_channels: tuple[int, int] = (32, 64)
+    entry_channels: tuple[int, int, int] = (128, 256, 728)
+    exit_channels: int = 1024
+    head_channels: tuple[int, int] = (1536, 2048)
+    stem_stride: int = 2
+    stem_padding: str = "valid"  # | "same"
+    padding: str = "keras"  # "keras" (TensorFlow 'same') | "symmetric" (timm/Cadene port)
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01  # PyTorch convention: Keras' 0.99
+    drop_rate: float = 0.0
+    fc_layers: tuple[int, ...] = ()  # hidden Dense widths before the classifier
+    pooling: str | None = "avg"  # "avg" | "max" | None (no pooling, num_classes must be 0)
+    output_stride: int = 32  # 32, 16 or 8 (by dilation)
+
+    def __post_init__(self) -> None:
+        # Lists from YAML/JSON become tuples, so configs compare and hash the same way.
+        for name in ("stem_channels", "entry_channels", "head_channels", "fc_layers"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, hint: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
+
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise bad("num_classes", "use a non-negative integer (0 = no classifier)")
+        if not isinstance(self.in_chans, int) or self.in_chans < 1:
+            raise bad("in_chans", "use a positive integer")
+        if self.mid_activation not in MID_ACTIVATIONS:
+            raise bad("mid_activation", "use None, 'relu' or 'elu'")
+        if self.order not in ORDERS:
+            raise bad("order", f"use one of {ORDERS}")
+        if not isinstance(self.middle_blocks, int) or self.middle_blocks < 0:
+            raise bad("middle_blocks", "use a non-negative integer (the paper uses 8)")
+        if not self.width > 0:
+            raise bad("width", "use a positive multiplier (1.0 = the paper's widths)")
+        if self.stem_stride not in (1, 2):
+            raise bad("stem_stride", "use 2 (the paper) or 1 (small images)")
+        if self.stem_padding not in ("valid", "same"):
+            raise bad("stem_padding", "use 'valid' (the paper) or 'same'")
+        if self.padding not in ("keras", "symmetric"):
+            raise bad("padding", "use 'keras' (TensorFlow 'same') or 'symmetric' (timm port)")
+        if self.pooling not in ("avg", "max", None):
+            raise bad("pooling", "use 'avg', 'max' or None")
+        if self.pooling is None and (self.num_classes or self.fc_layers):
+            raise bad("pooling", "None returns feature maps: set num_classes=0 and fc_layers=()")
+        if self.output_stride not in (8, 16, 32):
+            raise bad("output_stride", "use 32, 16 or 8")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise bad("drop_rate", "use a probability in [0, 1)")
+        if any(not isinstance(c, int) or c < 1 for c in self.fc_layers):
+            raise bad("fc_layers", "use a tuple of positive widths, e.g. (4096, 4096)")
+
+    def replace(self, **changes) -> XceptionConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def channels(self, c: int) -> int:
+        """A paper width scaled by `width`, rounded to a multiple of 8 (at least 8)."""
+        if self.width == 1.0:
+            return c
+        return max(8, int(c * self.width + 4) // 8 * 8)
+
+
+class XceptionBlock(nn.Module):
+    """One module of the paper: [ReLU] -> (sepconv -> BN), ReLU-separated -> [ReLU] -> [max pool],
+    plus a shortcut (1x1 conv + BN when the shape changes, identity otherwise) when residual.
+
+    The leading ReLU is not in place: the shortcut reads the block input it would overwrite.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: tuple[int, ...],
+        cfg: XceptionConfig,
+        *,
+        stride: int = 1,
+        pool: bool = False,
+        dilation: int = 1,
+        start_with_relu: bool = True,
+        end_with_relu: bool = False,
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_convs = len(widths)
+        channels = in_channels
+        for i, width in enumerate(widths, start=1):
+            if i > 1 or start_with_relu:
+                self.add_module(f"sepconv{i}_act", nn.ReLU(inplace=i > 1))
+            self.add_module(
+                f"sepconv{i}",
+                SeparableConv2d(
+                    channels,
+                    width,
+                    dilation=dilation,
+                    segments=cfg.segments,
+                    order=cfg.order,
+                    mid_activation=cfg.mid_activation,
+                ),
+            )
+            self.add_module(
+                f"sepconv{i}_bn", nn.BatchNorm2d(width, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+            )
+            channels = width
+        if end_with_relu:
+            self.add_module(f"sepconv{self.num_convs}_act_out", nn.ReLU(inplace=True))
+        self.pool = SamePadMaxPool2d(3, stride, cfg.padding) if pool else None
+        self.residual = residual
+        self.shortcut: nn.Module | None = None
+        if residual and (in_channels != channels or stride != 1):
+            self.shortcut = ConvBNAct(
+                in_channels,
+                channels,
+                1,
+                stride,
+                bn_eps=cfg.bn_eps,
+                bn_momentum=cfg.bn_momentum,
+                act=False,
+            )
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp = x
+        for i in range(1, self.num_convs + 1):
+            act = getattr(self, f"sepconv{i}_act", None)
+            if act is not None:
+                x = act(x)
+            x = getattr(self, f"sepconv{i}")(x)
+            x = getattr(self, f"sepconv{i}_bn")(x)
+        out_act = getattr(self, f"sepconv{self.num_convs}_act_out", None)
+        if out_act is not None:
+            x = out_act(x)
+        if self.pool is not None:
+            x = self.pool(x)
+        if self.residual:
+            x = x + (inp if self.shortcut is None else self.shortcut(inp))
+        return x
+
+
+class Stem(nn.Module):
+    """block1: two 3x3 convs (32 and 64 filters), each followed by BN and ReLU."""
+
+    def __init__(self, cfg: XceptionConfig) -> None:
+        super().__init__()
+        pad = 1 if cfg.stem_padding == "same" else 0
+        c1, c2 = (cfg.channels(c) for c in cfg.stem_channels)
+        kw = dict(bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
+        self.conv1 = ConvBNAct(cfg.in_chans, c1, 3, cfg.stem_stride, pad, **kw)
+        self.conv2 = ConvBNAct(c1, c2, 3, 1, pad, **kw)
+        self.out_channels = c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+def min_input_size(cfg: XceptionConfig) -> int:
+    """Smallest height/width the stem accepts (later 'same' pools always give at least 1 pixel)."""
+    pad = 1 if cfg.stem_padding == "same" else 0
+    for size in range(1, 64):
+        first = (size + 2 * pad - 3) // cfg.stem_stride + 1
+        if first >= 1 and first + 2 * pad - 3 + 1 >= 1:
+            return size
+    raise AssertionError("unreachable")
+
+
+class Xception(nn.Module):
+    """The Xception family. `Xception(XceptionConfig())` is the paper's model (22,855,952 params).
+
+    API in the style of timm: `forward_features`, `forward_head(x, pre_logits=False)`,
+    `reset_classifier(num_classes)`, `feature_maps(x)` and `feature_info`.
+    """
+
+    def __init__(self, config: XceptionConfig | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = config or XceptionConfig()
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        self.config = cfg
+        self.min_input_size = min_input_size(cfg)
+        ch = cfg.channels
+
+        self.block_names: list[str] = ["block1"]
+        self.block1 = Stem(cfg)
+        stride, dilation = cfg.stem_stride, 1
+        self.feature_info: list[dict] = [
+            dict(module="block1", channels=self.block1.out_channels, stride=stride)
+        ]
+
+        def downsampling(name: str, in_c: int, widths: tuple[int, ...], **kw) -> XceptionBlock:
+            nonlocal stride, dilation
+            block_dilation = dilation
+            if stride * 2 > cfg.output_stride:  # dilate instead of striding
+                block_stride, dilation = 1, dilation * 2
+            else:
+                block_stride, stride = 2, stride * 2
+            return self._add_block(
+                name, in_c, widths, stride=block_stride, pool=True,
+                dilation=block_dilation, **kw,
+            )  # fmt: skip
+
+        c = self.block1.out_channels
+        e1, e2, e3 = (ch(w) for w in cfg.entry_channels)
+        for i, width in enumerate((e1, e2, e3)):
+            # block2 follows the stem's ReLU, so it starts without one.
+            block = downsampling(f"block{i + 2}", c, (width, width), start_with_relu=i > 0)
+            c = block.out_channels
+            if i < 2:
+                self.feature_info.append(dict(module=f"block{i + 2}", channels=c, stride=stride))
+        for i in range(cfg.middle_blocks):
+            block = self._add_block(f"block{i + 5}", c, (c, c, c), dilation=dilation)
+        self.feature_info.append(dict(module=self.block_names[-1], channels=c, stride=stride))
+        n = cfg.middle_blocks + 5
+        block = downsampling(f"block{n}", c, (c, ch(cfg.exit_channels)))
+        h1, h2 = (ch(w) for w in cfg.head_channels)
+        # The last module has no shortcut (the paper: residuals around all modules but the
+        # first and last); its two separable convs are each followed by BN and ReLU.
+        block = self._add_block(
+            f"block{n + 1}", block.out_channels, (h1, h2), dilation=dilation,
+            start_with_relu=False, end_with_relu=True, residual=False,
+        )  # fmt: skip
+        self.num_features = block.out_channels
+        self.feature_info.append(
+            dict(module=f"block{n + 1}", channels=self.num_features, stride=stride)
+        )
+
+        self.global_pool = self._make_pool(cfg.pooling)
+        hidden: list[nn.Module] = []
+        width = self.num_features
+        for units in cfg.fc_layers:
+            hidden += [nn.Linear(width, units), nn.ReLU(inplace=True)]
+            width = units
+        self.fc_hidden = nn.Sequential(*hidden) if hidden else None
+        self.head_features = width
+        self.dropout = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else None
+        self.fc = nn.Linear(width, cfg.num_classes) if cfg.num_classes > 0 else None
+        self._init_weights()
+
+    # construction helpers -------------------------------------------------------------------
+    def _add_block(self, name: str, in_c: int, widths: tuple[int, ...], **kw) -> XceptionBlock:
+        cfg = self.config
+        try:
+            block = XceptionBlock(
+                in_c, widths, cfg, residual=kw.pop("residual", cfg.residual), **kw
+            )
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        self.add_module(name, block)
+        self.block_names.append(name)
+        return block
+
+    @staticmethod
+    def _make_pool(pooling: str | None) -> nn.Module | None:
+        if pooling == "avg":
+            return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        if pooling == "max":
+            return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1))
+        return None
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # API -----------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_chans:
+            raise ValueError(
+                f"expected a batch of shape (N, {self.config.in_chans}, H, W), got "
+                f"{tuple(x.shape)}: set in_chans to the number of input channels"
+            )
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"input {tuple(x.shape[-2:])} is smaller than this model's minimum "
+                f"{self.min_input_size}x{self.min_input_size}: resize the images, or use a "
+                "compact preset (stem_stride=1, stem_padding='same') for small images"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Maps at strides 2, 4, 8, 16, 32 (capped by output_stride); see `feature_info`."""
+        self.check_input(x)
+        wanted = {info["module"] for info in self.feature_info}
+        maps = []
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+            if name in wanted:
+                maps.append(x)
+        return maps
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool is None:
+            return x
+        x = self.global_pool(x)
+        if self.fc_hidden is not None:
+            x = self.fc_hidden(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        if pre_logits or self.fc is None:
+            return x
+        return self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module | None:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, pooling: str | None = "keep") -> None:
+        """A fresh classifier for `num_classes` classes (0 = none); hidden FC layers are kept."""
+        pooling = self.config.pooling if pooling == "keep" else pooling
+        self.config = self.config.replace(num_classes=num_classes, pooling=pooling)
+        self.global_pool = self._make_pool(pooling)
+        self.fc = nn.Linear(self.head_features, num_classes) if num_classes > 0 else None
+        if self.fc is not None:
+            nn.init.xavier_uniform_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
+        device = next(self.parameters()).device
+        self.to(device)
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> int:
+    """Multiply-accumulates of one forward pass on one image, counted over convs and Linears."""
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += out.numel() // out.shape[0] * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        total += m.in_features * m.out_features
+
+    hooks = [
+        m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, in_chans, *input_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total
+
+
+def summary(model: Xception, input_size: tuple[int, int]) -> list[dict]:
+    """One row per block: name, output shape (C, H, W), trainable parameters."""
+    rows = []
+    p = next(model.parameters())
+    x = torch.zeros(1, model.config.in_chans, *input_size, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model.check_input(x)
+        for name in model.block_names:
+            block = getattr(model, name)
+            x = block(x)
+            params = sum(q.numel() for q in block.parameters() if q.requires_grad)
+            rows.append(dict(name=name, shape=tuple(x.shape[1:]), params=params))
+        head = [m for m in (model.fc_hidden, model.fc) if m is not None]
+        x = model.forward_head(x)
+        params = sum(q.numel() for m in head for q in m.parameters() if q.requires_grad)
+        rows.append(dict(name="head", shape=tuple(x.shape[1:]), params=params))
+    model.train(was_training)
+    return rows

@@ -1,0 +1,65 @@
+"""Reference models for equivalence tests: Keras' Xception and timm's legacy_xception with random
+weights and randomised batch-norm statistics (so eps, moving statistics and layouts all matter)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def keras_xception(include_top: bool = True, size: int = 299, seed: int = 0):
+    import keras
+
+    kw = (
+        dict(weights=None, classifier_activation=None)
+        if include_top
+        else dict(weights=None, include_top=False, input_shape=(size, size, 3), pooling=None)
+    )
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.Xception(**kw)
+    # Like a trained network: random gamma/beta, and moving statistics equal to the statistics of
+    # real activations (one training-mode pass with momentum 0), so every path carries signal and
+    # a wrong padding or a wrong map shows in the outputs.
+    rng = np.random.default_rng(seed)
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in bns:
+        gamma, beta, mean, var = layer.get_weights()
+        n = gamma.shape
+        layer.set_weights([rng.uniform(0.5, 1.5, n).astype("f4"), rng.normal(0, 0.2, n).astype("f4"),
+                           mean, var])  # fmt: skip
+        layer.momentum = 0.0
+    x = rng.uniform(-1, 1, (4, size, size, 3)).astype("f4")
+    model(x, training=True)
+    for layer in bns:
+        layer.momentum = 0.99
+    return model
+
+
+def save_keras_h5(model, path) -> None:
+    import h5py
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    with h5py.File(path, "w") as f:
+        save_weights_to_hdf5_group(f, model)
+
+
+def keras_predict(model, x_nchw: torch.Tensor) -> np.ndarray:
+    import keras
+
+    x = x_nchw.permute(0, 2, 3, 1).numpy()
+    out = keras.ops.convert_to_numpy(model(x, training=False))
+    return out.transpose(0, 3, 1, 2) if out.ndim == 4 else out
+
+
+def timm_xception(seed: int = 0):
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("legacy_xception", pretrained=False).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return model

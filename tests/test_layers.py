@@ -1,0 +1,103 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xception.layers import ConvBNAct, SamePadMaxPool2d, SeparableConv2d, tf_same_padding
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,expected",
+    [(299, 3, 1, (1, 1)), (147, 3, 2, (1, 1)), (74, 3, 2, (0, 1)), (37, 3, 2, (1, 1)),
+     (10, 3, 2, (0, 1)), (19, 1, 2, (0, 0)), (5, 3, 1, (1, 1))],
+)  # fmt: skip
+def test_tf_same_padding_matches_tensorflow_rule(size, kernel, stride, expected):
+    assert tf_same_padding(size, kernel, stride) == expected
+
+
+def test_keras_pool_is_asymmetric_on_even_inputs_and_pads_with_minus_inf():
+    x = -torch.arange(1.0, 17.0).reshape(1, 1, 4, 4)  # all negative: a zero pad would win
+    out = SamePadMaxPool2d(3, 2, "keras")(x)
+    # TensorFlow pads (0, 1): windows start at rows/cols 0 and 2.
+    expected = torch.tensor([[-1.0, -3.0], [-9.0, -11.0]])
+    assert torch.equal(out[0, 0], expected)
+    symmetric = SamePadMaxPool2d(3, 2, "symmetric")(x)
+    assert not torch.equal(symmetric, out)
+    assert torch.equal(symmetric, F.max_pool2d(x, 3, 2, padding=1))
+
+
+def test_keras_pool_equals_torch_pool_on_odd_inputs():
+    x = torch.randn(2, 3, 147, 147)
+    assert torch.equal(SamePadMaxPool2d(3, 2, "keras")(x), F.max_pool2d(x, 3, 2, padding=1))
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("order", ["depthwise_first", "pointwise_first"])
+@pytest.mark.parametrize("segments", [1, 2, 4, 8, "depthwise"])
+def test_separable_param_count_follows_the_segment_formula(order, segments):
+    c_in, c_out = 16, 24
+    spatial = c_in if order == "depthwise_first" else c_out
+    k = spatial if segments == "depthwise" else segments
+    expected = spatial * (spatial // k) * 9 + c_in * c_out
+    m = SeparableConv2d(c_in, c_out, segments=segments, order=order)
+    assert _params(m) == expected
+    assert m.spatial.groups == k
+    assert m(torch.randn(2, c_in, 9, 9)).shape == (2, c_out, 9, 9)
+
+
+def test_order_changes_the_computation_not_just_the_names():
+    m = SeparableConv2d(8, 16, order="pointwise_first", mid_activation="relu")
+    x = torch.randn(2, 8, 7, 7)
+    manual = m.spatial(torch.relu(m.pointwise(x)))
+    assert torch.allclose(m(x), manual)
+    d = SeparableConv2d(8, 16)
+    assert torch.allclose(d(x), d.pointwise(d.spatial(x)))
+
+
+@pytest.mark.parametrize("act,cls", [(None, type(None)), ("relu", nn.ReLU), ("elu", nn.ELU)])
+def test_mid_activation_present_only_when_asked(act, cls):
+    m = SeparableConv2d(8, 8, mid_activation=act)
+    assert isinstance(m.mid_act, cls)
+    n_act = sum(isinstance(x, nn.ReLU | nn.ELU) for x in m.modules())
+    assert n_act == (0 if act is None else 1)
+    x = torch.randn(1, 8, 5, 5)
+    expected = m.spatial(x)
+    if act == "relu":
+        expected = torch.relu(expected)
+    elif act == "elu":
+        expected = F.elu(expected)
+    assert torch.allclose(m(x), m.pointwise(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -2, "x", True, 2.0])
+def test_invalid_segments_named_in_error(bad):
+    with pytest.raises(ValueError, match="segments"):
+        SeparableConv2d(8, 8, segments=bad)
+
+
+def test_segments_that_do_not_divide_channels_name_both():
+    with pytest.raises(ValueError, match=r"segments=3 does not divide 8 channels"):
+        SeparableConv2d(8, 8, segments=3)
+
+
+def test_bad_order_and_activation_rejected():
+    with pytest.raises(ValueError, match="order"):
+        SeparableConv2d(8, 8, order="sideways")
+    with pytest.raises(ValueError, match="mid_activation"):
+        SeparableConv2d(8, 8, mid_activation="gelu")
+
+
+def test_dilation_keeps_spatial_size():
+    m = SeparableConv2d(4, 4, dilation=4)
+    assert m.spatial.dilation == (4, 4)
+    assert m(torch.randn(1, 4, 11, 11)).shape == (1, 4, 11, 11)
+
+
+def test_conv_bn_act_has_no_bias_and_keras_bn_defaults():
+    m = ConvBNAct(3, 8, 3, 2, act=False)
+    assert m.conv.bias is None
+    assert m.bn.eps == 1e-3 and m.bn.momentum == 0.01
+    assert not hasattr(m, "act")

@@ -1,0 +1,197 @@
+import pytest
+import torch
+from torch import nn
+
+from xception.layers import SeparableConv2d
+from xception.model import Xception, XceptionConfig, count_macs, summary
+
+# The paper's separable convs by input channels (depthwise first): entry blocks 2-4, 8 middle
+# blocks of 3, exit blocks 13 and 14. Written out by hand from Figure 5, not read off the model.
+SEP_IN = [64, 128, 128, 256, 256, 728] + [728] * 24 + [728, 728, 1024, 1536]
+PAPER = 22_855_952
+
+
+def trainable(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def test_paper_parameter_counts():
+    assert trainable(Xception()) == PAPER
+    assert trainable(Xception(num_classes=0)) == 20_806_952
+
+
+@pytest.mark.parametrize("segments", [1, 4, 8])
+def test_segments_parameter_count_by_formula(segments):
+    # Only the spatial convs change: 9*C per conv depthwise, 9*C*C/k with k segments.
+    expected = PAPER - 9 * sum(SEP_IN) + 9 * sum(c * c // segments for c in SEP_IN)
+    assert trainable(Xception(segments=segments)) == expected
+
+
+def test_segments_must_divide_every_width_error_names_block_and_value():
+    with pytest.raises(ValueError, match=r"block4: segments=16 does not divide 728"):
+        Xception(segments=16)
+
+
+def test_nonresidual_has_no_shortcuts_and_fewer_params():
+    model = Xception(residual=False)
+    assert not any("shortcut" in name for name, _ in model.named_modules())
+    shortcut_params = sum(
+        cin * cout + 2 * cout for cin, cout in [(64, 128), (128, 256), (256, 728), (728, 1024)]
+    )
+    assert trainable(model) == PAPER - shortcut_params
+    x = torch.randn(1, 3, 71, 71)
+    assert model.eval()(x).shape == (1, 1000)
+
+
+def test_residual_adds_the_shortcut():
+    torch.manual_seed(1)
+    cfg = XceptionConfig(width=0.25, middle_blocks=1, num_classes=0, pooling=None)
+    model = Xception(cfg).eval()
+    block = model.block5  # identity shortcut
+    x = torch.randn(1, block.out_channels, 5, 5)
+    block.residual = False
+    plain = block(x)
+    block.residual = True
+    assert torch.allclose(block(x), plain + x)
+
+
+@pytest.mark.parametrize("act,cls", [("relu", nn.ReLU), ("elu", nn.ELU)])
+def test_mid_activation_switch(act, cls):
+    model = Xception(mid_activation=act)
+    seps = [m for m in model.modules() if isinstance(m, SeparableConv2d)]
+    assert len(seps) == len(SEP_IN)
+    assert all(isinstance(s.mid_act, cls) for s in seps)
+    assert all(s.mid_act is None for s in Xception().modules() if isinstance(s, SeparableConv2d))
+
+
+def test_order_pointwise_first_moves_the_spatial_conv():
+    model = Xception(order="pointwise_first", width=0.25, middle_blocks=1)
+    sep = model.block2.sepconv1
+    assert sep.spatial.in_channels == sep.pointwise.out_channels
+    assert list(dict(sep.named_children())) == ["pointwise", "spatial"]
+
+
+def test_module_names_follow_the_paper():
+    names = dict(Xception().named_modules())
+    for name in ["block1.conv1.conv", "block2.sepconv1.spatial", "block2.sepconv2_bn",
+                 "block2.shortcut.conv", "block5.sepconv3", "block13.sepconv2",
+                 "block14.sepconv2_bn", "fc"]:  # fmt: skip
+        assert name in names
+    assert "block15" not in names
+
+
+@pytest.mark.parametrize("size", [224, 299])
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_output_stride_shapes(size, output_stride):
+    model = Xception(output_stride=output_stride, num_classes=0, pooling=None).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, size, size))
+    # 'same' downsampling after the VALID stem: ceil division from the stem's output.
+    stem = (size - 3) // 2 + 1 - 2
+    expected = stem
+    for _ in range({32: 4, 16: 3, 8: 2}[output_stride]):
+        expected = -(-expected // 2)
+    assert out.shape == (1, 2048, expected, expected)
+
+
+def test_feature_maps_match_feature_info():
+    model = Xception().eval()
+    with torch.no_grad():
+        maps = model.feature_maps(torch.randn(1, 3, 224, 224))
+    info = model.feature_info
+    assert [i["stride"] for i in info] == [2, 4, 8, 16, 32]
+    assert [m.shape[1] for m in maps] == [i["channels"] for i in info] == [64, 128, 256, 728, 2048]
+    assert [m.shape[-1] for m in maps] == [109, 55, 28, 14, 7]
+
+
+@pytest.mark.parametrize("size", [7, 8, 33, 71, 100, 150])
+def test_any_input_size_the_architecture_allows(size):
+    model = Xception(width=0.25, middle_blocks=1, num_classes=5).eval()
+    assert model.min_input_size == 7
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size + 3)).shape == (2, 5)
+
+
+def test_too_small_input_and_wrong_channels_are_named():
+    model = Xception(width=0.25, middle_blocks=1)
+    with pytest.raises(ValueError, match=r"smaller than this model's minimum 7x7"):
+        model(torch.randn(1, 3, 6, 50))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\).*in_chans"):
+        model(torch.randn(1, 1, 50, 50))
+
+
+def test_compact_stem_keeps_small_images():
+    cfg = XceptionConfig(stem_stride=1, stem_padding="same", width=0.25, middle_blocks=1,
+                         in_chans=1, num_classes=10)  # fmt: skip
+    model = Xception(cfg).eval()
+    assert model.min_input_size == 1
+    with torch.no_grad():
+        maps = model.feature_maps(torch.randn(2, 1, 28, 28))
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert [m.shape[-1] for m in maps] == [28, 14, 7, 4, 2]
+
+
+def test_head_api():
+    model = Xception(width=0.25, middle_blocks=1, fc_layers=(32, 16), drop_rate=0.5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 16)
+        assert model.forward_head(feats).shape == (2, 1000)
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7) and model.num_classes == 7
+        model.reset_classifier(0)
+        assert model(x).shape == (2, 16)
+        plain = Xception(width=0.25, middle_blocks=1).eval()
+        plain.reset_classifier(0, pooling=None)
+        assert plain(x).shape == feats.shape
+        with pytest.raises(ValueError, match="fc_layers"):
+            model.reset_classifier(0, pooling=None)
+    fc = [m for m in model.fc_hidden if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in fc] == [32, 16]
+
+
+def test_max_pooling_and_dropout():
+    model = Xception(width=0.25, middle_blocks=1, num_classes=0, pooling="max").eval()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x), model.forward_features(x).amax((2, 3)))
+    assert isinstance(Xception(drop_rate=0.5).dropout, nn.Dropout)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("pooling", "sum"), ("output_stride", 4), ("padding", "same"), ("order", "x"),
+     ("mid_activation", "tanh"), ("width", 0), ("num_classes", -1), ("drop_rate", 1.0),
+     ("stem_stride", 3), ("middle_blocks", -1), ("fc_layers", (0,))],
+)  # fmt: skip
+def test_bad_config_values_are_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        XceptionConfig(**{field: value})
+
+
+def test_pooling_none_requires_no_classifier():
+    with pytest.raises(ValueError, match="num_classes=0"):
+        XceptionConfig(pooling=None)
+
+
+def test_width_multiplier_rounds_to_multiples_of_8():
+    model = Xception(width=0.5)
+    assert model.block4.out_channels == 368  # 728 * 0.5 = 364 -> 368
+    assert model.num_features == 1024
+
+
+def test_config_roundtrip_and_lists_from_yaml():
+    cfg = XceptionConfig(fc_layers=[64, 64], entry_channels=[8, 16, 24])
+    assert cfg.fc_layers == (64, 64)
+    assert XceptionConfig(**cfg.to_dict()) == cfg
+
+
+def test_macs_and_summary():
+    model = Xception()
+    assert abs(count_macs(model, (299, 299)) / 1e9 - 8.36) < 0.01
+    assert abs(count_macs(model, (224, 224)) / 1e9 - 4.55) < 0.01
+    rows = summary(model, (299, 299))
+    assert rows[0] == dict(name="block1", shape=(64, 147, 147), params=19488)
+    assert sum(r["params"] for r in rows) == PAPER
+    assert rows[-1]["shape"] == (1000,)

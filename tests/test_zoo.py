@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from xception import create_model, list_models, model_config
+from xception.layers import SeparableConv2d
+
+
+def test_list_models_has_the_presets():
+    names = list_models()
+    for name in ["xception", "xception-nonresidual", "xception-mid-relu", "xception-mid-elu",
+                 "xception-compact", "inception-v3"]:  # fmt: skip
+        assert name in names
+    assert list_models("mid") == ["xception-mid-elu", "xception-mid-relu"]
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(ValueError, match=r"unknown model 'xcepton'.*did you mean xception"):
+        create_model("xcepton")
+
+
+def test_unknown_override_lists_valid_fields():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) resdual.*residual"):
+        create_model("xception", resdual=False)
+
+
+def test_presets_set_their_switch():
+    assert model_config("xception-nonresidual").residual is False
+    assert model_config("xception-mid-relu").mid_activation == "relu"
+    assert model_config("xception-mid-elu").mid_activation == "elu"
+    assert model_config("xception-pointwise-first").order == "pointwise_first"
+    assert model_config("xception-fc").fc_layers == (4096, 4096)
+    m = create_model("xception-mid-elu", num_classes=3, width=0.25, middle_blocks=1)
+    assert all(s.mid_act is not None for s in m.modules() if isinstance(s, SeparableConv2d))
+
+
+def test_compact_preset_for_small_images():
+    model = create_model("xception-compact", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert model(torch.randn(1, 1, 64, 64)).shape == (1, 10)
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+
+
+def test_inception_v3_baseline_behind_the_same_factory():
+    model = create_model("inception-v3", num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 299, 299)).shape == (1, 10)
+    with pytest.raises(ValueError, match="inception-v3 accepts only"):
+        create_model("inception-v3", residual=False)
