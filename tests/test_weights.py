@@ -1,5 +1,6 @@
 import logging
 import pickle
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -171,3 +172,92 @@ def test_bad_files_give_clear_errors(tmp_path, name, content, match):
         path.write_bytes(content)
     with pytest.raises(WeightsError, match=match):
         load_file(path)
+
+
+# --- named-weights metadata, classifier rule, conversion to our safetensors (issue 3) ---------
+def test_omitted_num_classes_takes_the_files_classifier(tmp_path):
+    model = create_model("xception-compact", num_classes=10).eval()
+    path = tmp_path / "ten.pth"
+    torch.save(model.state_dict(), path)
+    again = create_model("xception-compact", weights=path)
+    assert again.config.num_classes == 10 and torch.equal(again.fc.weight, model.fc.weight)
+    assert again.weights_meta is None  # a bare state dict says nothing about preprocessing
+
+
+def test_convert_keras_file_keeps_outputs_and_imagenet_metadata(keras_top, tmp_path, capsys):
+    from xception.cli import main
+    from xception.data import keras_transform
+
+    _, h5 = keras_top
+    out = tmp_path / "keras.safetensors"
+    assert main(["convert", str(h5), str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    source = create_model("xception", weights=h5).eval()
+    converted = create_model("xception", weights=out).eval()
+    x = torch.rand(1, 3, 71, 71) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(converted(x), source(x))
+    meta = converted.weights_meta
+    assert meta.format == "keras" and meta.num_classes == 1000 and meta.categories[1] == "goldfish"
+    image = torch.rand(3, 50, 80)
+    from torchvision.transforms.functional import to_pil_image
+
+    photo = to_pil_image(image)
+    assert torch.equal(meta.transforms()(photo), keras_transform(299)(photo))
+
+
+def test_timm_weights_convert_with_their_config_and_preprocessing(tmp_path, capsys):
+    import timm
+    from PIL import Image
+
+    from xception.cli import main
+    from xception.data import load_image
+
+    tmodel = timm_xception(seed=5)
+    pth = tmp_path / "timm.pth"
+    torch.save(tmodel.state_dict(), pth)
+    out = tmp_path / "timm.safetensors"
+    assert main(["convert", str(pth), str(out)]) == 0
+    assert "padding=symmetric, bn_eps=1e-05" in capsys.readouterr().out
+    model = create_model("xception", weights=out).eval()  # the file restores the port's config
+    assert model.config.padding == "symmetric" and model.config.bn_eps == 1e-5
+    x = torch.randn(1, 3, 150, 150)
+    with torch.no_grad():
+        expected = tmodel(x)
+        assert (model(x) - expected).abs().max() < TOL and expected.abs().max() > 0.05
+    meta = model.weights_meta
+    assert meta.format == "timm" and meta.categories[0] == "tench"
+    assert (meta.input_size, meta.crop_fraction, meta.interpolation) == (299, 0.8975, "bicubic")
+    # the same tensors as timm's own evaluation transform for legacy_xception
+    theirs = timm.data.create_transform(**timm.data.resolve_model_data_config(tmodel))
+    photo = load_image(Path(__import__("sklearn").__file__).parent / "datasets/images/china.jpg")
+    assert isinstance(photo, Image.Image)
+    assert torch.allclose(meta.transforms()(photo), theirs(photo), atol=1e-6)
+
+
+def test_convert_refuses_other_outputs_and_names_unknown_weights(tmp_path, capsys):
+    from xception.cli import main
+
+    assert main(["convert", "imagenet", str(tmp_path / "out.pth")]) == 2
+    assert "must be a .safetensors file" in capsys.readouterr().err
+    assert main(["convert", "imagenet-21k", str(tmp_path / "out.safetensors")]) == 2
+    assert "unknown weights 'imagenet-21k'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_required_classifier_that_does_not_fit_is_an_error(tmp_path):
+    from xception.weights import load_into
+
+    source = create_model("xception-compact", num_classes=10)
+    width = source.num_features
+    with pytest.raises(
+        WeightsError, match=rf"classifier fc\.weight has shape \(10, {width}\) in the"
+    ):
+        load_into(create_model("xception-compact", num_classes=3), source.state_dict(),
+                  require_head=True)  # fmt: skip
+    path = tmp_path / "ten.pth"
+    torch.save(source.state_dict(), path)
+    # The classifier is asked for (num_classes left out) but the backbone is what does not fit:
+    # the error names the backbone layer, not the classifier.
+    with pytest.raises(WeightsError, match=r"layer block1\.conv1\.conv .* another configuration"):
+        create_model("xception-compact", width=0.5, weights=path)

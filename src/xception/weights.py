@@ -1,32 +1,58 @@
 """Weights in and out: Keras HDF5 (the official ImageNet files' legacy layout), timm/Cadene
-PyTorch state dicts, and our own safetensors.
+PyTorch state dicts, and our own safetensors; named weights with their metadata, downloaded into
+a verified cache.
 
 Every format is turned into our state dict by a short, explicit name map, then checked shape by
 shape against the model so a mismatch names the layer. Loading never executes code from a file:
 safetensors, or `torch.load(weights_only=True)` with no fallback.
+
+Named weights (`WEIGHTS`) are values in the torchvision manner: where the file lives, its hash,
+its class names and the preprocessing it was trained with (`Weights.transforms()`), so a model
+made from them can never be fed differently prepared images.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import http.client
+import json
 import logging
+import os
 import pickle
 import re
-from collections.abc import Mapping
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+from .data import eval_transform
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "WEIGHTS",
+    "OpenedWeights",
+    "Weights",
     "WeightsError",
+    "cache_dir",
     "detect_format",
+    "download",
     "keras_to_state_dict",
     "load_file",
     "load_into",
+    "load_weights",
+    "open_weights",
     "read_keras_h5",
+    "read_safetensors_metadata",
+    "save_safetensors",
     "timm_to_state_dict",
 ]
 
@@ -271,22 +297,16 @@ def load_into(
     """Copy `weights` (any supported format, already read) into `model`, checking every shape.
 
     A classifier whose class count differs from the model's (or is absent) is skipped with a
-    warning, leaving the model's fresh head, unless `require_head` is set. Returns the lists of
+    warning, leaving the model's fresh head, unless `require_head` is set (checked after the
+    backbone, so a backbone that does not fit is what the error names). Returns the lists of
     skipped keys ('head') and of model keys the file did not provide ('missing_head')."""
     sd = to_state_dict(weights, model)
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     head_prefixes = ("fc.",)
-    skipped: list[str] = []
+    skipped: dict[str, torch.Tensor] = {}
     for key in list(sd):
         if key.startswith(head_prefixes) and (key not in own or own[key].shape != sd[key].shape):
-            if require_head:
-                want = tuple(own[key].shape) if key in own else "no classifier"
-                raise WeightsError(
-                    f"{source}: classifier {key} has shape {tuple(sd[key].shape)}, the model "
-                    f"has {want}: set num_classes to match the file, or load without the top"
-                )
-            skipped.append(key)
-            del sd[key]
+            skipped[key] = sd.pop(key)
     unexpected = sorted(set(sd) - set(own))
     missing = sorted(set(own) - set(sd))
     missing_head = [k for k in missing if k.startswith(head_prefixes)]
@@ -312,6 +332,14 @@ def load_into(
                 f"{tuple(own[key].shape)} in the model: the file was made for another "
                 "configuration (check segments, order, width, in_chans)"
             )
+    if require_head and (skipped or missing_head):
+        key = next(iter(skipped), None) or missing_head[0]
+        have = tuple(skipped[key].shape) if key in skipped else "nothing"
+        want = tuple(own[key].shape) if key in own else "no classifier"
+        raise WeightsError(
+            f"{source}: classifier {key} has shape {have} in the file, the model has {want}: "
+            "set num_classes to match the file, or load without the top"
+        )
     if missing_head or skipped:
         log.warning(
             "%s: classifier not loaded (%s); the model keeps a freshly initialised head for "
@@ -320,4 +348,370 @@ def load_into(
         )  # fmt: skip
     with torch.no_grad():
         model.load_state_dict(sd, strict=False)
-    return {"head": skipped, "missing_head": missing_head}
+    return {"head": list(skipped), "missing_head": missing_head}
+
+
+# ---------------------------------------------------------------------------------------------
+# Named weights and their metadata
+# ---------------------------------------------------------------------------------------------
+KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/xception/"
+URL_ENV = "XCEPTION_WEIGHTS_URL"  # a mirror (or file:// folder) holding the same file names
+HOME_ENV = "XCEPTION_HOME"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One set of weights: where the file comes from, what it predicts, how inputs are prepared.
+
+    `format` is the file's layout ('keras', 'timm' or 'xception'). `filename`, `md5` and
+    `base_url` are set for weights that `download` can fetch. Preprocessing (`transforms()`):
+    resize the shorter side to input_size / crop_fraction with `interpolation` and centre-crop
+    input_size (crop_fraction 1.0: resize to a square, as Keras does), then RGB in [0, 1]
+    normalised by mean and std."""
+
+    name: str
+    format: str
+    num_classes: int
+    categories: tuple[str, ...] | None = None
+    input_size: int = 299
+    crop_fraction: float = 1.0
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    filename: str | None = None
+    md5: str | None = None
+    base_url: str | None = None
+    description: str = ""
+
+    @property
+    def url(self) -> str | None:
+        """Where `download` fetches the file: `$XCEPTION_WEIGHTS_URL` if set, else the
+        published address."""
+        base = os.environ.get(URL_ENV) or self.base_url
+        if self.filename is None or base is None:
+            return None
+        return base.rstrip("/") + "/" + self.filename
+
+    def transforms(self) -> Callable:
+        """The preprocessing these weights expect: PIL RGB image -> normalised CHW tensor."""
+        return eval_transform(
+            self.input_size, self.crop_fraction, self.interpolation, self.mean, self.std
+        )
+
+    def replace(self, **changes) -> Weights:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> Weights:
+        """Inverse of `to_dict` (after a JSON round trip); unknown keys are ignored so files
+        written by a later version still load."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in values.items() if k in names}
+        for key in ("categories", "mean", "std"):
+            if kw.get(key) is not None:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+
+_IMAGENET = tuple(_IMAGENET_CATEGORIES)  # the class order of both published ImageNet files
+
+WEIGHTS: dict[str, Weights] = {
+    "imagenet": Weights(
+        name="imagenet", format="keras", num_classes=1000, categories=_IMAGENET,
+        filename="xception_weights_tf_dim_ordering_tf_kernels.h5",
+        md5="0a58e3b7378bc2990ea3b43d5981f1f6", base_url=KERAS_BASE_URL,
+        description="the official Keras ImageNet weights of keras.applications.Xception",
+    ),
+    "imagenet-notop": Weights(
+        name="imagenet-notop", format="keras", num_classes=0,
+        filename="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        md5="b0042744bf5b25fce3cb969f33bebb97", base_url=KERAS_BASE_URL,
+        description="the official Keras ImageNet weights without the classifier",
+    ),
+    # timm's legacy_xception (Cadene's port of the Keras weights) is evaluated the timm way.
+    # Its file is not fetched here: pass it as weights=PATH and this metadata comes with it.
+    "timm-imagenet": Weights(
+        name="timm-imagenet", format="timm", num_classes=1000, categories=_IMAGENET,
+        crop_fraction=0.8975, interpolation="bicubic",
+        description="timm's legacy_xception / Cadene's ImageNet port: pass the .pth as a path",
+    ),
+}  # fmt: skip
+
+# Config fields a file layout fixes: the timm/Cadene port pads symmetrically, BN eps 1e-5.
+_FORMAT_CONFIG = {"timm": {"padding": "symmetric", "bn_eps": 1e-5}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Download and cache
+# ---------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """`$XCEPTION_HOME`, else `$XDG_CACHE_HOME/xception`, else `~/.cache/xception`."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xception"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder, fsync, rename: readers see old or new, never
+    half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_hashes(path: Path) -> tuple[str, str]:
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            md5.update(chunk)
+            sha256.update(chunk)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def _sidecar(target: Path) -> Path:
+    return target.with_name(target.name + ".json")
+
+
+def _write_sidecar(target: Path, w: Weights, md5: str, sha256: str, size: int) -> None:
+    record = {"name": w.name, "url": w.url, "md5": md5, "sha256": sha256, "size": size}
+    _atomic_write_bytes(_sidecar(target), json.dumps(record, indent=1).encode())
+
+
+def _place_by_hand(w: Weights, target: Path) -> str:
+    official = w.base_url.rstrip("/") + "/" + w.filename if w.base_url else w.url
+    return (
+        f"download {official} on a machine with internet access (MD5 {w.md5}) and put it at "
+        f"{target} (or set {HOME_ENV} to a folder holding weights/{w.filename}, or "
+        f"{URL_ENV} to a mirror)"
+    )
+
+
+def _check_cached(target: Path, w: Weights) -> None:
+    """A cached file is trusted when its sidecar records the expected MD5 and its size; a file
+    placed by hand (no sidecar) is hashed once and then recorded."""
+    size = target.stat().st_size
+    try:
+        record = json.loads(_sidecar(target).read_text())
+        if record.get("md5") == w.md5 and record.get("size") == size:
+            return
+    except (OSError, ValueError):
+        pass
+    md5, sha256 = _file_hashes(target)
+    if md5 != w.md5:
+        raise WeightsError(
+            f"{target}: MD5 {md5} does not match the published {w.md5} of {w.name!r}: the file "
+            "is damaged or not the official one. Delete it and run again to download it afresh"
+        )
+    _write_sidecar(target, w, md5, sha256, size)
+    log.info("%s: verified (sha256 %s)", target, sha256)
+
+
+def _fetch(w: Weights, target: Path, progress: bool) -> None:
+    """Stream w.url into a temp file next to `target`, hashing as it goes; only a complete file
+    with the published MD5 is renamed into place. Anything else leaves no trace."""
+    from tqdm import tqdm
+
+    url = w.url
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(name)
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    received, total = 0, None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length is not None else None
+                    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                              desc=w.filename, disable=not progress) as bar:  # fmt: skip
+                        while chunk := response.read(1 << 20):
+                            f.write(chunk)
+                            md5.update(chunk)
+                            sha256.update(chunk)
+                            received += len(chunk)
+                            bar.update(len(chunk))
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                    TimeoutError) as err:  # fmt: skip
+                reason = getattr(err, "reason", None) or err
+                if received:
+                    raise WeightsError(
+                        f"download of {url} broke off after {received:,} bytes ({reason}); "
+                        f"nothing was kept: run again, or {_place_by_hand(w, target)}"
+                    ) from None
+                raise WeightsError(
+                    f"cannot download the {w.name!r} weights from {url} ({reason}). If this "
+                    f"machine is offline, {_place_by_hand(w, target)}"
+                ) from None
+            if total is not None and received != total:
+                raise WeightsError(
+                    f"download of {url} broke off after {received:,} of {total:,} bytes; "
+                    f"nothing was kept: run again, or {_place_by_hand(w, target)}"
+                )
+            f.flush()
+            os.fsync(f.fileno())
+        if md5.hexdigest() != w.md5:
+            raise WeightsError(
+                f"{url} sent a file with MD5 {md5.hexdigest()}, not the published {w.md5} of "
+                f"{w.name!r}; it was discarded. If a mirror ({URL_ENV}) or proxy serves another "
+                f"file, fix that, or {_place_by_hand(w, target)}"
+            )
+        _write_sidecar(target, w, md5.hexdigest(), sha256.hexdigest(), received)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("downloaded %s to %s (sha256 %s)", url, target, sha256.hexdigest())
+
+
+def _named(name: str) -> Weights:
+    if name not in WEIGHTS:
+        raise WeightsError(
+            f"unknown weights {name!r}: use one of {', '.join(WEIGHTS)} or a file path "
+            "(.h5, .safetensors, .pth)"
+        )
+    return WEIGHTS[name]
+
+
+def download(weights: Weights | str, *, progress: bool = True) -> Path:
+    """The cached file of `weights` (an entry of `WEIGHTS` or its name), downloaded first if
+    absent. The published MD5 is checked and the SHA-256 recorded in a `.json` sidecar; a file
+    lock keeps concurrent processes from fetching or reading a half-written file."""
+    from filelock import FileLock
+
+    w = _named(weights) if isinstance(weights, str) else weights
+    if w.url is None or w.md5 is None:
+        raise WeightsError(f"weights {w.name!r} cannot be downloaded: {w.description}")
+    target = cache_dir() / "weights" / w.filename
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WeightsError(
+            f"cannot create the weights cache {target.parent} ({err}): set {HOME_ENV} to a "
+            "writable folder"
+        ) from None
+    with FileLock(f"{target}.lock"):
+        if target.exists():
+            _check_cached(target, w)
+            log.debug("%s: cached at %s", w.name, target)
+        else:
+            _fetch(w, target, progress)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening weights by name or path; our safetensors with config and metadata
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class OpenedWeights:
+    """Weights read from a name or a file, with what they imply for the model."""
+
+    data: Mapping  # as `load_file` returns it
+    source: str  # the name or path, for messages
+    format: str  # 'keras' | 'timm' | 'xception'
+    num_classes: int  # the file's classifier outputs (0: no classifier)
+    config: dict  # config fields the file requires: a port's padding/eps, or our saved config
+    meta: Weights | None  # None where nothing is known (a bare state dict of ours)
+
+
+def _classifier_size(data: Mapping, fmt: str) -> int:
+    if fmt == "keras":
+        bias = data.get("predictions", {}).get("bias")
+    else:
+        bias = data.get("fc.bias", data.get("last_linear.bias"))
+    return int(bias.shape[0]) if bias is not None else 0
+
+
+def _file_meta(fmt: str, num_classes: int, path: Path) -> Weights | None:
+    """Metadata for a file without its own: the preprocessing of its layout, and ImageNet's
+    class names when it has 1000 classes (the published files of both layouts are ImageNet)."""
+    base = {"keras": WEIGHTS["imagenet"], "timm": WEIGHTS["timm-imagenet"]}.get(fmt)
+    if base is None:
+        return None
+    return base.replace(
+        name=path.name, num_classes=num_classes,
+        categories=base.categories if num_classes == len(_IMAGENET) else None,
+        filename=None, md5=None, base_url=None, description=f"{fmt} weights from {path}",
+    )  # fmt: skip
+
+
+def read_safetensors_metadata(path: str | Path) -> tuple[dict | None, Weights | None]:
+    """The model config and weights metadata `save_safetensors` stored in a file (None where
+    the file has none, e.g. a safetensors file written elsewhere)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = f.metadata() or {}
+        config = json.loads(stored["xception.config"]) if "xception.config" in stored else None
+        meta = stored.get("xception.weights")
+        return config, Weights.from_dict(json.loads(meta)) if meta else None
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        raise WeightsError(f"{path}: unreadable xception metadata ({err})") from None
+
+
+def open_weights(spec: str | Path, *, progress: bool = True) -> OpenedWeights:
+    """Read weights given by name (an entry of `WEIGHTS`, downloaded into the cache) or path."""
+    if isinstance(spec, str) and spec in WEIGHTS:
+        meta = WEIGHTS[spec]
+        data = load_file(download(meta, progress=progress))
+        fmt = detect_format(data)
+        return OpenedWeights(data, spec, fmt, _classifier_size(data, fmt),
+                             dict(_FORMAT_CONFIG.get(fmt, {})), meta)  # fmt: skip
+    path = Path(spec)
+    if not path.exists() and not path.suffix and os.sep not in str(spec):
+        _named(str(spec))  # a mistyped name: list the names rather than "file not found"
+    data = load_file(path)
+    fmt = detect_format(data)
+    num_classes = _classifier_size(data, fmt)
+    config, meta = dict(_FORMAT_CONFIG.get(fmt, {})), None
+    if path.suffix.lower() == ".safetensors":
+        saved, meta = read_safetensors_metadata(path)
+        if saved is not None:
+            config = {k: v for k, v in saved.items() if k != "num_classes"}
+    if meta is None:
+        meta = _file_meta(fmt, num_classes, path)
+    return OpenedWeights(data, str(spec), fmt, num_classes, config, meta)
+
+
+def load_weights(model: nn.Module, opened: OpenedWeights, *, require_head: bool = False) -> None:
+    """`load_into` plus metadata: sets `model.weights_meta` to the weights' `Weights`, without
+    class names when the classifier was not loaded (they would name a fresh head's outputs)."""
+    report = load_into(model, opened.data, source=opened.source, require_head=require_head)
+    meta = opened.meta
+    head_loaded = model.fc is not None and not report["head"] and not report["missing_head"]
+    if meta is not None and not head_loaded:
+        meta = meta.replace(num_classes=model.config.num_classes, categories=None)
+    model.weights_meta = meta
+
+
+def save_safetensors(model: nn.Module, path: str | Path, meta: Weights | None = None) -> Path:
+    """Write `model`'s weights as safetensors with its config and `meta` in the file's metadata,
+    so that `create_model(name, weights=path)` restores the same model (padding, eps, classes).
+    Written atomically."""
+    from safetensors.torch import save
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+          if not k.endswith("num_batches_tracked")}  # fmt: skip
+    metadata = {"format": "pt"}
+    config = getattr(model, "config", None)
+    if config is not None:
+        metadata["xception.config"] = json.dumps(config.to_dict())
+    if meta is not None:
+        metadata["xception.weights"] = json.dumps(meta.to_dict())
+    path = Path(path)
+    _atomic_write_bytes(path, save(sd, metadata=metadata))
+    return path

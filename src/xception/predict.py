@@ -1,0 +1,184 @@
+"""Classify image files: find them, prepare them as the weights expect, run a backend, rank.
+
+Nothing here prints: `predict` yields one `Prediction` per file, either a class ranking or the
+reason the file could not be read, and the command line formats them. A file that fails never
+stops the others. Preprocessing and class names come from the model's weights metadata
+(`model.weights_meta`, see `weights.Weights`), so they cannot be mismatched with the weights.
+
+A backend turns the model into a function from a prepared batch to logits; each is one factory
+in `BACKENDS`, chosen by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import ImageError, load_image
+from .weights import Weights
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "IMAGE_EXTENSIONS", "Prediction", "Ranked", "find_images", "predict"]
+
+# What a folder search picks up; files named on the command line are tried whatever their name.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+
+Runner = Callable[[torch.Tensor], torch.Tensor]  # prepared NCHW batch -> logits
+
+
+def _torch_backend(model: nn.Module) -> Runner:
+    model.eval()
+    device = next(model.parameters()).device
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(batch.to(device)).cpu()
+
+    return run
+
+
+def _onnxruntime_backend(model: nn.Module) -> Runner:
+    # Exports the model once per image size (see deploy.OnnxRuntimeRunner).
+    from .deploy import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(model)
+
+
+BACKENDS: dict[str, Callable[[nn.Module], Runner]] = {
+    "torch": _torch_backend,
+    "onnxruntime": _onnxruntime_backend,
+}
+
+
+@dataclass(frozen=True)
+class Ranked:
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class Prediction:
+    """One file's result: the top classes, or `error` when the file could not be classified."""
+
+    path: str
+    top: list[Ranked] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "predictions": [vars(r) for r in self.top],
+            "error": self.error,
+        }
+
+
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, plus the image files under each folder (recursively, sorted, hidden
+    files and folders skipped)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(
+                sorted(
+                    f
+                    for f in path.rglob("*")
+                    if f.suffix.lower() in IMAGE_EXTENSIONS
+                    and f.is_file()
+                    and not any(part.startswith(".") for part in f.relative_to(path).parts)
+                )
+            )
+        else:
+            found.append(path)  # a missing file becomes its own error row
+    return found
+
+
+def _meta_for(model: nn.Module) -> Weights:
+    meta = getattr(model, "weights_meta", None)
+    if meta is not None:
+        return meta
+    log.warning("the model carries no weights metadata: using Keras' preprocessing at 299x299")
+    return Weights(name="unknown", format="xception", num_classes=_num_classes(model))
+
+
+def _num_classes(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is not None:
+        return config.num_classes
+    return model.fc.out_features  # torchvision's Inception V3
+
+
+def _reason(path: Path, err: Exception) -> str:
+    """The error without the path its message starts with: the row names the file already."""
+    text = str(err)
+    prefix = f"{path}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def predict(
+    model: nn.Module,
+    paths: Sequence[str | Path],
+    *,
+    topk: int = 5,
+    batch_size: int = 8,
+    backend: str = "torch",
+    progress: bool = False,
+) -> Iterator[Prediction]:
+    """Classify image files in batches, yielding one `Prediction` per path, in order.
+
+    Images are prepared with `model.weights_meta.transforms()` and labelled with its categories
+    (class indices where it has none). `backend` names an entry of `BACKENDS`. `progress` shows
+    a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not available: use one of {', '.join(BACKENDS)}")
+    if topk < 1 or batch_size < 1:
+        raise ValueError(f"topk={topk}, batch_size={batch_size}: both must be at least 1")
+    num_classes = _num_classes(model)
+    if num_classes < 1:
+        raise ValueError(
+            "the model has no classifier (num_classes=0): load weights with a classifier, e.g. "
+            "'imagenet' rather than 'imagenet-notop'"
+        )
+    meta = _meta_for(model)
+    transform = meta.transforms()
+    categories = meta.categories
+    if categories is not None and len(categories) != num_classes:
+        # e.g. reset_classifier() after loading: the names belong to the old head
+        log.warning("the weights' %d class names do not fit the model's %d classes: "
+                    "labelling by index", len(categories), num_classes)  # fmt: skip
+        categories = None
+    k = min(topk, num_classes)
+    run = BACKENDS[backend](model)
+    with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = [Path(p) for p in paths[start : start + batch_size]]
+            results: list[Prediction] = []
+            tensors, slots = [], []
+            for path in chunk:
+                result = Prediction(str(path))
+                try:
+                    tensors.append(transform(load_image(path)))
+                    slots.append(result)
+                except ImageError as err:
+                    result.error = _reason(path, err)
+                results.append(result)
+            if tensors:
+                probs = run(torch.stack(tensors)).float().softmax(-1)
+                values, indices = probs.topk(k, dim=-1)
+                for result, ps, ids in zip(slots, values.tolist(), indices.tolist(), strict=True):
+                    result.top = [
+                        Ranked(i, categories[i] if categories else str(i), p)
+                        for i, p in zip(ids, ps, strict=True)
+                    ]
+            bar.update(len(chunk))
+            yield from results

@@ -1,0 +1,236 @@
+"""`xception predict` and `xception.predict`: real photos and broken files in one folder, one row
+per file, error rows, table/JSON/CSV, exit status, batching, and every image mode.
+
+A tiny compact model saved with `save_safetensors` (config, 4 class names, 32 px input) keeps
+this fast; the ImageNet-sized path is covered in test_weights_download.py."""
+
+import csv
+import io
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xception import create_model
+from xception.cli import main
+from xception.data import ImageError, load_image
+from xception.predict import find_images, predict
+from xception.weights import Weights, save_safetensors
+
+SKLEARN_IMAGES = Path(__import__("sklearn").__file__).parent / "datasets" / "images"
+SKIMAGE_DATA = Path(__import__("skimage").__file__).parent / "data"
+CLASSES = ("cat", "dog", "bird", "fish")
+RED, BLUE = (220, 20, 20), (20, 20, 220)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = create_model("xception-compact", num_classes=4, width=0.25, middle_blocks=1)
+    # Batch-norm statistics of real activations (as a trained network has) make the outputs
+    # depend on the image, so a batch that mixed rows up would show.
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.momentum = None  # cumulative average over the one pass below
+        bn.reset_running_stats()
+    with torch.no_grad():
+        model.train()(torch.rand(16, 3, 32, 32) * 2 - 1)
+    model.eval()
+    meta = Weights(name="tiny", format="xception", num_classes=4, categories=CLASSES,
+                   input_size=32)  # fmt: skip
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_safetensors(model, path, meta)
+    return path
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A 1x1 PNG whose header claims width x height: a decompression bomb's calling card."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def _halves(size=(40, 20)) -> Image.Image:
+    im = Image.new("RGB", size, RED)
+    im.paste(BLUE, (size[0] // 2, 0, size[0], size[1]))
+    return im
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Real photos and every awkward file a user's folder holds. Returns (folder, bad files)."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    shutil.copy(SKLEARN_IMAGES / "china.jpg", root / "china.jpg")
+    shutil.copy(SKLEARN_IMAGES / "flower.jpg", root / "flower.jpg")
+    shutil.copy(SKIMAGE_DATA / "coffee.png", root / "sub" / "coffee.png")
+    shutil.copy(SKIMAGE_DATA / "camera.png", root / "sub" / "camera.png")  # greyscale (L)
+    china = (SKLEARN_IMAGES / "china.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(china[: len(china) // 2])
+    (root / "text.jpg").write_text("this is not an image\n")
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(root / "one_pixel.png")
+    rgba = _halves().convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: composited on white
+    rgba.save(root / "rgba.png")
+    Image.new("RGB", (24, 16), RED).convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    ramp = (np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)  # up to 59,950
+    Image.fromarray(ramp).save(root / "gray16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    _halves().save(root / "rotated.jpg", exif=exif, quality=95)
+    _halves().convert("P").save(root / "palette.png")
+    _png_claiming(root / "bomb.png", 20000, 20000)
+    (root / "notes.txt").write_text("not searched: no image extension")
+    (root / ".hidden.jpg").write_text("hidden files are skipped")
+    bad = {"truncated.jpg": "truncated", "text.jpg": "cannot identify",
+           "bomb.png": "decompression bomb"}  # fmt: skip
+    return root, bad
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    status = main(["predict", *map(str, argv), "--no-progress"])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_folder_search_finds_images_recursively_and_skips_the_rest(folder):
+    root, _ = folder
+    names = sorted(p.relative_to(root).as_posix() for p in find_images([root]))
+    assert names == sorted([
+        "china.jpg", "flower.jpg", "sub/coffee.png", "sub/camera.png", "truncated.jpg",
+        "text.jpg", "one_pixel.png", "rgba.png", "cmyk.jpg", "gray16.png", "rotated.jpg",
+        "palette.png", "bomb.png",
+    ])  # fmt: skip
+    assert find_images([root / "notes.txt"]) == [root / "notes.txt"]  # named files are tried
+
+
+def test_json_one_row_per_file_with_error_rows(folder, tiny, capsys):
+    root, bad = folder
+    status, out, err = _run(capsys, root, "--weights", tiny, "--format", "json", "--topk", "3")
+    assert status == 0
+    rows = json.loads(out)
+    assert len(rows) == 13 and len({r["path"] for r in rows}) == 13
+    for row in rows:
+        name = Path(row["path"]).name
+        if name in bad:
+            assert bad[name] in row["error"] and row["predictions"] == []
+        else:
+            assert row["error"] is None, row
+            probs = [p["probability"] for p in row["predictions"]]
+            assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1
+            assert all(p["label"] == CLASSES[p["index"]] for p in row["predictions"])
+    assert "classified 10 of 13 files; 3 could not be read" in err
+
+
+def test_csv_and_table_one_row_per_file(folder, tiny, capsys):
+    root, bad = folder
+    status, out, _ = _run(capsys, root, "--weights", tiny, "--format", "csv", "--topk", "2")
+    assert status == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 13
+    assert {Path(r["path"]).name for r in rows if r["error"]} == set(bad)
+    good = [r for r in rows if not r["error"]]
+    assert all(r["label_1"] in CLASSES and 0 < float(r["probability_1"]) <= 1 for r in good)
+    assert all(r["label_2"] in CLASSES for r in good) and "label_3" not in rows[0]
+
+    status, out, _ = _run(capsys, root, "--weights", tiny, "--topk", "2")
+    lines = out.strip().splitlines()
+    assert status == 0 and len(lines) == 2 + 13  # header, rule, one line per file
+    assert sum("error:" in line for line in lines) == 3
+
+
+def test_batches_do_not_change_or_mix_up_results(folder, tiny, capsys):
+    root, _ = folder
+    args = (root, "--weights", tiny, "--format", "json", "--topk", "4")
+    one = json.loads(_run(capsys, *args, "--batch-size", "1")[1])
+    five = json.loads(_run(capsys, *args, "--batch-size", "5")[1])
+    assert [r["path"] for r in one] == [r["path"] for r in five]
+
+    def by_index(row: dict) -> list[float]:
+        return [p["probability"] for p in sorted(row["predictions"], key=lambda p: p["index"])]
+
+    classified = [(a, b) for a, b in zip(one, five, strict=True) if a["error"] is None]
+    assert all(np.allclose(by_index(a), by_index(b), atol=1e-5) for a, b in classified)
+    # the photos are told apart, so a batch that mixed rows up would be caught
+    vectors = np.array([by_index(a) for a, _ in classified])
+    assert np.abs(vectors[:, None] - vectors[None]).max() > 0.05
+
+
+def test_predictions_use_the_weights_preprocessing(tiny):
+    model = create_model("xception-compact", weights=tiny).eval()
+    meta = model.weights_meta
+    assert meta.categories == CLASSES and meta.input_size == 32
+    photo = SKLEARN_IMAGES / "flower.jpg"
+    [result] = predict(model, [photo], topk=4)
+    with torch.no_grad():
+        x = meta.transforms()(load_image(photo)).unsqueeze(0)
+        assert x.shape == (1, 3, 32, 32)
+        expected = model(x).softmax(-1)[0]
+    got = {r.label: r.probability for r in result.top}
+    assert all(abs(got[c] - expected[i].item()) < 1e-6 for i, c in enumerate(CLASSES))
+
+
+def test_exit_status_is_non_zero_only_when_nothing_was_classified(folder, tiny, tmp_path, capsys):
+    root, _ = folder
+    status, out, _ = _run(capsys, root / "text.jpg", root / "bomb.png", "--weights", tiny)
+    assert status == 1 and out.count("error:") == 2
+    status, out, _ = _run(capsys, tmp_path / "missing.jpg", root / "china.jpg", "--weights", tiny)
+    assert status == 0 and "no such file" in out
+    (tmp_path / "empty").mkdir()
+    status, _, err = _run(capsys, tmp_path / "empty", "--weights", tiny)
+    assert status == 2 and "no image files in" in err and len(err.strip().splitlines()) == 1
+    status, _, err = _run(capsys, root / "china.jpg", "--weights", tiny, "--backend", "tensorrt")
+    assert status == 2 and "backend 'tensorrt' is not available: use one of torch" in err
+    status, _, err = _run(capsys, root / "china.jpg", "--weights", tiny, "--topk", "0")
+    assert status == 2 and "at least 1" in err
+
+
+def test_model_without_classifier_is_refused(tmp_path):
+    model = create_model("xception-compact", num_classes=0)
+    with pytest.raises(ValueError, match="no classifier"):
+        list(predict(model, [SKLEARN_IMAGES / "china.jpg"]))
+
+
+# load_image: every mode a photo folder holds -------------------------------------------------
+def test_greyscale_palette_and_one_pixel_images_become_rgb(folder):
+    root, _ = folder
+    grey = np.asarray(load_image(root / "sub" / "camera.png"))
+    assert grey.shape == (512, 512, 3) and (grey[..., 0] == grey[..., 2]).all() and grey.std() > 10
+    palette = np.asarray(load_image(root / "palette.png"))
+    assert np.abs(palette[10, 5] - RED).max() < 40 and np.abs(palette[10, 35] - BLUE).max() < 40
+    assert load_image(root / "one_pixel.png").getpixel((0, 0)) == (10, 200, 30)
+
+
+def test_transparent_pixels_are_composited_on_white(folder):
+    assert (np.asarray(load_image(folder[0] / "rgba.png")) == 255).all()
+
+
+def test_cmyk_jpeg_keeps_its_colour(folder):
+    pixels = np.asarray(load_image(folder[0] / "cmyk.jpg")).reshape(-1, 3)
+    assert np.abs(pixels.mean(0) - RED).max() < 12
+
+
+def test_16_bit_png_is_scaled_to_8_bits(folder):
+    assert Image.open(folder[0] / "gray16.png").mode.startswith("I")
+    grey = np.asarray(load_image(folder[0] / "gray16.png"))[..., 0].astype(int)
+    assert grey[0, 0] == 0 and abs(grey.max() - round(59950 / 65535 * 255)) <= 1
+
+
+def test_exif_orientation_is_applied(folder):
+    im = load_image(folder[0] / "rotated.jpg")
+    assert im.size == (20, 40)  # stored 40x20, displayed rotated
+    a = np.asarray(im).astype(int)
+    assert np.abs(a[3, 10] - RED).max() < 40 and np.abs(a[36, 10] - BLUE).max() < 40
+
+
+def test_decompression_bomb_is_refused_before_decoding(folder):
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(folder[0] / "bomb.png")

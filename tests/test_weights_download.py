@@ -1,0 +1,256 @@
+"""Named weights: download from a local HTTP server into the cache, hash checks, broken
+transfers, concurrent downloads, offline errors, and the loaded model against Keras.
+
+The official file is not reachable from the test machines (and never fetched here): the server
+serves a Keras-layout HDF5 made from keras.applications.Xception with random weights, and each
+test patches the published MD5 to that file's."""
+
+import dataclasses
+import hashlib
+import http.server
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from helpers import keras_predict, keras_xception, save_keras_h5
+
+from xception import create_model
+from xception import weights as W
+from xception.cli import main
+from xception.data import keras_transform, load_image
+
+TOL = 1e-4
+TOP = W.WEIGHTS["imagenet"].filename
+NOTOP = W.WEIGHTS["imagenet-notop"].filename
+PHOTOS = Path(__import__("sklearn").__file__).parent / "datasets" / "images"
+
+
+@pytest.fixture(scope="module")
+def keras_files(tmp_path_factory):
+    """The Keras model and its weights as the two published files (the notop one is the same
+    file without the `predictions` layer, as Keras' own notop file is)."""
+    model = keras_xception(include_top=True, seed=7)
+    folder = tmp_path_factory.mktemp("served")
+    top = folder / TOP
+    save_keras_h5(model, top)
+    notop = folder / NOTOP
+    with h5py.File(top) as src, h5py.File(notop, "w") as dst:
+        names = [n for n in src.attrs["layer_names"] if n not in (b"predictions", "predictions")]
+        dst.attrs["layer_names"] = names
+        for name in names:
+            src.copy(src[name], dst, name=name.decode() if isinstance(name, bytes) else name)
+    return model, {TOP: top.read_bytes(), NOTOP: notop.read_bytes()}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        server = self.server
+        server.requests.append(self.path)
+        server.started.set()
+        body = server.files.get(self.path.rsplit("/", 1)[-1])
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not server.release.wait(30):
+            return
+        if self.path.endswith(tuple(server.cut)):
+            body = body[: len(body) // 2]  # announce the whole file, send half, hang up
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(keras_files):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.files = keras_files[1]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def env(server, keras_files, tmp_path, monkeypatch):
+    """A fresh cache, the download address pointing at the test server, the MD5s patched."""
+    server.requests, server.cut = [], set()
+    server.started, server.release = threading.Event(), threading.Event()
+    server.release.set()
+    home = tmp_path / "home"
+    monkeypatch.setenv("XCEPTION_HOME", str(home))
+    monkeypatch.setenv("XCEPTION_WEIGHTS_URL", f"http://127.0.0.1:{server.server_port}/xception/")
+    for name, filename in (("imagenet", TOP), ("imagenet-notop", NOTOP)):
+        md5 = hashlib.md5(keras_files[1][filename]).hexdigest()
+        monkeypatch.setitem(W.WEIGHTS, name, dataclasses.replace(W.WEIGHTS[name], md5=md5))
+    return home / "weights"
+
+
+def _cache_files(cache: Path) -> list[str]:
+    """Everything in the cache but lock files (which filelock may leave behind)."""
+    if not cache.exists():
+        return []
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_download_then_cache_hit_and_logits_match_keras(env, server, keras_files, capfd):
+    kmodel, files = keras_files
+    model = create_model("xception", weights="imagenet").eval()
+    assert len(server.requests) == 1 and server.requests[0].endswith(TOP)
+    assert TOP in capfd.readouterr().err  # the progress bar names the file
+    assert _cache_files(env) == [TOP, TOP + ".json"]
+    record = json.loads((env / f"{TOP}.json").read_text())
+    assert record["sha256"] == hashlib.sha256(files[TOP]).hexdigest()
+    assert record["md5"] == W.WEIGHTS["imagenet"].md5 and record["size"] == len(files[TOP])
+
+    x = torch.rand(1, 3, 299, 299) * 2 - 1
+    with torch.no_grad():
+        ours = model(x).numpy()
+    theirs = keras_predict(kmodel, x)
+    assert np.abs(theirs).max() > 0.05
+    assert np.abs(ours - theirs).max() < TOL
+
+    again = create_model("xception", weights="imagenet")
+    assert len(server.requests) == 1  # served from the cache
+    assert torch.equal(again.fc.weight, model.fc.weight)
+
+    meta = model.weights_meta
+    assert meta.name == "imagenet" and len(meta.categories) == 1000
+    assert meta.categories[:2] == ("tench", "goldfish")
+    photo = load_image(PHOTOS / "china.jpg")
+    assert torch.equal(meta.transforms()(photo), keras_transform(299)(photo))
+
+
+def test_md5_mismatch_is_an_error_and_nothing_is_cached(env, server, monkeypatch):
+    bad = dataclasses.replace(W.WEIGHTS["imagenet"], md5="0" * 32)
+    monkeypatch.setitem(W.WEIGHTS, "imagenet", bad)
+    with pytest.raises(W.WeightsError, match=r"MD5 [0-9a-f]{32}, not the published 0{32}"):
+        create_model("xception", weights="imagenet")
+    assert len(server.requests) == 1
+    assert _cache_files(env) == []
+
+
+def test_transfer_cut_halfway_is_an_error_and_nothing_is_cached(env, server):
+    server.cut = {TOP}
+    with pytest.raises(W.WeightsError, match=r"broke off after [\d,]+ of [\d,]+ bytes"):
+        W.download("imagenet", progress=False)
+    assert _cache_files(env) == []
+    server.cut = set()
+    path = W.download("imagenet", progress=False)  # the next attempt starts afresh
+    assert hashlib.md5(path.read_bytes()).hexdigest() == W.WEIGHTS["imagenet"].md5
+
+
+def test_offline_error_says_where_to_put_the_file_and_a_file_put_there_is_used(
+    env, server, keras_files, monkeypatch
+):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("XCEPTION_WEIGHTS_URL", f"http://127.0.0.1:{port}/")
+    target = env / TOP
+    with pytest.raises(W.WeightsError) as err:
+        create_model("xception", weights="imagenet")
+    message = str(err.value)
+    assert "offline" in message and str(target) in message
+    assert W.KERAS_BASE_URL + TOP in message and W.WEIGHTS["imagenet"].md5 in message
+    assert _cache_files(env) == []
+
+    env.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(keras_files[1][TOP])  # placed by hand, as the message says
+    model = create_model("xception", weights="imagenet")
+    assert model.weights_meta.name == "imagenet" and server.requests == []
+    assert (
+        json.loads((env / f"{TOP}.json").read_text())["sha256"]
+        == hashlib.sha256(keras_files[1][TOP]).hexdigest()
+    )
+
+    target.write_bytes(b"damaged")
+    (env / f"{TOP}.json").unlink()
+    with pytest.raises(W.WeightsError, match="damaged or not the official one. Delete it"):
+        create_model("xception", weights="imagenet")
+
+
+_DOWNLOAD_IN_ANOTHER_PROCESS = """
+import dataclasses, sys
+from xception import weights as W
+W.WEIGHTS["imagenet"] = dataclasses.replace(W.WEIGHTS["imagenet"], md5=sys.argv[1])
+print("ready", flush=True)
+print(W.download("imagenet", progress=False))
+"""
+
+
+def test_concurrent_downloads_fetch_once_and_do_not_corrupt_the_cache(env, server):
+    """One download in this process, one in another, overlapping: the server holds the body
+    until the second process has had time to ask for the file itself (it would, without the
+    lock)."""
+    server.release.clear()
+    results = {}
+    here = threading.Thread(target=lambda: results.update(here=W.download("imagenet")))
+    here.start()
+    assert server.started.wait(30)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DOWNLOAD_IN_ANOTHER_PROCESS, W.WEIGHTS["imagenet"].md5],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready"
+    threading.Event().wait(1.5)  # the other process now waits for the lock
+    server.release.set()
+    here.join(60)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert len(server.requests) == 1
+    assert Path(out.strip()) == results["here"] == env / TOP
+    assert hashlib.md5((env / TOP).read_bytes()).hexdigest() == W.WEIGHTS["imagenet"].md5
+    assert _cache_files(env) == [TOP, TOP + ".json"]
+
+
+def test_classifier_rule_for_named_weights(env, caplog):
+    full = create_model("xception", weights="imagenet").eval()
+    with caplog.at_level(logging.WARNING):
+        ten = create_model("xception", weights="imagenet", num_classes=10).eval()
+    assert "classifier not loaded" in caplog.text  # a new head: said so, backbone loaded
+    assert ten.fc.out_features == 10
+    assert ten.weights_meta.categories is None and ten.weights_meta.num_classes == 10
+    notop = create_model("xception", weights="imagenet-notop").eval()
+    assert notop.fc is None and notop.weights_meta.name == "imagenet-notop"
+    backbone = {k: v for k, v in full.state_dict().items() if not k.startswith("fc.")}
+    for other in (ten, notop):
+        theirs = {k: v for k, v in other.state_dict().items() if not k.startswith("fc.")}
+        assert theirs.keys() == backbone.keys()
+        assert all(torch.equal(theirs[k], v) for k, v in backbone.items())
+
+
+def test_unknown_weights_name_lists_the_names():
+    with pytest.raises(W.WeightsError, match="unknown weights 'imagenet1k': use one of imagenet"):
+        create_model("xception", weights="imagenet1k")
+
+
+def test_predict_with_imagenet_weights_matches_keras(env, keras_files, capsys):
+    kmodel, _ = keras_files
+    photos = [PHOTOS / "china.jpg", PHOTOS / "flower.jpg"]
+    argv = ["predict", *map(str, photos), "--weights", "imagenet", "--format", "json"]
+    assert main([*argv, "--topk", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    x = torch.stack([keras_transform(299)(load_image(p)) for p in photos])
+    probs = torch.from_numpy(keras_predict(kmodel, x)).softmax(-1)
+    for row, p in zip(rows, probs, strict=True):
+        expected = p.topk(3)
+        assert [r["index"] for r in row["predictions"]] == expected.indices.tolist()
+        got = [r["probability"] for r in row["predictions"]]
+        assert np.allclose(got, expected.values.numpy(), atol=1e-5)
+        assert [r["label"] for r in row["predictions"]] == [
+            W.WEIGHTS["imagenet"].categories[i] for i in expected.indices
+        ]
