@@ -6,18 +6,35 @@ with (see `weights.py`), and so training and evaluation can never silently disag
 
 from __future__ import annotations
 
+import csv
+import gzip
+import logging
+import struct
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 __all__ = [
+    "DataError",
+    "FileDataset",
     "ImageError",
+    "TensorImageDataset",
+    "eval_preset",
     "eval_transform",
     "keras_transform",
+    "load_idx",
     "load_image",
+    "make_datasets",
+    "make_eval_dataset",
+    "read_idx",
+    "read_label_list",
+    "scan_folder",
+    "train_transform",
 ]
 
 # Pillow's default bomb limit is ~89 MP (warning) / 179 MP (error). We refuse at the warning
@@ -117,3 +134,436 @@ def eval_transform(
 
 def to_batch(images: list[Image.Image], transform) -> torch.Tensor:
     return torch.stack([transform(im) for im in images])
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets for training and evaluation
+#
+# Every random choice an augmentation makes is a function of (seed, epoch, sample index) only:
+# the same sample gets the same crop in a single process, on any DDP rank, and after a resume in
+# the middle of an epoch, so runs are exactly reproducible whatever their layout.
+# ---------------------------------------------------------------------------------------------
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+# Normalisation (mean, std) per preset family: the paper's models see x / 127.5 - 1.
+KERAS_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+FASHION_MNIST_MEAN_STD = ((0.2860,), (0.3530,))
+MNIST_MEAN_STD = ((0.1307,), (0.3081,))
+TRAIN_PRESETS = ("imagenet", "small", "none")
+EVAL_PRESETS = ("keras", "small")
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Data the user pointed at cannot be used (missing, empty, mostly unreadable)."""
+
+
+def sample_keys(seed: int, epoch: int, indices) -> np.ndarray:
+    """A 64-bit random key per sample: splitmix64 of (seed, epoch, index), vectorised."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(indices, dtype=np.uint64) + np.uint64(
+            (seed * 1_000_003 + epoch) & (2**63 - 1)
+        ) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (the MNIST format), plain or gzipped, as a numpy array of its stored type."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable IDX file ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_TYPES[raw[2]]).newbyteorder(">")
+    expected = int(np.prod(dims)) * dtype.itemsize
+    body = raw[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise DataError(f"{path}: truncated IDX file ({len(body)} of {expected} data bytes)")
+    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: "i2", 0x0C: "i4", 0x0D: "f4", 0x0E: "f8"}
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(
+        f"{root}: {stem}.gz not found. Point --data at a folder holding the four IDX files "
+        "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-...), or install the "
+        "Debian package dataset-fashion-mnist"
+    )
+
+
+def is_idx_dir(root: str | Path) -> bool:
+    root = Path(root)
+    return root.is_dir() and any(root.glob("train-images*idx3-ubyte*"))
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """Images held in memory as one uint8 tensor (N, C, H, W), fetched and augmented a whole
+    batch at a time (`__getitems__`): Fashion-MNIST's 60,000 images cost no loader time.
+
+    `augment` is "small" (random crop with `padding` zero pixels, horizontal flip) or "none".
+    Targets are class indices (N,) or multi-hot rows (N, K)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        classes: tuple[str, ...],
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: str = "none",
+        padding: int = 2,
+        hflip: bool = True,
+        size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if augment not in ("small", "none"):
+            raise ValueError(f"augment={augment!r}: in-memory images support 'small' or 'none'")
+        self.images, self.targets, self.classes = images, targets, tuple(classes)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.augment, self.padding, self.hflip = augment, padding, hflip
+        self.size = size if size and size != images.shape[-1] else None
+        self.seed, self.epoch = seed, 0
+        self.multilabel = targets.ndim == 2
+        self.channels = images.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int):
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.images[idx]
+        if self.augment == "small":
+            x = self._crop_flip(x, sample_keys(self.seed, self.epoch, indices))
+        x = (x.float() - self.mean) / self.std
+        if self.size is not None:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return x, self.targets[idx]
+
+    def _crop_flip(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
+        p = self.padding
+        n, c, h, w = x.shape
+        span = 2 * p + 1
+        if p > 0:
+            dy = torch.from_numpy((keys % np.uint64(span)).astype(np.int64))
+            dx = torch.from_numpy(((keys >> np.uint64(8)) % np.uint64(span)).astype(np.int64))
+            padded = x.new_zeros(n, c, h + 2 * p, w + 2 * p)
+            padded[:, :, p : p + h, p : p + w] = x
+            # One gather for the whole batch: image i reads rows dy[i].. and columns dx[i]..
+            rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+            x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                       rows, cols]  # fmt: skip
+        if self.hflip:
+            flip = torch.from_numpy(((keys >> np.uint64(16)) & np.uint64(1)).astype(bool))
+            x[flip] = x[flip].flip(-1)
+        return x
+
+    @staticmethod
+    def collate(batch):
+        return batch  # __getitems__ already returns (images, targets)
+
+
+def load_idx(
+    root: str | Path, split: str, *, classes: tuple[str, ...] | None = None, **kw
+) -> TensorImageDataset:
+    """Fashion-MNIST / MNIST split ('train' or 'test') from IDX files, in memory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    images_file, labels_file = (_find_idx(root, s) for s in IDX_FILES[split])
+    images = read_idx(images_file)
+    labels = read_idx(labels_file)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise DataError(
+            f"{root}: {split} images {images.shape} and labels {labels.shape} do not match"
+        )
+    if classes is None:
+        classes = FASHION_MNIST_CLASSES if "fashion" in str(root).lower() else MNIST_CLASSES
+    default = FASHION_MNIST_MEAN_STD if "fashion" in str(root).lower() else MNIST_MEAN_STD
+    kw.setdefault("mean", default[0])
+    kw.setdefault("std", default[1])
+    return TensorImageDataset(
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        classes,
+        **kw,
+    )
+
+
+def train_transform(preset: str, size: int, mean=KERAS_MEAN_STD[0], std=KERAS_MEAN_STD[1]):
+    """Training augmentation for PIL images.
+
+    'imagenet': Inception-style random-resized crop (8-100% of the area, 3/4-4/3 aspect) and
+    horizontal flip, the augmentation Xception was trained with; 'small': resize, random crop
+    with 1/8 padding and flip, for 28-64 px images; 'none': the evaluation resize only."""
+    if preset == "imagenet":
+        steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+                 T.RandomHorizontalFlip()]  # fmt: skip
+    elif preset == "small":
+        steps = [T.Resize((size, size), antialias=True),
+                 T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()]  # fmt: skip
+    elif preset == "none":
+        steps = [T.Resize((size, size), antialias=True)]
+    else:
+        raise ValueError(f"train transform {preset!r}: use one of {', '.join(TRAIN_PRESETS)}")
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_preset(preset: str, size: int, mean=KERAS_MEAN_STD[0], std=KERAS_MEAN_STD[1]):
+    """Evaluation preprocessing: 'keras' (square resize, Keras' Xception) or 'small' (same
+    square resize with the dataset's own normalisation)."""
+    if preset not in EVAL_PRESETS:
+        raise ValueError(f"eval transform {preset!r}: use one of {', '.join(EVAL_PRESETS)}")
+    return eval_transform(size, 1.0, "bilinear", mean, std)
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Images read from files with a per-sample transform: image folders and multi-label lists.
+
+    `samples` are (path, target) pairs; target is a class index or a multi-hot float tensor. A
+    file that fails to decode at load time is logged and replaced by the next readable sample,
+    so one bad file never kills a long run."""
+
+    def __init__(self, samples, classes, transform, *, seed: int = 0, multilabel: bool = False):
+        self.samples, self.classes, self.transform = list(samples), tuple(classes), transform
+        self.seed, self.epoch, self.multilabel = seed, 0, multilabel
+        self.failed: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            path, target = self.samples[i]
+            try:
+                image = load_image(path)
+            except ImageError as err:
+                if i not in self.failed:
+                    self.failed.add(i)
+                    log.warning("skipping unreadable image %s", err)
+                continue
+            key = int(sample_keys(self.seed, self.epoch, [index])[0] >> np.uint64(1))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(key)
+                x = self.transform(image)
+            return x, target
+        raise DataError("no readable image left in the dataset")
+
+    collate = staticmethod(torch.utils.data.default_collate)
+
+
+def _check_readable(paths: list[Path], where: str) -> list[bool]:
+    """Header check of every file; unreadable ones are logged with their path and counted."""
+    ok = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            ok.append(True)
+        except Exception as err:  # noqa: BLE001 - any decoder failure means 'unreadable'
+            log.warning("skipping unreadable image %s (%s)", path, err)
+            ok.append(False)
+    bad = ok.count(False)
+    if ok and bad * 2 > len(ok):
+        raise DataError(
+            f"{where}: {bad} of {len(ok)} images are unreadable; check the files "
+            "(first: {})".format(next(p for p, g in zip(paths, ok, strict=True) if not g))
+        )
+    if bad:
+        log.warning("%s: skipped %d unreadable image(s) of %d", where, bad, len(ok))
+    return ok
+
+
+def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
+    """(samples, classes) of a folder with one sub-folder of images per class."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"{root}: no class folders; put each class's images in a sub-folder")
+    classes = tuple(classes or found)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not in the training "
+                        f"classes {', '.join(classes)}")  # fmt: skip
+    paths, targets = [], []
+    for k, name in enumerate(classes):
+        folder = root / name
+        files = sorted(
+            p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        ) if folder.is_dir() else []  # fmt: skip
+        if not files and name in found:
+            raise DataError(f"class folder {folder} has no images: add images or remove it")
+        paths += files
+        targets += [k] * len(files)
+    ok = _check_readable(paths, str(root))
+    samples = [(p, t) for p, t, g in zip(paths, targets, ok, strict=True) if g]
+    return samples, classes
+
+
+def read_label_list(path: str | Path, classes: tuple[str, ...] | None = None):
+    """(samples, classes) of a multi-label CSV list: `path,labels` rows, labels separated by
+    spaces or ';'. Relative paths are relative to the list file; a `path,labels` header is
+    allowed. Targets are multi-hot float vectors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"label list not found: {path}")
+    rows = []
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row or (i == 0 and row[0].strip().lower() == "path"):
+                continue
+            if len(row) < 2:
+                raise DataError(f"{path}:{i + 1}: expected 'path,labels', got {row!r}")
+            labels = [s for s in row[1].replace(";", " ").split() if s]
+            rows.append((path.parent / row[0].strip(), labels))
+    if not rows:
+        raise DataError(f"{path}: no rows; expected lines like 'images/a.jpg,cat dog'")
+    classes = tuple(classes or sorted({lab for _, labs in rows for lab in labs}))
+    index = {c: k for k, c in enumerate(classes)}
+    ok = _check_readable([p for p, _ in rows], str(path))
+    samples = []
+    for (p, labels), good in zip(rows, ok, strict=True):
+        if good:
+            target = torch.zeros(len(classes))
+            target[[index[lab] for lab in labels if lab in index]] = 1.0
+            samples.append((p, target))
+    return samples, classes
+
+
+def split_samples(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) index lists: a seeded permutation, `fraction` of it held out."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"val_fraction={fraction}: use a fraction in (0, 1) to hold out data")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = max(1, round(n * fraction))
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def resolve_data(data: str | Path) -> Path:
+    """A dataset name ('fashion-mnist') or a path, as a path that exists."""
+    if str(data) == "fashion-mnist":
+        if not FASHION_MNIST_DIR.is_dir():
+            raise DataError(
+                f"Fashion-MNIST not found at {FASHION_MNIST_DIR}: install the Debian package "
+                "dataset-fashion-mnist (make setup does), or pass --data DIR with the IDX files"
+            )
+        return FASHION_MNIST_DIR
+    if str(data) == "mnist":
+        raise DataError("MNIST has no default location: pass --data DIR holding its IDX files")
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data folder not found: {path}; pass --data DIR (class folders, train/ and val/, "
+            "IDX files, or a .csv list)"
+        )
+    return path
+
+
+def _file_datasets(train_samples, val_samples, classes, multilabel, *, size, augment, seed):
+    mean, std = KERAS_MEAN_STD
+    train = FileDataset(train_samples, classes, train_transform(augment, size, mean, std),
+                        seed=seed, multilabel=multilabel)  # fmt: skip
+    val = FileDataset(val_samples, classes, eval_preset("keras", size, mean, std),
+                      seed=seed, multilabel=multilabel)  # fmt: skip
+    return train, val
+
+
+def make_datasets(
+    data: str | Path,
+    *,
+    image_size: int,
+    augment: str = "small",
+    padding: int = 2,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+):
+    """(train, val) datasets for `data`, which may be:
+
+    - 'fashion-mnist' or a folder of IDX files: the train split, and the test split as val;
+    - a folder with `train/` (and `val/`) sub-folders of class folders, or just class folders;
+    - a multi-label list `*.csv`, or a folder holding `train.csv` (and `val.csv`).
+
+    Without a validation part, `val_fraction` of the training data is held out with `seed`.
+    Both datasets carry `classes` and `multilabel`; in-memory ones also `channels`."""
+    root = resolve_data(data)
+    if root.is_dir() and is_idx_dir(root):
+        kw = dict(size=image_size, seed=seed)
+        train = load_idx(root, "train", augment="none" if augment == "none" else "small",
+                         padding=padding, **kw)  # fmt: skip
+        return train, load_idx(root, "test", **kw)
+    if root.is_file() or (root / "train.csv").is_file():
+        train_list = root if root.is_file() else root / "train.csv"
+        samples, classes = read_label_list(train_list)
+        if root.is_dir() and (root / "val.csv").is_file():
+            val_samples, _ = read_label_list(root / "val.csv", classes)
+        else:
+            keep, held = split_samples(len(samples), val_fraction, seed)
+            samples, val_samples = [samples[i] for i in keep], [samples[i] for i in held]
+        return _file_datasets(samples, val_samples, classes, True, size=image_size,
+                              augment=augment, seed=seed)  # fmt: skip
+    if (root / "train").is_dir():
+        samples, classes = scan_folder(root / "train")
+        if (root / "val").is_dir():
+            val_samples, _ = scan_folder(root / "val", classes)
+        else:
+            keep, held = split_samples(len(samples), val_fraction, seed)
+            samples, val_samples = [samples[i] for i in keep], [samples[i] for i in held]
+    else:
+        samples, classes = scan_folder(root)
+        keep, held = split_samples(len(samples), val_fraction, seed)
+        samples, val_samples = [samples[i] for i in keep], [samples[i] for i in held]
+    return _file_datasets(samples, val_samples, classes, False, size=image_size,
+                          augment=augment, seed=seed)  # fmt: skip
+
+
+def make_eval_dataset(
+    data: str | Path, *, image_size: int, classes: tuple[str, ...] | None = None, **norm
+):
+    """The dataset to evaluate on: IDX test split, `val/` (or the whole folder of class
+    folders), or a multi-label list (`val.csv` in a folder, or the given CSV file)."""
+    root = resolve_data(data)
+    if root.is_dir() and is_idx_dir(root):
+        return load_idx(root, "test", size=image_size, classes=classes, **norm)
+    mean, std = norm.get("mean", KERAS_MEAN_STD[0]), norm.get("std", KERAS_MEAN_STD[1])
+    transform = eval_preset("keras", image_size, mean, std)
+    if root.is_file() or (root / "val.csv").is_file():
+        samples, classes = read_label_list(root if root.is_file() else root / "val.csv", classes)
+        return FileDataset(samples, classes, transform, multilabel=True)
+    samples, classes = scan_folder(root / "val" if (root / "val").is_dir() else root, classes)
+    return FileDataset(samples, classes, transform)

@@ -1,0 +1,249 @@
+"""Checkpoints: atomic writes, safe loads, and the state an exact resume needs.
+
+A checkpoint is a folder `step-<N>` (or `best-step-<N>`) holding
+  model.safetensors   the model's weights (plain tensors, loadable anywhere),
+  ema.safetensors     the EMA (Polyak-averaged) weights, when the run keeps them,
+  state.pt            optimizer, schedule, grad scaler, RNG states (torch, CUDA, numpy, Python),
+                      epoch, step, position in the epoch, metrics history and the run's config,
+                      made only of tensors and plain Python values, so `torch.load(...,
+                      weights_only=True)` reads it and nothing in it can run code.
+The folder is assembled under a temporary name, every file fsynced, then renamed into place: a
+crash leaves either the complete checkpoint or none, and never touches an existing one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "find_latest",
+    "load_checkpoint",
+    "prune",
+    "restore_rng_state",
+    "rng_state",
+    "save_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "xception-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^(best-)?step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, cut short, not ours)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on every platform/filesystem
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write `data` to `path` via a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or strided storage; checkpoints must not alias live tensors.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    root: str | Path,
+    name: str,
+    model: dict[str, torch.Tensor],
+    state: dict,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write checkpoint folder `root/name` atomically and return its path. An existing folder of
+    that name (a re-run of the same step) is replaced only after the new one is complete."""
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    try:
+        save_file(_contiguous(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if ema is not None:
+            save_file(_contiguous(ema), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp / "state.pt")
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = root / f".{name}.{os.getpid()}.old"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    m = _NAME.match(Path(path).name)
+    return int(m.group(2)) if m else None
+
+
+def list_checkpoints(root: str | Path, best: bool = False) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and bool(m.group(1)) == best:
+            found.append((int(m.group(2)), p))
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(root: str | Path) -> Path | None:
+    """The newest regular checkpoint under `root`, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune(root: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` regular checkpoints and all but the newest best."""
+    regular = list_checkpoints(root)
+    for p in regular[: max(0, len(regular) - keep_last)]:
+        shutil.rmtree(p, ignore_errors=True)
+    best = list_checkpoints(root, best=True)
+    for p in best[:-1]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file() and path.name in ("state.pt", "model.safetensors", "ema.safetensors"):
+        path = path.parent
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir() and not (path / "state.pt").exists():
+        latest = find_latest(path) or find_latest(path / "checkpoints")
+        if latest is None:
+            raise CheckpointError(
+                f"{path}: no checkpoint here (expected state.pt and model.safetensors, or "
+                "step-N folders)"
+            )
+        path = latest
+    return path
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: damaged or incomplete weights file ({first})") from None
+
+
+def load_checkpoint(path: str | Path, *, state_only: bool = False) -> dict:
+    """Read a checkpoint folder (or a file inside it; or a run folder: its newest checkpoint).
+
+    Returns {'path', 'state', 'model', 'ema'} ('model'/'ema' None when `state_only`, 'ema' None
+    when absent). Raises CheckpointError naming the file when anything is cut short or foreign."""
+    path = _resolve(path)
+    if path.is_file():
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (a folder with state.pt and model.safetensors); "
+            "to use a weights file, pass it as --weights"
+        )
+    state_file = path / "state.pt"
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_file}: missing; the checkpoint is incomplete") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{state_file}: damaged or incomplete checkpoint ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{state_file}: not an xception training checkpoint")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{state_file}: written by a newer xception (format {state['version']}); upgrade"
+        )
+    out = {"path": path, "state": state, "model": None, "ema": None}
+    if not state_only:
+        out["model"] = _load_safetensors(path / "model.safetensors")
+        if (path / "ema.safetensors").exists():
+            out["ema"] = _load_safetensors(path / "ema.safetensors")
+    return out
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may draw from, as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+         n["cached_gaussian"])
+    )  # fmt: skip
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

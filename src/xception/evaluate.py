@@ -1,0 +1,195 @@
+"""Evaluation: top-1/top-5 on single-label data, MAP@100 on multi-label data, for a model in
+memory (`evaluate_model`, used by the training engine every epoch) or for any checkpoint or
+weights file the project loads (`evaluate_file`, behind `xception eval`).
+
+Under DDP each rank evaluates its own shard (every rank-th sample, no padding, so nothing is
+counted twice) and the sums are added across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .metrics import Meter, average_precision_at_k, topk_correct
+
+__all__ = ["autocast", "evaluate_file", "evaluate_model", "load_for_eval"]
+
+log = logging.getLogger(__name__)
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast context for `amp` in ('none', 'bf16', 'fp16'); fp16 only on CUDA."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs CUDA; on a CPU use amp='bf16' or 'none'")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _shard_loader(dataset, batch_size: int, rank: int, world: int, workers: int):
+    indices = list(range(rank, len(dataset), world))
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    base = getattr(dataset, "dataset", dataset)  # a Subset's collate lives on its dataset
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=base.collate, num_workers=workers
+    )
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    dataset,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    multilabel: bool = False,
+    loss: str = "softmax",
+    amp: str = "none",
+    channels_last: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+    map_k: int = 100,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) for single-label data; loss, MAP@k (%) and top-1
+    precision (%) for multi-label data. Sums are reduced over DDP ranks."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    meter = Meter()
+    try:
+        for x, y in _shard_loader(dataset, batch_size, rank, world, workers):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            n = len(x)
+            if multilabel:
+                meter.update("loss", F.binary_cross_entropy_with_logits(
+                    logits, y.float(), reduction="sum").item() / y.shape[1], n)  # fmt: skip
+                meter.update(
+                    f"map{map_k}", average_precision_at_k(logits, y, map_k).sum().item() * 100, n
+                )
+                top = logits.argmax(1, keepdim=True)
+                meter.update("top1", y.gather(1, top).sum().item() * 100, n)
+            else:
+                if loss == "sigmoid":
+                    onehot = F.one_hot(y, logits.shape[1]).float()
+                    value = F.binary_cross_entropy_with_logits(logits, onehot, reduction="sum")
+                    value = value / logits.shape[1]
+                else:
+                    value = F.cross_entropy(logits, y, reduction="sum")
+                meter.update("loss", value.item(), n)
+                hits = topk_correct(logits, y, (1, 5))
+                meter.update("top1", hits[1] * 100, n)
+                meter.update("top5", hits[5] * 100, n)
+    finally:
+        model.train(was_training)
+    meter = meter.reduce()
+    out = meter.means()
+    out["n"] = int(meter.counts.get("loss", 0))
+    return out
+
+
+def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool = True):
+    """A model and its metadata from a run folder, a checkpoint folder, or a weights file.
+
+    Returns (model, info) where info has 'classes' (or None), 'image_size', 'mean', 'std',
+    'multilabel', 'loss' and 'source'. Run and checkpoint folders rebuild the exact model they
+    were trained with; a plain weights file needs `model` (a preset name; default 'xception'),
+    and its class count is read from its classifier."""
+    from . import checkpoint as C
+    from . import weights as W
+    from .model import Xception, XceptionConfig
+    from .zoo import create_model
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint or weights not found: {path}")
+    card = path / "model.json"
+    if path.is_dir() and card.is_file() and (path / "model.safetensors").is_file():
+        meta = json.loads(card.read_text())
+        weights = W.load_file(path / "model.safetensors")
+        source = str(path / "model.safetensors")
+    elif path.is_dir() or path.name in ("state.pt",):
+        ckpt = C.load_checkpoint(path)
+        meta = ckpt["state"]["meta"]
+        weights = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
+        source = f"{ckpt['path']} ({'EMA' if weights is ckpt['ema'] else 'raw'} weights)"
+    else:
+        weights = W.load_file(path)
+        sd = W.to_state_dict(weights, create_model(model or "xception", num_classes=0))
+        fc = sd.get("fc.weight")
+        num_classes = int(fc.shape[0]) if fc is not None else 1000
+        net = create_model(model or "xception", num_classes=num_classes, weights=path)
+        size = 299 if (model or "xception") in ("xception", "inception-v3") else 28
+        info = dict(classes=None, image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3,
+                    multilabel=False, loss="softmax", source=str(path))  # fmt: skip
+        return net, info
+    if meta["model"] == "inception-v3":
+        net = create_model("inception-v3", num_classes=len(meta["classes"]))
+    else:
+        net = Xception(XceptionConfig(**meta["model_config"]))
+    W.load_into(net, weights, source=source, require_head=True)
+    info = {k: meta[k] for k in ("classes", "image_size", "mean", "std", "multilabel", "loss")}
+    info["source"] = source
+    return net, info
+
+
+def evaluate_file(
+    path: str | Path,
+    data: str | Path,
+    *,
+    model: str | None = None,
+    batch_size: int = 128,
+    device: str = "auto",
+    image_size: int | None = None,
+    limit: int | None = None,
+    use_ema: bool = True,
+    workers: int = 0,
+) -> dict:
+    """Evaluate a checkpoint/run folder or weights file on `data` (see
+    `data.make_eval_dataset`). Returns a JSON-ready dict of metrics and provenance."""
+    from .data import make_eval_dataset
+
+    net, info = load_for_eval(path, model=model, use_ema=use_ema)
+    size = image_size or info["image_size"]
+    dataset = make_eval_dataset(
+        data, image_size=size, classes=tuple(info["classes"]) if info["classes"] else None,
+        mean=tuple(info["mean"]), std=tuple(info["std"]),
+    )  # fmt: skip
+    if info["classes"] is not None and len(dataset.classes) != len(info["classes"]):
+        raise ValueError(
+            f"{data}: {len(dataset.classes)} classes, but the model was trained on "
+            f"{len(info['classes'])}: evaluate on data with the training classes"
+        )
+    if limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                       else "cpu" if device == "auto" else device)  # fmt: skip
+    net.to(dev)
+    multilabel = bool(getattr(getattr(dataset, "dataset", dataset), "multilabel", False))
+    start = time.perf_counter()
+    result = evaluate_model(net, dataset, device=dev, batch_size=batch_size,
+                            multilabel=multilabel, loss=info["loss"], workers=workers)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    return {
+        "checkpoint": info["source"],
+        "data": str(data),
+        "images": result.pop("n"),
+        "image_size": size,
+        "multilabel": multilabel,
+        **{k: round(v, 4) for k, v in result.items()},
+        "seconds": round(elapsed, 2),
+    }

@@ -1,0 +1,855 @@
+"""Training: recipes and the engine behind `xception train`.
+
+API (stable; other modules, e.g. experiments, call it in-process for many short runs):
+
+    from xception.train import fit, make_config
+    result = fit("fashion-mnist", epochs=2, train_subset=5000, val_subset=1000, seed=1,
+                 out="runs/x", progress=False)
+    result["history"]   # one dict per epoch: epoch, step, lr, train_loss, train_top1, val_loss,
+                        # val_top1, val_top5 (val_map100 for multi-label), images_per_s,
+                        # epoch_s, wall_s (val_top1_raw too when EMA is on: the non-averaged model)
+    result["final"]     # the last epoch's dict;  result["best"]: the best epoch's dict
+    result["out"], result["weights"], result["params"], result["wall_s"], result["model"]
+
+`fit(config=None, **overrides)` takes a recipe name, a YAML path, a dict or a `TrainConfig`,
+then keyword overrides; `make_config` does the same and returns the validated `TrainConfig`.
+An unknown key raises ValueError naming it. Rank 0 writes the run folder (`out`): config.yaml,
+metrics.csv, curves.png, model.json, model.safetensors (EMA weights when EMA is on), checkpoints/.
+
+Exactness: batches, augmentation and checkpoints are functions of (seed, epoch, position), so a
+run resumed from any checkpoint (also mid-epoch) repeats the uninterrupted run on a CPU, and a
+single process with `accum_steps=N` takes the same steps as N DDP ranks: global batch j holds the
+same samples, and micro-batch k of it is exactly what rank k would see (every N-th sample).
+
+Recipes (src/xception/recipes/*.yaml): `imagenet` and `jft` are the paper's; `fashion-mnist` is
+a compact Xception sized for a 2-core CPU. Batch-size scaling: `lr` is used as given, unless
+`lr_base_batch` is set, in which case lr * batch_size / lr_base_batch is used (the linear
+scaling rule of Goyal et al., 2017); the paper does not state its global batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import difflib
+import io
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as C
+from .evaluate import autocast, evaluate_model
+from .metrics import Meter, reduce_sums, topk_correct
+
+__all__ = [
+    "Interrupted",
+    "TrainConfig",
+    "TrainingError",
+    "fit",
+    "list_recipes",
+    "load_recipe",
+    "make_config",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Defaults are neutral; recipes set real values."""
+
+    recipe: str = "custom"
+    # model
+    model: str = "xception-compact"
+    model_args: dict = field(default_factory=dict)  # XceptionConfig overrides
+    drop_rate: float = 0.0
+    weights: str | None = None  # fine-tune from these weights (a fresh head if classes differ)
+    # data
+    data: str = "fashion-mnist"
+    image_size: int = 28
+    augment: str = "small"  # imagenet | small | none
+    crop_padding: int = 2  # 'small' on in-memory images: random crop with this zero padding
+    val_fraction: float = 0.1  # held out when the data has no validation part
+    train_subset: int | None = None  # first n of a seeded permutation of the training set
+    val_subset: int | None = None
+    workers: int = 0
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128  # global: summed over DDP ranks and accumulation steps
+    accum_steps: int = 1
+    optimizer: str = "sgd"  # sgd | rmsprop | adamw
+    lr: float = 0.1
+    lr_base_batch: int | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    decay_norm_and_bias: bool = False  # apply weight decay to BN and bias parameters too
+    opt_eps: float = 1e-8  # RMSprop / AdamW epsilon
+    rmsprop_alpha: float = 0.9
+    schedule: str = "step"  # step | cosine | constant
+    lr_decay: float = 0.94  # step: multiply by this ...
+    lr_decay_epochs: float = 2.0  # ... every this many epochs,
+    lr_decay_samples: int | None = None  # ... or every this many samples (takes precedence)
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of lr
+    loss: str = "softmax"  # softmax | sigmoid (multi-label)
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm
+    ema_decay: float | None = None  # Polyak/EMA averaging of the weights
+    # engine
+    amp: str = "none"  # none | bf16 | fp16 (CUDA)
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None
+    seed: int = 0
+    deterministic: bool = False
+    # output
+    out: str | None = None
+    checkpoint_every: int = 0  # also checkpoint every this many steps (0: per epoch only)
+    keep_last: int = 2
+    resume: str | None = None  # a checkpoint path, or 'auto' (newest under out/checkpoints)
+    eval_batch_size: int = 256
+    progress: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, hint: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
+
+        for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "keep_last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "use a positive integer")
+        for name in ("train_subset", "val_subset", "lr_base_batch", "lr_decay_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise bad(name, "use a positive integer, or leave it unset")
+        if not self.lr > 0:
+            raise bad("lr", "use a positive learning rate")
+        choices = dict(optimizer=("sgd", "rmsprop", "adamw"), schedule=("step", "cosine", "constant"),
+                       loss=("softmax", "sigmoid"), amp=("none", "bf16", "fp16"),
+                       augment=("imagenet", "small", "none"))  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"use one of {', '.join(allowed)}")
+        if self.checkpoint_every < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("checkpoint_every, weight_decay and warmup_epochs must be >= 0")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_rate < 1:
+            raise ValueError("label_smoothing and drop_rate must lie in [0, 1)")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise bad("ema_decay", "use a decay in (0, 1), e.g. 0.999, or leave it unset")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by accum_steps="
+                             f"{self.accum_steps}")  # fmt: skip
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields a resumed run may change; all others come from the checkpoint (the run's identity).
+RESUMABLE = ("epochs", "out", "resume", "progress", "workers", "device", "threads", "compile",
+             "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size")  # fmt: skip
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is intact."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        self.signum, self.checkpoint = signum, checkpoint
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint written"
+        super().__init__(f"stopped by {name}; {where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes and configuration
+# ---------------------------------------------------------------------------------------------
+def list_recipes() -> list[str]:
+    folder = resources.files("xception") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(name_or_path: str | Path) -> dict:
+    """A recipe's keys: a bundled name (see `list_recipes`) or a YAML file. A file may name a
+    base recipe with `recipe: NAME` and override some of its keys."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        data = _read_yaml(path.read_text(), str(path))
+        base = data.get("recipe")
+        if base and base in list_recipes():
+            return {**load_recipe(base), **data}
+        return data
+    names = list_recipes()
+    if str(name_or_path) not in names:
+        close = difflib.get_close_matches(str(name_or_path), names, n=2)
+        hint = f"did you mean {', '.join(close)}?" if close else f"use one of {', '.join(names)}"
+        raise ValueError(f"unknown recipe {name_or_path!r}: {hint} (or a .yaml file)")
+    text = (resources.files("xception") / "recipes" / f"{name_or_path}.yaml").read_text()
+    return {**_read_yaml(text, f"recipe {name_or_path}"), "recipe": str(name_or_path)}
+
+
+def _check_keys(keys, where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=2)
+            hint = (f"did you mean {', '.join(close)}?" if close
+                    else f"valid keys: {', '.join(valid)}")  # fmt: skip
+            raise ValueError(f"unknown recipe key {key!r} in {where}: {hint}")
+
+
+def make_config(config: str | Path | dict | TrainConfig | None = None, **overrides) -> TrainConfig:
+    """A validated TrainConfig from a recipe name, a YAML path, a dict or a TrainConfig,
+    with `overrides` applied on top (None values in overrides are ignored)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _check_keys(overrides, "overrides")
+    if isinstance(config, TrainConfig):
+        return config.replace(**overrides)
+    if config is None:
+        base: dict = {}
+    elif isinstance(config, dict):
+        base = dict(config)
+        if "recipe" in base and base["recipe"] in list_recipes():
+            base = {**load_recipe(base["recipe"]), **base}
+    else:
+        base = load_recipe(config)
+    _check_keys(base, f"recipe {config}" if not isinstance(config, dict) else "config")
+    merged = {**base, **overrides}
+    if "model_args" in merged and not isinstance(merged["model_args"], dict):
+        raise ValueError("model_args must be a mapping of model config fields")
+    if isinstance(base.get("model_args"), dict) and isinstance(overrides.get("model_args"), dict):
+        merged["model_args"] = {**base["model_args"], **overrides["model_args"]}
+    return TrainConfig(**merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine pieces
+# ---------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a model's weights and float buffers (Polyak averaging,
+    as the paper uses for inference). The decay ramps up as (1 + t) / (10 + t) early on so the
+    average is not dominated by the random initialisation in short runs."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if self._pairs is None:
+            own, live = self.module.state_dict(), model.state_dict()
+            self._pairs = [(own[k], live[k]) for k in own]
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        floats = [(e, v) for e, v in self._pairs if e.dtype.is_floating_point]
+        torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1.0 - d)
+        for e, v in self._pairs:
+            if not e.dtype.is_floating_point:
+                e.copy_(v)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): warm-up, then the schedule."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if cfg.schedule == "step":
+        if cfg.lr_decay_samples:
+            period = max(1, cfg.lr_decay_samples // cfg.batch_size)
+        else:
+            period = max(1, round(cfg.lr_decay_epochs * steps_per_epoch))
+        factor *= cfg.lr_decay ** (step // period)
+    elif cfg.schedule == "cosine":
+        t = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+        factor *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return factor
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    if cfg.decay_norm_and_bias or cfg.weight_decay == 0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)  # fmt: skip
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, alpha=cfg.rmsprop_alpha, eps=cfg.opt_eps,
+                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay)  # fmt: skip
+    return torch.optim.AdamW(groups, lr=lr, eps=cfg.opt_eps, weight_decay=cfg.weight_decay)
+
+
+class _Signals:
+    """Turns SIGINT/SIGTERM into a flag the training loop polls after each step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available: use device='cpu'")
+    return device
+
+
+def _subset(dataset, n: int | None, seed: int):
+    if n is None or n >= len(dataset):
+        return dataset
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.Subset(dataset, sorted(perm[:n].tolist()))
+
+
+def _base(dataset):
+    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """Per-rank batches of one epoch: DistributedSampler's permutation of (seed, epoch), every
+    world-th sample to each rank, incomplete global batches dropped, the first `start` skipped
+    (a mid-epoch resume never loads the batches it skips)."""
+
+    def __init__(self, n: int, per_rank: int, rank: int, world: int, seed: int, dataset) -> None:
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.per_rank, self.start = per_rank, 0
+        self.num_batches = n // (per_rank * world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start = start
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+    def __iter__(self):
+        mine = list(self.sampler)
+        for j in range(self.start, self.num_batches):
+            yield mine[j * self.per_rank : (j + 1) * self.per_rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+def fit(config: str | Path | dict | TrainConfig | None = None, **overrides) -> dict:
+    """Train as configured (see the module docstring) and return the result dict.
+
+    Raises Interrupted after SIGINT/SIGTERM (checkpoint saved), TrainingError on a non-finite
+    loss, ValueError/DataError/CheckpointError for bad input."""
+    cfg = make_config(config, **overrides)
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        created = True
+    try:
+        return _Run(cfg).run()
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.cfg = cfg
+        self.resume_from: dict | None = None
+        resume = cfg.resume
+        if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "auto"  # torchrun --max-restarts restarted us: continue from the last save
+        if resume is not None:
+            self._load_resume(resume)
+        cfg = self.cfg
+        if cfg.out is None:
+            raise ValueError("no output folder: set out (--out DIR)")
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.resume_from is None and C.find_latest(self.ckpt_dir) is not None:
+            raise ValueError(
+                f"{self.out} already holds a run: continue it with --resume auto, or choose "
+                "another --out"
+            )
+
+    def _load_resume(self, resume: str) -> None:
+        cfg = self.cfg
+        if resume == "auto":
+            if cfg.out is None:
+                raise ValueError("resume='auto' needs the run folder: set out (--out DIR)")
+            latest = C.find_latest(Path(cfg.out) / "checkpoints")
+            if latest is None:
+                log.info("no checkpoint under %s: starting a new run", cfg.out)
+                return
+            resume = str(latest)
+        ckpt = C.load_checkpoint(resume)
+        saved = ckpt["state"]["config"]
+        if cfg.out is None:
+            self.cfg = cfg = cfg.replace(out=str(Path(ckpt["path"]).parent.parent))
+        keep = {k: getattr(cfg, k) for k in RESUMABLE}
+        _check_keys(saved, f"checkpoint {ckpt['path']}")
+        self.cfg = TrainConfig(**{**saved, **keep})
+        self.resume_from = ckpt
+
+    # set-up ------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        from .data import make_datasets
+        from .zoo import create_model
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.device = _resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        train, val = make_datasets(cfg.data, image_size=cfg.image_size, augment=cfg.augment,
+                                   padding=cfg.crop_padding, val_fraction=cfg.val_fraction,
+                                   seed=cfg.seed)  # fmt: skip
+        self.classes = train.classes
+        self.multilabel = bool(train.multilabel)
+        if self.multilabel and cfg.loss != "sigmoid":
+            raise ValueError("multi-label data needs loss='sigmoid' (the jft recipe uses it)")
+        self.channels = getattr(train, "channels", 3)
+        self.norm = (tuple(train.mean.flatten().div(255).tolist()),
+                     tuple(train.std.flatten().div(255).tolist())) if hasattr(train, "channels") \
+            else ((0.5,) * 3, (0.5,) * 3)  # fmt: skip
+        self.train_set = _subset(train, cfg.train_subset, cfg.seed)
+        self.val_set = _subset(val, cfg.val_subset, cfg.seed + 1)
+        per_rank = cfg.batch_size // self.world
+        if cfg.batch_size % self.world or per_rank % cfg.accum_steps:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} must be divisible by the {self.world} ranks "
+                f"times accum_steps={cfg.accum_steps}"
+            )
+        self.sampler = _EpochBatches(len(self.train_set), per_rank, self.rank, self.world,
+                                     cfg.seed, self.train_set)  # fmt: skip
+        self.steps_per_epoch = self.sampler.num_batches
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} is larger than the {len(self.train_set)} "
+                "training samples: lower batch_size"
+            )
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=self.sampler, collate_fn=_base(train).collate,
+            num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
+
+        kw = dict(num_classes=len(self.classes))
+        if cfg.model != "inception-v3":
+            kw.update(in_chans=self.channels, **cfg.model_args)
+        if cfg.drop_rate:
+            kw["drop_rate"] = cfg.drop_rate
+        model = create_model(cfg.model, weights=cfg.weights, **kw)
+        self.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+        self.lr = cfg.lr * cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
+        self.optimizer = make_optimizer(model, cfg, self.lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp='fp16' needs CUDA; on a CPU use amp='bf16' or 'none'")
+        net = model
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.net = torch.compile(net) if cfg.compile else net
+
+        # progress state
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.history: list[dict] = []
+        self.partial: dict = {}
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    def _restore(self, ckpt: dict) -> None:
+        state = ckpt["state"]
+        _load_exact(self.model, ckpt["model"], ckpt["path"])
+        if self.ema is not None:
+            if ckpt["ema"] is None:
+                raise C.CheckpointError(f"{ckpt['path']}: the run keeps EMA weights, none saved")
+            _load_exact(self.ema.module, ckpt["ema"], ckpt["path"])
+            self.ema.updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        C.restore_rng_state(state["rng"])
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.step, self.history = state["step"], list(state["history"])
+        self.partial = dict(state.get("partial", {}))
+        self.best = state.get("best")
+        log.info("resumed from %s (epoch %d, step %d)", ckpt["path"], self.epoch, self.step)
+
+    # checkpoints and outputs --------------------------------------------------------------------
+    def _meta(self) -> dict:
+        cfg = self.cfg
+        model_config = self.model.config.to_dict() if hasattr(self.model, "config") else None
+        return dict(model=cfg.model, model_config=model_config, classes=list(self.classes),
+                    image_size=cfg.image_size, mean=list(self.norm[0]), std=list(self.norm[1]),
+                    multilabel=self.multilabel, loss=cfg.loss, in_chans=self.channels)  # fmt: skip
+
+    def _save(self, name: str, meter: Meter | None = None) -> Path | None:
+        path = None
+        if self.rank == 0:
+            state = dict(
+                config=self.cfg.to_dict(), meta=self._meta(), epoch=self.epoch,
+                batch_in_epoch=self.batch_in_epoch, step=self.step,
+                optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                scheduler={"name": self.cfg.schedule, "step": self.step}, rng=C.rng_state(),
+                history=self.history, best=self.best,
+                partial={"sums": meter.sums, "counts": meter.counts, "seconds": self._seconds()}
+                if meter is not None else {},
+                ema_updates=self.ema.updates if self.ema else 0,
+            )  # fmt: skip
+            ema = self.ema.module.state_dict() if self.ema else None
+            sd = {k: v for k, v in self.model.state_dict().items()}
+            path = C.save_checkpoint(self.ckpt_dir, name, sd, state, ema)
+            C.prune(self.ckpt_dir, self.cfg.keep_last)
+        if self.distributed:
+            dist.barrier()
+        return path
+
+    def _seconds(self) -> float:
+        return self.partial_seconds + (time.perf_counter() - self.epoch_start)
+
+    def _write_outputs(self) -> None:
+        if self.rank != 0:
+            return
+        import yaml
+
+        C.atomic_write(
+            self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        )
+        if self.history:
+            columns = list(dict.fromkeys(k for row in self.history for k in row))
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            for row in self.history:
+                writer.writerow({k: _fmt(v) for k, v in row.items()})
+            C.atomic_write(self.out / "metrics.csv", buf.getvalue())
+            C.atomic_write(self.out / "curves.png", _plot_curves(self.history, self.cfg.recipe))
+
+    def _export(self) -> Path:
+        """Final weights (EMA when kept) and the model card, in the run folder."""
+        from safetensors.torch import save_file
+
+        weights = self.out / "model.safetensors"
+        if self.rank == 0:
+            src = self.ema.module if self.ema else self.model
+            sd = {k: v.detach().cpu().contiguous().clone() for k, v in src.state_dict().items()}
+            tmp = self.out / ".model.safetensors.tmp"
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, weights)
+            card = dict(
+                name=f"{self.cfg.model} trained with recipe {self.cfg.recipe}",
+                **self._meta(), parameters=self.params,
+                weights="model.safetensors (EMA weights)" if self.ema else "model.safetensors",
+                data=dict(source=str(self.cfg.data), train_images=len(self.train_set),
+                          val_images=len(self.val_set)),
+                final=self.history[-1] if self.history else None, best=self.best,
+                epochs=self.epoch, steps=self.step, config=self.cfg.to_dict(),
+            )  # fmt: skip
+            C.atomic_write(self.out / "model.json", json.dumps(card, indent=2))
+        return weights
+
+    # the loop -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.best: dict | None = None
+        self._setup()
+        cfg = self.cfg
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_outputs()
+        self.tb = self._tensorboard() if self.rank == 0 and cfg.tensorboard else None
+        start_wall = time.perf_counter() - (self.history[-1]["wall_s"] if self.history else 0)
+        if self.epoch >= cfg.epochs:
+            log.info("run in %s already finished (%d epochs): nothing to do", self.out, self.epoch)
+        with _Signals() as signals:
+            while self.epoch < cfg.epochs:
+                row = self._train_epoch(signals)
+                row.update(self._validate())
+                row["wall_s"] = round(time.perf_counter() - start_wall, 2)
+                self.history.append(row)
+                key = "val_map100" if self.multilabel else "val_top1"
+                improved = self.best is None or row[key] > self.best[key]
+                if improved:
+                    self.best = row
+                self.epoch, self.batch_in_epoch, self.partial = self.epoch + 1, 0, {}
+                self._save(f"step-{self.step:09d}")
+                if improved:
+                    self._save(f"best-step-{self.step:09d}")
+                self._write_outputs()
+                if self.tb is not None:
+                    for k, v in row.items():
+                        self.tb.add_scalar(k, v, row["epoch"])
+                log.info("epoch %d/%d: %s", row["epoch"], cfg.epochs,
+                         ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "epoch"))  # fmt: skip
+        weights = self._export()
+        if self.tb is not None:
+            self.tb.close()
+        return dict(
+            out=str(self.out), weights=str(weights), model=cfg.model, params=self.params,
+            classes=list(self.classes), history=self.history,
+            final=self.history[-1] if self.history else None, best=self.best,
+            wall_s=self.history[-1]["wall_s"] if self.history else 0.0,
+            checkpoint=str(C.find_latest(self.ckpt_dir)), config=cfg.to_dict(),
+        )  # fmt: skip
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard requested but not installed: pip install tensorboard")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss == "sigmoid":
+            target = y.float() if self.multilabel else F.one_hot(y, logits.shape[1]).float()
+            if self.cfg.label_smoothing:
+                target = target * (1 - self.cfg.label_smoothing) + self.cfg.label_smoothing / 2
+            # Summed over classes, averaged over samples: gradients do not shrink with 17k classes.
+            return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(y)
+        return F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+
+    def _train_epoch(self, signals: _Signals) -> dict:
+        cfg = self.cfg
+        meter = Meter()
+        if self.partial:
+            meter.sums, meter.counts = dict(self.partial["sums"]), dict(self.partial["counts"])
+        self.partial_seconds = self.partial.get("seconds", 0.0)
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        base = _base(self.train_set)
+        base.set_epoch(self.epoch)
+        self.net.train()
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
+                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch",
+                       dynamic_ncols=True, leave=True)  # fmt: skip
+        self.epoch_start = time.perf_counter()
+        seen_since = 0
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * lr_factor(cfg, self.step, self.steps_per_epoch)
+            finite = self._step(x, y, meter)
+            self.step += 1
+            self.batch_in_epoch += 1
+            seen_since += len(x) * self.world
+            stop = signals.signum is not None
+            if self.distributed:
+                flags = reduce_sums([0.0 if finite else 1.0, 1.0 if stop else 0.0], self.device)
+                finite, stop = flags[0] == 0, flags[1] > 0
+            if not finite:
+                if bar is not None:
+                    bar.close()
+                last = C.find_latest(self.ckpt_dir)
+                raise TrainingError(
+                    f"non-finite loss at epoch {self.epoch + 1}, step {self.step}: training "
+                    f"stopped; last good checkpoint: {last or 'none'}. Lower lr, set grad_clip, "
+                    "or check the data"
+                )
+            if bar is not None:
+                bar.update(1)
+                if self.batch_in_epoch % 10 == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                    elapsed = self._seconds()
+                    done = meter.counts.get("loss", 0)
+                    bar.set_postfix(loss=f"{meter.mean('loss'):.4f}", acc=f"{meter.mean('top1'):.2f}",
+                                    img_s=f"{done * self.world / max(elapsed, 1e-9):.0f}")  # fmt: skip
+            if stop:
+                if bar is not None:
+                    bar.close()
+                signum = signals.signum or signal.SIGTERM
+                path = self._save(f"step-{self.step:09d}", meter)
+                raise Interrupted(signum, path)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
+                    and self.batch_in_epoch < self.steps_per_epoch:  # fmt: skip
+                self._save(f"step-{self.step:09d}", meter)
+        if bar is not None:
+            bar.close()
+        seconds = self._seconds()
+        totals = meter.reduce()
+        images = totals.counts.get("loss", 0)
+        return dict(
+            epoch=self.epoch + 1, step=self.step,
+            lr=self.optimizer.param_groups[0]["lr"],
+            train_loss=totals.mean("loss"), train_top1=totals.mean("top1"),
+            images_per_s=images / seconds if seconds > 0 else float("nan"),
+            epoch_s=seconds,
+        )  # fmt: skip
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> bool:
+        """One optimizer step over `accum_steps` interleaved micro-batches; False if the loss
+        was not finite (nothing is updated then)."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = True
+        for k in range(cfg.accum_steps):
+            xs, ys = x[k :: cfg.accum_steps], y[k :: cfg.accum_steps]
+            sync = k == cfg.accum_steps - 1 or not self.distributed
+            no_sync = not sync and hasattr(self.net, "no_sync")
+            ctx = self.net.no_sync() if no_sync else contextlib.nullcontext()
+            with ctx:
+                with autocast(self.device, cfg.amp):
+                    logits = self.net(xs)
+                    loss = self._loss(logits.float(), ys)
+                if not torch.isfinite(loss):
+                    finite = False
+                    # Still run backward so DDP's collective calls stay matched across ranks.
+                self.scaler.scale(loss / cfg.accum_steps).backward()
+            with torch.no_grad():
+                n = len(xs)
+                meter.update("loss", loss.item() * n, n)
+                if self.multilabel:
+                    top = logits.argmax(1, keepdim=True)
+                    meter.update("top1", ys.gather(1, top).sum().item() * 100, n)
+                else:
+                    meter.update("top1", topk_correct(logits.float(), ys, (1,))[1] * 100, n)
+        if not finite:
+            return False
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return True
+
+    def _validate(self) -> dict:
+        cfg = self.cfg
+        kw = dict(device=self.device, batch_size=cfg.eval_batch_size, multilabel=self.multilabel,
+                  loss=cfg.loss, amp=cfg.amp, channels_last=cfg.channels_last, rank=self.rank,
+                  world=self.world, workers=cfg.workers)  # fmt: skip
+        main = evaluate_model(self.ema.module if self.ema else self.model, self.val_set, **kw)
+        row = {f"val_{k}": v for k, v in main.items() if k != "n"}
+        if self.ema is not None:
+            raw = evaluate_model(self.model, self.val_set, **kw)
+            row["val_top1_raw"] = raw["top1"]
+        return row
+
+
+def _load_exact(model: nn.Module, sd: dict, where) -> None:
+    """Our own checkpoint into the model it was saved from: every key, buffers included."""
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise C.CheckpointError(
+            f"{where}: does not fit the configured model ({first}); resume with the run's config"
+        ) from None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _plot_curves(history: list[dict], title: str) -> bytes:
+    """Loss and top-1 per epoch, train and val, side by side (as the paper's figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((ax1, "loss", "loss"), (ax2, "top1", "top-1 accuracy (%)")):
+        for split in ("train", "val"):
+            key = f"{split}_{metric}"
+            if any(key in r for r in history):
+                ax.plot(epochs, [r.get(key, float("nan")) for r in history], marker="o",
+                        label=split)  # fmt: skip
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

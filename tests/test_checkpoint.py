@@ -1,0 +1,89 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from xception import checkpoint as C
+
+
+def _state():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = dict(
+        epoch=1, step=7, optimizer=opt.state_dict(), rng=C.rng_state(), history=[{"a": 1.0}]
+    )
+    return model.state_dict(), state
+
+
+def test_roundtrip_is_weights_only_loadable(tmp_path):
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000007", sd, state, ema=sd)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "ema.safetensors",
+        "model.safetensors",
+        "state.pt",
+    ]
+    raw = torch.load(path / "state.pt", weights_only=True)  # nothing but plain values
+    assert raw["step"] == 7
+    loaded = C.load_checkpoint(tmp_path)  # a folder of checkpoints: the newest
+    assert loaded["path"] == path
+    for k, v in sd.items():
+        assert torch.equal(loaded["model"][k], v) and torch.equal(loaded["ema"][k], v)
+    assert loaded["state"]["optimizer"]["state"][0]["momentum_buffer"].shape == (2, 3)
+
+
+def test_rng_state_restores_every_generator():
+    state = C.rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    C.restore_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+@pytest.mark.parametrize("victim", ["state.pt", "model.safetensors"])
+def test_cut_checkpoint_is_a_one_line_error(tmp_path, victim):
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000001", sd, state)
+    data = (path / victim).read_bytes()
+    (path / victim).write_bytes(data[: len(data) // 2])
+    with pytest.raises(C.CheckpointError) as err:
+        C.load_checkpoint(path)
+    assert victim in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_failed_save_leaves_the_old_checkpoint_and_no_debris(tmp_path, monkeypatch):
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000002", sd, state)
+    before = (path / "state.pt").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        C.save_checkpoint(tmp_path, "step-000000002", sd, state)
+    assert (path / "state.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002"]
+
+
+def test_prune_keeps_last_n_and_newest_best(tmp_path):
+    sd, state = _state()
+    for step in (1, 2, 3, 4):
+        C.save_checkpoint(tmp_path, f"step-{step:09d}", sd, state)
+    for step in (1, 3):
+        C.save_checkpoint(tmp_path, f"best-step-{step:09d}", sd, state)
+    C.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best-step-000000003", "step-000000003", "step-000000004"]  # fmt: skip
+    assert C.find_latest(tmp_path).name == "step-000000004"
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    target = tmp_path / "metrics.csv"
+    C.atomic_write(target, "a\n1\n")
+    C.atomic_write(target, "a\n2\n")
+    assert target.read_text() == "a\n2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]

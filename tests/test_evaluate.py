@@ -1,0 +1,89 @@
+"""`xception eval` and evaluate.py: run folders, checkpoint folders, weights files, multi-label."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_data import _image_folder, make_idx_dataset
+from test_train import tiny_recipe
+
+from xception.checkpoint import list_checkpoints
+from xception.cli import main
+from xception.evaluate import evaluate_file, evaluate_model
+from xception.train import fit
+from xception.zoo import create_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    data = make_idx_dataset(tmp / "toy")
+    result = fit(tiny_recipe(tmp, data, epochs=2), out=str(tmp / "run"))
+    return result, data
+
+
+def test_eval_cli_on_run_and_checkpoint_folders_agrees_with_training(trained, capsys, tmp_path):
+    result, data = trained
+    out = tmp_path / "eval.json"
+    assert (
+        main(["eval", "--checkpoint", result["out"], "--data", str(data), "--json", str(out)]) == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    # The run folder's weights are the EMA weights the last validation used (test split = val).
+    assert printed["top1"] == pytest.approx(result["final"]["val_top1"], abs=1e-3)
+    assert printed["images"] == 64 and 0 <= printed["top1"] <= printed["top5"] <= 100
+    ckpt = list_checkpoints(f"{result['out']}/checkpoints")[-1]
+    raw = evaluate_file(ckpt, data, use_ema=False)
+    assert raw["top1"] == pytest.approx(result["final"]["val_top1_raw"], abs=1e-3)
+    assert "raw weights" in raw["checkpoint"]
+
+
+def test_eval_on_a_plain_weights_file(tmp_path):
+    model = create_model("xception-compact", num_classes=10).eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    _image_folder(tmp_path / "imgs" / "val", classes=tuple("abcdefghij"), per_class=2, size=28)
+    result = evaluate_file(tmp_path / "w.safetensors", tmp_path / "imgs", model="xception-compact")
+    assert result["images"] == 20 and 0 <= result["top1"] <= result["top5"] <= 100
+    # The same numbers by hand: Keras preprocessing (x / 127.5 - 1) at 28 px, argmax per image.
+    from xception.data import make_eval_dataset
+
+    ds = make_eval_dataset(tmp_path / "imgs", image_size=28)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        top1 = (model(x).argmax(1) == y).float().mean().item() * 100
+    assert result["top1"] == pytest.approx(top1, abs=1e-3)
+    with pytest.raises(Exception, match="does not fit"):  # the default preset is the paper's
+        evaluate_file(tmp_path / "w.safetensors", tmp_path / "imgs")
+
+
+def test_multilabel_evaluation_reports_map_at_100():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :3]
+
+    class Data(torch.utils.data.Dataset):
+        multilabel = True
+        scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1]])
+        labels = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.scores[i].view(3, 1, 1), self.labels[i]
+
+        collate = staticmethod(torch.utils.data.default_collate)
+
+    out = evaluate_model(Fixed(), Data(), multilabel=True)
+    # sample 0: its label ranks 2nd -> AP 1/2; sample 1: ranks 1 and 3 -> (1 + 2/3) / 2
+    assert out["map100"] == pytest.approx(100 * (0.5 + (1 + 2 / 3) / 2) / 2)
+    assert out["top1"] == pytest.approx(50.0) and out["n"] == 2
+
+
+def test_eval_errors_are_one_line(capsys, tmp_path):
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and len(err.strip().splitlines()) == 1

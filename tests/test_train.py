@@ -1,0 +1,267 @@
+"""The training engine and `xception train`: exact resume, signals, DDP equivalence, errors.
+
+Tiny models on a tiny learnable IDX dataset (see test_data.make_idx_dataset), one thread each,
+so runs are deterministic and take seconds."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_data import _image_folder, make_idx_dataset
+
+from xception.checkpoint import list_checkpoints, load_checkpoint
+from xception.cli import main
+from xception.train import TrainingError, fit, make_config
+
+TINY_MODEL = dict(stem_channels=[8, 8], entry_channels=[8, 16, 16], middle_blocks=1,
+                  exit_channels=16, head_channels=[16, 16])  # fmt: skip
+TIMING = {"images_per_s", "epoch_s", "wall_s"}
+
+
+def tiny_recipe(tmp_path: Path, data: Path, **extra) -> Path:
+    recipe = dict(recipe="fashion-mnist", model_args=TINY_MODEL, data=str(data), image_size=16,
+                  epochs=2, batch_size=32, lr=0.05, warmup_epochs=0, ema_decay=0.9, threads=1,
+                  progress=False, eval_batch_size=64)  # fmt: skip
+    recipe.update(extra)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xception.cli", *args], capture_output=True,
+                          text=True, timeout=240, **kw)  # fmt: skip
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def params_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+    sd = load_file(str(checkpoint / "model.safetensors"))
+    return {k: v for k, v in sd.items() if "running_" not in k and "num_batches" not in k}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return make_idx_dataset(tmp_path_factory.mktemp("data") / "toy", n_train=512)
+
+
+def test_config_layers_and_unknown_keys(tmp_path):
+    cfg = make_config("imagenet", batch_size=64)
+    assert (cfg.optimizer, cfg.lr, cfg.lr_decay, cfg.lr_decay_epochs) == ("sgd", 0.045, 0.94, 2.0)
+    assert (cfg.weight_decay, cfg.drop_rate, cfg.momentum, cfg.batch_size) == (1e-5, 0.5, 0.9, 64)
+    assert cfg.ema_decay is not None
+    jft = make_config("jft")
+    assert (jft.optimizer, jft.lr, jft.lr_decay, jft.lr_decay_samples) == (
+        "rmsprop",
+        0.001,
+        0.9,
+        3_000_000,
+    )
+    assert (jft.loss, jft.drop_rate) == ("sigmoid", 0.0)
+    with pytest.raises(ValueError, match="unknown recipe key 'learning_rate'.*valid keys: .*lr,"):
+        make_config("fashion-mnist", learning_rate=0.1)
+    (tmp_path / "r.yaml").write_text("recipe: fashion-mnist\nepochs: 3\nbatchsize: 8\n")
+    with pytest.raises(ValueError, match="unknown recipe key 'batchsize'.*did you mean batch_size"):
+        make_config(tmp_path / "r.yaml")
+
+
+def test_resume_from_mid_epoch_checkpoint_is_exact(tmp_path, toy):
+    recipe = tiny_recipe(tmp_path, toy, checkpoint_every=5, keep_last=100)
+    ref = fit(recipe, out=str(tmp_path / "ref"))
+    mid = [p for p in list_checkpoints(tmp_path / "ref" / "checkpoints")
+           if load_checkpoint(p, state_only=True)["state"]["batch_in_epoch"] > 0]  # fmt: skip
+    assert mid, "expected checkpoints in the middle of an epoch"
+    # A fresh run folder holding only a mid-epoch checkpoint of epoch 2, then --resume auto.
+    start = mid[-1]
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(start, tmp_path / "cut" / "checkpoints" / start.name)
+    resumed = fit(recipe, out=str(tmp_path / "cut"), resume="auto")
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in resumed["history"]] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in ref["history"]]  # fmt: skip
+    for k, v in load_file(ref["weights"]).items():
+        assert torch.equal(v, load_file(resumed["weights"])[k]), k
+    # Resuming a finished run does nothing.
+    again = fit(recipe, out=str(tmp_path / "cut"), resume="auto")
+    assert again["history"] == resumed["history"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, toy):
+    recipe = tiny_recipe(tmp_path, toy, epochs=3, checkpoint_every=3)
+    assert cli("train", "--recipe", str(recipe), "--out", str(tmp_path / "ref")).returncode == 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "xception.cli", "train", "--recipe",
+                             str(recipe), "--out", str(run)], stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not list_checkpoints(run / "checkpoints") and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run / "model.json").exists(), "the run finished before it could be killed"
+    done = cli("train", "--recipe", str(recipe), "--out", str(run), "--resume", "auto")
+    assert done.returncode == 0, done.stderr
+    rows = metrics_rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]  # no duplicates after the resume
+    assert rows == metrics_rows(tmp_path / "ref")
+    ref_w, got_w = (
+        load_file(str(tmp_path / "ref" / "model.safetensors")),
+        load_file(str(run / "model.safetensors")),
+    )
+    assert all(torch.equal(v, got_w[k]) for k, v in ref_w.items())
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_a_loadable_checkpoint_and_exits_128_plus_signal(tmp_path, toy, sig, code):
+    recipe = tiny_recipe(tmp_path, toy, epochs=200)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "xception.cli", "train", "--recipe",
+                             str(recipe), "--out", str(run)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not (run / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"stopped by {sig.name}" in err and "Traceback" not in err
+    ckpt = load_checkpoint(run)
+    assert ckpt["state"]["batch_in_epoch"] > 0 and ckpt["state"]["step"] > 0
+    assert set(ckpt["model"]) == set(ckpt["ema"])
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, toy):
+    # Each rank sees every 2nd sample of the global batch; a single process with accum_steps=2
+    # sees exactly those micro-batches, so BatchNorm statistics agree too and the equivalence
+    # is exact up to float summation order.
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, batch_size=32, train_subset=192, ema_decay=None)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "xception.cli", "train", "--recipe", str(recipe), "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = cli("train", "--recipe", str(recipe), "--out", str(tmp_path / "one"),
+              "--set", "accum_steps=2")  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    a = params_of(list_checkpoints(tmp_path / "ddp" / "checkpoints")[-1])
+    b = params_of(list_checkpoints(tmp_path / "one" / "checkpoints")[-1])
+    init = make_config(recipe)  # the runs took 6 steps from the same seeded initialisation
+    assert init.seed == 0 and len(a) == len(b) > 10
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert (
+        metrics_rows(tmp_path / "ddp")[0]["val_top1"]
+        == metrics_rows(tmp_path / "one")[0]["val_top1"]
+    )
+
+
+def _one_line_error(capsys, argv, message, code=2):
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_user_errors_are_one_line_and_keep_good_checkpoints(tmp_path, toy, capsys):
+    recipe = tiny_recipe(tmp_path, toy, epochs=1)
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 0
+    capsys.readouterr()
+    ckpts = list_checkpoints(run / "checkpoints") + list_checkpoints(run / "checkpoints", best=True)
+    good = {p: (p / "model.safetensors").read_bytes() for p in ckpts}
+    victim = ckpts[0] / "state.pt"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    _one_line_error(capsys, ["train", "--resume", str(ckpts[0])], "damaged or incomplete")
+    _one_line_error(capsys, ["train", "--recipe", str(recipe), "--out", str(run), "--resume", "auto"],
+                    "damaged or incomplete")  # fmt: skip
+    assert {p: (p / "model.safetensors").read_bytes() for p in ckpts} == good
+    assert sorted(os.listdir(run / "checkpoints")) == sorted(p.name for p in ckpts)
+    _one_line_error(
+        capsys, ["train", "--recipe", str(recipe), "--out", str(run)], "already holds a run"
+    )
+
+    base = ["train", "--recipe", str(recipe), "--out", str(tmp_path / "new")]
+    _one_line_error(capsys, [*base, "--data", str(tmp_path / "missing")], "data folder not found")
+    folder = _image_folder(tmp_path / "imgs" / "train")
+    (folder / "empty").mkdir()
+    _one_line_error(capsys, [*base, "--data", str(tmp_path / "imgs")], "empty has no images")
+    _one_line_error(capsys, [*base, "--set", "colour=red"], "unknown recipe key 'colour'")
+    _one_line_error(capsys, [*base, "--batch-size", "0"], "batch_size=0 is not valid")
+    _one_line_error(capsys, [*base, "--batch-size", "-8"], "batch_size=-8 is not valid")
+    assert not (tmp_path / "new" / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy):
+    recipe = tiny_recipe(tmp_path, toy, epochs=3, checkpoint_every=1, keep_last=100)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="non-finite loss at epoch") as err:
+        fit(recipe, out=str(run), lr=1e38, ema_decay=None, nesterov=False)
+    saved = list_checkpoints(run / "checkpoints")
+    assert saved and str(saved[-1]) in str(err.value)
+    load_checkpoint(saved[-1])  # the last good checkpoint is intact
+
+
+def test_multilabel_training_reports_map(tmp_path):
+    root = tmp_path / "jft"
+    _image_folder(root / "img", classes=("a", "b"), per_class=12, size=16)
+    rows = [f"img/{c}/{i}.png,{c} {'x' if i % 2 else 'y'}" for c in "ab" for i in range(12)]
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    result = fit("jft", model="xception-compact", model_args=TINY_MODEL, data=str(root),
+                 image_size=16, epochs=1, batch_size=8, workers=0, threads=1, progress=False,
+                 checkpoint_every=0, val_fraction=0.25, out=str(tmp_path / "run"))  # fmt: skip
+    final = result["final"]
+    assert 0 <= final["val_map100"] <= 100 and final["epoch"] == 1
+    assert result["classes"] == ["a", "b", "x", "y"]
+
+
+@pytest.mark.slow
+def test_short_fashion_mnist_run_beats_chance_by_far(tmp_path):
+    small = dict(stem_channels=[16, 16], entry_channels=[32, 64, 96], middle_blocks=1,
+                 exit_channels=128, head_channels=[128, 192])  # fmt: skip
+    result = fit("fashion-mnist", model_args=small, epochs=1, train_subset=4000, val_subset=1000,
+                 batch_size=64, ema_decay=None, progress=False, out=str(tmp_path / "run"))  # fmt: skip
+    assert result["final"]["val_top1"] > 60.0  # chance: 10%
+    run = Path(result["out"])
+    for name in ("config.yaml", "metrics.csv", "curves.png", "model.json", "model.safetensors"):
+        assert (run / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_demo_trains_then_tests_on_the_test_split(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "1", "--train-subset", "4000", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "22,855,952 trainable parameters" in printed  # the paper's model, briefly
+    line = next(x for x in printed.splitlines() if x.startswith("Fashion-MNIST test top-1"))
+    assert "on 10,000 test images" in line
+    assert float(line.split(":")[1].split("%")[0]) > 40.0  # 4,000 images, one epoch; chance 10%
+    assert (out / "model.json").is_file()
+
+
+def test_fine_tune_with_a_fresh_head_and_bf16_autocast(tmp_path, caplog):
+    three = _image_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=8, size=16)
+    common = dict(model="xception-compact", model_args=TINY_MODEL, image_size=16, epochs=1,
+                  batch_size=8, threads=1, progress=False, ema_decay=None)  # fmt: skip
+    first = fit("fashion-mnist", data=str(three), out=str(tmp_path / "a"), **common)
+    assert first["classes"] == ["a", "b", "c"]
+    two = _image_folder(tmp_path / "two", classes=("x", "y"), per_class=8, size=16)
+    with caplog.at_level("WARNING"):
+        second = fit("fashion-mnist", data=str(two), out=str(tmp_path / "b"),
+                     weights=first["weights"], amp="bf16", **common)  # fmt: skip
+    assert "classifier not loaded" in caplog.text  # 3 classes in the file, 2 now: a fresh head
+    sd = load_file(second["weights"])
+    assert sd["fc.weight"].shape[0] == 2 and sd["fc.weight"].dtype == torch.float32
