@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Full speed benchmarks behind benchmarks/BENCHMARKS.md. Minutes of CPU: run on an otherwise idle
+# machine; the shared lock keeps other heavy jobs of this project from overlapping.
+#   benchmarks/run_all.sh [RUN_FOLDER]   RUN_FOLDER: a `xception train --recipe fashion-mnist` run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+lock=/tmp/xception-heavy.lock
+lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|Flags" | sed 's/\(Flags:.\{0,60\}\).*/\1 .../' \
+    > benchmarks/machine.txt
+# Inference at batch 1 and 8, training at batch 8, 299x299, every candidate, interleaved.
+flock "$lock" .venv/bin/xception bench --size 299 --batch 1 8 --train-batch 8 --repeats 7 \
+    --json benchmarks/bench-299.json | tee benchmarks/bench-299.txt
+# Int8 accuracy: top-1 agreement with fp32 on the Fashion-MNIST test set.
+if [[ $# -ge 1 ]]; then
+    flock "$lock" .venv/bin/python benchmarks/int8_agreement.py "$1" \
+        --json benchmarks/int8-agreement.json
+fi

@@ -1,0 +1,427 @@
+"""Side-by-side throughput: our Xception in every form (eager NCHW and channels_last, folded,
+`optimize()`, torch.compile, ONNX Runtime fp32 and int8) against torchvision's Inception V3 and,
+when timm is installed, timm's `legacy_xception` (eager and through ONNX Runtime).
+
+All candidates run in one process. After warm-up, repeats are interleaved (one pass of every
+candidate per round), so a slow spell on a shared machine hits them all alike; the reported
+figure is the median round, the best round is kept too. Throughput is also given as GFLOP/s and
+as a fraction of this machine's fp32 matrix-multiply rate, measured here with a large sgemm.
+
+Nothing here prints: `run_bench` returns a `BenchReport`; the command line formats it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import deploy
+from .model import count_macs
+from .zoo import create_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchReport", "Measurement", "machine_info", "matmul_rate", "run_bench", "save_json"]
+
+Step = Callable[[], object]
+
+
+@dataclass
+class Measurement:
+    """One candidate at one batch size: medians over interleaved rounds."""
+
+    name: str
+    task: str  # "inference" | "training"
+    batch: int
+    size: int
+    images_per_s: float | None = None
+    ms_per_batch: float | None = None
+    best_images_per_s: float | None = None
+    gflop_per_image: float | None = None
+    gflop_per_s: float | None = None
+    fraction_of_matmul: float | None = None
+    rounds: int = 0
+    error: str | None = None
+
+
+@dataclass
+class BenchReport:
+    machine: dict
+    settings: dict
+    matmul_gflop_per_s: float
+    results: list[Measurement] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "machine": self.machine,
+            "settings": self.settings,
+            "matmul_gflop_per_s": self.matmul_gflop_per_s,
+            "results": [asdict(r) for r in self.results],
+        }
+
+    def find(self, name: str, task: str, batch: int) -> Measurement | None:
+        for r in self.results:
+            if (r.name, r.task, r.batch) == (name, task, batch):
+                return r
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine
+# ---------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "timm": _version("timm"),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(
+    device: torch.device | str = "cpu", n: int = 2048, repeats: int = 5, dtype=torch.float32
+) -> float:
+    """This machine's matrix-multiply rate in GFLOP/s: the median of `repeats` n x n products."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Candidate:
+    name: str
+    task: str
+    build: Callable[[int], Step]  # batch -> a step to time (already warmed up)
+    gflop_per_image: float
+
+
+def _inference_step(fn: Callable, x: torch.Tensor, device: torch.device) -> Step:
+    def step():
+        with torch.inference_mode():
+            out = fn(x)
+        _sync(device)
+        return out
+
+    step()  # warm-up (and compilation)
+    step()
+    return step
+
+
+def _training_step(model: nn.Module, x: torch.Tensor, num_classes: int, device) -> Step:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    target = torch.randint(0, num_classes, (x.shape[0],), device=device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(x)
+            out = out.logits if hasattr(out, "logits") else out  # Inception V3's aux tuple
+            loss = F.cross_entropy(out.float(), target)
+        loss.backward()
+        opt.step()
+        _sync(device)
+
+    step()
+    return step
+
+
+def _gflop(model: nn.Module, size: int) -> float:
+    return 2 * count_macs(model, (size, size)) / 1e9
+
+
+def _candidates(
+    *, size: int, quick: bool, device: torch.device, workdir: Path, model_kwargs: dict
+) -> list[_Candidate]:
+    cpu = device.type == "cpu"
+    cl = torch.channels_last
+
+    def ours() -> nn.Module:
+        torch.manual_seed(0)
+        return create_model("xception", **model_kwargs).to(device)
+
+    base = ours()
+    num_classes = base.config.num_classes
+    gf = _gflop(base, size)
+
+    def x_for(batch: int, memory_format=torch.contiguous_format) -> torch.Tensor:
+        g = torch.Generator().manual_seed(batch)
+        x = torch.randn(batch, 3, size, size, generator=g).to(device)
+        return x.contiguous(memory_format=memory_format)
+
+    def eager(make: Callable[[], nn.Module], memory_format) -> Callable[[int], Step]:
+        def build(batch: int) -> Step:
+            model = make().eval().to(memory_format=memory_format)
+            amp = torch.autocast(device.type, torch.bfloat16, enabled=not cpu)
+
+            def fn(x):
+                with amp:
+                    return model(x)
+
+            return _inference_step(fn, x_for(batch, memory_format), device)
+
+        return build
+
+    def optimized(backend: str) -> Callable[[int], Step]:
+        def build(batch: int) -> Step:
+            model = deploy.optimize(base, backend=backend)
+            return _inference_step(model, x_for(batch, cl), device)
+
+        return build
+
+    def compiled(batch: int) -> Step:
+        model = ours().eval().to(memory_format=cl)
+        return _inference_step(torch.compile(model), x_for(batch, cl), device)
+
+    onnx_files: dict[str, Path] = {}
+
+    def onnx_file(key: str, make: Callable[[], nn.Module]) -> Path:
+        if key not in onnx_files:
+            path = workdir / f"{key}.onnx"
+            deploy.export(make(), path, "onnx", input_size=size, check_batches=(1,))
+            onnx_files[key] = path
+        return onnx_files[key]
+
+    def onnxruntime(key: str, make: Callable[[], nn.Module]) -> Callable[[int], Step]:
+        def build(batch: int) -> Step:
+            return _inference_step(deploy.OnnxModel(onnx_file(key, make)), x_for(batch), device)
+
+        return build
+
+    def int8(batch: int) -> Step:
+        path = workdir / "xception-int8.onnx"
+        if not path.exists():
+            # Random calibration images: the speed of int8 kernels does not depend on the
+            # ranges; accuracy is measured elsewhere, on real images (benchmarks/int8_agreement.py).
+            calib = [x_for(4 + i) for i in range(2)]
+            deploy.quantize_onnx(onnx_file("xception", ours), path, calib)
+        return _inference_step(deploy.OnnxModel(path), x_for(batch), device)
+
+    def training(make: Callable[[], nn.Module], memory_format) -> Callable[[int], Step]:
+        def build(batch: int) -> Step:
+            model = make().to(memory_format=memory_format)
+            return _training_step(model, x_for(batch, memory_format), num_classes, device)
+
+        return build
+
+    inf, tr = "inference", "training"
+    out = [
+        _Candidate("xception eager NCHW", inf, eager(ours, torch.contiguous_format), gf),
+        _Candidate("xception eager channels_last", inf, eager(ours, cl), gf),
+        _Candidate("xception folded channels_last", inf, optimized("eager"), gf),
+    ]
+    if cpu:
+        out.append(_Candidate("xception optimize(backend='jit')", inf, optimized("jit"), gf))
+    if not quick:
+        out += [
+            _Candidate("xception torch.compile", inf, compiled, gf),
+            _Candidate("xception optimize(backend='compile')", inf, optimized("compile"), gf),
+        ]
+    if cpu and _version("onnxruntime"):
+        out += [
+            _Candidate("xception onnxruntime fp32", inf, onnxruntime("xception", ours), gf),
+            _Candidate("xception onnxruntime int8", inf, int8, gf),
+        ]
+    if not quick:
+        out.append(
+            _Candidate("xception train NCHW", tr, training(ours, torch.contiguous_format), 3 * gf)
+        )
+    out.append(_Candidate("xception train channels_last", tr, training(ours, cl), 3 * gf))
+    if quick:
+        return out
+
+    def inception() -> nn.Module:
+        torch.manual_seed(0)
+        return create_model("inception-v3", num_classes=num_classes).to(device)
+
+    gf_inception = _gflop(inception(), size)
+    out += [
+        _Candidate("inception_v3 eager channels_last", inf, eager(inception, cl), gf_inception),
+        _Candidate("inception_v3 train channels_last", tr, training(inception, cl),
+                   3 * gf_inception),
+    ]  # fmt: skip
+    if _version("timm"):
+        import timm
+
+        def timm_xception() -> nn.Module:
+            torch.manual_seed(0)
+            return timm.create_model("legacy_xception", num_classes=num_classes).to(device)
+
+        gf_timm = _gflop(timm_xception(), size)
+        out += [
+            _Candidate("timm eager NCHW", inf, eager(timm_xception, torch.contiguous_format),
+                       gf_timm),
+            _Candidate("timm eager channels_last", inf, eager(timm_xception, cl), gf_timm),
+            _Candidate("timm train channels_last", tr, training(timm_xception, cl),
+                       3 * gf_timm),
+        ]  # fmt: skip
+        if cpu and _version("onnxruntime"):
+            out.append(
+                _Candidate("timm onnxruntime fp32", inf, onnxruntime("timm", timm_xception),
+                           gf_timm)
+            )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+QUICK_MODEL = dict(width=0.25, middle_blocks=1)
+
+
+def run_bench(
+    *,
+    size: int = 299,
+    batches: tuple[int, ...] = (1, 8),
+    train_batch: int | None = 8,
+    repeats: int = 5,
+    quick: bool = False,
+    only: str | None = None,
+    device: torch.device | str = "cpu",
+    num_classes: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Measure every candidate (names containing `only`, when given) at each batch size in
+    `batches` (inference) and at `train_batch` (training steps; None skips training).
+
+    `quick`: the 0.25-width, one-middle-block model and no compiled or peer candidates, for a
+    smoke test in seconds. `progress(message)` is called as candidates are built and timed.
+    """
+    device = torch.device(device)
+    if size < 32 and not quick:
+        raise ValueError(f"size={size} is too small for the 299-pixel models: use at least 75")
+    if repeats < 1 or not batches:
+        raise ValueError("repeats must be at least 1 and batches must not be empty")
+    note = progress or (lambda message: log.info("%s", message))
+    model_kwargs = dict(num_classes=num_classes, **(QUICK_MODEL if quick else {}))
+    note("measuring the fp32 matrix-multiply rate")
+    peak = matmul_rate(device, n=512 if quick else 2048, repeats=3 if quick else 7)
+    report = BenchReport(
+        machine=machine_info(device),
+        settings=dict(size=size, batches=list(batches), train_batch=train_batch,
+                      repeats=repeats, quick=quick, only=only, model=model_kwargs),
+        matmul_gflop_per_s=peak,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="xception-bench-") as tmp:
+        candidates = _candidates(size=size, quick=quick, device=device, workdir=Path(tmp),
+                                 model_kwargs=model_kwargs)  # fmt: skip
+        if only:
+            candidates = [c for c in candidates if only in c.name]
+        plan = [("inference", b) for b in batches]
+        if train_batch:
+            plan.append(("training", train_batch))
+        for task, batch in plan:
+            group = [c for c in candidates if c.task == task]
+            # A pause before each timed step lets the previous runtime's spinning worker
+            # threads (ONNX Runtime, OpenMP) go idle, so they do not steal the cores; measured
+            # to matter (eager times doubled without it).
+            pause = 0.05 if quick else 0.2
+            report.results += _measure(group, batch, size, repeats, peak, pause, note)
+    return report
+
+
+def _measure(
+    group: list[_Candidate], batch: int, size: int, repeats: int, peak: float, pause: float, note
+) -> list[Measurement]:
+    steps: dict[str, Step] = {}
+    results = {c.name: Measurement(c.name, c.task, batch, size, gflop_per_image=c.gflop_per_image)
+               for c in group}  # fmt: skip
+    for c in group:
+        note(f"{c.task} batch {batch}: warming up {c.name}")
+        try:
+            steps[c.name] = c.build(batch)
+        except Exception as err:  # one failing candidate must not sink the others
+            log.warning("%s failed: %s", c.name, err)
+            results[c.name].error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(repeats):
+        note(f"{group[0].task if group else ''} batch {batch}: round {round_ + 1}/{repeats}")
+        for name, step in steps.items():
+            time.sleep(pause)
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    for name, ts in times.items():
+        r = results[name]
+        median = statistics.median(ts)
+        r.rounds = len(ts)
+        r.ms_per_batch = 1000 * median
+        r.images_per_s = batch / median
+        r.best_images_per_s = batch / min(ts)
+        r.gflop_per_s = r.images_per_s * r.gflop_per_image
+        r.fraction_of_matmul = r.gflop_per_s / peak
+    steps.clear()
+    gc.collect()
+    return list(results.values())
+
+
+def save_json(report: BenchReport, path: str | Path) -> Path:
+    """Write the report as JSON, atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

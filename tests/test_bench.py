@@ -1,0 +1,68 @@
+"""bench.py: `xception bench --quick` runs on a tiny model and writes a well-formed table and
+JSON; the pieces (matmul rate, candidate filter, errors) behave."""
+
+import json
+
+import pytest
+
+from xception.bench import matmul_rate, run_bench
+from xception.cli import main
+
+
+def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("task"))
+    for column in ("batch", "candidate", "img/s", "ms/batch", "GFLOP/s", "of matmul"):
+        assert column in header
+    for name in ("xception eager NCHW", "xception eager channels_last",
+                 "xception folded channels_last", "xception optimize(backend='jit')",
+                 "xception onnxruntime fp32",
+                 "xception onnxruntime int8", "xception train channels_last"):  # fmt: skip
+        assert name in text
+    data = json.loads(out.read_text())
+    assert data["matmul_gflop_per_s"] > 0
+    assert {"cpu", "cpu_count", "torch", "onnxruntime"} <= set(data["machine"])
+    assert data["settings"]["quick"] is True and data["settings"]["size"] == 64
+    rows = data["results"]
+    assert {(r["task"], r["batch"]) for r in rows} == {
+        ("inference", 1),
+        ("inference", 2),
+        ("training", 2),
+    }
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["rounds"] == 2
+        assert r["images_per_s"] > 0 and r["best_images_per_s"] >= r["images_per_s"]
+        assert r["ms_per_batch"] == pytest.approx(1000 * r["batch"] / r["images_per_s"])
+        assert r["gflop_per_s"] == pytest.approx(r["images_per_s"] * r["gflop_per_image"])
+        assert r["fraction_of_matmul"] == pytest.approx(
+            r["gflop_per_s"] / data["matmul_gflop_per_s"]
+        )
+    train = next(r for r in rows if r["task"] == "training")
+    infer = next(r for r in rows if r["name"] == "xception eager channels_last")
+    assert train["gflop_per_image"] == pytest.approx(3 * infer["gflop_per_image"])
+
+
+def test_run_bench_filters_candidates_and_skips_training():
+    report = run_bench(quick=True, size=48, batches=(1,), train_batch=None, repeats=1,
+                       only="channels_last")  # fmt: skip
+    assert [r.name for r in report.results] == [
+        "xception eager channels_last",
+        "xception folded channels_last",
+    ]
+    assert report.find("xception eager channels_last", "inference", 1).images_per_s > 0
+    assert report.find("xception eager channels_last", "training", 1) is None
+
+
+def test_run_bench_rejects_bad_settings():
+    with pytest.raises(ValueError, match="too small"):
+        run_bench(size=16)
+    with pytest.raises(ValueError, match="repeats"):
+        run_bench(quick=True, repeats=0)
+
+
+def test_matmul_rate_is_plausible():
+    rate = matmul_rate(n=256, repeats=3)
+    assert 0.1 < rate < 1e5  # GFLOP/s: a number, not a unit mistake
