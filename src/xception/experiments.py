@@ -1,0 +1,752 @@
+"""The paper's ablations rerun at small scale: suites of training runs, a results store, verdicts.
+
+A *suite* is a list of model variants and the claims that compare them (residual connections,
+the activation between depthwise and pointwise, the order of the two halves, Xception against an
+Inception V3 of the same size, and the spectrum of segment counts). A *scale* says how much
+training each run gets (`quick` for a smoke run in minutes, `full` for the documented results).
+
+Every run is trained by the engine of `xception train` (`train.fit`) and stored as one JSON file,
+`OUT/runs/<key>.json`, written atomically when the run has finished. The key is a hash of the
+run's full config (the resolved model config, the training settings, the data and the seed), so a
+variant shared by several suites (the baseline is the same model in four of them) is trained once,
+finished runs are never redone, and an interrupted suite continues where it stopped.
+
+Verdict rule (also in docs/EXPERIMENTS.md): a claim compares the per-seed final validation
+accuracies of two variants. The difference of means d gets a standard error from the seed noise
+pooled over every distinct variant in the report (s_p^2 = sum (n_i - 1) s_i^2 / sum (n_i - 1),
+SE = s_p sqrt(1/n_a + 1/n_b)): all variants share the data, recipe and scale, and 2 or 3 seeds
+per variant are too few to estimate each variant's noise on its own. The 95% interval is
+d +- t*SE with Student's t quantile at the pooled degrees of freedom. For "A is better than B":
+*holds* when the interval lies above 0, *does not hold* when it lies below 0, *inconclusive*
+otherwise, and always when no variant has 2 seeds (no noise estimate). For "A and B are
+equivalent" (the order of the halves): *holds* when the interval lies inside +-margin (1
+percentage point), *does not hold* when it excludes 0 and |d| > margin, *inconclusive* otherwise.
+
+Nothing here prints: progress goes to `logging`, results are returned and written as files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SCALES",
+    "SUITES",
+    "Claim",
+    "Scale",
+    "Variant",
+    "compare",
+    "difference",
+    "judge",
+    "measure_speed",
+    "pooled_noise",
+    "run_experiments",
+    "suite_plan",
+]
+
+SUITES = ("residual", "mid-activation", "order", "vs-inception", "segments")
+SCHEMA = 1  # bump when the meaning of a stored run changes, so old runs are not reused
+EQUIVALENCE_MARGIN = 0.01  # 1 percentage point of accuracy
+
+# Student t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95%); above 30 the quantile
+# lies between 2.04 and 1.96 and we use 2.0.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# what to run
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scale:
+    """How much training each run of a suite gets.
+
+    `model` overrides apply to every Xception variant (the Inception baseline is re-sized to match
+    the resulting parameter count); `segments` lists the spectrum's segment counts (None: every
+    power of two that divides all of the model's channel counts), "depthwise" is always added.
+    """
+
+    name: str
+    seeds: int
+    epochs: int
+    train_size: int
+    val_size: int
+    batch_size: int = 128
+    model: dict = field(default_factory=dict)
+    segments: tuple[int, ...] | None = None
+    speed_batch: int = 64
+    speed_repeats: int = 5
+
+
+SCALES: dict[str, Scale] = {
+    # Smoke scale: every suite in about 10 minutes on 2 cores, with a 3/4-width compact model
+    # (its narrowest layer, 24 channels, allows 1..8 segments).
+    "quick": Scale(
+        name="quick", seeds=2, epochs=2, train_size=5000, val_size=2000, batch_size=64,
+        model=dict(width=0.75), segments=(1, 2, 4, 8), speed_repeats=3,
+    ),
+    # The documented scale: the compact preset as it is, 3 seeds, about 3 hours on 2 cores
+    # (estimated; the 1-segment model costs about 7 base runs, its 3x3 conv being a regular one).
+    "full": Scale(
+        name="full", seeds=3, epochs=4, train_size=15000, val_size=5000, batch_size=128,
+        segments=(1, 2, 4, 8, 16),
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of a suite: a label for tables and plots, a preset and its overrides."""
+
+    label: str
+    model: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A statement of the paper about two variants (or, for `any_better`, a set against one).
+
+    kind: "better" (a beats b), "equivalent" (a and b within the margin), or "any_better"
+    (at least one of the variants in `a` beats b; `a` is then a tuple of labels).
+    """
+
+    text: str
+    a: str | tuple[str, ...]
+    b: str
+    kind: str = "better"
+    metric: str = "final"  # "final": last epoch's accuracy; "curve": mean over all epochs
+
+
+BASE_MODEL = "xception-compact"
+INCEPTION_MODEL = "inception-v3-compact"
+
+
+def _spectrum(scale: Scale, in_chans: int, num_classes: int) -> list[int]:
+    """Segment counts from 1 up, each dividing every spatial conv's channel count."""
+    from .zoo import create_model
+
+    candidates = scale.segments or tuple(2**i for i in range(12))
+    valid = []
+    for k in candidates:
+        try:
+            create_model(BASE_MODEL, num_classes=num_classes, in_chans=in_chans,
+                         **{**scale.model, "segments": k})  # fmt: skip
+        except ValueError:
+            if scale.segments is not None:
+                raise ValueError(
+                    f"segments={k} does not divide the channels of {BASE_MODEL} at scale "
+                    f"{scale.name!r}: use powers of two up to the narrowest layer"
+                ) from None
+            break
+        valid.append(k)
+    return valid
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def matched_inception_width(target_params: int, in_chans: int, num_classes: int) -> float:
+    """The `width` of `inception-v3-compact` whose parameter count is closest to `target_params`."""
+    from .zoo import create_model
+
+    best = (math.inf, 1.0)
+    for step in range(5, 101):  # widths 0.05 .. 1.00
+        width = step / 100
+        model = create_model(INCEPTION_MODEL, num_classes=num_classes, in_chans=in_chans,
+                             width=width)  # fmt: skip
+        gap = abs(_param_count(model) - target_params)
+        best = min(best, (gap, width))
+        if _param_count(model) > target_params:  # parameters grow with width: no need to go on
+            break
+    return best[1]
+
+
+def suite_plan(
+    suite: str, scale: Scale, *, in_chans: int = 1, num_classes: int = 10
+) -> tuple[list[Variant], list[Claim]]:
+    """The variants a suite trains and the claims it judges."""
+    base = Variant("Xception", BASE_MODEL, dict(scale.model))
+
+    def variant(label: str, **overrides) -> Variant:
+        return Variant(label, BASE_MODEL, {**scale.model, **overrides})
+
+    if suite == "residual":
+        variants = [variant("with residual connections"),
+                    variant("without residual connections", residual=False)]  # fmt: skip
+        claims = [Claim("residual connections improve final accuracy (Figure 9)",
+                        variants[0].label, variants[1].label),
+                  Claim("residual connections speed up convergence (Figure 9; mean accuracy "
+                        "over all epochs)", variants[0].label, variants[1].label,
+                        metric="curve")]  # fmt: skip
+    elif suite == "mid-activation":
+        variants = [variant("no intermediate activation"),
+                    variant("intermediate ELU", mid_activation="elu"),
+                    variant("intermediate ReLU", mid_activation="relu")]  # fmt: skip
+        claims = [
+            Claim("no activation beats ELU between depthwise and pointwise (Figure 10)",
+                  variants[0].label, variants[1].label),
+            Claim("no activation beats ReLU between depthwise and pointwise (Figure 10)",
+                  variants[0].label, variants[2].label),
+        ]  # fmt: skip
+    elif suite == "order":
+        variants = [variant("depthwise first"), variant("pointwise first", order="pointwise_first")]
+        claims = [Claim("the order of depthwise and pointwise does not matter",
+                        variants[0].label, variants[1].label, kind="equivalent")]  # fmt: skip
+    elif suite == "vs-inception":
+        from .zoo import create_model
+
+        target = _param_count(create_model(BASE_MODEL, num_classes=num_classes,
+                                           in_chans=in_chans, **scale.model))  # fmt: skip
+        width = matched_inception_width(target, in_chans, num_classes)
+        variants = [base, Variant("Inception V3", INCEPTION_MODEL, dict(width=width))]
+        claims = [Claim("Xception beats Inception V3 at a matched parameter count",
+                        base.label, "Inception V3")]  # fmt: skip
+    elif suite == "segments":
+        ks = _spectrum(scale, in_chans, num_classes)
+        variants = [variant(f"{k} segment{'s' if k > 1 else ''}", segments=k) for k in ks]
+        variants.append(variant("depthwise", segments="depthwise"))
+        intermediate = tuple(v.label for v in variants[1:-1])
+        claims = [Claim("a model between a regular conv and depthwise beats depthwise "
+                        "(the question the paper leaves open)",
+                        intermediate, "depthwise", kind="any_better")]  # fmt: skip
+    else:
+        raise ValueError(f"unknown suite {suite!r}: use one of {', '.join(SUITES)} or all")
+    return variants, claims
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics and verdicts
+# ---------------------------------------------------------------------------------------------
+def _t975(df: float) -> float:
+    if df >= len(_T975) + 1:
+        return 2.0
+    return _T975[max(1, math.floor(df)) - 1]
+
+
+def pooled_noise(groups: Sequence[Sequence[float]]) -> tuple[float, int] | None:
+    """Seed-to-seed variance pooled over `groups` (each a variant's per-seed values) and its
+    degrees of freedom; None when no group has two values.
+
+    The variants of a report share the data, the recipe and the scale, so their seed noise is
+    taken to be the same: pooling gives a usable estimate from 2 or 3 seeds per variant, where a
+    per-pair (Welch) estimate would rest on 1 or 2 degrees of freedom.
+    """
+    df = sum(len(g) - 1 for g in groups if len(g) > 1)
+    if df == 0:
+        return None
+    ss = sum(statistics.variance(g) * (len(g) - 1) for g in groups if len(g) > 1)
+    return ss / df, df
+
+
+def difference(
+    a: Sequence[float], b: Sequence[float], noise: tuple[float, int] | None = None
+) -> dict:
+    """Difference of means a - b with its standard error and 95% interval (Student t).
+
+    `noise` is a pooled (variance, degrees of freedom), by default pooled from a and b alone.
+    Without a noise estimate (one value per variant) se, df and the interval are None.
+    """
+    d = statistics.fmean(a) - statistics.fmean(b)
+    out = dict(diff=d, se=None, df=None, t=None, lo=None, hi=None, n_a=len(a), n_b=len(b))
+    noise = noise if noise is not None else pooled_noise([a, b])
+    if noise is None:
+        return out
+    var, df = noise
+    se = math.sqrt(var * (1 / len(a) + 1 / len(b)))
+    t = _t975(df)
+    out.update(se=se, df=df, t=t, lo=d - t * se, hi=d + t * se)
+    return out
+
+
+def compare(
+    a: Sequence[float], b: Sequence[float], kind: str = "better",
+    noise: tuple[float, int] | None = None, margin: float = EQUIVALENCE_MARGIN,
+) -> tuple[str, dict]:  # fmt: skip
+    """Verdict ("holds", "does not hold", "inconclusive") on a claim about per-seed values a, b
+    (see the module docstring for the rule)."""
+    stats = difference(a, b, noise)
+    if stats["se"] is None:
+        return "inconclusive", stats
+    lo, hi, d = stats["lo"], stats["hi"], stats["diff"]
+    if kind == "better":
+        verdict = "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
+    elif kind == "equivalent":
+        if -margin < lo and hi < margin:
+            verdict = "holds"
+        elif (lo > 0 or hi < 0) and abs(d) > margin:
+            verdict = "does not hold"
+        else:
+            verdict = "inconclusive"
+    else:
+        raise ValueError(f"unknown claim kind {kind!r}: use 'better' or 'equivalent'")
+    return verdict, stats
+
+
+def judge(
+    claim: Claim, values: dict[str, dict[str, list[float]]],
+    noise: tuple[float, int] | None = None,
+) -> dict:  # fmt: skip
+    """Apply `compare` to a claim. `values[label][metric]` are a variant's per-seed accuracies;
+    `noise` is the pooled seed noise, by default pooled over the variants in `values`."""
+    values = {label: v[claim.metric] for label, v in values.items()}
+    if noise is None:
+        noise = pooled_noise(list(values.values()))
+    if claim.kind == "any_better":
+        parts = []
+        for label in claim.a:
+            verdict, stats = compare(values[label], values[claim.b], "better", noise)
+            parts.append(dict(a=label, verdict=verdict, **stats))
+        if any(p["verdict"] == "holds" for p in parts):
+            verdict = "holds"
+        elif parts and all(p["verdict"] == "does not hold" for p in parts):
+            verdict = "does not hold"
+        else:
+            verdict = "inconclusive"
+        return dict(text=claim.text, kind=claim.kind, metric=claim.metric, b=claim.b,
+                    verdict=verdict, comparisons=parts)  # fmt: skip
+    verdict, stats = compare(values[claim.a], values[claim.b], claim.kind, noise)
+    return dict(text=claim.text, kind=claim.kind, metric=claim.metric, a=claim.a, b=claim.b,
+                verdict=verdict, **stats)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# speed
+# ---------------------------------------------------------------------------------------------
+def measure_speed(
+    model: nn.Module, size: int, in_chans: int, *, batch: int = 64, repeats: int = 5,
+    channels_last: bool = True,
+) -> float:  # fmt: skip
+    """Inference images per second at `size` x `size`: eval mode, no grad, median of `repeats`
+    timed batches after one warm-up batch; channels_last as the training engine runs on a CPU."""
+    model = model.eval()
+    x = torch.randn(batch, in_chans, size, size)
+    if channels_last:
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# the results store
+# ---------------------------------------------------------------------------------------------
+def run_key(config: dict) -> str:
+    """Hash of a run's full config (canonical JSON): its file name in the store.
+
+    The engine's `model_args` are left out: they only spell `model_config`, which is hashed, as
+    a difference from the preset, so a preset that changes under a variant that does not would
+    otherwise change its key.
+    """
+    train = {k: v for k, v in config["train"].items() if k != "model_args"}
+    blob = json.dumps(
+        {**config, "train": train}, sort_keys=True, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Store:
+    """Finished runs, one JSON file each under `root/runs/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = Path(root) / "runs"
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            # Writes are atomic, so this is a file damaged or edited by hand: train it again.
+            log.warning("%s is unreadable (%s): the run will be trained again", path, err)
+            return None
+        return record if record.get("key") == key else None
+
+    def put(self, record: dict) -> None:
+        atomic_write(self.path(record["key"]), json.dumps(record, indent=1).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+RECIPE = "fashion-mnist"
+# Fields of the engine's config that do not change what a run computes: left out of the key.
+_NOT_IDENTITY = ("out", "resume", "progress", "workers", "device", "threads", "compile",
+                 "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size")  # fmt: skip
+
+
+def dataset_info(data: str | Path) -> dict:
+    """What the runs need to know of the data: experiments use IDX data (Fashion-MNIST, MNIST)."""
+    from .data import is_idx_dir, resolve_data
+    from .train import make_config
+
+    root = resolve_data(data)
+    if not is_idx_dir(root):
+        raise ValueError(
+            f"{root}: the experiments run on Fashion-MNIST-style IDX files (train-images-idx3-"
+            "ubyte.gz, ...): pass --data DIR holding them, or leave --data out for Fashion-MNIST"
+        )
+    return dict(name=str(data), in_chans=1, num_classes=10, size=make_config(RECIPE).image_size)
+
+
+def run_config(variant: Variant, scale: Scale, seed: int, data: dict) -> dict:
+    """The full config of one run, which is also what its key hashes: the resolved model config
+    and every field of the training engine's config that affects the result.
+
+    The engine gets the model overrides in canonical form (only the fields that differ from the
+    preset), so `segments="depthwise"` spelt out is the same run as the preset itself.
+    """
+    from .train import make_config
+
+    args = json.dumps(variant.overrides, sort_keys=True)
+    model_config = dict(_model_config(variant.model, args, data["num_classes"], data["in_chans"]))
+    default = _model_config(variant.model, "{}", data["num_classes"], data["in_chans"])
+    model_args = {k: v for k, v in model_config.items()
+                  if v != default[k] and k not in ("num_classes", "in_chans")}  # fmt: skip
+    train = make_config(RECIPE, model=variant.model, model_args=model_args,
+                        data=data["name"], epochs=scale.epochs, batch_size=scale.batch_size,
+                        train_subset=scale.train_size, val_subset=scale.val_size, seed=seed)  # fmt: skip
+    identity = {k: v for k, v in train.to_dict().items() if k not in _NOT_IDENTITY}
+    return dict(schema=SCHEMA, model_config=model_config, train=identity)
+
+
+@functools.lru_cache(maxsize=256)
+def _model_config(model: str, overrides: str, num_classes: int, in_chans: int) -> dict:
+    from .zoo import create_model
+
+    built = create_model(model, num_classes=num_classes, in_chans=in_chans, **json.loads(overrides))
+    # JSON form (lists, not tuples), as the config reads back from a stored run.
+    return json.loads(json.dumps(built.config.to_dict()))
+
+
+def train_run(config: dict, workdir: Path) -> dict:
+    """Train one run with the engine of `xception train`; resumes a run cut short in `workdir`."""
+    from .train import fit
+
+    result = fit(dict(config["train"]), out=str(workdir), progress=False, resume="auto")
+    # The run's summary lives in the store; its checkpoints were only there for a resume.
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    return result
+
+
+def _variant_stats(variant: Variant, data: dict, scale: Scale) -> dict:
+    """Parameters, MACs and measured inference speed of a variant (weights do not matter)."""
+    from .model import count_macs
+    from .zoo import create_model
+
+    model = create_model(variant.model, num_classes=data["num_classes"],
+                         in_chans=data["in_chans"], **variant.overrides)  # fmt: skip
+    size = data["size"]
+    return dict(
+        params=_param_count(model),
+        macs=count_macs(model, (size, size), data["in_chans"]),
+        images_per_s=measure_speed(
+            model, size, data["in_chans"], batch=scale.speed_batch, repeats=scale.speed_repeats
+        ),  # fmt: skip
+    )
+
+
+def val_acc(row: dict) -> float:
+    """Validation top-1 of one epoch of the engine's history, as a fraction."""
+    return row["val_top1"] / 100.0
+
+
+def run_experiments(
+    suites: Sequence[str],
+    out: str | Path,
+    scale: Scale,
+    data: str | Path = "fashion-mnist",
+) -> dict:
+    """Train every run the suites need that the store does not hold yet, then write the outputs
+    (for every suite of this scale whose runs are all in the store, so suites run one at a time
+    add up to one report).
+
+    Returns the aggregated results (see `aggregate`) with `trained` and `reused` run counts.
+    """
+    out = Path(out)
+    info = dataset_info(data)
+    store = Store(out)
+    plans = {s: suite_plan(s, scale, in_chans=info["in_chans"], num_classes=info["num_classes"])
+             for s in suites}  # fmt: skip
+    # Seed-major order: an interrupted suite leaves every variant with about as many seeds.
+    todo: dict[str, tuple[Variant, dict]] = {}
+    for seed in range(scale.seeds):
+        for variants, _ in plans.values():
+            for v in variants:
+                config = run_config(v, scale, seed, info)
+                todo.setdefault(run_key(config), (v, config))
+    trained = reused = 0
+    for i, (key, (variant, config)) in enumerate(todo.items(), 1):
+        if store.get(key) is not None:
+            reused += 1
+            continue
+        seed = config["train"]["seed"]
+        log.info("run %d/%d: %s (%s), seed %d", i, len(todo), variant.label, variant.model, seed)
+        start = time.perf_counter()
+        result = train_run(config, out / "work" / key)
+        seconds = time.perf_counter() - start
+        history = result["history"]
+        if not history or "val_top1" not in history[-1]:
+            raise RuntimeError(f"run {key}: the training engine returned no validation history")
+        record = dict(key=key, config=config, history=history,
+                      train_seconds=seconds, final_val_acc=val_acc(history[-1]),
+                      **_variant_stats(variant, info, scale),
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+        store.put(record)
+        trained += 1
+        log.info("run %d/%d: %s seed %d: val acc %.2f%% in %.0f s", i, len(todo), variant.label,
+                 seed, 100 * record["final_val_acc"], seconds)  # fmt: skip
+    results = write_outputs(out, scale, info, store)
+    results.update(trained=trained, reused=reused)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation and outputs
+# ---------------------------------------------------------------------------------------------
+def _summarise(variant: Variant, records: list[dict]) -> dict:
+    accs = [r["final_val_acc"] for r in records]
+    epochs = min(len(r["history"]) for r in records)
+    curve = [[val_acc(r["history"][e]) for r in records] for e in range(epochs)]
+    return dict(
+        label=variant.label,
+        model=variant.model,
+        overrides=variant.overrides,
+        keys=[r["key"] for r in records],
+        seeds=len(records),
+        final_val_accs=accs,
+        curve_val_accs=[statistics.fmean(val_acc(row) for row in r["history"]) for r in records],
+        val_acc_mean=statistics.fmean(accs),
+        val_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        curve_mean=[statistics.fmean(c) for c in curve],
+        curve_std=[statistics.stdev(c) if len(c) > 1 else 0.0 for c in curve],
+        params=records[0]["params"],
+        macs=records[0]["macs"],
+        images_per_s=statistics.median(r["images_per_s"] for r in records),
+        train_seconds=statistics.fmean(r["train_seconds"] for r in records),
+    )
+
+
+def aggregate(store: Store, scale: Scale, data: dict) -> dict:
+    """Every suite whose runs are all in the store, summarised and judged, with the seed noise
+    pooled over every distinct variant of those suites."""
+    suites, plans = {}, {}
+    for suite in SUITES:
+        variants, claims = suite_plan(suite, scale, in_chans=data["in_chans"],
+                                      num_classes=data["num_classes"])  # fmt: skip
+        rows = []
+        for v in variants:
+            records = [store.get(run_key(run_config(v, scale, seed, data)))
+                       for seed in range(scale.seeds)]  # fmt: skip
+            if any(r is None for r in records):
+                break
+            rows.append(_summarise(v, records))
+        else:
+            suites[suite], plans[suite] = dict(variants=rows), claims
+    # The baseline appears in four suites: count each distinct variant (set of runs) once.
+    distinct = {tuple(r["keys"]): r for res in suites.values() for r in res["variants"]}
+    noise = {m: pooled_noise([r[f"{m}_val_accs"] for r in distinct.values()])
+             for m in ("final", "curve")}  # fmt: skip
+    for suite, res in suites.items():
+        values = {r["label"]: dict(final=r["final_val_accs"], curve=r["curve_val_accs"])
+                  for r in res["variants"]}  # fmt: skip
+        res["claims"] = [judge(c, values, noise[c.metric]) for c in plans[suite]]
+    pooled = {m: None if n is None else dict(std=math.sqrt(n[0]), df=n[1])
+              for m, n in noise.items()}  # fmt: skip
+    return dict(scale=dataclasses.asdict(scale), data=data, seed_noise=pooled, suites=suites)
+
+
+def write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
+    """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md."""
+    results = aggregate(store, scale, data)
+    atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["suite", "variant", "model", "overrides", "seeds", "val_acc_mean",
+                     "val_acc_std", "params", "macs", "images_per_s", "train_seconds"])  # fmt: skip
+    for suite, res in results["suites"].items():
+        for row in res["variants"]:
+            writer.writerow([suite, row["label"], row["model"],
+                             json.dumps(row["overrides"], sort_keys=True), row["seeds"],
+                             f"{row['val_acc_mean']:.5f}", f"{row['val_acc_std']:.5f}",
+                             row["params"], row["macs"], f"{row['images_per_s']:.1f}",
+                             f"{row['train_seconds']:.1f}"])  # fmt: skip
+    atomic_write(out / "results.csv", buf.getvalue().encode())
+    plots = {}
+    for suite, res in results["suites"].items():
+        plots[suite] = f"{suite}.png"
+        _plot_curves(out / plots[suite], suite, res, scale)
+    if "segments" in results["suites"]:
+        plots["spectrum"] = "segments-spectrum.png"
+        _plot_spectrum(out / plots["spectrum"], results["suites"]["segments"], scale)
+    results["plots"] = plots
+    atomic_write(out / "REPORT.md", render_report(results).encode())
+    return results
+
+
+def _save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
+
+
+def _plot_curves(path: Path, suite: str, res: dict, scale: Scale) -> None:
+    """Validation accuracy against epochs, one line per variant (mean over seeds, +-1 std band),
+    in the manner of the paper's Figures 9 and 10."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row in res["variants"]:
+        epochs = list(range(1, len(row["curve_mean"]) + 1))
+        mean = [100 * m for m in row["curve_mean"]]
+        std = [100 * s for s in row["curve_std"]]
+        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{row['label']} "
+                          f"({100 * row['val_acc_mean']:.2f}%)")  # fmt: skip
+        ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
+                        [m + s for m, s in zip(mean, std, strict=True)],
+                        color=line.get_color(), alpha=0.2, lw=0)  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{suite}: Fashion-MNIST, {scale.name} scale, mean of {scale.seeds} seed(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _plot_spectrum(path: Path, res: dict, scale: Scale) -> None:
+    """Accuracy against the number of segments, parameters and MACs on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["variants"]
+    xs = list(range(len(rows)))
+    names = [str(r["overrides"].get("segments", "")) for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.errorbar(xs, [100 * r["val_acc_mean"] for r in rows],
+                yerr=[100 * r["val_acc_std"] for r in rows], marker="o", capsize=3,
+                color="C0", label="validation accuracy")  # fmt: skip
+    ax.set_xticks(xs, names)
+    ax.set_xlabel("segments of the spatial 3x3 conv (1 = regular conv)")
+    ax.set_ylabel("validation accuracy (%)", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r["params"] / 1e6 for r in rows], "s--", color="C1", label="parameters (M)")
+    ax2.plot(xs, [r["macs"] / 1e6 for r in rows], "^:", color="C2", label="MACs per image (M)")
+    for x, r in zip(xs, rows, strict=True):
+        ax2.annotate(f"{r['images_per_s']:.0f} img/s", (x, r["macs"] / 1e6), fontsize=7,
+                     textcoords="offset points", xytext=(0, -12), ha="center")  # fmt: skip
+    ax2.set_yscale("log")
+    ax2.set_ylabel("parameters (M), MACs (M)")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower left")
+    ax.set_title(f"segment spectrum: Fashion-MNIST, {scale.name} scale")
+    ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _pp(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.2f}"
+
+
+def _claim_line(c: dict) -> str:
+    if c["kind"] == "any_better":
+        best = max(c["comparisons"], key=lambda p: p["diff"], default=None)
+        detail = "no intermediate variant" if best is None else (
+            f"best intermediate: {best['a']}, {_pp(best['diff'])} pp against {c['b']} "
+            f"(95% interval {_pp(best['lo'])} .. {_pp(best['hi'])})"
+        )  # fmt: skip
+        return f"- **{c['verdict']}**: {c['text']}. {detail}."
+    if c["se"] is None:
+        detail = f"{_pp(c['diff'])} pp, too few seeds to estimate the noise"
+    else:
+        detail = (f"{c['a']} minus {c['b']}: {_pp(c['diff'])} pp, 95% interval "
+                  f"{_pp(c['lo'])} .. {_pp(c['hi'])} pp (t at {c['df']} df)")  # fmt: skip
+    return f"- **{c['verdict']}**: {c['text']}. {detail}."
+
+
+def _noise_text(noise: dict | None) -> str:
+    if noise is None:
+        return "no variant has two seeds: no estimate"
+    return f"standard deviation {100 * noise['std']:.2f} pp, {noise['df']} degrees of freedom"
+
+
+def render_report(results: dict) -> str:
+    """The markdown report: settings, then per suite a table, the plots and the verdicts."""
+    scale = results["scale"]
+    lines = [
+        f"# Xception ablations at {scale['name']} scale",
+        "",
+        f"Data: {results['data']['name']} ({results['data']['size']} px, "
+        f"{results['data']['in_chans']} channel(s)); per seed, {scale['train_size']:,} training "
+        f"images and {scale['val_size']:,} validation images (seeded subsets of the train and "
+        f"test splits), {scale['epochs']} epoch(s), batch "
+        f"{scale['batch_size']}, {scale['seeds']} seed(s). Accuracy is the final epoch's "
+        "validation top-1, mean +- standard deviation over seeds.",
+        "",
+        "Verdict rule: the difference of mean accuracies with a 95% interval from Student's t, "
+        "the seed-to-seed noise pooled over every distinct variant below "
+        f"({_noise_text(results['seed_noise']['final'])}). *Better*: holds when the interval "
+        "lies above 0, does not hold when "
+        f"below 0. *Equivalent*: holds when it lies within +-{100 * EQUIVALENCE_MARGIN:g} pp, "
+        "does not hold when it excludes 0 and the difference exceeds that margin. Otherwise "
+        "inconclusive at this scale.",
+    ]
+    for suite, res in results["suites"].items():
+        lines += ["", f"## {suite}", "",
+                  "| variant | seeds | val acc (%) | parameters | MMAC/image | images/s |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in res["variants"]:
+            lines.append(
+                f"| {r['label']} | {r['seeds']} | {100 * r['val_acc_mean']:.2f} +- "
+                f"{100 * r['val_acc_std']:.2f} | {r['params']:,} | {r['macs'] / 1e6:.1f} | "
+                f"{r['images_per_s']:.0f} |"
+            )
+        lines += ["", f"![{suite}]({results['plots'][suite]})"]
+        if suite == "segments":
+            lines += ["", f"![segment spectrum]({results['plots']['spectrum']})"]
+        lines += ["", *(_claim_line(c) for c in res["claims"])]
+    if not results["suites"]:
+        lines += ["", "No suite has all of its runs finished yet."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,219 @@
+import csv
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from xception import create_model
+from xception.experiments import (
+    SCALES,
+    Claim,
+    Scale,
+    compare,
+    difference,
+    judge,
+    pooled_noise,
+    run_experiments,
+    suite_plan,
+)
+from xception.inception import InceptionV3Compact
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# the compact Inception V3 baseline
+# ---------------------------------------------------------------------------------------------
+def test_inception_compact_matches_compact_xception_size():
+    for in_chans in (1, 3):
+        inc = create_model("inception-v3-compact", num_classes=10, in_chans=in_chans)
+        xc = create_model("xception-compact", num_classes=10, in_chans=in_chans)
+        assert isinstance(inc, InceptionV3Compact)
+        assert abs(_params(inc) - _params(xc)) / _params(xc) < 0.10
+
+
+def test_inception_compact_shapes_and_api():
+    model = create_model("inception-v3-compact", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert model(torch.randn(1, 1, 64, 64)).shape == (1, 10)
+        feats = model.forward_features(torch.randn(1, 1, 28, 28))
+        # Three halvings (stem pool, two reductions each halving): 28 -> 14 -> 7 -> 4 -> 2.
+        assert feats.shape == (1, model.num_features, 2, 2)
+        assert model.forward_head(feats, pre_logits=True).shape == (1, model.num_features)
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 1, 28, 28)).shape == (1, 3)
+    # The paper's Inception modules are all there: factorised 1xn/nx1 convs and 3x3 pairs.
+    kernels = {m.kernel_size for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {(1, 1), (3, 3), (1, 7), (7, 1), (1, 3), (3, 1)} <= kernels
+    with pytest.raises(ValueError, match="expected a batch of shape"):
+        model(torch.randn(1, 3, 28, 28))
+
+
+def test_inception_compact_rejects_bad_options():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) residual for inception-v3-compact"):
+        create_model("inception-v3-compact", residual=False)
+    with pytest.raises(ValueError, match="n=4 is not valid"):
+        create_model("inception-v3-compact", n=4)
+
+
+def test_inception_compact_weights_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    from xception.weights import WeightsError
+
+    model = create_model("inception-v3-compact", num_classes=10, in_chans=1)
+    path = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    again = create_model("inception-v3-compact", num_classes=10, in_chans=1, weights=path)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(WeightsError, match="not inception-v3-compact weights"):
+        create_model("inception-v3-compact", num_classes=10, in_chans=1, width=0.5, weights=path)
+
+
+def test_inception_full_width_is_inception_v3_sized():
+    # width 1.0 is the paper's channel plan: about Inception V3's 23.6M parameters.
+    model = create_model("inception-v3-compact", num_classes=1000, width=1.0)
+    assert 22e6 < _params(model) < 25e6
+
+
+def test_vs_inception_suite_matches_parameters_at_each_scale():
+    for scale in SCALES.values():
+        variants, _ = suite_plan("vs-inception", scale)
+        sizes = [_params(create_model(v.model, num_classes=10, in_chans=1, **v.overrides))
+                 for v in variants]  # fmt: skip
+        assert abs(sizes[1] - sizes[0]) / sizes[0] < 0.10
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts
+# ---------------------------------------------------------------------------------------------
+def test_difference_by_hand():
+    a, b = [0.90, 0.92, 0.94], [0.80, 0.81, 0.85]
+    s = difference(a, b)  # sample variances 4e-4 and 7e-4, 2 degrees of freedom each
+    assert s["diff"] == pytest.approx(0.92 - 0.82)
+    assert s["df"] == 4
+    assert s["se"] == pytest.approx(math.sqrt((0.0004 + 0.0007) / 2 * (1 / 3 + 1 / 3)))
+    assert s["t"] == 2.776  # Student's t, 97.5% quantile at 4 degrees of freedom
+    assert s["lo"] == pytest.approx(s["diff"] - 2.776 * s["se"])
+    # Noise pooled over a whole suite: a third variant adds its degrees of freedom.
+    noise = pooled_noise([a, b, [0.5, 0.5, 0.5]])
+    assert noise == (pytest.approx((0.0008 + 0.0014) / 6), 6)
+    assert difference(a, b, noise)["t"] == 2.447
+
+
+def test_verdict_clear_win_clear_loss_and_noise():
+    win, lose = [0.91, 0.915, 0.92], [0.85, 0.86, 0.855]
+    assert compare(win, lose)[0] == "holds"
+    assert compare(lose, win)[0] == "does not hold"
+    # Means differ by 0.5 pp but the seeds scatter by several points: within the noise.
+    noisy_a, noisy_b = [0.88, 0.92, 0.85], [0.86, 0.91, 0.865]
+    assert compare(noisy_a, noisy_b)[0] == "inconclusive"
+    assert compare(noisy_b, noisy_a)[0] == "inconclusive"
+    # One seed: no estimate of the noise, so no verdict however large the gap.
+    assert compare([0.99], [0.10])[0] == "inconclusive"
+
+
+def test_verdict_equivalence():
+    same = compare([0.900, 0.902, 0.901], [0.901, 0.899, 0.902], "equivalent")
+    assert same[0] == "holds"
+    apart = compare([0.90, 0.905, 0.91], [0.85, 0.855, 0.86], "equivalent")
+    assert apart[0] == "does not hold"
+    vague = compare([0.88, 0.92, 0.85], [0.86, 0.91, 0.865], "equivalent")
+    assert vague[0] == "inconclusive"
+
+
+def test_judge_any_better_over_a_spectrum():
+    final = {"1": [0.80, 0.81, 0.80], "4": [0.95, 0.951, 0.949], "dw": [0.90, 0.901, 0.899]}
+    values = {label: {"final": accs} for label, accs in final.items()}
+    claim = Claim("an intermediate point beats depthwise", ("1", "4"), "dw", kind="any_better")
+    assert judge(claim, values)["verdict"] == "holds"
+    values["4"]["final"] = [0.85, 0.851, 0.849]
+    assert judge(claim, values)["verdict"] == "does not hold"
+    values["4"]["final"] = [0.85, 0.95, 0.90]
+    assert judge(claim, values)["verdict"] == "inconclusive"
+
+
+def test_judge_uses_the_claims_metric():
+    values = {"a": {"final": [0.90, 0.901, 0.899], "curve": [0.80, 0.81, 0.80]},
+              "b": {"final": [0.90, 0.899, 0.901], "curve": [0.70, 0.71, 0.70]}}  # fmt: skip
+    assert judge(Claim("final", "a", "b"), values)["verdict"] == "inconclusive"
+    assert judge(Claim("faster", "a", "b", metric="curve"), values)["verdict"] == "holds"
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny suite end to end, with the real training engine
+# ---------------------------------------------------------------------------------------------
+TINY = Scale(name="tiny", seeds=2, epochs=1, train_size=256, val_size=128, batch_size=64,
+             model=dict(width=0.25, middle_blocks=1), segments=(2,), speed_batch=8,
+             speed_repeats=1)  # fmt: skip
+
+
+def test_tiny_suites_end_to_end_then_reused(tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    first = run_experiments(["residual", "segments"], out, TINY)
+    # residual: with/without; segments: 2 segments and depthwise (= "with residual"): 3 x 2 seeds.
+    assert (first["trained"], first["reused"]) == (6, 0)
+    runs = sorted((out / "runs").glob("*.json"))
+    assert len(runs) == 6
+    for name in ["results.csv", "results.json", "REPORT.md", "residual.png", "segments.png",
+                 "segments-spectrum.png"]:  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(runs[0].read_text())
+    assert len(record["history"]) == 1 and 0.0 <= record["final_val_acc"] <= 1.0
+    assert record["params"] > 0 and record["macs"] > 0 and record["images_per_s"] > 0
+
+    results = json.loads((out / "results.json").read_text())
+    residual = results["suites"]["residual"]
+    assert [v["label"] for v in residual["variants"]] == [
+        "with residual connections", "without residual connections"]  # fmt: skip
+    assert all(v["seeds"] == 2 for v in residual["variants"])
+    assert residual["claims"][0]["verdict"] in ("holds", "does not hold", "inconclusive")
+    # Seed noise pooled over the 3 distinct variants (the baseline is in both suites), 1 df each.
+    assert results["seed_noise"]["final"]["df"] == 3
+    spectrum = results["suites"]["segments"]["variants"]
+    assert [v["overrides"]["segments"] for v in spectrum] == [2, "depthwise"]
+    assert spectrum[0]["params"] > spectrum[1]["params"]  # 2 groups cost more than depthwise
+    assert spectrum[0]["macs"] > spectrum[1]["macs"]
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert [(r["suite"], r["seeds"]) for r in rows] == [("residual", "2")] * 2 + [
+        ("segments", "2")] * 2  # fmt: skip
+    report = (out / "REPORT.md").read_text()
+    assert "## residual" in report and "## segments" in report
+    assert "![segment spectrum](segments-spectrum.png)" in report
+    assert "residual connections improve final accuracy" in report
+
+    # A second invocation trains nothing: every run comes from the store.
+    import xception.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(xception.train, "fit", no_training)
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    second = run_experiments(["residual", "segments"], out, TINY)
+    assert (second["trained"], second["reused"]) == (0, 6)
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    assert second["suites"] == results["suites"] | second["suites"]  # same aggregate
+    monkeypatch.undo()
+
+    # An interrupted suite (one run missing) continues with just that run.
+    runs[0].unlink()
+    third = run_experiments(["residual"], out, TINY)
+    assert (third["trained"], third["reused"]) == (1, 3)
+
+
+def test_cli_experiment_rejects_bad_values(capsys):
+    from xception.cli import main
+
+    assert main(["experiment", "residual", "--seeds", "0"]) == 2
+    assert "--seeds 0: use a positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["experiment", "residuals"])
