@@ -11,7 +11,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from importlib import resources
 
 __all__ = ["main"]
 
@@ -54,7 +53,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# models / info / demo (foundation)
+# models / info (foundation)
 # ---------------------------------------------------------------------------------------------
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("filter", nargs="?", help="only names containing this text")
@@ -102,31 +101,596 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="weights file (Keras .h5, .safetensors, .pth)")
-    p.add_argument("--image", help="image to classify (default: the bundled sample photo)")
+# ---------------------------------------------------------------------------------------------
+# predict / convert (weights)
+# ---------------------------------------------------------------------------------------------
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, or folders searched recursively for images",
+    )
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="weights name (imagenet) or file (.h5, .safetensors, .pth); "
+        "default: %(default)s, downloaded once into the cache",
+    )
+    p.add_argument(
+        "--model",
+        default="xception",
+        help="preset (default: %(default)s); a safetensors file from "
+        "'xception convert' restores its own config",
+    )
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--backend", default="torch", help="inference backend (default: torch)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-@command("demo", "the main job: build the paper's model and classify a sample photo", _demo_args)
-def _run_demo(args: argparse.Namespace) -> int:
-    import torch
+def _print_predictions(results: list, fmt: str, topk: int) -> None:
+    if fmt == "json":
+        import json
 
-    from .data import keras_transform, load_image
+        print(json.dumps([r.to_dict() for r in results], indent=1))
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        ranks = range(1, topk + 1)
+        writer.writerow(
+            [
+                "path",
+                "error",
+                *(f"{c}_{i}" for i in ranks for c in ("index", "label", "probability")),
+            ]
+        )
+        for r in results:
+            cells = [x for t in r.top for x in (t.index, t.label, f"{t.probability:.6f}")]
+            writer.writerow([r.path, r.error or "", *cells, *[""] * (3 * topk - len(cells))])
+    else:
+        rows = [
+            [
+                r.path,
+                f"error: {r.error}"
+                if r.error
+                else ", ".join(f"{t.label} ({t.probability:.1%})" for t in r.top),
+            ]
+            for r in results
+        ]
+        print(_fmt_table(rows, ["file", f"top-{topk}"]))
+
+
+@command("predict", "classify image files and folders", _predict_args)
+def _run_predict(args: argparse.Namespace) -> int:
+    from .predict import IMAGE_EXTENSIONS, find_images, predict
     from .zoo import create_model
 
-    model = create_model("xception", weights=args.weights).eval()
-    print("Xception (Chollet, CVPR 2017), as in keras.applications.Xception")
-    _print_summary(model, 299)
-    path = args.image or resources.files("xception") / "assets" / "chelsea.jpg"
-    with torch.no_grad():
-        x = keras_transform(299)(load_image(path)).unsqueeze(0)
-        probs = model(x).softmax(-1)[0]
-    from torchvision.models._meta import _IMAGENET_CATEGORIES as categories
+    if args.topk < 1 or args.batch_size < 1:
+        raise UserError("--topk and --batch-size must be at least 1")
+    files = find_images(args.paths)
+    if not files:
+        raise UserError(
+            f"no image files in {', '.join(args.paths)} (looked for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    model = create_model(args.model, weights=args.weights)
+    num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features
+    results = list(
+        predict(
+            model,
+            files,
+            topk=args.topk,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            progress=not args.no_progress,
+        )
+    )
+    _print_predictions(results, args.format, min(args.topk, num_classes))
+    failed = sum(r.error is not None for r in results)
+    print(
+        f"classified {len(results) - failed} of {len(results)} files"
+        + (f"; {failed} could not be read" if failed else ""),
+        file=sys.stderr,
+    )
+    return 0 if failed < len(results) else 1
 
-    print(f"\n{path}: top-5 ({'random weights' if args.weights is None else args.weights})")
-    top = probs.topk(5)
-    for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-        print(f"  {p:7.2%}  {categories[i]}")
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "input",
+        help="weights name (imagenet, imagenet-notop) or file "
+        "(Keras .h5, .safetensors, .pth/.pt from timm, Cadene or us)",
+    )
+    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument(
+        "--model", default="xception", help="preset the weights fit (default: %(default)s)"
+    )
+
+
+@command(
+    "convert", "convert weights into our safetensors (config and metadata included)", _convert_args
+)
+def _run_convert(args: argparse.Namespace) -> int:
+    from .weights import save_safetensors
+    from .zoo import create_model
+
+    if not args.output.endswith(".safetensors"):
+        raise UserError(f"{args.output}: the output must be a .safetensors file")
+    if args.model == "inception-v3":
+        raise UserError("convert handles Xception weights; inception-v3 is torchvision's model")
+    model = create_model(args.model, weights=args.input)
+    path = save_safetensors(model, args.output, model.weights_meta)
+    meta = model.weights_meta
+    cfg = model.config
+    print(
+        f"wrote {path}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{cfg.num_classes} classes, padding={cfg.padding}, bn_eps={cfg.bn_eps}, "
+        f"preprocessing: {meta.input_size if meta else '?'} px, "
+        f"{'class names included' if meta and meta.categories else 'no class names'}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment (the paper's ablations)
+# ---------------------------------------------------------------------------------------------
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    from .experiments import SUITES
+
+    p.add_argument("suite", choices=[*SUITES, "all"], help="which claims to test")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke scale: small subset, 2 epochs, 2 seeds (all suites ~10 min)",
+    )
+    p.add_argument("--seeds", type=int, help="seeds per variant (default: 2 quick, 3 full)")
+    p.add_argument("--out", help="results folder (default: experiments/quick or experiments/full)")
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="folder of Fashion-MNIST-style IDX files (default: Fashion-MNIST)",
+    )
+    p.add_argument("--epochs", type=int, help="override the scale's epochs")
+    p.add_argument("--train-size", type=int, help="override the number of training images")
+    p.add_argument("--val-size", type=int, help="override the number of validation images")
+    p.add_argument(
+        "--segments",
+        help="segment counts of the spectrum, e.g. 1,2,4,8 (depthwise is always added)",
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model override for every Xception variant, e.g. --set width=0.5")  # fmt: skip
+
+
+@command("experiment", "rerun the paper's ablations on Fashion-MNIST, with verdicts",
+         _experiment_args)  # fmt: skip
+def _run_experiment(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from .experiments import SCALES, SUITES, run_experiments
+    from .train import Interrupted, TrainingError
+
+    scale = SCALES["quick" if args.quick else "full"]
+    knobs = dict(seeds=args.seeds, epochs=args.epochs, train_size=args.train_size,
+                 val_size=args.val_size)  # fmt: skip
+    for name, value in knobs.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: use a positive number")
+    changes = {k: v for k, v in knobs.items() if v is not None}
+    model = _parse_overrides(args.set)
+    if model:
+        changes["model"] = {**scale.model, **model}
+    if args.segments:
+        try:
+            changes["segments"] = tuple(int(k) for k in args.segments.split(","))
+        except ValueError:
+            raise UserError(f"--segments {args.segments}: use integers, e.g. 1,2,4,8") from None
+    if set(changes) - {"seeds"}:  # a scale of the user's own: say so in the report
+        changes["name"] = f"{scale.name}, customised"
+    scale = dataclasses.replace(scale, **changes)
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    out = args.out or f"experiments/{'quick' if args.quick else 'full'}"
+    start = time.perf_counter()
+    try:
+        results = run_experiments(suites, out, scale, data=args.data)
+    except Interrupted as err:
+        print(f"xception experiment: {err}. Finished runs are kept: run the same command again "
+              "to continue.", file=sys.stderr)  # fmt: skip
+        return err.exit_code
+    except TrainingError as err:  # a diverged run: say which, keep the finished ones
+        raise UserError(f"{err}. Finished runs are kept in {out}/runs.") from None
+    for suite in suites:
+        res = results["suites"][suite]
+        rows = [[r["label"], str(r["seeds"]),
+                 f"{100 * r['val_acc_mean']:.2f} +- {100 * r['val_acc_std']:.2f}",
+                 f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}", f"{r['images_per_s']:.0f}"]
+                for r in res["variants"]]  # fmt: skip
+        print(f"\n{suite}")
+        print(_fmt_table(rows, ["variant", "seeds", "val acc (%)", "parameters", "MMAC",
+                                "images/s"]))  # fmt: skip
+        for claim in res["claims"]:
+            print(f"  {claim['verdict'].upper()}: {claim['text']}")
+    elapsed = time.perf_counter() - start
+    print(f"\n{results['trained']} run(s) trained, {results['reused']} reused from {out}/runs, "
+          f"in {elapsed / 60:.1f} min. Report: {out}/REPORT.md")  # fmt: skip
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export / bench (deployment and speed)
+# ---------------------------------------------------------------------------------------------
+def _export_args(p: argparse.ArgumentParser) -> None:
+    from .deploy import EXPORT_FORMATS
+
+    p.add_argument("output", metavar="OUT", help="file to write (.onnx, .pt, .pt2)")
+    p.add_argument("--format", default="onnx", help=f"one of {', '.join(EXPORT_FORMATS)} "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--model", default="xception", help="preset (default: %(default)s)")
+    p.add_argument("--weights", help="weights name or file (default: random initialisation)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="input height and width (default: the weights' input size, else 299)",
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument(
+        "--dynamic-size",
+        action="store_true",
+        help="a symbolic height and width too (needs --set padding=symmetric)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="ONNX only: static int8 quantisation calibrated on --calibration images",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        nargs="+",
+        help="images (files or folders) for int8 calibration and the agreement check",
+    )
+    p.add_argument("--calibration-count", type=int, default=200,
+                   help="images used for calibration; the rest are held out (default: 200)")  # fmt: skip
+
+
+def _images(paths: list[str], size: int, meta) -> list:
+    from .data import ImageError, keras_transform, load_image
+    from .predict import find_images
+
+    transform = meta.transforms() if meta is not None else keras_transform(size)
+    tensors = []
+    for path in find_images(paths):
+        try:
+            tensors.append(transform(load_image(path)))
+        except ImageError as err:
+            log.warning("skipping %s", err)
+    if not tensors:
+        raise UserError(f"no readable images in {', '.join(paths)}")
+    return tensors
+
+
+@command("export", "export a model to ONNX, TorchScript or a torch.export program, checked "
+         "against PyTorch", _export_args)  # fmt: skip
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import deploy
+    from .zoo import create_model
+
+    if args.int8 and args.format != "onnx":
+        raise UserError("--int8 needs --format onnx (int8 runs on ONNX Runtime)")
+    if args.int8 and not args.calibration:
+        raise UserError("--int8 needs --calibration DIR: a few hundred of your own images")
+    model = create_model(args.model, weights=args.weights, **_parse_overrides(args.set))
+    meta = getattr(model, "weights_meta", None)
+    size = args.size or (meta.input_size if meta is not None else 299)
+    if not args.int8:
+        report = deploy.export(model, args.output, args.format, input_size=size,
+                               dynamic_size=args.dynamic_size)  # fmt: skip
+        print(f"wrote {report.path} ({report.format}, input {size}x{size}, dynamic batch): "
+              f"max abs error vs PyTorch {report.max_abs_error:.2e} on batches "
+              f"{', '.join(map(str, report.checked_batches))}")  # fmt: skip
+        return 0
+    images = _images(args.calibration, size, meta)
+    n = min(args.calibration_count, len(images))
+    batches = lambda xs: [torch.stack(xs[i : i + 8]) for i in range(0, len(xs), 8)]  # noqa: E731
+    q = deploy.quantize_model(model, args.output, batches(images[:n]), batches(images[n:]),
+                              input_size=size)  # fmt: skip
+    agreement = (f"top-1 agreement with fp32 on {q.heldout_images} held-out images: "
+                 f"{q.top1_agreement:.2%}" if q.top1_agreement is not None else
+                 "no held-out images left for the agreement check (give more images than "
+                 "--calibration-count)")  # fmt: skip
+    print(f"wrote {q.path} (int8 {q.quant_format}, per-channel weights, calibrated on "
+          f"{q.calibration_images} images); {agreement}")  # fmt: skip
+    return 0
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, default=None, help="input size (default: 299; quick: 64)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="inference batch sizes (default: 1 8; quick: 1 2)",
+    )
+    p.add_argument(
+        "--train-batch",
+        type=int,
+        default=None,
+        help="training batch size, 0 for none (default: 8; quick: 2)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved rounds after warm-up (default: 5; quick: 2)",
+    )
+    p.add_argument("--only", help="only candidates whose name contains this text")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: torch's)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny model at a tiny size, few repeats: a smoke test in seconds",
+    )
+    p.add_argument("--json", metavar="FILE", default="bench.json",
+                   help="where to write the results (default: %(default)s)")  # fmt: skip
+
+
+def _fmt_bench(report) -> str:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    rows = []
+    for r in report.results:
+        rows.append([r.task, str(r.batch), r.name, num(r.images_per_s, ".2f"),
+                     num(r.best_images_per_s, ".2f"), num(r.ms_per_batch, ".1f"),
+                     num(r.gflop_per_s, ".1f"), num(r.fraction_of_matmul, ".0%"),
+                     f"error: {r.error}" if r.error else ""])  # fmt: skip
+    header = ["task", "batch", "candidate", "img/s", "best img/s", "ms/batch", "GFLOP/s",
+              "of matmul", ""]  # fmt: skip
+    m = report.machine
+    head = (f"{m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} threads), torch "
+            f"{m['torch']}, onnxruntime {m['onnxruntime']}, timm {m['timm']}; "
+            f"{report.settings['size']}x{report.settings['size']}, medians of "
+            f"{report.settings['repeats']} interleaved rounds; fp32 matmul "
+            f"{report.matmul_gflop_per_s:.0f} GFLOP/s")  # fmt: skip
+    return head + "\n" + _fmt_table(rows, header)
+
+
+@command("bench", "throughput of every inference and training path, side by side with peers",
+         _bench_args)  # fmt: skip
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import run_bench, save_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    train_batch = args.train_batch if args.train_batch is not None else (2 if quick else 8)
+    report = run_bench(
+        size=args.size or (64 if quick else 299),
+        batches=tuple(args.batch or ((1, 2) if quick else (1, 8))),
+        train_batch=train_batch or None,
+        repeats=args.repeats or (2 if quick else 5),
+        quick=quick, only=args.only, device=args.device,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(_fmt_bench(report))
+    print(f"wrote {save_json(report, args.json)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train / eval / demo (training)
+# ---------------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recipe",
+        default="fashion-mnist",
+        help="recipe name (imagenet, jft, fashion-mnist) or a YAML file",
+    )
+    p.add_argument("--config", help="YAML file of overrides applied on top of the recipe")
+    p.add_argument(
+        "--data",
+        help="dataset: a folder (train/ val/ class folders, IDX files, "
+        "train.csv/val.csv) or a .csv list; default: the recipe's",
+    )
+    p.add_argument("--out", help="run folder (default: runs/RECIPE-TIMESTAMP)")
+    p.add_argument("--model", help="model preset, e.g. xception-compact")
+    p.add_argument(
+        "--weights", help="fine-tune from these weights (a fresh head if classes differ)"
+    )
+    p.add_argument(
+        "--resume", help="continue a run: a checkpoint folder, or 'auto' (newest in --out)"
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size (all ranks)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--train-subset", type=int, help="train on this many images only")
+    p.add_argument("--val-subset", type=int, help="validate on this many images only")
+    p.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also log to OUT/tensorboard (needs the tensorboard package)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set ema_decay=0.999 or "
+                   "--set model_args.middle_blocks=2")  # fmt: skip
+
+
+def _train_config(args: argparse.Namespace):
+    import os
+    import time
+
+    import yaml
+
+    from .train import make_config
+
+    overrides: dict = {}
+    if args.config:
+        with open(args.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{args.config}: expected a mapping of config keys")
+        overrides.update(loaded)
+    model_args = dict(overrides.pop("model_args", None) or {})
+    for key, value in _parse_overrides(args.set).items():
+        if key.startswith("model_args."):
+            model_args[key.split(".", 1)[1]] = value
+        else:
+            overrides[key] = value
+    flags = dict(data=args.data, out=args.out, model=args.model, weights=args.weights,
+                 resume=args.resume, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                 amp=args.amp, compile=args.compile, device=args.device, threads=args.threads,
+                 seed=args.seed, train_subset=args.train_subset, val_subset=args.val_subset,
+                 checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)  # fmt: skip
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_progress:
+        overrides["progress"] = False
+    cfg = make_config(args.recipe, **overrides)
+    if model_args:
+        cfg = cfg.replace(model_args={**cfg.model_args, **model_args})
+    if cfg.out is None and cfg.resume is None:
+        if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
+            raise UserError("under torchrun pass --out DIR, so that all ranks and restarts "
+                            "use the same run folder")  # fmt: skip
+        cfg = cfg.replace(out=f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg
+
+
+def _fit(cfg) -> tuple[int, dict | None]:
+    """Run the training engine; (exit status, result). Prints the one-line outcome."""
+    from .train import Interrupted, TrainingError, fit
+
+    try:
+        result = fit(cfg)
+    except Interrupted as stop:
+        print(f"xception train: {stop}", file=sys.stderr)
+        return stop.exit_code, None
+    except TrainingError as err:
+        print(f"xception train: error: {err}", file=sys.stderr)
+        return 1, None
+    return 0, result
+
+
+def _print_result(result: dict) -> None:
+    final, best = result["final"], result["best"]
+    if final is None:
+        return
+    key = "val_map100" if "val_map100" in final else "val_top1"
+    print(f"run folder: {result['out']} ({result['params']:,} parameters)")
+    print(f"final {key}: {final[key]:.2f}% (best {best[key]:.2f}% at epoch {best['epoch']}); "
+          f"{final['images_per_s']:.0f} images/s, {result['wall_s'] / 60:.1f} min")  # fmt: skip
+
+
+@command("train", "train a model with a recipe (single process, or DDP under torchrun)",
+         _train_args)  # fmt: skip
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+
+    status, result = _fit(_train_config(args))
+    if result is not None and int(os.environ.get("RANK", "0")) == 0:
+        _print_result(result)
+    return status
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder, checkpoint folder, or weights file (.safetensors/.pth/.h5)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset to evaluate on ('fashion-mnist', a "
+        "folder or a .csv list); folders use val/ when present, IDX the test split",
+    )
+    p.add_argument("--model", help="preset for a plain weights file (default: xception)")
+    p.add_argument("--size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit", type=int, help="evaluate on the first N images only")
+    p.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA ones")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", dest="json_out", help="also write the result to this file")
+
+
+@command("eval", "top-1/top-5 (or MAP@100 for multi-label data) of a checkpoint, as JSON",
+         _eval_args)  # fmt: skip
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import atomic_write
+    from .evaluate import evaluate_file
+
+    result = evaluate_file(args.checkpoint, args.data, model=args.model, batch_size=args.batch_size,
+                           device=args.device, image_size=args.size, limit=args.limit,
+                           use_ema=not args.raw)  # fmt: skip
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        atomic_write(args.json_out, text + "\n")
+    return 0
+
+
+DEMO_EPOCHS = 3
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="fashion-mnist", help="Fashion-MNIST IDX folder")
+    p.add_argument("--out", help="run folder (default: runs/demo-TIMESTAMP)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=DEMO_EPOCHS,
+        help=f"training epochs (default {DEMO_EPOCHS}; the full recipe trains longer)",
+    )
+    p.add_argument("--train-subset", type=int, help="train on this many images only")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+@command("demo", "the main job: train a compact Xception on Fashion-MNIST, then test it",
+         _demo_args)  # fmt: skip
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from .evaluate import evaluate_file
+    from .train import make_config
+    from .zoo import create_model
+
+    paper = create_model("xception")
+    n = sum(p.numel() for p in paper.parameters() if p.requires_grad)
+    print(f"Xception (Chollet, CVPR 2017), the paper's model: {n:,} trainable parameters")
+    del paper
+    out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = make_config("fashion-mnist", data=args.data, out=out, epochs=args.epochs,
+                      train_subset=args.train_subset, threads=args.threads)  # fmt: skip
+    print(f"training {cfg.model} on Fashion-MNIST for {cfg.epochs} epochs (recipe "
+          f"fashion-mnist; the full recipe uses more) -> {out}", flush=True)  # fmt: skip
+    start = time.perf_counter()
+    status, result = _fit(cfg)
+    if result is None:
+        return status
+    _print_result(result)
+    test = evaluate_file(out, args.data)
+    print(f"Fashion-MNIST test top-1: {test['top1']:.2f}% (top-5 {test['top5']:.2f}%) on "
+          f"{test['images']:,} test images; {(time.perf_counter() - start) / 60:.1f} min "
+          "training and testing")  # fmt: skip
     return 0
 
 

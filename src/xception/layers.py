@@ -20,6 +20,7 @@ __all__ = [
     "ConvBNAct",
     "SeparableConv2d",
     "SamePadMaxPool2d",
+    "init_weights",
     "make_activation",
     "resolve_segments",
     "tf_same_padding",
@@ -156,6 +157,19 @@ class SamePadMaxPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, mode={self.mode!r}"
+
+
+def init_weights(model: nn.Module) -> None:
+    """He-normal convs (fan-out), unit/zero batch norms, Glorot-uniform Linears with zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class ConvBNAct(nn.Sequential):

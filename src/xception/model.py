@@ -22,6 +22,7 @@ from .layers import (
     ConvBNAct,
     SamePadMaxPool2d,
     SeparableConv2d,
+    init_weights,
 )
 
 __all__ = ["Xception", "XceptionConfig", "XceptionBlock", "count_macs", "summary"]
@@ -284,7 +285,7 @@ class Xception(nn.Module):
         self.head_features = width
         self.dropout = nn.Dropout(cfg.drop_rate) if cfg.drop_rate > 0 else None
         self.fc = nn.Linear(width, cfg.num_classes) if cfg.num_classes > 0 else None
-        self._init_weights()
+        init_weights(self)
 
     # construction helpers -------------------------------------------------------------------
     def _add_block(self, name: str, in_c: int, widths: tuple[int, ...], **kw) -> XceptionBlock:
@@ -306,17 +307,6 @@ class Xception(nn.Module):
         if pooling == "max":
             return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1))
         return None
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
 
     # API -----------------------------------------------------------------------------------
     @property
