@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -202,12 +203,34 @@ def test_tiny_suites_end_to_end_then_reused(tmp_path, monkeypatch):
     assert (second["trained"], second["reused"]) == (0, 6)
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps
     assert second["suites"] == results["suites"] | second["suites"]  # same aggregate
+    assert "## Machines" in report and "Trained on: " in report
+
+    # Speeds measured again here (runs trained on another machine): nothing is trained, every
+    # run gets a new speed and the machine it was measured on, and the report follows.
+    import xception.experiments as experiments
+
+    calls = []
+
+    def fake_speed(variant, data, scale):
+        calls.append(variant.label)
+        return dict(images_per_s=1234.5, speed_machine=dict(cpu="test CPU", threads=7, batch=8))
+
+    monkeypatch.setattr(experiments, "_speed", fake_speed)
+    third = run_experiments(["residual", "segments"], out, TINY, remeasure_speed=True)
+    assert (third["trained"], third["remeasured"]) == (0, 6)
+    assert sorted(calls) == sorted(["with residual connections", "without residual connections",
+                                    "2 segments"])  # once per distinct variant  # fmt: skip
+    for p in runs:
+        record = json.loads(p.read_text())
+        assert record["images_per_s"] == 1234.5 and record["speed_machine"]["cpu"] == "test CPU"
+        assert record["machine"]["device"] in ("cpu", "cuda")  # the training machine stays
+    assert "measured on: test CPU, 7 threads" in (out / "REPORT.md").read_text()
     monkeypatch.undo()
 
     # An interrupted suite (one run missing) continues with just that run.
     runs[0].unlink()
-    third = run_experiments(["residual"], out, TINY)
-    assert (third["trained"], third["reused"]) == (1, 3)
+    fourth = run_experiments(["residual"], out, TINY)
+    assert (fourth["trained"], fourth["reused"]) == (1, 3)
 
 
 def test_cli_experiment_rejects_bad_values(capsys):
@@ -217,3 +240,40 @@ def test_cli_experiment_rejects_bad_values(capsys):
     assert "--seeds 0: use a positive number" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["experiment", "residuals"])
+
+
+def test_parallel_processes_share_runs_through_claims(tmp_path):
+    """A run claimed by another process is skipped, waited for at the end, and trained here when
+    that process lets go of it without finishing it."""
+    import threading
+
+    import filelock
+
+    from xception.experiments import dataset_info, run_config, run_key, suite_plan
+
+    out = tmp_path / "exp"
+    info = dataset_info("fashion-mnist")
+    variants, _ = suite_plan("residual", TINY, in_chans=1, num_classes=10)
+    keys = [run_key(run_config(v, TINY, seed, info)) for seed in range(2) for v in variants]
+    (out / "work").mkdir(parents=True)
+    other = filelock.FileLock(str(out / "work" / f"{keys[0]}.lock"))
+    other.acquire()  # "another process" holds the first run
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(run_experiments(["residual"], out, TINY))
+    )
+    worker.start()
+    deadline = time.monotonic() + 300
+    while len(list((out / "runs").glob("*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    # The other three runs are done; the held one is neither trained nor given up on.
+    assert sorted(p.stem for p in (out / "runs").glob("*.json")) == sorted(keys[1:])
+    assert worker.is_alive()
+    other.release()  # the other process died without finishing its run
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert (result["trained"], result["reused"]) == (4, 0)
+    assert sorted(p.stem for p in (out / "runs").glob("*.json")) == sorted(keys)
+    record = json.loads((out / "runs" / f"{keys[0]}.json").read_text())
+    assert record["machine"]["device"] in ("cpu", "cuda") and record["machine"]["threads"] >= 1

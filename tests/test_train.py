@@ -265,3 +265,25 @@ def test_fine_tune_with_a_fresh_head_and_bf16_autocast(tmp_path, caplog):
     assert "classifier not loaded" in caplog.text  # 3 classes in the file, 2 now: a fresh head
     sd = load_file(second["weights"])
     assert sd["fc.weight"].shape[0] == 2 and sd["fc.weight"].dtype == torch.float32
+
+
+def test_tensorboard_logs_every_epoch_and_its_absence_is_only_a_warning(tmp_path, toy, caplog,
+                                                                        monkeypatch):  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = tiny_recipe(tmp_path, toy, tensorboard=True)
+    result = fit(recipe, out=str(tmp_path / "tb"))
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train_loss", "val_top1"} <= set(tags)
+    val = events.Scalars("val_top1")
+    assert [e.step for e in val] == [1, 2]
+    assert [e.value for e in val] == pytest.approx([r["val_top1"] for r in result["history"]])
+    # Without the package the run goes on and says how to get it.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with caplog.at_level("WARNING", logger="xception.train"):
+        again = fit(recipe, out=str(tmp_path / "no-tb"))
+    assert len(again["history"]) == 2
+    assert "pip install tensorboard" in caplog.text
+    assert not (tmp_path / "no-tb" / "tensorboard").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import platform
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "OnnxModel",
     "OnnxRuntimeRunner",
     "QuantizationReport",
+    "cpu_model",
     "export",
     "fold_batchnorm",
     "load_exported",
@@ -92,6 +94,17 @@ def fold_batchnorm(model: Xception) -> Xception:
                 setattr(sep, last, _fold_conv_bn(getattr(sep, last), bn))
                 setattr(module, f"sepconv{i}_bn", nn.Identity())
     return model
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name, for the records of measured speeds."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------

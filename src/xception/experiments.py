@@ -27,6 +27,7 @@ Nothing here prints: progress goes to `logging`, results are returned and writte
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -42,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
 import torch
 from torch import nn
 
@@ -463,6 +465,30 @@ def train_run(config: dict, workdir: Path) -> dict:
     return result
 
 
+def _machine() -> dict:
+    """Where a run trained: speeds and times compare only within one machine."""
+    from . import deploy
+
+    cuda = torch.cuda.is_available()
+    return dict(device="cuda" if cuda else "cpu",
+                gpu=torch.cuda.get_device_name() if cuda else None,
+                cpu=deploy.cpu_model(), threads=torch.get_num_threads())  # fmt: skip
+
+
+def _speed(variant: Variant, data: dict, scale: Scale) -> dict:
+    """A variant's measured CPU inference speed and where it was measured."""
+    from . import deploy
+    from .zoo import create_model
+
+    model = create_model(variant.model, num_classes=data["num_classes"],
+                         in_chans=data["in_chans"], **variant.overrides)  # fmt: skip
+    ips = measure_speed(model, data["size"], data["in_chans"], batch=scale.speed_batch,
+                        repeats=scale.speed_repeats)  # fmt: skip
+    return dict(images_per_s=ips,
+                speed_machine=dict(cpu=deploy.cpu_model(), threads=torch.get_num_threads(),
+                                   batch=scale.speed_batch))  # fmt: skip
+
+
 def _variant_stats(variant: Variant, data: dict, scale: Scale) -> dict:
     """Parameters, MACs and measured inference speed of a variant (weights do not matter)."""
     from .model import count_macs
@@ -471,13 +497,8 @@ def _variant_stats(variant: Variant, data: dict, scale: Scale) -> dict:
     model = create_model(variant.model, num_classes=data["num_classes"],
                          in_chans=data["in_chans"], **variant.overrides)  # fmt: skip
     size = data["size"]
-    return dict(
-        params=_param_count(model),
-        macs=count_macs(model, (size, size), data["in_chans"]),
-        images_per_s=measure_speed(
-            model, size, data["in_chans"], batch=scale.speed_batch, repeats=scale.speed_repeats
-        ),  # fmt: skip
-    )
+    return dict(params=_param_count(model), macs=count_macs(model, (size, size), data["in_chans"]),
+                **_speed(variant, data, scale))  # fmt: skip
 
 
 def val_acc(row: dict) -> float:
@@ -490,12 +511,18 @@ def run_experiments(
     out: str | Path,
     scale: Scale,
     data: str | Path = "fashion-mnist",
+    *,
+    remeasure_speed: bool = False,
 ) -> dict:
     """Train every run the suites need that the store does not hold yet, then write the outputs
     (for every suite of this scale whose runs are all in the store, so suites run one at a time
     add up to one report).
 
-    Returns the aggregated results (see `aggregate`) with `trained` and `reused` run counts.
+    `remeasure_speed`: measure every variant's inference speed again on this machine and store
+    it in the finished runs (for runs trained elsewhere, e.g. on a GPU machine, whose speeds
+    should be reported for this one); nothing is trained then, and runs not finished are left
+    out. Returns the aggregated results (see `aggregate`) with `trained`, `reused` and
+    `remeasured` run counts.
     """
     out = Path(out)
     info = dataset_info(data)
@@ -509,30 +536,97 @@ def run_experiments(
             for v in variants:
                 config = run_config(v, scale, seed, info)
                 todo.setdefault(run_key(config), (v, config))
+    if remeasure_speed:
+        results = write_outputs(out, scale, info, store, remeasure=todo)
+        results.update(trained=0, reused=0)
+        return results
     trained = reused = 0
+    # Each run is claimed with a lock file, so several processes given the same `out` share the
+    # work (on a machine with cores or GPU to spare): a run another process holds is skipped,
+    # then waited for at the end and trained here if that process died without finishing it.
+    held = []
     for i, (key, (variant, config)) in enumerate(todo.items(), 1):
         if store.get(key) is not None:
             reused += 1
             continue
-        seed = config["train"]["seed"]
-        log.info("run %d/%d: %s (%s), seed %d", i, len(todo), variant.label, variant.model, seed)
-        start = time.perf_counter()
-        result = train_run(config, out / "work" / key)
-        seconds = time.perf_counter() - start
-        history = result["history"]
-        if not history or "val_top1" not in history[-1]:
-            raise RuntimeError(f"run {key}: the training engine returned no validation history")
-        record = dict(key=key, config=config, history=history,
-                      train_seconds=seconds, final_val_acc=val_acc(history[-1]),
-                      **_variant_stats(variant, info, scale),
-                      finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
-        store.put(record)
-        trained += 1
-        log.info("run %d/%d: %s seed %d: val acc %.2f%% in %.0f s", i, len(todo), variant.label,
-                 seed, 100 * record["final_val_acc"], seconds)  # fmt: skip
+        with _claim(out, key, wait=False) as mine:
+            if not mine:
+                held.append((i, key))
+                continue
+            if store.get(key) is None:  # finished by another process just before the claim
+                _train_and_store(store, out, key, variant, config, info, scale, i, len(todo))
+                trained += 1
+            else:
+                reused += 1
+    for i, key in held:
+        with _claim(out, key, wait=True):
+            if store.get(key) is None:
+                variant, config = todo[key]
+                _train_and_store(store, out, key, variant, config, info, scale, i, len(todo))
+                trained += 1
+            else:
+                reused += 1
     results = write_outputs(out, scale, info, store)
-    results.update(trained=trained, reused=reused)
+    results.update(trained=trained, reused=reused, remeasured=0)
     return results
+
+
+def _remeasure(store: Store, todo: dict, info: dict, scale: Scale) -> int:
+    """New speed measurements for the finished runs of `todo`, one per variant; returns the
+    number of runs updated."""
+    speeds: dict[str, dict] = {}
+    updated = 0
+    for key, (variant, _) in todo.items():
+        record = store.get(key)
+        if record is None:
+            continue
+        label = json.dumps([variant.model, variant.overrides], sort_keys=True)
+        if label not in speeds:
+            log.info("measuring the inference speed of %s", variant.label)
+            speeds[label] = _speed(variant, info, scale)
+        store.put({**record, **speeds[label]})
+        updated += 1
+    return updated
+
+
+@contextlib.contextmanager
+def _claim(out: Path, key: str, *, wait: bool):
+    """Hold the lock of run `key` (yields True), or yield False at once if another process holds
+    it and `wait` is false."""
+    path = out / "work" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(path))
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except filelock.Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def _train_and_store(
+    store: Store, out: Path, key: str, variant: Variant, config: dict, info: dict, scale: Scale,
+    i: int, total: int,
+) -> None:  # fmt: skip
+    """Train one run and put its record in the store."""
+    seed = config["train"]["seed"]
+    log.info("run %d/%d: %s (%s), seed %d", i, total, variant.label, variant.model, seed)
+    start = time.perf_counter()
+    result = train_run(config, out / "work" / key)
+    seconds = time.perf_counter() - start
+    history = result["history"]
+    if not history or "val_top1" not in history[-1]:
+        raise RuntimeError(f"run {key}: the training engine returned no validation history")
+    record = dict(key=key, config=config, history=history,
+                  train_seconds=seconds, final_val_acc=val_acc(history[-1]),
+                  machine=_machine(), **_variant_stats(variant, info, scale),
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+    store.put(record)
+    log.info("run %d/%d: %s seed %d: val acc %.2f%% in %.0f s", i, total, variant.label,
+             seed, 100 * record["final_val_acc"], seconds)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,8 +651,24 @@ def _summarise(variant: Variant, records: list[dict]) -> dict:
         params=records[0]["params"],
         macs=records[0]["macs"],
         images_per_s=statistics.median(r["images_per_s"] for r in records),
+        machines=sorted({_machine_text(r.get("machine")) for r in records}),
+        speed_machine=_speed_text(records[0]),
         train_seconds=statistics.fmean(r["train_seconds"] for r in records),
     )
+
+
+def _machine_text(m: dict | None) -> str:
+    if not m:
+        return "unrecorded"
+    where = m["gpu"] if m.get("device") == "cuda" and m.get("gpu") else m.get("cpu", "?")
+    return f"{where} ({m.get('device', 'cpu')})"
+
+
+def _speed_text(record: dict) -> str:
+    m = record.get("speed_machine") or record.get("machine")
+    if not m:
+        return "unrecorded"
+    return f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads"
 
 
 def aggregate(store: Store, scale: Scale, data: dict) -> dict:
@@ -590,9 +700,14 @@ def aggregate(store: Store, scale: Scale, data: dict) -> dict:
     return dict(scale=dataclasses.asdict(scale), data=data, seed_noise=pooled, suites=suites)
 
 
-def write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
-    """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md."""
+def write_outputs(
+    out: Path, scale: Scale, data: dict, store: Store, *, remeasure: dict | None = None
+) -> dict:
+    """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md
+    (with `remeasure`, a plan's runs, their speeds measured again first)."""
+    remeasured = _remeasure(store, remeasure, data, scale) if remeasure else 0
     results = aggregate(store, scale, data)
+    results["remeasured"] = remeasured
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -749,4 +864,14 @@ def render_report(results: dict) -> str:
         lines += ["", *(_claim_line(c) for c in res["claims"])]
     if not results["suites"]:
         lines += ["", "No suite has all of its runs finished yet."]
+    else:
+        rows = [r for res in results["suites"].values() for r in res["variants"]]
+        trained = sorted({m for r in rows for m in r["machines"]})
+        speed = sorted({r["speed_machine"] for r in rows})
+        seconds = {tuple(r["keys"]): r["train_seconds"] * r["seeds"] for r in rows}
+        lines += ["", "## Machines", "",
+                  f"Trained on: {'; '.join(trained)}; {sum(seconds.values()) / 60:.1f} "
+                  "min of training in all (the runs' own times, summed).",
+                  f"Inference speed (images/s, batch {scale['speed_batch']}, channels_last, CPU) "
+                  f"measured on: {'; '.join(speed)}."]  # fmt: skip
     return "\n".join(lines) + "\n"
