@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .layers import ConvBNAct, init_weights
+from .model import BlockNet
 
 __all__ = ["InceptionV3Compact", "InceptionConfig"]
 
@@ -212,7 +213,7 @@ class InceptionE(nn.Module):
         )
 
 
-class InceptionV3Compact(nn.Module):
+class InceptionV3Compact(BlockNet):
     """Inception V3's topology for small images; see the module docstring."""
 
     def __init__(self, config: InceptionConfig | None = None, **overrides) -> None:
@@ -262,42 +263,7 @@ class InceptionV3Compact(nn.Module):
         self.fc = nn.Linear(c, cfg.num_classes) if cfg.num_classes > 0 else None
         init_weights(self)
 
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.config.in_chans:
-            raise ValueError(
-                f"expected a batch of shape (N, {self.config.in_chans}, H, W), got "
-                f"{tuple(x.shape)}: set in_chans to the number of input channels"
-            )
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        for name in self.block_names:
-            x = getattr(self, name)(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        if pre_logits or self.fc is None:
-            return x
-        return self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module | None:
-        return self.fc
-
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh classifier for `num_classes` classes (0 = none)."""
         self.config = self.config.replace(num_classes=num_classes)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else None
-        if self.fc is not None:
-            nn.init.xavier_uniform_(self.fc.weight)
-            nn.init.zeros_(self.fc.bias)
-            self.fc.to(next(self.parameters()).device)
+        self._new_classifier(self.num_features, num_classes)

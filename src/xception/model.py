@@ -25,7 +25,7 @@ from .layers import (
     init_weights,
 )
 
-__all__ = ["Xception", "XceptionConfig", "XceptionBlock", "count_macs", "summary"]
+__all__ = ["BlockNet", "Xception", "XceptionConfig", "XceptionBlock", "count_macs", "summary"]
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,68 @@ def min_input_size(cfg: XceptionConfig) -> int:
     raise AssertionError("unreachable")
 
 
-class Xception(nn.Module):
+class BlockNet(nn.Module):
+    """What Xception and the compact Inception V3 share: blocks run in `block_names` order, a
+    head of global pooling, optional hidden FC layers, dropout and a classifier, and the timm-style
+    API over them. Subclasses set `config` (with `in_chans`, `num_classes`), `min_input_size`,
+    `block_names`, `global_pool`, `fc_hidden`, `dropout` and `fc`."""
+
+    config: object
+    min_input_size: int
+    block_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_chans:
+            raise ValueError(
+                f"expected a batch of shape (N, {self.config.in_chans}, H, W), got "
+                f"{tuple(x.shape)}: set in_chans to the number of input channels"
+            )
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"input {tuple(x.shape[-2:])} is smaller than this model's minimum "
+                f"{self.min_input_size}x{self.min_input_size}: resize the images, or use a "
+                "compact preset (stem_stride=1, stem_padding='same') for small images"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool is None:
+            return x
+        x = self.global_pool(x)
+        if self.fc_hidden is not None:
+            x = self.fc_hidden(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        if pre_logits or self.fc is None:
+            return x
+        return self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module | None:
+        return self.fc
+
+    def _new_classifier(self, in_features: int, num_classes: int) -> None:
+        """`fc` becomes a fresh Linear (Xavier-uniform weights, zero bias) on the model's
+        device, or None for `num_classes` 0."""
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else None
+        if self.fc is not None:
+            nn.init.xavier_uniform_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
+            self.fc.to(next(self.parameters()).device)
+
+
+class Xception(BlockNet):
     """The Xception family. `Xception(XceptionConfig())` is the paper's model (22,855,952 params).
 
     API in the style of timm: `forward_features`, `forward_head(x, pre_logits=False)`,
@@ -309,29 +370,6 @@ class Xception(nn.Module):
         return None
 
     # API -----------------------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.config.in_chans:
-            raise ValueError(
-                f"expected a batch of shape (N, {self.config.in_chans}, H, W), got "
-                f"{tuple(x.shape)}: set in_chans to the number of input channels"
-            )
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(
-                f"input {tuple(x.shape[-2:])} is smaller than this model's minimum "
-                f"{self.min_input_size}x{self.min_input_size}: resize the images, or use a "
-                "compact preset (stem_stride=1, stem_padding='same') for small images"
-            )
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        for name in self.block_names:
-            x = getattr(self, name)(x)
-        return x
-
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Maps at strides 2, 4, 8, 16, 32 (capped by output_stride); see `feature_info`."""
         self.check_input(x)
@@ -343,35 +381,12 @@ class Xception(nn.Module):
                 maps.append(x)
         return maps
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool is None:
-            return x
-        x = self.global_pool(x)
-        if self.fc_hidden is not None:
-            x = self.fc_hidden(x)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        if pre_logits or self.fc is None:
-            return x
-        return self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module | None:
-        return self.fc
-
     def reset_classifier(self, num_classes: int, pooling: str | None = "keep") -> None:
         """A fresh classifier for `num_classes` classes (0 = none); hidden FC layers are kept."""
         pooling = self.config.pooling if pooling == "keep" else pooling
         self.config = self.config.replace(num_classes=num_classes, pooling=pooling)
         self.global_pool = self._make_pool(pooling)
-        self.fc = nn.Linear(self.head_features, num_classes) if num_classes > 0 else None
-        if self.fc is not None:
-            nn.init.xavier_uniform_(self.fc.weight)
-            nn.init.zeros_(self.fc.bias)
-        device = next(self.parameters()).device
-        self.to(device)
+        self._new_classifier(self.head_features, num_classes)
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> int:
