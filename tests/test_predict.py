@@ -234,3 +234,31 @@ def test_exif_orientation_is_applied(folder):
 def test_decompression_bomb_is_refused_before_decoding(folder):
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(folder[0] / "bomb.png")
+
+
+def test_one_channel_models_see_the_luminance(tmp_path, capsys):
+    """A model trained on grey images (Fashion-MNIST: in_chans=1, 28 px, one mean and std) is
+    fed the luminance of colour photos, through the Python API and the CLI."""
+    model = create_model("xception-compact", num_classes=4, in_chans=1, width=0.25,
+                         middle_blocks=1).eval()  # fmt: skip
+    meta = Weights(name="grey", format="xception", num_classes=4, categories=CLASSES,
+                   input_size=28, mean=(0.286,), std=(0.353,))  # fmt: skip
+    model.weights_meta = meta
+    photo = SKLEARN_IMAGES / "flower.jpg"
+    [result] = predict(model, [photo], topk=4)
+    assert result.error is None
+    with torch.no_grad():
+        x = meta.transforms()(load_image(photo).convert("L")).unsqueeze(0)
+        assert x.shape == (1, 1, 28, 28)
+        expected = model(x).softmax(-1)[0]
+    got = {r.label: r.probability for r in result.top}
+    assert all(abs(got[c] - expected[i].item()) < 1e-6 for i, c in enumerate(CLASSES))
+    path = tmp_path / "grey.safetensors"
+    save_safetensors(model, path, meta)
+    status, out, _ = _run(capsys, photo, "--weights", path, "--format", "json")
+    assert status == 0
+    [row] = json.loads(out)
+    assert row["error"] is None and len(row["predictions"]) == 4
+    two = create_model("xception-compact", num_classes=4, in_chans=2, width=0.25, middle_blocks=1)
+    with pytest.raises(ValueError, match="takes 2 input channels"):
+        list(predict(two, [photo]))

@@ -116,6 +116,17 @@ def _num_classes(model: nn.Module) -> int:
     return model.fc.out_features  # torchvision's Inception V3
 
 
+def _in_chans(model: nn.Module) -> int:
+    """Input channels the model expects: 3 (RGB) or 1 (grey); anything else is refused."""
+    in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
+    if in_chans not in (1, 3):
+        raise ValueError(
+            f"the model takes {in_chans} input channels: predict reads images as RGB (3) or grey "
+            "(1); feed other inputs to the model from Python"
+        )
+    return in_chans
+
+
 def _reason(path: Path, err: Exception) -> str:
     """The error without the path its message starts with: the row names the file already."""
     text = str(err)
@@ -149,6 +160,7 @@ def predict(
             "the model has no classifier (num_classes=0): load weights with a classifier, e.g. "
             "'imagenet' rather than 'imagenet-notop'"
         )
+    in_chans = _in_chans(model)
     meta = _meta_for(model)
     transform = meta.transforms()
     categories = meta.categories
@@ -167,7 +179,9 @@ def predict(
             for path in chunk:
                 result = Prediction(str(path))
                 try:
-                    tensors.append(transform(load_image(path)))
+                    image = load_image(path)
+                    # A 1-channel model (e.g. trained on Fashion-MNIST) sees the luminance.
+                    tensors.append(transform(image.convert("L") if in_chans == 1 else image))
                     slots.append(result)
                 except ImageError as err:
                     result.error = _reason(path, err)
