@@ -26,16 +26,16 @@ def trained(tmp_path_factory):
 def test_eval_cli_on_run_and_checkpoint_folders_agrees_with_training(trained, capsys, tmp_path):
     result, data = trained
     out = tmp_path / "eval.json"
-    assert (
-        main(["eval", "--checkpoint", result["out"], "--data", str(data), "--json", str(out)]) == 0
-    )
+    # On the CPU, as trained: bitwise the same predictions as the run's last validation.
+    argv = ["eval", "--checkpoint", result["out"], "--data", str(data), "--json", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     # The run folder's weights are the EMA weights the last validation used (test split = val).
     assert printed["top1"] == pytest.approx(result["final"]["val_top1"], abs=1e-3)
     assert printed["images"] == 64 and 0 <= printed["top1"] <= printed["top5"] <= 100
     ckpt = list_checkpoints(f"{result['out']}/checkpoints")[-1]
-    raw = evaluate_file(ckpt, data, use_ema=False)
+    raw = evaluate_file(ckpt, data, use_ema=False, device="cpu")
     assert raw["top1"] == pytest.approx(result["final"]["val_top1_raw"], abs=1e-3)
     assert "raw weights" in raw["checkpoint"]
 

@@ -28,9 +28,11 @@ TIMING = {"images_per_s", "epoch_s", "wall_s"}
 
 
 def tiny_recipe(tmp_path: Path, data: Path, **extra) -> Path:
+    # On the CPU: these tests check bitwise engine semantics (exact resume, DDP equal to one
+    # process), which cuDNN's nondeterministic kernels do not give on a GPU machine.
     recipe = dict(recipe="fashion-mnist", model_args=TINY_MODEL, data=str(data), image_size=16,
                   epochs=2, batch_size=32, lr=0.05, warmup_epochs=0, ema_decay=0.9, threads=1,
-                  progress=False, eval_batch_size=64)  # fmt: skip
+                  progress=False, eval_batch_size=64, device="cpu")  # fmt: skip
     recipe.update(extra)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -287,3 +289,27 @@ def test_tensorboard_logs_every_epoch_and_its_absence_is_only_a_warning(tmp_path
     assert len(again["history"]) == 2
     assert "pip install tensorboard" in caplog.text
     assert not (tmp_path / "no-tb" / "tensorboard").exists()
+
+
+def test_device_choice_with_ranks_and_gpus(monkeypatch, caplog):
+    """device 'auto' takes the GPU only when every local rank gets one (2 ranks on a 1-GPU
+    machine train on the CPU, with a warning); a GPU that does not exist is a clear error."""
+    from xception import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with caplog.at_level("WARNING", logger="xception.train"):
+        assert train._resolve_device("auto") == torch.device("cpu")
+    assert "2 local ranks but 1 GPU(s)" in caplog.text and "--nproc_per_node 1" in caplog.text
+    with pytest.raises(ValueError, match="cuda:1 does not exist: this machine has 1 GPU"):
+        train._resolve_device("cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert train._resolve_device("auto") == torch.device("cuda", 0)
+    assert train._resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train._resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available: use device='cpu'"):
+        train._resolve_device("cuda")

@@ -349,14 +349,39 @@ class _Signals:
             signal.signal(s, old)
 
 
+def _uses_cuda(name: str) -> bool:
+    """Whether device `name` means the GPU for this process. "auto" means CUDA only when every
+    local rank of torchrun gets a GPU of its own; otherwise (say 2 ranks on a 1-GPU machine) all
+    ranks train on the CPU, with a warning."""
+    if name != "auto":
+        return torch.device(name).type == "cuda"
+    if not torch.cuda.is_available():
+        return False
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if ranks > torch.cuda.device_count():
+        log.warning("%d local ranks but %d GPU(s): device 'auto' trains on the CPU; start "
+                    "torchrun with --nproc_per_node %d to use the GPUs", ranks,
+                    torch.cuda.device_count(), torch.cuda.device_count())  # fmt: skip
+        return False
+    return True
+
+
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if not _uses_cuda(name):
+        return torch.device(name if name != "auto" else "cpu")
+    if not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available: use device='cpu'")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if name in ("auto", "cuda"):
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device} does not exist: this machine has {torch.cuda.device_count()} "
+            "GPU(s); start torchrun with at most that many processes per node, or use "
+            "device='cpu'"
+        )
     return device
 
 
@@ -407,9 +432,9 @@ def fit(config: str | Path | dict | TrainConfig | None = None, **overrides) -> d
     cfg = make_config(config, **overrides)
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        backend = "nccl" if _uses_cuda(cfg.device) else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(_resolve_device(cfg.device))
         dist.init_process_group(backend)
         created = True
     try:
