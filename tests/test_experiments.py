@@ -18,6 +18,8 @@ from xception.experiments import (
     pooled_noise,
     run_experiments,
     suite_plan,
+    t_coverage,
+    t_quantile,
 )
 from xception.inception import InceptionV3Compact
 
@@ -100,12 +102,29 @@ def test_difference_by_hand():
     assert s["diff"] == pytest.approx(0.92 - 0.82)
     assert s["df"] == 4
     assert s["se"] == pytest.approx(math.sqrt((0.0004 + 0.0007) / 2 * (1 / 3 + 1 / 3)))
-    assert s["t"] == 2.776  # Student's t, 97.5% quantile at 4 degrees of freedom
-    assert s["lo"] == pytest.approx(s["diff"] - 2.776 * s["se"])
+    assert s["t"] == pytest.approx(2.776, abs=1e-3)  # Student's t, 97.5% quantile, 4 df
+    assert s["lo"] == pytest.approx(s["diff"] - s["t"] * s["se"])
     # Noise pooled over a whole suite: a third variant adds its degrees of freedom.
     noise = pooled_noise([a, b, [0.5, 0.5, 0.5]])
     assert noise == (pytest.approx((0.0008 + 0.0014) / 6), 6)
-    assert difference(a, b, noise)["t"] == 2.447
+    assert difference(a, b, noise)["t"] == pytest.approx(2.447, abs=1e-3)
+
+
+@pytest.mark.parametrize(("coverage", "df", "t"), [
+    (0.95, 1, 12.706), (0.95, 2, 4.303), (0.95, 3, 3.182), (0.95, 10, 2.228), (0.95, 22, 2.074),
+    (0.95, 120, 1.980), (0.99, 1, 63.657), (0.99, 4, 4.604), (0.99, 22, 2.819),
+    (0.998, 22, 3.505), (0.90, 7, 1.895),
+])  # fmt: skip
+def test_t_quantile_matches_printed_tables(coverage, df, t):
+    assert t_quantile(coverage, df) == pytest.approx(t, abs=1e-3)
+    assert t_coverage(t_quantile(coverage, df), df) == pytest.approx(coverage, abs=1e-9)
+
+
+def test_t_quantile_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        t_quantile(1.0, 5)
+    with pytest.raises(ValueError, match="at least 1"):
+        t_coverage(2.0, 0)
 
 
 def test_verdict_clear_win_clear_loss_and_noise():
@@ -138,6 +157,20 @@ def test_judge_any_better_over_a_spectrum():
     assert judge(claim, values)["verdict"] == "does not hold"
     values["4"]["final"] = [0.85, 0.95, 0.90]
     assert judge(claim, values)["verdict"] == "inconclusive"
+
+
+def test_any_better_corrects_for_the_number_of_chances():
+    """A gap that clears a 95% interval on its own (d/se = 2.5 at 22 df, t = 2.074) does not
+    clear the 99% one (t = 2.819) that five chances to win call for."""
+    noise = (1.5e-4, 22)  # se of a difference of two 3-seed means: 0.01
+    values = {"dw": {"final": [0.90, 0.90, 0.90]}, "a": {"final": [0.925, 0.925, 0.925]}}
+    values |= {k: {"final": [0.90, 0.90, 0.90]} for k in "bcde"}
+    alone = judge(Claim("a beats dw", ("a",), "dw", kind="any_better"), values, noise)
+    assert alone["verdict"] == "holds"
+    five = judge(Claim("one beats dw", tuple("abcde"), "dw", kind="any_better"), values, noise)
+    assert five["verdict"] == "inconclusive"
+    assert five["comparisons"][0]["coverage"] == pytest.approx(0.99)
+    assert five["comparisons"][0]["t"] == pytest.approx(2.819, abs=1e-3)
 
 
 def test_judge_uses_the_claims_metric():

@@ -21,6 +21,9 @@ d +- t*SE with Student's t quantile at the pooled degrees of freedom. For "A is 
 otherwise, and always when no variant has 2 seeds (no noise estimate). For "A and B are
 equivalent" (the order of the halves): *holds* when the interval lies inside +-margin (1
 percentage point), *does not hold* when it excludes 0 and |d| > margin, *inconclusive* otherwise.
+For "some intermediate segment count beats depthwise", with k intermediate variants, each
+comparison uses a 1 - 0.05/k interval (Bonferroni), so that k chances to win do not inflate the
+chance of a false "holds".
 
 Nothing here prints: progress goes to `logging`, results are returned and written as files.
 """
@@ -64,17 +67,15 @@ __all__ = [
     "pooled_noise",
     "run_experiments",
     "suite_plan",
+    "t_coverage",
+    "t_quantile",
 ]
 
 SUITES = ("residual", "mid-activation", "order", "vs-inception", "segments")
 SCHEMA = 1  # bump when the meaning of a stored run changes, so old runs are not reused
 EQUIVALENCE_MARGIN = 0.01  # 1 percentage point of accuracy
 
-# Student t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95%); above 30 the quantile
-# lies between 2.04 and 1.96 and we use 2.0.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+CONFIDENCE = 0.95  # two-sided level of every interval
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,13 +104,14 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     # Smoke scale: every suite in about 10 minutes on 2 cores, with a 3/4-width compact model
-    # (its narrowest layer, 24 channels, allows 1..8 segments).
+    # (its narrowest layer, 24 channels, allows 1..8 segments). 5,000 training images took
+    # 12.0 min; 4,000 are used.
     "quick": Scale(
-        name="quick", seeds=2, epochs=2, train_size=5000, val_size=2000, batch_size=64,
+        name="quick", seeds=2, epochs=2, train_size=4000, val_size=2000, batch_size=64,
         model=dict(width=0.75), segments=(1, 2, 4, 8), speed_repeats=3,
     ),
-    # The documented scale: the compact preset as it is, 3 seeds, about 3 hours on 2 cores
-    # (estimated; the 1-segment model costs about 7 base runs, its 3x3 conv being a regular one).
+    # The documented scale: the compact preset as it is, 3 seeds (docs/EXPERIMENTS.md: about
+    # 2.2 hours on 2 cores from measured per-variant rates; 3 min on an H100 as 4 processes).
     "full": Scale(
         name="full", seeds=3, epochs=4, train_size=15000, val_size=5000, batch_size=128,
         segments=(1, 2, 4, 8, 16),
@@ -242,10 +244,40 @@ def suite_plan(
 # ---------------------------------------------------------------------------------------------
 # statistics and verdicts
 # ---------------------------------------------------------------------------------------------
-def _t975(df: float) -> float:
-    if df >= len(_T975) + 1:
-        return 2.0
-    return _T975[max(1, math.floor(df)) - 1]
+def t_coverage(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with an integer number of degrees of freedom, exactly
+    (Abramowitz and Stegun 26.7.3-4: finite series in theta = atan(t / sqrt(df)))."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, not {df}")
+    theta = math.atan(t / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2 == 0:  # sin(theta) (1 + c2/2 + 1*3 c2^2/(2*4) + ... up to c2^((df-2)/2))
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return s * total
+    series = 0.0  # 1 + 2/3 c2 + 2*4/(3*5) c2^2 + ... up to c2^((df-3)/2)
+    if df > 1:
+        term = series = 1.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            series += term
+    return 2 / math.pi * (theta + s * math.cos(theta) * series)
+
+
+def t_quantile(coverage: float, df: int) -> float:
+    """The t with P(|T| < t) = `coverage` (two-sided), by bisection on `t_coverage`: 2.074 for
+    95% at 22 degrees of freedom, 2.819 for 99%."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must lie strictly between 0 and 1, not {coverage}")
+    lo, hi = 0.0, 1.0
+    while t_coverage(hi, df) < coverage:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_coverage(mid, df) < coverage else (lo, mid)
+    return (lo + hi) / 2
 
 
 def pooled_noise(groups: Sequence[Sequence[float]]) -> tuple[float, int] | None:
@@ -264,9 +296,11 @@ def pooled_noise(groups: Sequence[Sequence[float]]) -> tuple[float, int] | None:
 
 
 def difference(
-    a: Sequence[float], b: Sequence[float], noise: tuple[float, int] | None = None
-) -> dict:
-    """Difference of means a - b with its standard error and 95% interval (Student t).
+    a: Sequence[float], b: Sequence[float], noise: tuple[float, int] | None = None,
+    coverage: float = CONFIDENCE,
+) -> dict:  # fmt: skip
+    """Difference of means a - b with its standard error and two-sided `coverage` interval
+    (Student t, 95% by default).
 
     `noise` is a pooled (variance, degrees of freedom), by default pooled from a and b alone.
     Without a noise estimate (one value per variant) se, df and the interval are None.
@@ -278,18 +312,19 @@ def difference(
         return out
     var, df = noise
     se = math.sqrt(var * (1 / len(a) + 1 / len(b)))
-    t = _t975(df)
-    out.update(se=se, df=df, t=t, lo=d - t * se, hi=d + t * se)
+    t = t_quantile(coverage, df)
+    out.update(se=se, df=df, t=t, coverage=coverage, lo=d - t * se, hi=d + t * se)
     return out
 
 
 def compare(
     a: Sequence[float], b: Sequence[float], kind: str = "better",
     noise: tuple[float, int] | None = None, margin: float = EQUIVALENCE_MARGIN,
+    coverage: float = CONFIDENCE,
 ) -> tuple[str, dict]:  # fmt: skip
     """Verdict ("holds", "does not hold", "inconclusive") on a claim about per-seed values a, b
     (see the module docstring for the rule)."""
-    stats = difference(a, b, noise)
+    stats = difference(a, b, noise, coverage)
     if stats["se"] is None:
         return "inconclusive", stats
     lo, hi, d = stats["lo"], stats["hi"], stats["diff"]
@@ -317,9 +352,13 @@ def judge(
     if noise is None:
         noise = pooled_noise(list(values.values()))
     if claim.kind == "any_better":
+        # k chances to win: each comparison at level 1 - (1 - CONFIDENCE) / k (Bonferroni), so
+        # the claim as a whole keeps a 5% chance of a false "holds".
+        coverage = 1 - (1 - CONFIDENCE) / max(1, len(claim.a))
         parts = []
         for label in claim.a:
-            verdict, stats = compare(values[label], values[claim.b], "better", noise)
+            verdict, stats = compare(values[label], values[claim.b], "better", noise,
+                                     coverage=coverage)  # fmt: skip
             parts.append(dict(a=label, verdict=verdict, **stats))
         if any(p["verdict"] == "holds" for p in parts):
             verdict = "holds"
@@ -810,15 +849,20 @@ def _claim_line(c: dict) -> str:
         best = max(c["comparisons"], key=lambda p: p["diff"], default=None)
         detail = "no intermediate variant" if best is None else (
             f"best intermediate: {best['a']}, {_pp(best['diff'])} pp against {c['b']} "
-            f"(95% interval {_pp(best['lo'])} .. {_pp(best['hi'])})"
+            f"({_level(best)} interval {_pp(best['lo'])} .. {_pp(best['hi'])}, Bonferroni for "
+            f"{len(c['comparisons'])} comparisons)"
         )  # fmt: skip
         return f"- **{c['verdict']}**: {c['text']}. {detail}."
     if c["se"] is None:
         detail = f"{_pp(c['diff'])} pp, too few seeds to estimate the noise"
     else:
-        detail = (f"{c['a']} minus {c['b']}: {_pp(c['diff'])} pp, 95% interval "
+        detail = (f"{c['a']} minus {c['b']}: {_pp(c['diff'])} pp, {_level(c)} interval "
                   f"{_pp(c['lo'])} .. {_pp(c['hi'])} pp (t at {c['df']} df)")  # fmt: skip
     return f"- **{c['verdict']}**: {c['text']}. {detail}."
+
+
+def _level(stats: dict) -> str:
+    return f"{100 * stats.get('coverage', CONFIDENCE):.4g}%"
 
 
 def _noise_text(noise: dict | None) -> str:
@@ -845,7 +889,8 @@ def render_report(results: dict) -> str:
         f"({_noise_text(results['seed_noise']['final'])}). *Better*: holds when the interval "
         "lies above 0, does not hold when "
         f"below 0. *Equivalent*: holds when it lies within +-{100 * EQUIVALENCE_MARGIN:g} pp, "
-        "does not hold when it excludes 0 and the difference exceeds that margin. Otherwise "
+        "does not hold when it excludes 0 and the difference exceeds that margin. *Some of k "
+        "variants beats one*: each comparison at a 1 - 0.05/k level (Bonferroni). Otherwise "
         "inconclusive at this scale.",
     ]
     for suite, res in results["suites"].items():
