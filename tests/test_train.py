@@ -124,6 +124,49 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, toy):
     assert all(torch.equal(v, got_w[k]) for k, v in ref_w.items())
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (read from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_torchrun_max_restarts_continues_from_the_last_checkpoint(tmp_path, toy):
+    """A worker killed under `torchrun --max-restarts 1` is restarted by torchrun and picks up
+    from the last checkpoint by itself: the run ends as if it had never been killed."""
+    recipe = tiny_recipe(tmp_path, toy, epochs=3, checkpoint_every=3)
+    assert cli("train", "--recipe", str(recipe), "--out", str(tmp_path / "ref")).returncode == 0
+    run = tmp_path / "elastic"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+         "--max-restarts", "1", "-m", "xception.cli", "train", "--recipe", str(recipe),
+         "--out", str(run)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list_checkpoints(run / "checkpoints") and time.time() < deadline:
+        time.sleep(0.005)
+    [worker] = _children(agent.pid)
+    os.kill(worker, signal.SIGKILL)
+    assert not (run / "model.json").exists(), "the run finished before it could be killed"
+    _, err = agent.communicate(timeout=240)
+    assert agent.returncode == 0, err[-3000:]
+    # The restarted worker resumed (a fresh start would refuse the folder holding a run).
+    assert "resumed from" in err
+    rows = metrics_rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert rows == metrics_rows(tmp_path / "ref")
+    ref_w = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    got_w = load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(v, got_w[k]) for k, v in ref_w.items())
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_a_loadable_checkpoint_and_exits_128_plus_signal(tmp_path, toy, sig, code):
     recipe = tiny_recipe(tmp_path, toy, epochs=200)
