@@ -244,15 +244,15 @@ def test_tiny_suites_end_to_end_then_reused(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_speed(variant, data, scale):
-        calls.append(variant.label)
+    def fake_speed(model, data, scale):
+        calls.append((model.config.residual, str(model.config.segments)))
         return dict(images_per_s=1234.5, speed_machine=dict(cpu="test CPU", threads=7, batch=8))
 
     monkeypatch.setattr(experiments, "_speed", fake_speed)
     third = run_experiments(["residual", "segments"], out, TINY, remeasure_speed=True)
     assert (third["trained"], third["remeasured"]) == (0, 6)
-    assert sorted(calls) == sorted(["with residual connections", "without residual connections",
-                                    "2 segments"])  # once per distinct variant  # fmt: skip
+    # once per distinct variant: with and without residuals, and 2 segments
+    assert sorted(calls) == [(False, "depthwise"), (True, "2"), (True, "depthwise")]
     for p in runs:
         record = json.loads(p.read_text())
         assert record["images_per_s"] == 1234.5 and record["speed_machine"]["cpu"] == "test CPU"
@@ -310,3 +310,13 @@ def test_parallel_processes_share_runs_through_claims(tmp_path):
     assert sorted(p.stem for p in (out / "runs").glob("*.json")) == sorted(keys)
     record = json.loads((out / "runs" / f"{keys[0]}.json").read_text())
     assert record["machine"]["device"] in ("cpu", "cuda") and record["machine"]["threads"] >= 1
+
+
+def test_cli_remeasure_speed_trains_nothing_and_says_what_is_missing(tmp_path, capsys):
+    from xception.cli import main
+
+    assert main(["experiment", "residual", "--remeasure-speed", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "residual: runs missing, no results yet" in out
+    assert "speeds of 0 run(s) measured again" in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "work").exists()

@@ -514,13 +514,17 @@ def _machine() -> dict:
                 cpu=deploy.cpu_model(), threads=torch.get_num_threads())  # fmt: skip
 
 
-def _speed(variant: Variant, data: dict, scale: Scale) -> dict:
-    """A variant's measured CPU inference speed and where it was measured."""
-    from . import deploy
+def _build(variant: Variant, data: dict) -> nn.Module:
     from .zoo import create_model
 
-    model = create_model(variant.model, num_classes=data["num_classes"],
-                         in_chans=data["in_chans"], **variant.overrides)  # fmt: skip
+    return create_model(variant.model, num_classes=data["num_classes"],
+                        in_chans=data["in_chans"], **variant.overrides)  # fmt: skip
+
+
+def _speed(model: nn.Module, data: dict, scale: Scale) -> dict:
+    """A model's measured CPU inference speed and where it was measured."""
+    from . import deploy
+
     ips = measure_speed(model, data["size"], data["in_chans"], batch=scale.speed_batch,
                         repeats=scale.speed_repeats)  # fmt: skip
     return dict(images_per_s=ips,
@@ -531,13 +535,11 @@ def _speed(variant: Variant, data: dict, scale: Scale) -> dict:
 def _variant_stats(variant: Variant, data: dict, scale: Scale) -> dict:
     """Parameters, MACs and measured inference speed of a variant (weights do not matter)."""
     from .model import count_macs
-    from .zoo import create_model
 
-    model = create_model(variant.model, num_classes=data["num_classes"],
-                         in_chans=data["in_chans"], **variant.overrides)  # fmt: skip
+    model = _build(variant, data)
     size = data["size"]
     return dict(params=_param_count(model), macs=count_macs(model, (size, size), data["in_chans"]),
-                **_speed(variant, data, scale))  # fmt: skip
+                **_speed(model, data, scale))  # fmt: skip
 
 
 def val_acc(row: dict) -> float:
@@ -575,38 +577,25 @@ def run_experiments(
             for v in variants:
                 config = run_config(v, scale, seed, info)
                 todo.setdefault(run_key(config), (v, config))
+    counts = {"trained": 0, "reused": 0, "remeasured": 0}
     if remeasure_speed:
-        results = write_outputs(out, scale, info, store, remeasure=todo)
-        results.update(trained=0, reused=0)
-        return results
-    trained = reused = 0
-    # Each run is claimed with a lock file, so several processes given the same `out` share the
-    # work (on a machine with cores or GPU to spare): a run another process holds is skipped,
-    # then waited for at the end and trained here if that process died without finishing it.
-    held = []
-    for i, (key, (variant, config)) in enumerate(todo.items(), 1):
-        if store.get(key) is not None:
-            reused += 1
-            continue
-        with _claim(out, key, wait=False) as mine:
-            if not mine:
+        counts["remeasured"] = _remeasure(store, todo, info, scale)
+    else:
+        # Each run is claimed with a lock file, so several processes given the same `out` share
+        # the work (on a machine with cores or GPU to spare): a run another process holds is
+        # skipped, then waited for at the end and trained here if that process died without
+        # finishing it.
+        held = []
+        for i, key in enumerate(todo, 1):
+            outcome = _ensure_run(store, out, todo, i, key, info, scale, wait=False)
+            if outcome is None:
                 held.append((i, key))
-                continue
-            if store.get(key) is None:  # finished by another process just before the claim
-                _train_and_store(store, out, key, variant, config, info, scale, i, len(todo))
-                trained += 1
             else:
-                reused += 1
-    for i, key in held:
-        with _claim(out, key, wait=True):
-            if store.get(key) is None:
-                variant, config = todo[key]
-                _train_and_store(store, out, key, variant, config, info, scale, i, len(todo))
-                trained += 1
-            else:
-                reused += 1
+                counts[outcome] += 1
+        for i, key in held:
+            counts[_ensure_run(store, out, todo, i, key, info, scale, wait=True)] += 1
     results = write_outputs(out, scale, info, store)
-    results.update(trained=trained, reused=reused, remeasured=0)
+    results.update(counts)
     return results
 
 
@@ -622,7 +611,7 @@ def _remeasure(store: Store, todo: dict, info: dict, scale: Scale) -> int:
         label = json.dumps([variant.model, variant.overrides], sort_keys=True)
         if label not in speeds:
             log.info("measuring the inference speed of %s", variant.label)
-            speeds[label] = _speed(variant, info, scale)
+            speeds[label] = _speed(_build(variant, info), info, scale)
         store.put({**record, **speeds[label]})
         updated += 1
     return updated
@@ -646,26 +635,36 @@ def _claim(out: Path, key: str, *, wait: bool):
         lock.release()
 
 
-def _train_and_store(
-    store: Store, out: Path, key: str, variant: Variant, config: dict, info: dict, scale: Scale,
-    i: int, total: int,
-) -> None:  # fmt: skip
-    """Train one run and put its record in the store."""
-    seed = config["train"]["seed"]
-    log.info("run %d/%d: %s (%s), seed %d", i, total, variant.label, variant.model, seed)
-    start = time.perf_counter()
-    result = train_run(config, out / "work" / key)
-    seconds = time.perf_counter() - start
-    history = result["history"]
-    if not history or "val_top1" not in history[-1]:
-        raise RuntimeError(f"run {key}: the training engine returned no validation history")
-    record = dict(key=key, config=config, history=history,
-                  train_seconds=seconds, final_val_acc=val_acc(history[-1]),
-                  machine=_machine(), **_variant_stats(variant, info, scale),
-                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
-    store.put(record)
-    log.info("run %d/%d: %s seed %d: val acc %.2f%% in %.0f s", i, total, variant.label,
-             seed, 100 * record["final_val_acc"], seconds)  # fmt: skip
+def _ensure_run(
+    store: Store, out: Path, todo: dict, i: int, key: str, info: dict, scale: Scale, *,
+    wait: bool,
+) -> str | None:  # fmt: skip
+    """Make sure run `key` (number `i` of `todo`) is in the store: "reused" if it was, "trained"
+    if this process trained it, None if another process holds it and `wait` is false."""
+    if store.get(key) is not None:
+        return "reused"
+    with _claim(out, key, wait=wait) as mine:
+        if not mine:
+            return None
+        if store.get(key) is not None:  # finished by another process meanwhile
+            return "reused"
+        variant, config = todo[key]
+        seed = config["train"]["seed"]
+        log.info("run %d/%d: %s (%s), seed %d", i, len(todo), variant.label, variant.model, seed)
+        start = time.perf_counter()
+        result = train_run(config, out / "work" / key)
+        seconds = time.perf_counter() - start
+        history = result["history"]
+        if not history or "val_top1" not in history[-1]:
+            raise RuntimeError(f"run {key}: the training engine returned no validation history")
+        record = dict(key=key, config=config, history=history,
+                      train_seconds=seconds, final_val_acc=val_acc(history[-1]),
+                      machine=_machine(), **_variant_stats(variant, info, scale),
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+        store.put(record)
+        log.info("run %d/%d: %s seed %d: val acc %.2f%% in %.0f s", i, len(todo), variant.label,
+                 seed, 100 * record["final_val_acc"], seconds)  # fmt: skip
+        return "trained"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,14 +738,9 @@ def aggregate(store: Store, scale: Scale, data: dict) -> dict:
     return dict(scale=dataclasses.asdict(scale), data=data, seed_noise=pooled, suites=suites)
 
 
-def write_outputs(
-    out: Path, scale: Scale, data: dict, store: Store, *, remeasure: dict | None = None
-) -> dict:
-    """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md
-    (with `remeasure`, a plan's runs, their speeds measured again first)."""
-    remeasured = _remeasure(store, remeasure, data, scale) if remeasure else 0
+def write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
+    """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md."""
     results = aggregate(store, scale, data)
-    results["remeasured"] = remeasured
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

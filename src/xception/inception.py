@@ -23,20 +23,19 @@ channel plan; the `inception-v3-compact` preset picks the width that matches the
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .layers import ConvBNAct, init_weights
-from .model import BlockNet
+from .model import BlockNet, ModelConfig
 
 __all__ = ["InceptionV3Compact", "InceptionConfig"]
 
 
 @dataclass(frozen=True)
-class InceptionConfig:
+class InceptionConfig(ModelConfig):
     """Everything that defines a compact Inception V3."""
 
     num_classes: int = 1000
@@ -48,39 +47,17 @@ class InceptionConfig:
     bn_momentum: float = 0.1
     drop_rate: float = 0.0
 
-    def __post_init__(self) -> None:
-        if isinstance(self.blocks, list):
-            object.__setattr__(self, "blocks", tuple(self.blocks))
-        self.validate()
+    _TUPLES = ("blocks",)
 
     def validate(self) -> None:
-        def bad(name: str, hint: str) -> ValueError:
-            return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
-
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise bad("num_classes", "use a non-negative integer (0 = no classifier)")
-        if not isinstance(self.in_chans, int) or self.in_chans < 1:
-            raise bad("in_chans", "use a positive integer")
-        if not self.width > 0:
-            raise bad("width", "use a positive multiplier (1.0 = Inception V3's widths)")
+        super().validate()
+        bad = self._bad
         if not isinstance(self.n, int) or self.n < 1 or self.n % 2 == 0:
             raise bad("n", "use an odd kernel length (7 in the paper)")
         if len(self.blocks) != 3 or any(not isinstance(b, int) or b < 0 for b in self.blocks):
             raise bad(
                 "blocks", "use three non-negative counts: (InceptionA, InceptionC, InceptionE)"
             )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise bad("drop_rate", "use a probability in [0, 1)")
-
-    def replace(self, **changes) -> InceptionConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def channels(self, c: int) -> int:
-        """A paper width scaled by `width`, rounded to a multiple of 8 (at least 8)."""
-        return max(8, int(c * self.width + 4) // 8 * 8)
 
 
 class _Conv(ConvBNAct):

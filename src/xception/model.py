@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,11 +26,60 @@ from .layers import (
     init_weights,
 )
 
-__all__ = ["BlockNet", "Xception", "XceptionConfig", "XceptionBlock", "count_macs", "summary"]
+__all__ = [
+    "BlockNet",
+    "ModelConfig",
+    "Xception",
+    "XceptionConfig",
+    "XceptionBlock",
+    "count_macs",
+    "summary",
+]
 
 
 @dataclass(frozen=True)
-class XceptionConfig:
+class ModelConfig:
+    """What the model configs share: lists from YAML/JSON become tuples (so configs compare and
+    hash the same way), the checks every model needs, `replace`, `to_dict` and `channels`.
+    Subclasses name their tuple fields in `_TUPLES` and extend `validate`."""
+
+    _TUPLES: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for name in self._TUPLES:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self.validate()
+
+    def _bad(self, name: str, hint: str) -> ValueError:
+        return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
+
+    def validate(self) -> None:
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise self._bad("num_classes", "use a non-negative integer (0 = no classifier)")
+        if not isinstance(self.in_chans, int) or self.in_chans < 1:
+            raise self._bad("in_chans", "use a positive integer")
+        if not self.width > 0:
+            raise self._bad("width", "use a positive multiplier (1.0 = the paper's widths)")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise self._bad("drop_rate", "use a probability in [0, 1)")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def channels(self, c: int) -> int:
+        """A paper width scaled by `width`, rounded to a multiple of 8 (at least 8)."""
+        if self.width == 1.0:
+            return c
+        return max(8, int(c * self.width + 4) // 8 * 8)
+
+
+@dataclass(frozen=True)
+class XceptionConfig(ModelConfig):
     """Everything that defines an Xception variant. Defaults are the paper's ImageNet model.
 
     Paper ablations: `residual`, `mid_activation`, `order`, `segments`. Channel tuples are the
@@ -59,30 +109,17 @@ class XceptionConfig:
     pooling: str | None = "avg"  # "avg" | "max" | None (no pooling, num_classes must be 0)
     output_stride: int = 32  # 32, 16 or 8 (by dilation)
 
-    def __post_init__(self) -> None:
-        # Lists from YAML/JSON become tuples, so configs compare and hash the same way.
-        for name in ("stem_channels", "entry_channels", "head_channels", "fc_layers"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        self.validate()
+    _TUPLES = ("stem_channels", "entry_channels", "head_channels", "fc_layers")
 
     def validate(self) -> None:
-        def bad(name: str, hint: str) -> ValueError:
-            return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
-
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise bad("num_classes", "use a non-negative integer (0 = no classifier)")
-        if not isinstance(self.in_chans, int) or self.in_chans < 1:
-            raise bad("in_chans", "use a positive integer")
+        super().validate()
+        bad = self._bad
         if self.mid_activation not in MID_ACTIVATIONS:
             raise bad("mid_activation", "use None, 'relu' or 'elu'")
         if self.order not in ORDERS:
             raise bad("order", f"use one of {ORDERS}")
         if not isinstance(self.middle_blocks, int) or self.middle_blocks < 0:
             raise bad("middle_blocks", "use a non-negative integer (the paper uses 8)")
-        if not self.width > 0:
-            raise bad("width", "use a positive multiplier (1.0 = the paper's widths)")
         if self.stem_stride not in (1, 2):
             raise bad("stem_stride", "use 2 (the paper) or 1 (small images)")
         if self.stem_padding not in ("valid", "same"):
@@ -95,22 +132,8 @@ class XceptionConfig:
             raise bad("pooling", "None returns feature maps: set num_classes=0 and fc_layers=()")
         if self.output_stride not in (8, 16, 32):
             raise bad("output_stride", "use 32, 16 or 8")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise bad("drop_rate", "use a probability in [0, 1)")
         if any(not isinstance(c, int) or c < 1 for c in self.fc_layers):
             raise bad("fc_layers", "use a tuple of positive widths, e.g. (4096, 4096)")
-
-    def replace(self, **changes) -> XceptionConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def channels(self, c: int) -> int:
-        """A paper width scaled by `width`, rounded to a multiple of 8 (at least 8)."""
-        if self.width == 1.0:
-            return c
-        return max(8, int(c * self.width + 4) // 8 * 8)
 
 
 class XceptionBlock(nn.Module):

@@ -430,22 +430,24 @@ def fit(config: str | Path | dict | TrainConfig | None = None, **overrides) -> d
     Raises Interrupted after SIGINT/SIGTERM (checkpoint saved), TrainingError on a non-finite
     loss, ValueError/DataError/CheckpointError for bad input."""
     cfg = make_config(config, **overrides)
+    device = _resolve_device(cfg.device)  # once: the process group needs it before the run
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if _uses_cuda(cfg.device) else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(_resolve_device(cfg.device))
+            torch.cuda.set_device(device)
         dist.init_process_group(backend)
         created = True
     try:
-        return _Run(cfg).run()
+        return _Run(cfg, device).run()
     finally:
         if created:
             dist.destroy_process_group()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.device = device
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -497,7 +499,6 @@ class _Run:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        self.device = _resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         train, val = make_datasets(cfg.data, image_size=cfg.image_size, augment=cfg.augment,
                                    padding=cfg.crop_padding, val_fraction=cfg.val_fraction,
