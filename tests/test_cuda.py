@@ -72,6 +72,12 @@ def test_optimize_on_cuda_is_bf16_channels_last_and_agrees(backend):
     assert out.device.type == "cuda"
     assert _rel_err(out, ref) < 0.05  # bf16 is the CUDA default
     assert _rel_err(fp32, ref) < 1e-4
+    # The GPU keeps whole batches ("auto" slices on the CPU only); slicing on request agrees.
+    assert fast.plan(x.shape) == ((tuple(fast.model.block_names), 4),)
+    sliced = deploy.optimize(model, backend=backend, dtype=torch.float32, slice_mib=2)
+    assert sliced.plan(x.shape)[0][1] < 4
+    with torch.inference_mode():
+        assert _rel_err(sliced(x.cuda()), ref) < 1e-4
     with pytest.raises(ValueError, match="CPU only"):
         deploy.optimize(model, backend="jit")
 

@@ -73,6 +73,58 @@ def test_optimize_matches_eager(model, backend):
         assert (fast(x) - eager(model, x)).abs().max().item() < 1e-4
 
 
+def test_slice_plan_keeps_each_slice_under_the_budget(model):
+    folded = deploy.fold_batchnorm(model)
+    shape = (8, 3, SIZE, SIZE)
+    sizes = deploy._block_activations(folded, shape)
+    assert list(sizes) == folded.block_names
+    # Width 0.25 at 80x80: the stem's second conv makes 16 maps of 37x37 (fp32), block 2's
+    # separable convs 32 maps at that size, before its pool.
+    assert sizes["block1"] == 37 * 37 * 16 * 4 and sizes["block2"] == 37 * 37 * 32 * 4
+    budget = 2.5 * max(sizes.values()) / 2**20  # two images of the biggest block per slice
+    plan = deploy.slice_plan(folded, shape, budget)
+    names = [n for group, _ in plan for n in group]
+    assert names == folded.block_names  # every block once, in order
+    for group, per_slice in plan:
+        assert 1 <= per_slice <= 8
+        for name in group:
+            # Under the budget, or one image when one image alone is over it.
+            assert per_slice * sizes[name] <= budget * 2**20 or per_slice == 1
+    # Block 1 fits 5 images (run as 4 + 4), block 2 two; blocks 3-4 fit 4 and 5 (4 + 4);
+    # block 5 on fits the whole batch.
+    rest = tuple(folded.block_names[4:])
+    assert plan == ((("block1",), 4), (("block2",), 2), (("block3", "block4"), 4), (rest, 8))
+    # Slices are evened out: 8 images at up to 3 per slice run as 3 + 3 + 2, at 7 as 4 + 4.
+    tiny = deploy.slice_plan(folded, (8, 3, SIZE, SIZE), 7.5 * sizes["block1"] / 2**20)
+    assert tiny[0][1] == 4
+    assert deploy.slice_plan(folded, shape, None) == ((tuple(folded.block_names), 8),)
+    assert deploy.slice_plan(folded, (1, 3, SIZE, SIZE), 1e-6)[0][1] == 1
+    with pytest.raises(ValueError, match="must be positive"):
+        deploy.slice_plan(folded, shape, 0)
+
+
+@pytest.mark.parametrize("backend", deploy.BACKENDS)
+def test_optimize_sliced_matches_eager(model, backend):
+    """A budget below one image's activations: every early block runs image by image, the
+    slices are joined where the budget allows, and the outputs equal the whole batch's."""
+    fast = deploy.optimize(model, backend=backend, slice_mib=0.05)
+    x = torch.randn(5, 3, SIZE, SIZE)
+    plan = fast.plan(x.shape)
+    assert plan[0][1] == 1 and len(plan) >= 2
+    assert (fast(x) - eager(model, x)).abs().max().item() < 1e-4
+    whole = deploy.optimize(model, backend="eager", slice_mib=None)
+    assert whole.plan(x.shape) == ((tuple(whole.model.block_names), 5),)
+
+
+def test_optimize_slicing_errors(model):
+    with pytest.raises(ValueError, match="slice_mib='big' is not valid"):
+        deploy.optimize(model, backend="eager", slice_mib="big")
+    with pytest.raises(ValueError, match="must be positive"):
+        deploy.optimize(model, backend="eager", slice_mib=-1)
+    # "auto": sliced on the CPU (CUDA keeps whole batches; tests/test_cuda.py).
+    assert deploy.optimize(model, backend="eager").slice_mib == deploy.DEFAULT_SLICE_MIB
+
+
 @pytest.mark.parametrize("fmt", deploy.EXPORT_FORMATS)
 def test_export_round_trips_with_dynamic_batch(model, fmt, tmp_path):
     path = tmp_path / f"model.{fmt}"

@@ -42,6 +42,7 @@ __all__ = [
     "optimize",
     "quantize_model",
     "quantize_onnx",
+    "slice_plan",
     "top1_agreement",
     "training_fast_path",
 ]
@@ -117,58 +118,185 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 BACKENDS = ("compile", "jit", "eager")
 
+# Slices of the batch whose biggest activation stays under this many MiB, for the leading
+# high-resolution blocks on the CPU. Two reasons, both measured (benchmarks/BENCHMARKS.md):
+# glibc serves blocks over 32 MiB with a fresh mmap, so every large activation page-faults
+# (its pages are zeroed by the kernel) on every call, and a slice this small stays in the L3
+# cache between the convs that read it. On 2 Zen 3 cores, batch 8 at 299x299, the 1x1 conv of
+# the 128-channel 147x147 stage ran 1.8x and its depthwise conv 4.8x faster on one image at a
+# time than on the whole batch; the compiled model went from 6.7 to 8.0 images/s, with budgets
+# of 8, 10 and 12 MiB equally fast and 4 or 16 slower.
+DEFAULT_SLICE_MIB = 10.0
+
+Plan = tuple[tuple[tuple[str, ...], int], ...]  # (block names, images per slice), in order
+
+
+def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int]:
+    """Bytes of the biggest tensor each top-level block makes for one image of `shape`.
+
+    Measured with forward hooks on one zero image: exact for every config (strides,
+    dilation, padding, widths) without re-deriving the architecture's arithmetic.
+    """
+    sizes: dict[str, int] = {}
+    hooks = []
+    for name in model.block_names:
+
+        def record(module, inputs, output, name=name):
+            sizes[name] = max(sizes.get(name, 0), output.numel() * output.element_size())
+
+        for module in getattr(model, name).modules():
+            if not list(module.children()):  # leaves: convs, activations, pools
+                hooks.append(module.register_forward_hook(record))
+    try:
+        x = torch.zeros(1, *shape[1:], device=next(model.parameters()).device,
+                        dtype=next(model.parameters()).dtype)  # fmt: skip
+        with torch.inference_mode():
+            model.forward_features(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def slice_plan(model: Xception, shape: tuple[int, ...], slice_mib: float | None) -> Plan:
+    """Which leading blocks run on slices of the batch, and how many images per slice.
+
+    Each block gets as many images per slice as keep its biggest activation under
+    `slice_mib` MiB (at least one), evened out over the slices (8 images at up to 7 per
+    slice run as 4 + 4, not 7 + 1); from the first block where the whole batch fits, the
+    rest run on the whole batch. None (or a batch of one) runs everything on the whole batch.
+    """
+    batch = shape[0]
+    names = tuple(model.block_names)
+    if slice_mib is None or batch <= 1:
+        return ((names, batch),)
+    if slice_mib <= 0:
+        raise ValueError(f"slice_mib={slice_mib} must be positive (or None: no slicing)")
+    budget = slice_mib * 2**20
+    sizes = _block_activations(model, shape)
+    plan: list[tuple[tuple[str, ...], int]] = []
+    for i, name in enumerate(names):
+        per_slice = min(batch, max(1, int(budget // max(sizes[name], 1))))
+        per_slice = -(-batch // -(-batch // per_slice))  # the same slices, evened out
+        if per_slice >= batch:
+            plan.append((names[i:], batch))
+            break
+        if plan and plan[-1][1] == per_slice:
+            plan[-1] = (plan[-1][0] + (name,), per_slice)
+        else:
+            plan.append(((name,), per_slice))
+    return tuple(plan)
+
+
+class _Sliced(nn.Module):
+    """The folded model's forward, running each group of blocks of a `Plan` on slices of the
+    batch (outputs equal the whole-batch forward's: every layer works image by image)."""
+
+    def __init__(self, model: Xception):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        model = self.model
+        model.check_input(x)
+        parts = [x]
+        for names, per_slice in plan:
+            if len(parts) > 1 and parts[0].shape[0] != per_slice:
+                parts = [torch.cat(parts)]
+            if parts[0].shape[0] > per_slice:
+                parts = list(parts[0].split(per_slice))
+            for name in names:
+                block = getattr(model, name)
+                parts = [block(p) for p in parts]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return model.forward_head(x)
+
 
 class InferenceModel(nn.Module):
     """A BN-folded model in eval mode with channels_last weights, run by one of three backends:
 
     - "compile": torch.compile with freezing (weights become constants: prepacked oneDNN
       weights, conv + bias + ReLU / add fused), compiled on the first call of each input shape;
-    - "jit": traced per input size and passed through `torch.jit.optimize_for_inference`, which
-      runs the convs on oneDNN's blocked layout (like ONNX Runtime's NCHWc) with fused ReLUs;
+    - "jit": traced per input shape and passed through `torch.jit.optimize_for_inference`,
+      which runs the convs on oneDNN's blocked layout (like ONNX Runtime's NCHWc) with fused
+      ReLUs;
     - "eager": the folded module as is.
 
-    Input is converted to the model's device, dtype and memory format.
+    On the CPU the leading high-resolution blocks run on slices of the batch (`slice_plan`,
+    `slice_mib`). Input is converted to the model's device, dtype and memory format.
     """
 
-    def __init__(self, model: nn.Module, backend: str, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        slice_mib: float | None = None,
+    ):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if slice_mib is not None and not slice_mib > 0:
+            raise ValueError(f"slice_mib={slice_mib} must be positive (or None: no slicing)")
         self.model = model
         self.device, self.dtype, self.backend = device, dtype, backend
+        self.slice_mib = slice_mib
+        self._sliced = _Sliced(model)
         self._compiled = (
-            # Static shapes: a graph per input shape, no symbolic-shape reasoning.
-            torch.compile(model, dynamic=False, options={"freezing": True})
+            # Static shapes: a graph per input shape (and plan), no symbolic-shape reasoning.
+            torch.compile(self._sliced, dynamic=False, options={"freezing": True})
             if backend == "compile"
             else None
         )
+        self._plans: dict[tuple[int, ...], Plan] = {}
         self._traced: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
 
-    def _jit(self, x: torch.Tensor) -> torch.Tensor:
-        # One graph per image size: TensorFlow-style padding is computed from it while tracing.
-        key = tuple(x.shape[1:])
+    def plan(self, shape: tuple[int, ...]) -> Plan:
+        """The slicing plan for an input of `shape` (N, C, H, W), worked out once per shape."""
+        shape = tuple(shape)
+        if shape not in self._plans:
+            self._plans[shape] = slice_plan(self.model, shape, self.slice_mib)
+        return self._plans[shape]
+
+    def _jit(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        # One graph per input shape: TensorFlow-style padding and the plan are fixed by it.
+        key = tuple(x.shape)
         if key not in self._traced:
             import warnings
 
             with warnings.catch_warnings():
-                # Tracing bakes in the size checks and padding (hence one graph per size), and
+                # Tracing bakes in the size checks and padding (hence one graph per shape), and
                 # torch.jit's deprecation notice is no news to the caller.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", FutureWarning)
-                traced = torch.jit.trace(self.model, x, check_trace=False)
+                planned = _Planned(self._sliced, plan).eval()
+                traced = torch.jit.trace(planned, x, check_trace=False)
                 self._traced[key] = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
         return self._traced[key](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
+        plan = self.plan(x.shape)
         # Freezing only applies without autograd; inference never needs it.
         with torch.inference_mode():
             if self.backend == "jit":
-                return self._jit(x)
+                return self._jit(x, plan)
             if self._compiled is not None:
-                return self._compiled(x)
-            return self.model(x)
+                return self._compiled(x, plan)
+            return self._sliced(x, plan)
+
+
+class _Planned(nn.Module):
+    """`_Sliced` with its plan fixed, for torch.jit.trace (which takes one tensor input)."""
+
+    def __init__(self, sliced: _Sliced, plan: Plan):
+        super().__init__()
+        self.sliced, self.plan = sliced, plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sliced(x, self.plan)
 
 
 def optimize(
@@ -177,6 +305,7 @@ def optimize(
     backend: str = "compile",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    slice_mib: float | None | str = "auto",
 ) -> InferenceModel:
     """The fastest PyTorch inference form of `model` (which is left unchanged).
 
@@ -184,6 +313,10 @@ def optimize(
     model is put in eval mode and channels_last, and run by `backend` ("compile", "jit" or
     "eager", see `InferenceModel`; the default is the one measured fastest, see
     benchmarks/BENCHMARKS.md).
+
+    `slice_mib`: the leading high-resolution blocks run on slices of the batch whose biggest
+    activation stays under this many MiB (`slice_plan`); "auto" is DEFAULT_SLICE_MIB on the CPU
+    and no slicing on CUDA (where big batches are what keeps the GPU busy); None: no slicing.
 
     `device` defaults to the model's; `dtype` to float32 on the CPU and bfloat16 on CUDA. In
     float32 the outputs equal the eval-mode model's within 1e-4.
@@ -197,7 +330,11 @@ def optimize(
     folded = fold_batchnorm(model).to(device=device, dtype=dtype)
     folded = folded.to(memory_format=torch.channels_last)
     folded.requires_grad_(False)
-    return InferenceModel(folded, backend, device, dtype).eval()
+    if slice_mib == "auto":
+        slice_mib = DEFAULT_SLICE_MIB if device.type == "cpu" else None
+    elif isinstance(slice_mib, str):
+        raise ValueError(f"slice_mib={slice_mib!r} is not valid: use 'auto', None or a number")
+    return InferenceModel(folded, backend, device, dtype, slice_mib).eval()
 
 
 def training_fast_path(model: nn.Module) -> nn.Module:
