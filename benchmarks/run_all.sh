@@ -9,7 +9,7 @@ lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|Flags" | sed 's/\(Flags
     > benchmarks/machine.txt
 # Inference at batch 1 and 8, training at batch 8, 299x299, every candidate, interleaved.
 flock "$lock" .venv/bin/xception bench --size 299 --batch 1 8 --train-batch 8 --repeats 7 \
-    --json benchmarks/bench-299.json | tee benchmarks/bench-299.txt
+    --json benchmarks/bench-299.json --markdown benchmarks/bench-299.md | tee benchmarks/bench-299.txt
 # Int8 accuracy: top-1 agreement with fp32 on the Fashion-MNIST test set.
 if [[ $# -ge 1 ]]; then
     flock "$lock" .venv/bin/python benchmarks/int8_agreement.py "$1" \

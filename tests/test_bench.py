@@ -10,14 +10,15 @@ from xception.cli import main
 
 
 def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert main(["bench", "--quick", "--json", str(out), "--markdown", str(md)]) == 0
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("task"))
     for column in ("batch", "candidate", "img/s", "ms/batch", "GFLOP/s", "of matmul"):
         assert column in header
     for name in ("xception eager NCHW", "xception eager channels_last",
-                 "xception folded channels_last", "xception optimize(backend='jit')",
+                 "xception folded channels_last", "xception optimize(backend='eager')",
+                 "xception optimize(backend='jit')",
                  "xception onnxruntime fp32",
                  "xception onnxruntime int8", "xception train channels_last"):  # fmt: skip
         assert name in text
@@ -40,6 +41,13 @@ def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
         assert r["fraction_of_matmul"] == pytest.approx(
             r["gflop_per_s"] / data["matmul_gflop_per_s"]
         )
+    # The Markdown table: a header, a rule, then one row per result with the JSON's numbers.
+    table = md.read_text().splitlines()
+    assert table[0].startswith("| task | batch | candidate |") and table[1].startswith("|---")
+    assert len(table) == 2 + len(rows)
+    for line, r in zip(table[2:], rows, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:4] == [r["task"], str(r["batch"]), r["name"], f"{r['images_per_s']:.2f}"]
     train = next(r for r in rows if r["task"] == "training")
     infer = next(r for r in rows if r["name"] == "xception eager channels_last")
     assert train["gflop_per_image"] == pytest.approx(3 * infer["gflop_per_image"])
@@ -54,6 +62,12 @@ def test_run_bench_filters_candidates_and_skips_training():
     ]
     assert report.find("xception eager channels_last", "inference", 1).images_per_s > 0
     assert report.find("xception eager channels_last", "training", 1) is None
+    several = run_bench(quick=True, size=48, batches=(1,), train_batch=None, repeats=1,
+                        only=("eager NCHW", "optimize(backend='eager')"))  # fmt: skip
+    assert [r.name for r in several.results] == [
+        "xception eager NCHW",
+        "xception optimize(backend='eager')",
+    ]
 
 
 def test_run_bench_rejects_bad_settings():

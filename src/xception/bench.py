@@ -29,12 +29,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import deploy
+from .checkpoint import atomic_write
 from .model import count_macs
 from .zoo import create_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchReport", "Measurement", "machine_info", "matmul_rate", "run_bench", "save_json"]
+__all__ = [
+    "BenchReport",
+    "Measurement",
+    "machine_info",
+    "matmul_rate",
+    "run_bench",
+    "save_json",
+    "save_text",
+]
 
 Step = Callable[[], object]
 
@@ -71,6 +80,24 @@ class BenchReport:
             "matmul_gflop_per_s": self.matmul_gflop_per_s,
             "results": [asdict(r) for r in self.results],
         }
+
+    def to_markdown(self) -> str:
+        """The results as a Markdown table (the form benchmarks/BENCHMARKS.md quotes)."""
+
+        def num(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        lines = ["| task | batch | candidate | img/s (median) | best | ms/batch | GFLOP/s "
+                 "| of matmul |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in self.results:
+            cells = [r.task, str(r.batch), r.name.replace("|", "\\|"),
+                     num(r.images_per_s, ".2f"), num(r.best_images_per_s, ".2f"),
+                     num(r.ms_per_batch, ".1f"), num(r.gflop_per_s, ".1f"),
+                     num(r.fraction_of_matmul, ".0%")]  # fmt: skip
+            if r.error:
+                cells[3] = f"error: {r.error}"
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
 
     def find(self, name: str, task: str, batch: int) -> Measurement | None:
         for r in self.results:
@@ -209,9 +236,9 @@ def _candidates(
 
         return build
 
-    def optimized(backend: str) -> Callable[[int], Step]:
+    def optimized(backend: str, **options) -> Callable[[int], Step]:
         def build(batch: int) -> Step:
-            model = deploy.optimize(base, backend=backend)
+            model = deploy.optimize(base, backend=backend, **options)
             return _inference_step(model, x_for(batch, cl), device)
 
         return build
@@ -270,15 +297,19 @@ def _candidates(
     out = [
         _Candidate("xception eager NCHW", inf, eager(ours, torch.contiguous_format), gf),
         _Candidate("xception eager channels_last", inf, eager(ours, cl), gf),
-        _Candidate("xception folded channels_last", inf, optimized("eager"), gf),
+        # BN folded, the whole batch at once: what slicing the batch adds shows against it.
+        _Candidate("xception folded channels_last", inf, optimized("eager", slice_mib=None), gf),
+        _Candidate("xception optimize(backend='eager')", inf, optimized("eager"), gf),
     ]
     if cpu:
         out.append(_Candidate("xception optimize(backend='jit')", inf, optimized("jit"), gf))
     if not quick:
         out += [
             _Candidate("xception torch.compile", inf, compiled, gf),
+            _Candidate("xception optimize(backend='compile', slice_mib=None)", inf,
+                       optimized("compile", slice_mib=None), gf),
             _Candidate("xception optimize(backend='compile')", inf, optimized("compile"), gf),
-        ]
+        ]  # fmt: skip
     if cpu and _version("onnxruntime"):
         out += [
             _Candidate("xception onnxruntime fp32", inf, onnxruntime("xception", ours), gf),
@@ -342,13 +373,14 @@ def run_bench(
     train_batch: int | None = 8,
     repeats: int = 5,
     quick: bool = False,
-    only: str | None = None,
+    only: str | tuple[str, ...] | None = None,
     device: torch.device | str = "cpu",
     num_classes: int = 1000,
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Measure every candidate (names containing `only`, when given) at each batch size in
-    `batches` (inference) and at `train_batch` (training steps; None skips training).
+    """Measure every candidate (when `only` is given: those whose name contains it, or any of
+    several) at each batch size in `batches` (inference) and at `train_batch` (training steps;
+    None skips training).
 
     `quick`: the 0.25-width, one-middle-block model and no compiled or peer candidates, for a
     smoke test in seconds. `progress(message)` is called as candidates are built and timed.
@@ -372,7 +404,8 @@ def run_bench(
         candidates = _candidates(size=size, quick=quick, device=device, workdir=Path(tmp),
                                  model_kwargs=model_kwargs)  # fmt: skip
         if only:
-            candidates = [c for c in candidates if only in c.name]
+            wanted = (only,) if isinstance(only, str) else tuple(only)
+            candidates = [c for c in candidates if any(w in c.name for w in wanted)]
         plan = [("inference", b) for b in batches]
         if train_batch:
             plan.append(("training", train_batch))
@@ -423,14 +456,11 @@ def _measure(
 
 def save_json(report: BenchReport, path: str | Path) -> Path:
     """Write the report as JSON, atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report.to_dict(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    atomic_write(path, json.dumps(report.to_dict(), indent=1))
+    return Path(path)
+
+
+def save_text(text: str, path: str | Path) -> Path:
+    """Write `text` (e.g. `BenchReport.to_markdown()`) atomically."""
+    atomic_write(path, text)
+    return Path(path)

@@ -442,7 +442,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="interleaved rounds after warm-up (default: 5; quick: 2)",
     )
-    p.add_argument("--only", help="only candidates whose name contains this text")
+    p.add_argument("--only", nargs="+", metavar="TEXT",
+                   help="only candidates whose name contains one of these texts")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: torch's)")
     p.add_argument(
@@ -452,6 +453,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", metavar="FILE", default="bench.json",
                    help="where to write the results (default: %(default)s)")  # fmt: skip
+    p.add_argument("--markdown", metavar="FILE",
+                   help="also write the table as Markdown (as benchmarks/BENCHMARKS.md quotes "
+                        "it)")  # fmt: skip
 
 
 def _fmt_bench(report) -> str:
@@ -480,7 +484,7 @@ def _fmt_bench(report) -> str:
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import run_bench, save_json
+    from .bench import run_bench, save_json, save_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -496,6 +500,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(_fmt_bench(report))
     print(f"wrote {save_json(report, args.json)}")
+    if args.markdown:
+        print(f"wrote {save_text(report.to_markdown(), args.markdown)}")
     return 0
 
 
