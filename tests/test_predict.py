@@ -262,3 +262,30 @@ def test_one_channel_models_see_the_luminance(tmp_path, capsys):
     two = create_model("xception-compact", num_classes=4, in_chans=2, width=0.25, middle_blocks=1)
     with pytest.raises(ValueError, match="takes 2 input channels"):
         list(predict(two, [photo]))
+
+
+def test_torch_backend_runs_the_optimized_model_with_the_same_logits():
+    """predict's default backend folds BN and slices the batch (deploy.optimize, eager) for an
+    Xception: the logits are the model's own within 1e-4."""
+    from torch import nn
+
+    from xception import create_model
+    from xception.predict import BACKENDS
+
+    torch.manual_seed(0)
+    model = create_model("xception", width=0.25, middle_blocks=1, num_classes=7).eval()
+    for m in model.modules():  # trained-looking statistics, so an unfolded BN would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    run = BACKENDS["torch"](model)
+    from xception import deploy
+
+    assert isinstance(run.model, deploy.InferenceModel) and run.model.backend == "eager"
+    x = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)
+    out = run(x)
+    assert out.shape == (3, 7) and (out - ref).abs().max().item() < 1e-4
+    assert ref.abs().max().item() > 0.1
+    assert model.block1.conv1.bn.__class__ is nn.BatchNorm2d  # the user's model is untouched
