@@ -42,7 +42,6 @@ __all__ = [
     "matmul_rate",
     "run_bench",
     "save_json",
-    "save_text",
 ]
 
 Step = Callable[[], object]
@@ -81,21 +80,29 @@ class BenchReport:
             "results": [asdict(r) for r in self.results],
         }
 
-    def to_markdown(self) -> str:
-        """The results as a Markdown table (the form benchmarks/BENCHMARKS.md quotes)."""
+    HEADER = ("task", "batch", "candidate", "img/s", "best img/s", "ms/batch", "GFLOP/s",
+              "of matmul")  # fmt: skip
+
+    def rows(self) -> list[list[str]]:
+        """One formatted row per result, under `HEADER` (plus the error, empty if none)."""
 
         def num(v, fmt):
             return "-" if v is None else format(v, fmt)
 
-        lines = ["| task | batch | candidate | img/s (median) | best | ms/batch | GFLOP/s "
-                 "| of matmul |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in self.results:
-            cells = [r.task, str(r.batch), r.name.replace("|", "\\|"),
-                     num(r.images_per_s, ".2f"), num(r.best_images_per_s, ".2f"),
-                     num(r.ms_per_batch, ".1f"), num(r.gflop_per_s, ".1f"),
-                     num(r.fraction_of_matmul, ".0%")]  # fmt: skip
-            if r.error:
-                cells[3] = f"error: {r.error}"
+        return [[r.task, str(r.batch), r.name, num(r.images_per_s, ".2f"),
+                 num(r.best_images_per_s, ".2f"), num(r.ms_per_batch, ".1f"),
+                 num(r.gflop_per_s, ".1f"), num(r.fraction_of_matmul, ".0%"),
+                 f"error: {r.error}" if r.error else ""]
+                for r in self.results]  # fmt: skip
+
+    def to_markdown(self) -> str:
+        """The results as a Markdown table (the form benchmarks/BENCHMARKS.md quotes)."""
+        header = ("task", "batch", "candidate", "img/s (median)", "best") + self.HEADER[5:]
+        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for row in self.rows():
+            cells, error = [c.replace("|", "\\|") for c in row[:-1]], row[-1]
+            if error:
+                cells[3] = error
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
@@ -457,10 +464,4 @@ def _measure(
 def save_json(report: BenchReport, path: str | Path) -> Path:
     """Write the report as JSON, atomically."""
     atomic_write(path, json.dumps(report.to_dict(), indent=1))
-    return Path(path)
-
-
-def save_text(text: str, path: str | Path) -> Path:
-    """Write `text` (e.g. `BenchReport.to_markdown()`) atomically."""
-    atomic_write(path, text)
     return Path(path)

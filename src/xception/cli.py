@@ -459,24 +459,14 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _fmt_bench(report) -> str:
-    def num(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    rows = []
-    for r in report.results:
-        rows.append([r.task, str(r.batch), r.name, num(r.images_per_s, ".2f"),
-                     num(r.best_images_per_s, ".2f"), num(r.ms_per_batch, ".1f"),
-                     num(r.gflop_per_s, ".1f"), num(r.fraction_of_matmul, ".0%"),
-                     f"error: {r.error}" if r.error else ""])  # fmt: skip
-    header = ["task", "batch", "candidate", "img/s", "best img/s", "ms/batch", "GFLOP/s",
-              "of matmul", ""]  # fmt: skip
+    header = [*report.HEADER, ""]
     m = report.machine
     head = (f"{m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} threads), torch "
             f"{m['torch']}, onnxruntime {m['onnxruntime']}, timm {m['timm']}; "
             f"{report.settings['size']}x{report.settings['size']}, medians of "
             f"{report.settings['repeats']} interleaved rounds; fp32 matmul "
             f"{report.matmul_gflop_per_s:.0f} GFLOP/s")  # fmt: skip
-    return head + "\n" + _fmt_table(rows, header)
+    return head + "\n" + _fmt_table(report.rows(), header)
 
 
 @command("bench", "throughput of every inference and training path, side by side with peers",
@@ -484,7 +474,8 @@ def _fmt_bench(report) -> str:
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import run_bench, save_json, save_text
+    from .bench import run_bench, save_json
+    from .checkpoint import atomic_write
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -501,7 +492,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(_fmt_bench(report))
     print(f"wrote {save_json(report, args.json)}")
     if args.markdown:
-        print(f"wrote {save_text(report.to_markdown(), args.markdown)}")
+        atomic_write(args.markdown, report.to_markdown())
+        print(f"wrote {args.markdown}")
     return 0
 
 

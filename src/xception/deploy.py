@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -161,6 +162,15 @@ def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int
     return sizes
 
 
+def _check_slice_mib(slice_mib: float | None) -> None:
+    if slice_mib is None:
+        return
+    if isinstance(slice_mib, str):
+        raise ValueError(f"slice_mib={slice_mib!r} is not valid: use 'auto', None or a number")
+    if not slice_mib > 0:
+        raise ValueError(f"slice_mib={slice_mib} must be positive (or None: no slicing)")
+
+
 def slice_plan(model: Xception, shape: tuple[int, ...], slice_mib: float | None) -> Plan:
     """Which leading blocks run on slices of the batch, and how many images per slice.
 
@@ -169,18 +179,17 @@ def slice_plan(model: Xception, shape: tuple[int, ...], slice_mib: float | None)
     slice run as 4 + 4, not 7 + 1); from the first block where the whole batch fits, the
     rest run on the whole batch. None (or a batch of one) runs everything on the whole batch.
     """
+    _check_slice_mib(slice_mib)
     batch = shape[0]
     names = tuple(model.block_names)
     if slice_mib is None or batch <= 1:
         return ((names, batch),)
-    if slice_mib <= 0:
-        raise ValueError(f"slice_mib={slice_mib} must be positive (or None: no slicing)")
     budget = slice_mib * 2**20
     sizes = _block_activations(model, shape)
     plan: list[tuple[tuple[str, ...], int]] = []
     for i, name in enumerate(names):
-        per_slice = min(batch, max(1, int(budget // max(sizes[name], 1))))
-        per_slice = -(-batch // -(-batch // per_slice))  # the same slices, evened out
+        fits = min(batch, max(1, int(budget // max(sizes[name], 1))))
+        per_slice = math.ceil(batch / math.ceil(batch / fits))  # as many slices, evened out
         if per_slice >= batch:
             plan.append((names[i:], batch))
             break
@@ -276,8 +285,7 @@ class InferenceModel(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-        if slice_mib is not None and not slice_mib > 0:
-            raise ValueError(f"slice_mib={slice_mib} must be positive (or None: no slicing)")
+        _check_slice_mib(slice_mib)
         self.model = model
         self.device, self.dtype, self.backend = device, dtype, backend
         self.slice_mib = slice_mib
@@ -367,15 +375,14 @@ def optimize(
     dtype = dtype or default_dtype(device)
     if backend == "jit" and device.type != "cpu":
         raise ValueError("backend='jit' (oneDNN blocked layout) is CPU only: use 'compile'")
+    if slice_mib == "auto":
+        slice_mib = DEFAULT_SLICE_MIB if device.type == "cpu" else None
+    _check_slice_mib(slice_mib)  # before the work of folding
     folded = fold_batchnorm(model).to(device=device, dtype=dtype)
     folded = folded.to(memory_format=torch.channels_last)
     folded.requires_grad_(False)
     if device.type == "cpu":
         pointwise_as_matmul(folded)
-    if slice_mib == "auto":
-        slice_mib = DEFAULT_SLICE_MIB if device.type == "cpu" else None
-    elif isinstance(slice_mib, str):
-        raise ValueError(f"slice_mib={slice_mib!r} is not valid: use 'auto', None or a number")
     return InferenceModel(folded, backend, device, dtype, slice_mib).eval()
 
 
