@@ -183,8 +183,19 @@ def test_onnx_split_batch_equals_whole_batch(model, onnx_file):
     whole = deploy.OnnxModel(onnx_file, threads=2, split_batch=False)
     x = torch.randn(5, 3, SIZE, SIZE)
     assert split._pool is not None  # the split path really runs
+    assert split.slices(5) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]  # one image per slice
     assert (split(x) - whole(x)).abs().max().item() < 1e-5
     assert (split(x) - eager(model, x)).abs().max().item() < 1e-4
+    pairs = deploy.OnnxModel(onnx_file, threads=2, slice_images=2)
+    assert pairs.slices(5) == [(0, 2), (2, 4), (4, 5)]  # uneven last slice
+    assert pairs.slices(1) == [(0, 1)]  # fewer images than threads: one session call
+    big = deploy.OnnxModel(onnx_file, threads=2, slice_images=100)
+    assert big.slices(5) == [(0, 3), (3, 5)]  # never fewer slices than threads
+    assert whole.slices(5) == [(0, 5)]
+    assert (pairs(x) - whole(x)).abs().max().item() < 1e-5
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="slice_images must be a positive whole number"):
+            deploy.OnnxModel(onnx_file, slice_images=bad)
 
 
 def test_int8_within_stated_bound(model, onnx_file, tmp_path):
