@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvBNAct, SeparableConv2d
+from .layers import ConvBNAct
 from .model import Xception, XceptionBlock
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ __all__ = [
     "InferenceModel",
     "OnnxModel",
     "OnnxRuntimeRunner",
-    "PointwiseLinear",
     "QuantizationReport",
     "cpu_model",
     "export",
@@ -43,7 +41,6 @@ __all__ = [
     "load_exported",
     "onnx_session",
     "optimize",
-    "pointwise_as_matmul",
     "quantize_model",
     "quantize_onnx",
     "slice_plan",
@@ -200,42 +197,6 @@ def slice_plan(model: Xception, shape: tuple[int, ...], slice_mib: float | None)
     return tuple(plan)
 
 
-class PointwiseLinear(nn.Module):
-    """A 1x1, stride-1 conv run as one matrix multiply over the pixels of a channels_last map
-    (the permutes are views there: no copy). Outputs equal the conv's up to float rounding.
-
-    On 2 Zen 3 cores the sgemm behind `F.linear` ran Xception's 1x1 convs about 2-3% faster
-    than oneDNN's conv in the inference model (eager and compiled, interleaved A/B runs).
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
-            raise ValueError(f"PointwiseLinear takes a 1x1, stride-1, ungrouped conv, got {conv}")
-        self.in_features, self.out_features = conv.in_channels, conv.out_channels
-        self.weight = nn.Parameter(conv.weight.detach().flatten(1).contiguous(),
-                                   requires_grad=conv.weight.requires_grad)  # fmt: skip
-        self.bias = (
-            None if conv.bias is None
-            else nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
-
-
-def pointwise_as_matmul(model: nn.Module) -> nn.Module:
-    """Replace the pointwise conv of every separable conv in `model` (in place) with a
-    `PointwiseLinear`; returns `model`."""
-    for module in model.modules():
-        if isinstance(module, SeparableConv2d) and isinstance(module.pointwise, nn.Conv2d):
-            module.pointwise = PointwiseLinear(module.pointwise)
-    return model
-
-
 class _Sliced(nn.Module):
     """The folded model's forward, running each group of blocks of a `Plan` on slices of the
     batch (outputs equal the whole-batch forward's: every layer works image by image)."""
@@ -357,10 +318,10 @@ def optimize(
     """The fastest PyTorch inference form of `model` (which is left unchanged).
 
     Batch norm is folded into the convs (stem, shortcuts, each separable conv's last conv), the
-    model is put in eval mode and channels_last (on the CPU its pointwise convs become matrix
-    multiplies, `PointwiseLinear`), and run by `backend` ("compile", "jit" or
-    "eager", see `InferenceModel`; the default is the one measured fastest, see
-    benchmarks/BENCHMARKS.md).
+    model is put in eval mode and channels_last (every conv, 1x1 ones included, runs on oneDNN:
+    on AMD CPUs its kernels beat MKL's sgemm, 198 vs 146-156 GFLOP/s for the middle flow's
+    1x1 convs on 2 Zen 4 cores), and run by `backend` ("compile", "jit" or "eager", see
+    `InferenceModel`; the default is the one measured fastest, see benchmarks/BENCHMARKS.md).
 
     `slice_mib`: the leading high-resolution blocks run on slices of the batch whose biggest
     activation stays under this many MiB (`slice_plan`); "auto" is DEFAULT_SLICE_MIB on the CPU
@@ -381,8 +342,6 @@ def optimize(
     folded = fold_batchnorm(model).to(device=device, dtype=dtype)
     folded = folded.to(memory_format=torch.channels_last)
     folded.requires_grad_(False)
-    if device.type == "cpu":
-        pointwise_as_matmul(folded)
     return InferenceModel(folded, backend, device, dtype, slice_mib).eval()
 
 
