@@ -4,8 +4,9 @@ JSON; the pieces (matmul rate, candidate filter, errors) behave."""
 import json
 
 import pytest
+import torch
 
-from xception.bench import matmul_rate, run_bench
+from xception.bench import _gemms, matmul_rate, run_bench
 from xception.cli import main
 
 
@@ -80,3 +81,11 @@ def test_run_bench_rejects_bad_settings():
 def test_matmul_rate_is_plausible():
     rate = matmul_rate(n=256, repeats=3)
     assert 0.1 < rate < 1e5  # GFLOP/s: a number, not a unit mistake
+
+
+def test_every_gemm_the_rate_times_computes_the_product():
+    a, b = torch.randn(96, 96), torch.randn(96, 96)
+    gemms = _gemms(a, b)
+    assert len(gemms) == 2  # MKL's sgemm and oneDNN's, on the CPU
+    for gemm in gemms:
+        assert torch.allclose(gemm(), a @ b, atol=1e-4, rtol=1e-4)
