@@ -5,8 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
-lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|Flags" | sed 's/\(Flags:.\{0,60\}\).*/\1 .../' \
-    > benchmarks/machine.txt
+{
+    lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|L2|L3"
+    grep -m2 -E "^cpu family|^model\s" /proc/cpuinfo
+    # The instruction sets that pick the kernels (MKL, oneDNN, MLAS): AVX-512, VNNI, bf16.
+    echo "ISA: $(grep -m1 -o -w -E 'avx2|fma|avx512f|avx512_vnni|avx512_bf16|avx_vnni|amx_tile' \
+        /proc/cpuinfo | sort -u | tr '\n' ' ')"
+} > benchmarks/machine.txt
 # Inference at batch 1 and 8, training at batch 8, 299x299, every candidate, interleaved.
 flock "$lock" .venv/bin/xception bench --size 299 --batch 1 8 --train-batch 8 --repeats 7 \
     --json benchmarks/bench-299.json --markdown benchmarks/bench-299.md | tee benchmarks/bench-299.txt

@@ -78,6 +78,19 @@ def test_optimize_matches_eager(model, backend):
         assert (fast(x) - eager(model, x)).abs().max().item() < 1e-4
 
 
+def test_optimize_bfloat16_on_the_cpu(model):
+    """bfloat16 on the CPU (fast where the CPU has AVX512-BF16): a bfloat16 model, outputs
+    within bfloat16 rounding of float32's, same top class for clear winners."""
+    fast = deploy.optimize(model, backend="eager", dtype=torch.bfloat16)
+    assert fast.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in fast.model.parameters())
+    x = torch.randn(4, 3, SIZE, SIZE)
+    out, ref = fast(x), eager(model, x)
+    assert out.dtype == torch.bfloat16
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.03, rel  # not zero: it really ran in bfloat16
+
+
 def test_slice_plan_keeps_each_slice_under_the_budget(model):
     folded = deploy.fold_batchnorm(model)
     shape = (8, 3, SIZE, SIZE)
@@ -230,3 +243,31 @@ def test_onnxruntime_predict_backend_matches_torch(model):
     assert len(run._models) == 1
     run(torch.randn(1, 3, SIZE, SIZE))  # same size: no second export
     assert len(run._models) == 1
+
+
+ZEN4_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse avx2 fma avx512f avx512dq avx512_bf16 avx512_vnni
+
+processor\t: 1
+model name\t: Another CPU
+flags\t\t: fpu
+"""
+
+
+def test_cpu_model_names_family_model_and_kernel_isas():
+    assert deploy.cpu_model(ZEN4_CPUINFO) == (
+        "AMD EPYC (family 25 model 17; avx2 avx512f avx512_vnni avx512_bf16)"
+    )
+    assert deploy.cpu_native_bf16(ZEN4_CPUINFO)
+    zen3 = ZEN4_CPUINFO.replace("model\t\t: 17", "model\t\t: 1").replace(
+        " avx512f avx512dq avx512_bf16 avx512_vnni", ""
+    )
+    assert deploy.cpu_model(zen3) == "AMD EPYC (family 25 model 1; avx2)"
+    assert not deploy.cpu_native_bf16(zen3)
+    assert deploy.cpu_model("model name\t: Bare\n") == "Bare"
+    assert not deploy.cpu_native_bf16("")
+    assert isinstance(deploy.cpu_model(), str) and deploy.cpu_model()  # this machine: something

@@ -339,6 +339,11 @@ def _candidates(
                        optimized("compile", slice_mib=None), gf),
             _Candidate("xception optimize(backend='compile')", inf, optimized("compile"), gf),
         ]  # fmt: skip
+        if cpu and deploy.cpu_native_bf16():
+            # Not fp32: outputs move by float rounding of bfloat16 (about 0.4% of the logits'
+            # norm); offered where the CPU multiplies bfloat16 in hardware.
+            out.append(_Candidate("xception optimize(backend='compile', dtype=bfloat16)", inf,
+                                  optimized("compile", dtype=torch.bfloat16), gf))  # fmt: skip
     if cpu and _version("onnxruntime"):
         out += [
             _Candidate("xception onnxruntime fp32", inf, onnxruntime("xception", ours), gf),

@@ -36,6 +36,7 @@ __all__ = [
     "OnnxRuntimeRunner",
     "QuantizationReport",
     "cpu_model",
+    "cpu_native_bf16",
     "export",
     "fold_batchnorm",
     "load_exported",
@@ -98,15 +99,51 @@ def fold_batchnorm(model: Xception) -> Xception:
     return model
 
 
-def cpu_model() -> str:
-    """This machine's CPU model name, for the records of measured speeds."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# The instruction sets that decide which kernels MKL, oneDNN and ONNX Runtime's MLAS run.
+_KERNEL_ISAS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
+
+
+def _cpuinfo(text: str | None = None) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (or of `text`); {} where there is none."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # end of the first processor's block
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model(text: str | None = None) -> str:
+    """This machine's CPU for the records of measured speeds: its name, family and model, and
+    the kernel-relevant instruction sets, e.g. "AMD EPYC (family 25 model 17; avx2 avx512f
+    avx512_bf16)". Virtual machines often hide all but the vendor in the name."""
+    info = _cpuinfo(text)
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    isas = " ".join(isa for isa in _KERNEL_ISAS if isa in flags)
+    detail = "; ".join(
+        part for part in (
+            f"family {info['cpu family']} model {info['model']}"
+            if "cpu family" in info and "model" in info else "",
+            isas,
+        ) if part
+    )  # fmt: skip
+    return f"{info['model name']} ({detail})" if detail else info["model name"]
+
+
+def cpu_native_bf16(text: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), where
+    `optimize(model, dtype=torch.bfloat16)` pays off; elsewhere oneDNN emulates it."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpuinfo(text).get("flags", "").split()))
 
 
 # ---------------------------------------------------------------------------------------------
