@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -87,3 +88,18 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     C.atomic_write(target, "a\n2\n")
     assert target.read_text() == "a\n2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_written_files_get_the_umask_mode_not_mkstemps_private_one(tmp_path):
+    old = os.umask(0o022)
+    try:
+        C.atomic_write(tmp_path / "table.md", "| a |\n")
+        assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o644
+        ckpt = C.save_checkpoint(tmp_path / "ck", "step-1", {"w": torch.zeros(2)}, {"step": 1})
+        assert ckpt.stat().st_mode & 0o777 == 0o755
+        assert (ckpt / "state.pt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        C.atomic_write(tmp_path / "private.md", "x")
+        assert (tmp_path / "private.md").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

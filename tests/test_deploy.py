@@ -209,6 +209,10 @@ def test_int8_within_stated_bound(model, onnx_file, tmp_path):
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     assert ops.count("Conv") == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    from xception.checkpoint import default_mode
+
+    assert path.stat().st_mode & 0o777 == default_mode()  # not mkstemp's private 0600
+    assert onnx_file.stat().st_mode & 0o777 == default_mode()
     int8 = deploy.OnnxModel(path)
     x = torch.cat(images[2:])
     ref = eager(model, x)

@@ -58,6 +58,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permission bits a plain open() or mkdir() would give under this process's umask.
+    mkstemp and mkdtemp create private (0600 / 0700) files, which would leave results that other
+    users, or a web server, cannot read once renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` to `path` via a temporary file in the same folder, fsync, rename."""
     path = Path(path)
@@ -65,6 +74,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -102,6 +112,7 @@ def save_checkpoint(
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
+        tmp.chmod(default_mode(directory=True))
         save_file(_contiguous(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if ema is not None:
             save_file(_contiguous(ema), str(tmp / "ema.safetensors"), metadata={"format": "pt"})

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import default_mode
 from .layers import ConvBNAct
 from .model import Xception, XceptionBlock
 
@@ -593,6 +594,7 @@ def export(
             for n in check_batches:
                 x = torch.randn(n, in_chans, h, w, generator=gen)
                 worst = max(worst, (runner(x) - model(x)).abs().max().item())
+        tmp.chmod(default_mode())  # mkstemp's 0600 would hide the model from other users
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -630,10 +632,10 @@ class OnnxModel:
     With `split_batch` a batch of at least `threads` images is cut into slices of
     `slice_images` images, and `threads` workers, each with a single-threaded session, take the
     next slice as they finish one. For Xception, whose middle flow works on small 19x19 maps,
-    that beats splitting each op over the threads (measured at batch 8 on 2 cores: +10% in
-    fp32, +18% in int8, for one half-batch per thread); slices of one image keep the 147x147
-    stage's activations (11 MiB per image) in the L3 cache, which measured another +2 to +4%
-    over half-batches (benchmarks/BENCHMARKS.md).
+    that beats splitting each op over the threads (measured at batch 8 on 2 Zen 3 cores: +10%
+    in fp32, +18% in int8, with one half-batch per thread); slices of one image keep the
+    147x147 stage's activations (11 MiB per image) in the L3 cache, which measured another
+    +2 to +8% over half-batches on Zen 4, or no change (benchmarks/BENCHMARKS.md).
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None, split_batch: bool = True,
@@ -784,6 +786,7 @@ def quantize_onnx(
             raise ValueError("no calibration images: give at least one batch of images")
         with open(out, "rb+") as f:
             os.fsync(f.fileno())
+        out.chmod(default_mode())
         os.replace(out, path)
     return reader.count
 
