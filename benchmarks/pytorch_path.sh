@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
 only=("timm eager channels_last" "xception folded channels_last" "optimize(backend='eager')"
-      "optimize(backend='compile'")
+      "optimize(backend='compile')" "optimize(backend='compile', slice_mib=None)")
 for i in $(seq 1 "${1:-3}"); do
     flock "$lock" .venv/bin/xception bench --size 299 --batch 8 --train-batch 0 --repeats 7 \
         --only "${only[@]}" --json "benchmarks/pytorch-path-$i.json" \
