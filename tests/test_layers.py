@@ -101,3 +101,33 @@ def test_conv_bn_act_has_no_bias_and_keras_bn_defaults():
     assert m.conv.bias is None
     assert m.bn.eps == 1e-3 and m.bn.momentum == 0.01
     assert not hasattr(m, "act")
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_same_pool_without_a_padded_copy_equals_padding_with_minus_inf(kernel, stride):
+    """The asymmetric 'same' pool runs with ceil_mode instead of an -inf padded copy where that
+    is exact; values and gradients must equal the padded reference at every size."""
+    from xception import layers
+
+    pool = SamePadMaxPool2d(kernel, stride, "keras")
+    fast_sizes = 0
+    for h in range(kernel, 40):
+        w = h + 1  # rows and columns padded differently
+        x = (-1 - torch.rand(2, 3, h, w, dtype=torch.float64)).requires_grad_()  # all < 0
+        top, bottom = tf_same_padding(h, kernel, stride)
+        left, right = tf_same_padding(w, kernel, stride)
+        ref_in = x.detach().clone().requires_grad_()
+        ref = F.max_pool2d(F.pad(ref_in, (left, right, top, bottom), value=float("-inf")),
+                           kernel, stride)  # fmt: skip
+        out = pool(x)
+        assert out.shape == ref.shape and torch.equal(out, ref), (h, w)
+        g = torch.randn_like(ref)
+        out.backward(g)
+        ref.backward(g)
+        assert torch.equal(x.grad, ref_in.grad), (h, w)
+        fast_sizes += layers._ceil_mode_pads_after(
+            h, kernel, stride, top, bottom
+        ) and layers._ceil_mode_pads_after(w, kernel, stride, left, right)
+    assert fast_sizes > 10  # the copy-free path really ran
+    assert layers._ceil_mode_pads_after(74, 3, 2, 0, 1)  # Xception's block-2 pool at 299x299
