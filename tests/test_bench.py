@@ -89,3 +89,16 @@ def test_every_gemm_the_rate_times_computes_the_product():
     assert len(gemms) == 2  # MKL's sgemm and oneDNN's, on the CPU
     for gemm in gemms:
         assert torch.allclose(gemm(), a @ b, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_training_is_timed_only_where_the_cpu_has_bfloat16(monkeypatch):
+    from xception import deploy
+
+    name = "xception train channels_last, bf16 autocast"
+    settings = dict(size=75, batches=(1,), train_batch=1, repeats=1, only="bf16 autocast")
+    if deploy.cpu_native_bf16():
+        report = run_bench(**settings)
+        assert [r.name for r in report.results] == [name]
+        assert report.find(name, "training", 1).images_per_s > 0
+    monkeypatch.setattr(deploy, "cpu_native_bf16", lambda text=None: False)
+    assert run_bench(**settings).results == []

@@ -209,11 +209,15 @@ def _inference_step(fn: Callable, x: torch.Tensor, device: torch.device) -> Step
     return step
 
 
-def _training_step(model: nn.Module, x: torch.Tensor, num_classes: int, device) -> Step:
+def _training_step(
+    model: nn.Module, x: torch.Tensor, num_classes: int, device, bf16: bool | None = None
+) -> Step:
+    """One SGD step on `x`, under bfloat16 autocast when `bf16` (default: on CUDA only)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     target = torch.randint(0, num_classes, (x.shape[0],), device=device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -315,10 +319,11 @@ def _candidates(
             deploy.quantize_onnx(onnx_file("xception", ours), path, calib)
         return _inference_step(deploy.OnnxModel(path), x_for(batch), device)
 
-    def training(make: Callable[[], nn.Module], memory_format) -> Callable[[int], Step]:
+    def training(make: Callable[[], nn.Module], memory_format, bf16: bool | None = None
+                 ) -> Callable[[int], Step]:  # fmt: skip
         def build(batch: int) -> Step:
             model = make().to(memory_format=memory_format)
-            return _training_step(model, x_for(batch, memory_format), num_classes, device)
+            return _training_step(model, x_for(batch, memory_format), num_classes, device, bf16)
 
         return build
 
@@ -354,6 +359,10 @@ def _candidates(
             _Candidate("xception train NCHW", tr, training(ours, torch.contiguous_format), 3 * gf)
         )
     out.append(_Candidate("xception train channels_last", tr, training(ours, cl), 3 * gf))
+    if cpu and not quick and deploy.cpu_native_bf16():
+        # The training engine's amp='bf16' on a CPU with AVX512-BF16 / AMX (not fp32).
+        out.append(_Candidate("xception train channels_last, bf16 autocast", tr,
+                              training(ours, cl, bf16=True), 3 * gf))  # fmt: skip
     if quick:
         return out
 
