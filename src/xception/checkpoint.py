@@ -67,6 +67,13 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temporary file into place at `path` in one rename, with the mode a
+    plain open() would have given it (not mkstemp's private 0600)."""
+    os.chmod(tmp, default_mode())
+    os.replace(tmp, path)
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` to `path` via a temporary file in the same folder, fsync, rename."""
     path = Path(path)
@@ -74,12 +81,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

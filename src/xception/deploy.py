@@ -9,6 +9,7 @@ the defaults here.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import default_mode
+from .checkpoint import publish
 from .layers import ConvBNAct
 from .model import Xception, XceptionBlock
 
@@ -104,13 +105,18 @@ def fold_batchnorm(model: Xception) -> Xception:
 _KERNEL_ISAS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
 
 
+@functools.cache
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _cpuinfo(text: str | None = None) -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (or of `text`); {} where there is none."""
     if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return {}
+        text = _read_cpuinfo()  # read once per process: the CPU does not change under it
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -594,8 +600,7 @@ def export(
             for n in check_batches:
                 x = torch.randn(n, in_chans, h, w, generator=gen)
                 worst = max(worst, (runner(x) - model(x)).abs().max().item())
-        tmp.chmod(default_mode())  # mkstemp's 0600 would hide the model from other users
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("exported %s to %s: max abs error %.3g", format, path, worst)
@@ -786,8 +791,7 @@ def quantize_onnx(
             raise ValueError("no calibration images: give at least one batch of images")
         with open(out, "rb+") as f:
             os.fsync(f.fileno())
-        out.chmod(default_mode())
-        os.replace(out, path)
+        publish(out, path)
     return reader.count
 
 

@@ -40,7 +40,7 @@ def _torch_backend(model: nn.Module) -> Runner:
     model.eval()
     device = next(model.parameters()).device
     if isinstance(model, Xception):
-        # BN folded, pointwise convs as sgemm, the batch sliced on the CPU (deploy.optimize);
+        # BN folded, channels_last, the batch sliced on the CPU (deploy.optimize);
         # eager, so that a few images do not wait for a compilation; float32 on every device,
         # so that the probabilities printed are the model's own (within 1e-4).
         model = deploy.optimize(model, backend="eager", device=device, dtype=torch.float32)
