@@ -356,3 +356,16 @@ def test_device_choice_with_ranks_and_gpus(monkeypatch, caplog):
     assert train._resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available: use device='cpu'"):
         train._resolve_device("cuda")
+
+
+def test_cpu_runs_keep_freed_memory_unless_switched_off(tmp_path, toy, monkeypatch):
+    from xception import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    recipe = tiny_recipe(tmp_path, toy, epochs=1)
+    fit(recipe, out=str(tmp_path / "off"), keep_freed_memory=False)
+    assert calls == []
+    fit(recipe, out=str(tmp_path / "on"))  # the default on a CPU
+    assert calls == [1]
+    assert yaml.safe_load((tmp_path / "on" / "config.yaml").read_text())["keep_freed_memory"]

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as C
+from . import runtime
 from .evaluate import autocast, evaluate_model
 from .metrics import Meter, reduce_sums, topk_correct
 
@@ -116,6 +117,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None
+    keep_freed_memory: bool = True  # CPU: glibc reuses freed memory (`runtime`), no page faults
     seed: int = 0
     deterministic: bool = False
     # output
@@ -166,7 +168,8 @@ class TrainConfig:
 
 # Fields a resumed run may change; all others come from the checkpoint (the run's identity).
 RESUMABLE = ("epochs", "out", "resume", "progress", "workers", "device", "threads", "compile",
-             "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size")  # fmt: skip
+             "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size",
+             "keep_freed_memory")  # fmt: skip
 
 
 class TrainingError(RuntimeError):
@@ -496,6 +499,10 @@ class _Run:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.keep_freed_memory and self.device.type == "cpu" and runtime.keep_freed_memory():
+            # Process-wide, like the threads, seed and signal handlers the engine sets.
+            log.info("glibc keeps freed memory for reuse from now on (no page faults each "
+                     "step); keep_freed_memory=false turns this off")
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False

@@ -1,0 +1,58 @@
+"""Process-wide CPU runtime settings: how the C allocator treats freed memory.
+
+PyTorch allocates CPU tensors with the C library's malloc. glibc serves blocks of more than
+32 MiB (less before its threshold has adapted) with a fresh mmap and gives them back to the
+kernel when freed, and it trims the heap's free top after big frees. The next tensor of that
+size then page-faults on every 4 KiB page, and the kernel zeroes each one: on the 2-core
+machine a freshly allocated tensor is filled at about 5 GB/s, a reused one at 30-116 GB/s
+(benchmarks/BENCHMARKS.md). A training step frees and re-allocates every activation and
+gradient, so it pays this on each step.
+
+`keep_freed_memory()` tells glibc to serve every block from its heap and never trim it, so
+freed memory is reused without faults. The cost is that the process keeps its peak memory
+until it exits. The training engine calls it for CPU runs (`TrainConfig.keep_freed_memory`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+__all__ = ["keep_freed_memory"]
+
+log = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_NEVER_TRIM = 2**31 - 1  # mallopt takes a C int: trim only beyond 2 GiB of free heap top
+
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse, for the rest of this process.
+
+    Returns True once it is in effect; False where the C library is not glibc (the setting
+    exists only there; nothing changes). Safe to call more than once.
+    """
+    global _kept
+    if _kept:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        log.debug("keep_freed_memory: the C library is not glibc; allocator left as it is")
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # Both are needed: without mmap, big blocks come from the heap; without trimming, the
+    # heap keeps them once freed.
+    for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)):
+        if not mallopt(param, value):
+            log.warning("keep_freed_memory: glibc refused mallopt(%d, %d)", param, value)
+            return False
+    _kept = True
+    log.debug("keep_freed_memory: glibc now serves all blocks from its heap and never trims it")
+    return True
