@@ -23,12 +23,19 @@ def trained(tmp_path_factory):
     return result, data
 
 
-def test_eval_cli_on_run_and_checkpoint_folders_agrees_with_training(trained, capsys, tmp_path):
+def test_eval_cli_on_run_and_checkpoint_folders_agrees_with_training(
+    trained, capsys, tmp_path, monkeypatch
+):
+    from xception import runtime
+
+    kept = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: kept.append(1) or True)
     result, data = trained
     out = tmp_path / "eval.json"
     # On the CPU, as trained: bitwise the same predictions as the run's last validation.
     argv = ["eval", "--checkpoint", result["out"], "--data", str(data), "--json", str(out)]
     assert main([*argv, "--device", "cpu"]) == 0
+    assert kept == [1]  # the CLI owns its process: glibc keeps freed memory
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     # The run folder's weights are the EMA weights the last validation used (test split = val).
