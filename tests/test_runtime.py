@@ -6,6 +6,7 @@ resident memory that a freed 64 MiB tensor leaves behind, before and after the c
 import platform
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -19,9 +20,9 @@ def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page / 2**20
 
-def left_after_free():
+def left_after_free(mib=64):
     base = rss_mib()
-    x = torch.ones(16 * 2**20)  # 64 MiB, every page touched
+    x = torch.ones(mib * 2**18)  # every page touched
     grown = rss_mib() - base
     del x
     return grown, rss_mib() - base
@@ -32,8 +33,7 @@ assert runtime.keep_freed_memory() is True
 assert runtime.keep_freed_memory() is True  # idempotent
 grown, left = left_after_free()
 print("kept", round(grown), round(left))
-for i in range(3):  # the same size again: soon served from the kept memory
-    again, left2 = left_after_free()
+again, left2 = left_after_free(32)  # a smaller block: carved from the kept 64 MiB
 print("again", round(again), round(left2))
 """
 
@@ -60,3 +60,43 @@ def test_without_glibc_nothing_changes(monkeypatch):
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
     assert runtime.keep_freed_memory() is False
     assert runtime._kept is False
+
+
+def test_said_once_per_process(monkeypatch, caplog):
+    from xception import runtime
+
+    monkeypatch.setattr(runtime, "_kept", False)
+    calls = []
+
+    class Mallopt:  # stands in for the ctypes function (which takes argtypes and restype)
+        def __call__(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    libc = types.SimpleNamespace(mallopt=Mallopt())
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: libc)
+    with caplog.at_level("INFO", logger="xception.runtime"):
+        assert runtime.keep_freed_memory() and runtime.keep_freed_memory()
+    assert calls == [(runtime._M_MMAP_MAX, 0), (runtime._M_TRIM_THRESHOLD, runtime._NEVER_TRIM)]
+    assert sum("keeps freed memory" in r.message for r in caplog.records) == 1
+
+
+def test_a_refused_mallopt_is_a_warning_not_a_failure(monkeypatch, caplog):
+    from xception import runtime
+
+    monkeypatch.setattr(runtime, "_kept", False)
+
+    class Refuse:
+        def __call__(self, param, value):
+            return 0
+
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(
+        runtime.ctypes, "CDLL", lambda name: types.SimpleNamespace(mallopt=Refuse())
+    )
+    with caplog.at_level("WARNING", logger="xception.runtime"):
+        assert runtime.keep_freed_memory() is False
+    assert runtime._kept is False and "refused mallopt" in caplog.text

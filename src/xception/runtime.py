@@ -56,5 +56,8 @@ def keep_freed_memory() -> bool:
             log.warning("keep_freed_memory: glibc refused mallopt(%d, %d)", param, value)
             return False
     _kept = True
-    log.debug("keep_freed_memory: glibc now serves all blocks from its heap and never trims it")
+    log.info(
+        "glibc keeps freed memory for reuse from now on (no page faults when tensors are "
+        "allocated again; the training engine's keep_freed_memory=false turns this off)"
+    )
     return True

@@ -499,12 +499,9 @@ class _Run:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.keep_freed_memory and self.device.type == "cpu" and runtime.keep_freed_memory():
+        if cfg.keep_freed_memory and self.device.type == "cpu":
             # Process-wide, like the threads, seed and signal handlers the engine sets.
-            log.info(
-                "glibc keeps freed memory for reuse from now on (no page faults each "
-                "step); keep_freed_memory=false turns this off"
-            )
+            runtime.keep_freed_memory()
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
