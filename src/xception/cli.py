@@ -165,6 +165,7 @@ def _print_predictions(results: list, fmt: str, topk: int) -> None:
 
 @command("predict", "classify image files and folders", _predict_args)
 def _run_predict(args: argparse.Namespace) -> int:
+    from . import runtime
     from .predict import IMAGE_EXTENSIONS, find_images, predict
     from .zoo import create_model
 
@@ -176,6 +177,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             f"no image files in {', '.join(args.paths)} (looked for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
+    runtime.keep_freed_memory()  # this process is ours, as in `xception eval`
     model = create_model(args.model, weights=args.weights)
     num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features
     results = list(
