@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from xception import runtime
 from xception.bench import _gemms, matmul_rate, run_bench
 from xception.cli import main
 
@@ -25,7 +26,8 @@ def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
         assert name in text
     data = json.loads(out.read_text())
     assert data["matmul_gflop_per_s"] > 0
-    assert {"cpu", "cpu_count", "torch", "onnxruntime"} <= set(data["machine"])
+    assert {"cpu", "cpu_count", "torch", "onnxruntime", "allocator"} <= set(data["machine"])
+    assert data["machine"]["allocator"] == runtime.allocator_state()
     assert data["settings"]["quick"] is True and data["settings"]["size"] == 64
     rows = data["results"]
     assert {(r["task"], r["batch"]) for r in rows} == {

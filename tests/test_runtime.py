@@ -29,7 +29,9 @@ def left_after_free(mib=64):
 
 grown, left = left_after_free()
 print("default", round(grown), round(left))
+assert runtime.allocator_state().endswith(", as shipped"), runtime.allocator_state()
 assert runtime.keep_freed_memory() is True
+assert runtime.allocator_state().endswith(", keep_freed_memory()"), runtime.allocator_state()
 assert runtime.keep_freed_memory() is True  # idempotent
 grown, left = left_after_free()
 print("kept", round(grown), round(left))
@@ -100,3 +102,20 @@ def test_a_refused_mallopt_is_a_warning_not_a_failure(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="xception.runtime"):
         assert runtime.keep_freed_memory() is False
     assert runtime._kept is False and "refused mallopt" in caplog.text
+
+
+def test_allocator_state_names_what_changed_it(monkeypatch):
+    from xception import runtime
+
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime, "_kept", False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert runtime.allocator_state() == "glibc 2.36, as shipped"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0:glibc.rtld.nns=2")
+    monkeypatch.setattr(runtime, "_kept", True)
+    assert runtime.allocator_state() == (
+        "glibc 2.36, keep_freed_memory() + GLIBC_TUNABLES=glibc.malloc.mmap_max=0"
+    )
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("musl", "1.2"))
+    assert runtime.allocator_state() == "not glibc"

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import deploy
+from . import deploy, runtime
 from .checkpoint import atomic_write
 from .model import count_macs
 from .zoo import create_model
@@ -130,6 +130,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "allocator": runtime.allocator_state(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),

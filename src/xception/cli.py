@@ -467,7 +467,7 @@ def _fmt_bench(report) -> str:
             f"{m['torch']}, onnxruntime {m['onnxruntime']}, timm {m['timm']}; "
             f"{report.settings['size']}x{report.settings['size']}, medians of "
             f"{report.settings['repeats']} interleaved rounds; fp32 matmul "
-            f"{report.matmul_gflop_per_s:.0f} GFLOP/s")  # fmt: skip
+            f"{report.matmul_gflop_per_s:.0f} GFLOP/s; allocator: {m['allocator']}")  # fmt: skip
     return head + "\n" + _fmt_table(report.rows(), header)
 
 

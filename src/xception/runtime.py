@@ -20,9 +20,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["allocator_state", "keep_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def keep_freed_memory() -> bool:
     global _kept
     if _kept:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if _glibc() is None:
         log.debug("keep_freed_memory: the C library is not glibc; allocator left as it is")
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -61,3 +62,26 @@ def keep_freed_memory() -> bool:
         "allocated again; the training engine's keep_freed_memory=false turns this off)"
     )
     return True
+
+
+def _glibc() -> str | None:
+    """glibc's version, or None where the C library is something else."""
+    if platform.system() != "Linux":
+        return None
+    lib, version = platform.libc_ver()
+    return version if lib == "glibc" else None
+
+
+def allocator_state() -> str:
+    """How this process's C allocator treats freed memory, in words (for benchmark records:
+    PyTorch throughput on the CPU depends on it, timm's eager model by 1.5x here)."""
+    version = _glibc()
+    if version is None:
+        return "not glibc"
+    changes = []
+    if _kept:
+        changes.append("keep_freed_memory()")
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if "malloc" in t]
+    if tunables:
+        changes.append("GLIBC_TUNABLES=" + ":".join(tunables))
+    return f"glibc {version}, " + (" + ".join(changes) if changes else "as shipped")
