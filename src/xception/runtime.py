@@ -57,9 +57,10 @@ def keep_freed_memory() -> bool:
             log.warning("keep_freed_memory: glibc refused mallopt(%d, %d)", param, value)
             return False
     _kept = True
+    # Neutral wording: the CLI's eval and predict call this too, where no switch turns it off.
     log.info(
-        "glibc keeps freed memory for reuse from now on (no page faults when tensors are "
-        "allocated again; the training engine's keep_freed_memory=false turns this off)"
+        "glibc keeps freed memory for reuse in this process from now on (no page faults "
+        "when tensors are allocated again)"
     )
     return True
 
