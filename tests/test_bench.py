@@ -104,3 +104,34 @@ def test_bfloat16_training_is_timed_only_where_the_cpu_has_bfloat16(monkeypatch)
         assert report.find(name, "training", 1).images_per_s > 0
     monkeypatch.setattr(deploy, "cpu_native_bf16", lambda text=None: False)
     assert run_bench(**settings).results == []
+
+
+def test_fp32_peak_benchmark_builds_and_reports_rates(tmp_path):
+    """benchmarks/fp32_peak.c (the ceilings behind BENCHMARKS.md) builds and prints a rate per
+    mode and thread count, and refuses a bad thread count with its usage."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = Path(__file__).parents[1] / "benchmarks" / "fp32_peak.c"
+    exe = tmp_path / "fp32_peak"
+    build = subprocess.run(
+        [cc, "-O2", "-march=native", "-pthread", "-DFMA_STEPS=200000L", "-DKERNEL_CALLS=2000L",
+         str(src), "-o", str(exe)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if build.returncode != 0 and "needs AVX2+FMA" in build.stderr:
+        pytest.skip("CPU without AVX2+FMA")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe), "2"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    rates = re.findall(r"^(fma|kernel) +threads (\d): ([0-9.]+) GFLOP/s$", run.stdout, re.M)
+    assert [(m, t) for m, t, _ in rates] == [("fma", "1"), ("kernel", "1"), ("fma", "2"),
+                                             ("kernel", "2")]  # fmt: skip
+    assert all(float(r) > 0 for _, _, r in rates)
+    bad = subprocess.run([str(exe), "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
