@@ -189,6 +189,9 @@ def test_exit_status_is_non_zero_only_when_nothing_was_classified(folder, tiny, 
     assert status == 1 and out.count("error:") == 2
     status, out, _ = _run(capsys, tmp_path / "missing.jpg", root / "china.jpg", "--weights", tiny)
     assert status == 0 and "no such file" in out
+    # Nothing exists: refused before the weights are loaded (here they do not exist either).
+    status, _, err = _run(capsys, tmp_path / "missing.jpg", "--weights", tmp_path / "none.h5")
+    assert status == 2 and f"no such file: {tmp_path / 'missing.jpg'}" in err
     (tmp_path / "empty").mkdir()
     status, _, err = _run(capsys, tmp_path / "empty", "--weights", tiny)
     assert status == 2 and "no image files in" in err and len(err.strip().splitlines()) == 1

@@ -5,6 +5,7 @@ so runs are deterministic and take seconds."""
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,6 +78,27 @@ def test_config_layers_and_unknown_keys(tmp_path):
     (tmp_path / "r.yaml").write_text("recipe: fashion-mnist\nepochs: 3\nbatchsize: 8\n")
     with pytest.raises(ValueError, match="unknown recipe key 'batchsize'.*did you mean batch_size"):
         make_config(tmp_path / "r.yaml")
+
+
+def test_config_values_of_the_wrong_type_are_refused_by_name(tmp_path, capsys):
+    # YAML 1.1 reads 1e-3 (no dot) as text: a float field takes numeric text.
+    assert make_config("fashion-mnist", lr="1e-3", grad_clip="2").lr == 0.001
+    (tmp_path / "r.yaml").write_text("recipe: fashion-mnist\nlr: 5e-2\n")
+    assert make_config(tmp_path / "r.yaml").lr == 0.05
+    bad = {"lr": ("abc", "lr='abc' is not valid: expected a number (e.g. lr=0.1)"),
+           "epochs": ("3", "expected an integer (e.g. epochs=10)"),
+           "channels_last": ("yes", "expected true or false (e.g. channels_last=true)"),
+           "grad_clip": ("x", "expected a number, or leave it unset"),
+           "out": (3, "expected text, or leave it unset"),
+           "momentum": (True, "expected a number"),
+           "weight_decay": ("inf", "expected a finite number")}  # fmt: skip
+    for key, (value, message) in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make_config("fashion-mnist", **{key: value})
+    # From the command line: a clear error and exit status 2, no traceback.
+    assert main(["train", "--set", "lr=abc", "--out", str(tmp_path / "run")]) == 2
+    assert "xception train: error: lr='abc' is not valid" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_from_mid_epoch_checkpoint_is_exact(tmp_path, toy):

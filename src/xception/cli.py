@@ -177,6 +177,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             f"no image files in {', '.join(args.paths)} (looked for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
+    if not any(f.exists() for f in files):  # fail before loading (or downloading) weights
+        raise UserError(f"no such file: {', '.join(map(str, files))}")
     runtime.keep_freed_memory()  # this process is ours, as in `xception eval`
     model = create_model(args.model, weights=args.weights)
     num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features

@@ -133,6 +133,7 @@ class TrainConfig:
         def bad(name: str, hint: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
 
+        self._check_types()
         for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "keep_last"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -158,6 +159,32 @@ class TrainConfig:
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by accum_steps="
                              f"{self.accum_steps}")  # fmt: skip
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated type. A float field also takes an int and a numeric
+        string: YAML 1.1 reads `1e-3` (no dot) as text, and `--set lr=1e-3` should just work."""
+        kinds = {"str": ((str,), "text"), "int": ((int,), "an integer"),
+                 "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+                 "dict": ((dict,), "a mapping")}  # fmt: skip
+        for f in dataclasses.fields(self):
+            kind, _, none = str(f.type).partition("|")
+            types, what = kinds[kind.strip()]
+            value = getattr(self, f.name)
+            if value is None and none.strip() == "None":
+                continue
+            if kind.strip() == "float" and isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    value = float(value)
+                    object.__setattr__(self, f.name, value)
+            wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+            if wrong or (kind.strip() == "float" and not math.isfinite(value)):
+                what = "a finite number" if not wrong else what
+                unset = ", or leave it unset" if none.strip() == "None" else ""
+                example = ("" if f.default in (None, dataclasses.MISSING)
+                           else f" (e.g. {f.name}={str(f.default).lower()})")  # fmt: skip
+                raise ValueError(
+                    f"{f.name}={value!r} is not valid: expected {what}{unset}{example}"
+                )
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
