@@ -78,6 +78,13 @@ def test_run_bench_rejects_bad_settings():
         run_bench(size=16)
     with pytest.raises(ValueError, match="repeats"):
         run_bench(quick=True, repeats=0)
+    # A filter that matches nothing says what the names are, before anything is timed.
+    with pytest.raises(
+        ValueError,
+        match=r"no candidate name contains 'zzz' or 'NCHW ': .*"
+        r"xception eager NCHW, xception eager channels_last",
+    ):
+        run_bench(quick=True, only=("zzz", "NCHW "))
 
 
 def test_matmul_rate_is_plausible():

@@ -266,11 +266,15 @@ def test_tiny_suites_end_to_end_then_reused(tmp_path, monkeypatch):
     assert (fourth["trained"], fourth["reused"]) == (1, 3)
 
 
-def test_cli_experiment_rejects_bad_values(capsys):
+def test_cli_experiment_rejects_bad_values(capsys, tmp_path):
     from xception.cli import main
 
     assert main(["experiment", "residual", "--seeds", "0"]) == 2
     assert "--seeds 0: use a positive number" in capsys.readouterr().err
+    (tmp_path / "file").write_text("kept")
+    assert main(["experiment", "residual", "--quick", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file: pass a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "kept"
     with pytest.raises(SystemExit):
         main(["experiment", "residuals"])
 

@@ -436,20 +436,24 @@ def run_bench(
         raise ValueError("repeats must be at least 1 and batches must not be empty")
     note = progress or (lambda message: log.info("%s", message))
     model_kwargs = dict(num_classes=num_classes, **(QUICK_MODEL if quick else {}))
-    note("measuring the fp32 matrix-multiply rate")
-    peak = matmul_rate(device, n=512 if quick else 2048, repeats=3 if quick else 7)
-    report = BenchReport(
-        machine=machine_info(device),
-        settings=dict(size=size, batches=list(batches), train_batch=train_batch,
-                      repeats=repeats, quick=quick, only=only, model=model_kwargs),
-        matmul_gflop_per_s=peak,
-    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="xception-bench-") as tmp:
         candidates = _candidates(size=size, quick=quick, device=device, workdir=Path(tmp),
                                  model_kwargs=model_kwargs)  # fmt: skip
         if only:
             wanted = (only,) if isinstance(only, str) else tuple(only)
+            names = sorted({c.name for c in candidates})
             candidates = [c for c in candidates if any(w in c.name for w in wanted)]
+            if not candidates:
+                raise ValueError(f"no candidate name contains {' or '.join(map(repr, wanted))}: "
+                                 f"the candidates here are {', '.join(names)}")  # fmt: skip
+        note("measuring the fp32 matrix-multiply rate")
+        peak = matmul_rate(device, n=512 if quick else 2048, repeats=3 if quick else 7)
+        report = BenchReport(
+            machine=machine_info(device),
+            settings=dict(size=size, batches=list(batches), train_batch=train_batch,
+                          repeats=repeats, quick=quick, only=only, model=model_kwargs),
+            matmul_gflop_per_s=peak,
+        )  # fmt: skip
         plan = [("inference", b) for b in batches]
         if train_batch:
             plan.append(("training", train_batch))

@@ -566,6 +566,9 @@ def run_experiments(
     `remeasured` run counts.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file: pass a folder for the runs and the report "
+                         "(it is created if missing)")  # fmt: skip
     info = dataset_info(data)
     store = Store(out)
     plans = {s: suite_plan(s, scale, in_chans=info["in_chans"], num_classes=info["num_classes"])
