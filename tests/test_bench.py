@@ -110,7 +110,9 @@ def test_bfloat16_training_is_timed_only_where_the_cpu_has_bfloat16(monkeypatch)
         assert [r.name for r in report.results] == [name]
         assert report.find(name, "training", 1).images_per_s > 0
     monkeypatch.setattr(deploy, "cpu_native_bf16", lambda text=None: False)
-    assert run_bench(**settings).results == []
+    with pytest.raises(ValueError, match="no candidate name contains 'bf16 autocast'") as err:
+        run_bench(**settings)
+    assert "bf16" not in str(err.value).split(": the candidates here are ")[1]
 
 
 def test_fp32_peak_benchmark_builds_and_reports_rates(tmp_path):
