@@ -47,6 +47,45 @@ def test_eval_cli_on_run_and_checkpoint_folders_agrees_with_training(
     assert "raw weights" in raw["checkpoint"]
 
 
+def test_a_runs_weights_file_describes_its_model_wherever_it_goes(trained, tmp_path):
+    """The run's model.safetensors carries its config, classes and preprocessing: named
+    directly, or copied away from its run folder, eval, predict and export rebuild the model."""
+    import shutil
+
+    from xception.evaluate import load_for_eval
+    from xception.weights import read_safetensors_metadata
+
+    result, data = trained
+    run_file = f"{result['out']}/model.safetensors"
+    config, meta = read_safetensors_metadata(run_file)
+    card = json.loads(open(f"{result['out']}/model.json").read())
+    assert config == card["model_config"] and config["middle_blocks"] != 8  # not the preset's
+    assert (meta.format, meta.input_size, list(meta.categories), meta.num_classes) == (
+        "xception", 16, card["classes"], len(card["classes"]))  # fmt: skip
+    assert list(meta.mean) == card["mean"] and list(meta.std) == card["std"]
+    # Named directly: the run folder's card is used, as for the folder itself.
+    by_folder = evaluate_file(result["out"], data, device="cpu")
+    by_file = evaluate_file(run_file, data, device="cpu")
+    assert by_folder["checkpoint"] == by_file["checkpoint"] == run_file
+    assert {k: v for k, v in by_file.items() if k != "seconds"} == {
+        k: v for k, v in by_folder.items() if k != "seconds"}  # fmt: skip
+    # Copied elsewhere, with no card beside it: the file alone rebuilds the same model.
+    shutil.copy(run_file, tmp_path / "m.safetensors")
+    net, info = load_for_eval(tmp_path / "m.safetensors")
+    assert (info["image_size"], list(info["classes"])) == (16, card["classes"])
+    ref, _ = load_for_eval(result["out"])
+    x = torch.randn(2, net.config.in_chans, 16, 16)
+    assert torch.equal(net.eval()(x), ref.eval()(x))
+    copied = evaluate_file(tmp_path / "m.safetensors", data, device="cpu")
+    assert copied["top1"] == by_folder["top1"] and copied["images"] == by_folder["images"]
+    assert create_model("xception", weights=tmp_path / "m.safetensors").config == net.config
+    # A checkpoint's weights file named directly: that checkpoint's raw weights.
+    ckpt = list_checkpoints(f"{result['out']}/checkpoints")[-1]
+    raw = evaluate_file(ckpt / "model.safetensors", data, device="cpu")
+    assert raw["top1"] == evaluate_file(ckpt, data, use_ema=False, device="cpu")["top1"]
+    assert "raw weights" in raw["checkpoint"]
+
+
 def test_eval_on_a_plain_weights_file(tmp_path):
     model = create_model("xception-compact", num_classes=10).eval()
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))

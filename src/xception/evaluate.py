@@ -117,6 +117,12 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint or weights not found: {path}")
+    if path.is_file() and path.name in ("model.safetensors", "ema.safetensors"):
+        # A run's final weights or a checkpoint's: their folder says how the model was built.
+        if path.name == "model.safetensors" and (path.parent / "model.json").is_file():
+            path = path.parent
+        elif (path.parent / "state.pt").is_file():
+            path, use_ema = path.parent, path.name == "ema.safetensors"
     card = path / "model.json"
     if path.is_dir() and card.is_file() and (path / "model.safetensors").is_file():
         meta = json.loads(card.read_text())
@@ -136,6 +142,10 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         size = 299 if (model or "xception") in ("xception", "inception-v3") else 28
         info = dict(classes=None, image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3,
                     multilabel=False, loss="softmax", source=str(path))  # fmt: skip
+        stored = getattr(net, "weights_meta", None)
+        if stored is not None and stored.format == "xception":  # our file: it says its inputs
+            info.update(classes=stored.categories, image_size=stored.input_size,
+                        mean=stored.mean, std=stored.std)  # fmt: skip
         return net, info
     if meta["model"] == "inception-v3":
         net = create_model("inception-v3", num_classes=len(meta["classes"]))

@@ -14,7 +14,8 @@ API (stable; other modules, e.g. experiments, call it in-process for many short 
 `fit(config=None, **overrides)` takes a recipe name, a YAML path, a dict or a `TrainConfig`,
 then keyword overrides; `make_config` does the same and returns the validated `TrainConfig`.
 An unknown key raises ValueError naming it. Rank 0 writes the run folder (`out`): config.yaml,
-metrics.csv, curves.png, model.json, model.safetensors (EMA weights when EMA is on), checkpoints/.
+metrics.csv, curves.png, model.json, model.safetensors (EMA weights when EMA is on, with the model
+config and preprocessing in its metadata), checkpoints/.
 
 Exactness: batches, augmentation and checkpoints are functions of (seed, epoch, position), so a
 run resumed from any checkpoint (also mid-epoch) repeats the uninterrupted run on a CPU, and a
@@ -671,7 +672,7 @@ class _Run:
             src = self.ema.module if self.ema else self.model
             sd = {k: v.detach().cpu().contiguous().clone() for k, v in src.state_dict().items()}
             tmp = self.out / ".model.safetensors.tmp"
-            save_file(sd, str(tmp), metadata={"format": "pt"})
+            save_file(sd, str(tmp), metadata=self._weights_metadata())
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, weights)
@@ -686,6 +687,23 @@ class _Run:
             )  # fmt: skip
             C.atomic_write(self.out / "model.json", json.dumps(card, indent=2))
         return weights
+
+    def _weights_metadata(self) -> dict[str, str]:
+        """The run's config and preprocessing inside its weights file, as `save_safetensors`
+        writes them: `--weights model.safetensors` then rebuilds this model anywhere."""
+        from .weights import Weights
+
+        meta = self._meta()
+        card = Weights(
+            name=f"{self.cfg.model} trained with recipe {self.cfg.recipe}", format="xception",
+            num_classes=len(meta["classes"]), categories=tuple(meta["classes"]),
+            input_size=meta["image_size"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+            description=f"trained on {self.cfg.data} ({meta['loss']} loss)",
+        )  # fmt: skip
+        out = {"format": "pt", "xception.weights": json.dumps(card.to_dict())}
+        if meta["model_config"] is not None:
+            out["xception.config"] = json.dumps(meta["model_config"])
+        return out
 
     # the loop -----------------------------------------------------------------------------------
     def run(self) -> dict:
