@@ -78,7 +78,10 @@ def test_a_runs_weights_file_describes_its_model_wherever_it_goes(trained, tmp_p
     assert torch.equal(net.eval()(x), ref.eval()(x))
     copied = evaluate_file(tmp_path / "m.safetensors", data, device="cpu")
     assert copied["top1"] == by_folder["top1"] and copied["images"] == by_folder["images"]
-    assert create_model("xception", weights=tmp_path / "m.safetensors").config == net.config
+    rebuilt = create_model("xception", weights=tmp_path / "m.safetensors")  # predict, export
+    assert rebuilt.config == net.config
+    assert list(rebuilt.weights_meta.categories) == card["classes"]  # predict names the classes
+    assert rebuilt.weights_meta.input_size == 16  # export's default size
     # A checkpoint's weights file named directly: that checkpoint's raw weights.
     ckpt = list_checkpoints(f"{result['out']}/checkpoints")[-1]
     raw = evaluate_file(ckpt / "model.safetensors", data, device="cpu")

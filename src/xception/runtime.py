@@ -11,8 +11,9 @@ gradient, so it pays this on each step.
 `keep_freed_memory()` tells glibc to serve every block from its heap and never trim it, so
 freed memory is reused without faults. The cost is that the process keeps its peak memory
 until it exits. The training engine calls it for CPU runs (`TrainConfig.keep_freed_memory`),
-and so do `xception eval` and `xception predict`; `xception bench` does not (it compares models in the process as
-users get it), nor does any other library function: the process is the caller's.
+and so do `xception eval` and `xception predict`; `xception bench` does not (it compares models
+in the process as users get it), nor does any other library function: the process is the
+caller's.
 """
 
 from __future__ import annotations

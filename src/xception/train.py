@@ -134,14 +134,13 @@ class TrainConfig:
         def bad(name: str, hint: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
 
-        self._check_types()
+        self._check_types()  # from here on every field holds its annotated type
         for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "keep_last"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if getattr(self, name) < 1:
                 raise bad(name, "use a positive integer")
         for name in ("train_subset", "val_subset", "lr_base_batch", "lr_decay_samples"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and value < 1:
                 raise bad(name, "use a positive integer, or leave it unset")
         if not self.lr > 0:
             raise bad("lr", "use a positive learning rate")
@@ -168,24 +167,28 @@ class TrainConfig:
                  "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
                  "dict": ((dict,), "a mapping")}  # fmt: skip
         for f in dataclasses.fields(self):
-            kind, _, none = str(f.type).partition("|")
-            types, what = kinds[kind.strip()]
+            kind, _, rest = str(f.type).partition("|")
+            kind, optional = kind.strip(), rest.strip() == "None"
+            types, what = kinds[kind]
             value = getattr(self, f.name)
-            if value is None and none.strip() == "None":
+            if value is None and optional:
                 continue
-            if kind.strip() == "float" and isinstance(value, str):
+            if kind == "float" and isinstance(value, str):
                 with contextlib.suppress(ValueError):
                     value = float(value)
                     object.__setattr__(self, f.name, value)
-            wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
-            if wrong or (kind.strip() == "float" and not math.isfinite(value)):
-                what = "a finite number" if not wrong else what
-                unset = ", or leave it unset" if none.strip() == "None" else ""
-                example = ("" if f.default in (None, dataclasses.MISSING)
-                           else f" (e.g. {f.name}={str(f.default).lower()})")  # fmt: skip
-                raise ValueError(
-                    f"{f.name}={value!r} is not valid: expected {what}{unset}{example}"
-                )
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                expected = what
+            elif kind == "float" and not math.isfinite(value):
+                expected = "a finite number"
+            else:
+                continue
+            unset = ", or leave it unset" if optional else ""
+            example = ("" if f.default in (None, dataclasses.MISSING)
+                       else f" (e.g. {f.name}={str(f.default).lower()})")  # fmt: skip
+            raise ValueError(
+                f"{f.name}={value!r} is not valid: expected {expected}{unset}{example}"
+            )
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -691,7 +694,7 @@ class _Run:
     def _weights_metadata(self) -> dict[str, str]:
         """The run's config and preprocessing inside its weights file, as `save_safetensors`
         writes them: `--weights model.safetensors` then rebuilds this model anywhere."""
-        from .weights import Weights
+        from .weights import Weights, safetensors_metadata
 
         meta = self._meta()
         card = Weights(
@@ -700,10 +703,7 @@ class _Run:
             input_size=meta["image_size"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
             description=f"trained on {self.cfg.data} ({meta['loss']} loss)",
         )  # fmt: skip
-        out = {"format": "pt", "xception.weights": json.dumps(card.to_dict())}
-        if meta["model_config"] is not None:
-            out["xception.config"] = json.dumps(meta["model_config"])
-        return out
+        return safetensors_metadata(meta["model_config"], card)
 
     # the loop -----------------------------------------------------------------------------------
     def run(self) -> dict:

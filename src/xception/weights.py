@@ -52,6 +52,7 @@ __all__ = [
     "open_weights",
     "read_keras_h5",
     "read_safetensors_metadata",
+    "safetensors_metadata",
     "save_safetensors",
     "timm_to_state_dict",
 ]
@@ -706,12 +707,19 @@ def save_safetensors(model: nn.Module, path: str | Path, meta: Weights | None = 
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
           if not k.endswith("num_batches_tracked")}  # fmt: skip
-    metadata = {"format": "pt"}
     config = getattr(model, "config", None)
-    if config is not None:
-        metadata["xception.config"] = json.dumps(config.to_dict())
-    if meta is not None:
-        metadata["xception.weights"] = json.dumps(meta.to_dict())
+    metadata = safetensors_metadata(config.to_dict() if config is not None else None, meta)
     path = Path(path)
     _atomic_write_bytes(path, save(sd, metadata=metadata))
     return path
+
+
+def safetensors_metadata(config: dict | None, meta: Weights | None) -> dict[str, str]:
+    """The safetensors metadata that `read_safetensors_metadata` reads back: the model config
+    and the weights' `Weights` (either may be None)."""
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata["xception.config"] = json.dumps(config)
+    if meta is not None:
+        metadata["xception.weights"] = json.dumps(meta.to_dict())
+    return metadata
