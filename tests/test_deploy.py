@@ -76,6 +76,40 @@ def test_optimize_matches_eager(model, backend):
     if backend != "compile":  # compile re-specialises on new shapes (guarded): costly here
         x = torch.randn(3, 3, SIZE + 1, SIZE + 1)  # another batch and size: a new trace
         assert (fast(x) - eager(model, x)).abs().max().item() < 1e-4
+        return
+    # Frozen: the weights are constants of the compiled graph (prepacked, fused), so changing
+    # them in place no longer reaches it. Unfrozen, they would be graph inputs and move it.
+    with torch.no_grad():
+        fast.model.block1.conv1.conv.weight.mul_(2)
+    assert torch.equal(fast(x), out)
+
+
+def test_compiled_models_each_get_their_own_graphs_and_free_them(model, monkeypatch):
+    """Frozen graphs are guarded on their model. On one shared code object the recompile limit
+    would send later models back to eager (here the second: the limit is 1); and what
+    compiling left in the process (Dynamo's cache, inductor's modules with the prepacked
+    weights) goes when the model does."""
+    import gc
+    import sys
+
+    from torch._inductor.codecache import PyCodeCache
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    ref = eager(model, x)
+    first, second = (deploy.optimize(model, slice_mib=None) for _ in range(2))
+    for fast in (first, second):
+        out = fast(x)
+        assert (out - ref).abs().max().item() < 1e-4
+        with torch.no_grad():
+            fast.model.block1.conv1.conv.weight.mul_(2)
+        assert torch.equal(fast(x), out)  # compiled and frozen, not run eagerly
+    generated = list(second._generated)
+    assert generated and all(any(m is g for m in PyCodeCache.modules) for g in generated)
+    del first, second, fast
+    gc.collect()
+    assert not any(m is g for m in PyCodeCache.modules for g in generated)
+    assert not any(sys.modules.get(g.__name__) is g for g in generated)
 
 
 def test_optimize_bfloat16_on_the_cpu(model):

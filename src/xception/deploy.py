@@ -14,7 +14,10 @@ import logging
 import math
 import os
 import platform
+import sys
 import tempfile
+import types
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,11 +268,30 @@ class _Sliced(nn.Module):
         return model.forward_head(x)
 
 
+def _own_forward(sliced: _Sliced) -> Callable[[torch.Tensor, Plan], torch.Tensor]:
+    """`sliced.forward` on a code object of its own.
+
+    Dynamo keeps compiled graphs per code object, at most `recompile_limit` (8) of them. Frozen
+    graphs hold their model's weights as constants and are guarded on that model, so on the
+    shared `_Sliced.forward` the ninth model optimized in a process would silently run
+    uncompiled, and every earlier model's graphs (and weights) would stay alive with the class.
+    Dynamo also keeps each compiled graph in the globals of the function it compiled, so those
+    are a copy of this module's too. A copy of both gives each model its own cache, which
+    `InferenceModel` resets when it is freed.
+    """
+    fn = _Sliced.forward
+    code = fn.__code__.replace()  # equal, not identical
+    scope = dict(fn.__globals__)  # Dynamo stores the compiled graphs in the function's globals
+    own = types.FunctionType(code, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, sliced)
+
+
 class InferenceModel(nn.Module):
     """A BN-folded model in eval mode with channels_last weights, run by one of three backends:
 
     - "compile": torch.compile with freezing (weights become constants: prepacked oneDNN
       weights, conv + bias + ReLU / add fused), compiled on the first call of each input shape;
+      changes to `self.model`'s weights after that call do not reach the compiled graphs;
     - "jit": traced per input shape and passed through `torch.jit.optimize_for_inference`,
       which runs the convs on oneDNN's blocked layout (like ONNX Runtime's NCHWc) with fused
       ReLUs;
@@ -295,12 +317,13 @@ class InferenceModel(nn.Module):
         self.device, self.dtype, self.backend = device, dtype, backend
         self.slice_mib = slice_mib
         self._sliced = _Sliced(model)
-        self._compiled = (
+        self._compiled = None
+        self._generated: list = []  # inductor's modules for our graphs (`_release_compiled`)
+        if backend == "compile":
+            forward = _own_forward(self._sliced)
             # Static shapes: a graph per input shape (and plan), no symbolic-shape reasoning.
-            torch.compile(self._sliced, dynamic=False, options={"freezing": True})
-            if backend == "compile"
-            else None
-        )
+            self._compiled = torch.compile(forward, dynamic=False, options={"freezing": True})
+            weakref.finalize(self, _release_compiled, forward.__func__.__code__, self._generated)
         self._plans: dict[tuple[int, ...], Plan] = {}
         self._traced: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
 
@@ -336,8 +359,47 @@ class InferenceModel(nn.Module):
             if self.backend == "jit":
                 return self._jit(x, plan)
             if self._compiled is not None:
-                return self._compiled(x, plan)
+                return self._run_compiled(x, plan)
             return self._sliced(x, plan)
+
+    def _run_compiled(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        cache = _inductor_modules()
+        before = len(cache)
+        # options={"freezing": True} alone does not freeze (torch 2.14): Dynamo decides from
+        # the global flag whether parameters become graph constants, before the options apply.
+        # Unfrozen, every conv ran unpacked, reordering its weights on each call, with no fused
+        # ReLU or add: 1.04x slower at batch 8 on 2 Zen 4 cores (benchmarks/BENCHMARKS.md).
+        with torch._inductor.config.patch(freezing=True):
+            out = self._compiled(x, plan)
+        self._generated.extend(cache[before:])  # a new shape compiled: its modules
+        return out
+
+
+def _inductor_modules() -> list:
+    """Inductor's process-wide list of the Python modules it generated (a frozen graph's
+    module holds the prepacked weights), or an empty list where this torch has none."""
+    from torch._inductor.codecache import PyCodeCache
+
+    modules = getattr(PyCodeCache, "modules", None)
+    return modules if isinstance(modules, list) else []
+
+
+def _release_compiled(code, generated: list) -> None:
+    """Free what compiling an `InferenceModel` left behind in the process, once it is gone.
+
+    Dynamo's cache hangs off the code object, out of the garbage collector's sight, and
+    inductor keeps every module it generates in `PyCodeCache.modules` and `sys.modules` for
+    the life of the process: with frozen weights that is about 110 MB per full-size model.
+    """
+    torch._dynamo.reset_code(code)
+    cache = _inductor_modules()
+    for module in generated:
+        for i in reversed(range(len(cache))):
+            if cache[i] is module:
+                del cache[i]
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
+    generated.clear()
 
 
 class _Planned(nn.Module):
