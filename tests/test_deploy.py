@@ -84,7 +84,7 @@ def test_optimize_matches_eager(model, backend):
     assert torch.equal(fast(x), out)
 
 
-def test_compiled_models_each_get_their_own_graphs_and_free_them(model, monkeypatch):
+def test_compiled_models_each_get_their_own_graphs_and_free_them(model):
     """Frozen graphs are guarded on their model. On one shared code object the recompile limit
     would send later models back to eager (here the second: the limit is 1); and what
     compiling left in the process (Dynamo's cache, inductor's modules with the prepacked
@@ -94,16 +94,16 @@ def test_compiled_models_each_get_their_own_graphs_and_free_them(model, monkeypa
 
     from torch._inductor.codecache import PyCodeCache
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     x = torch.randn(2, 3, SIZE, SIZE)
     ref = eager(model, x)
     first, second = (deploy.optimize(model, slice_mib=None) for _ in range(2))
-    for fast in (first, second):
-        out = fast(x)
-        assert (out - ref).abs().max().item() < 1e-4
-        with torch.no_grad():
-            fast.model.block1.conv1.conv.weight.mul_(2)
-        assert torch.equal(fast(x), out)  # compiled and frozen, not run eagerly
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for fast in (first, second):
+            out = fast(x)
+            assert (out - ref).abs().max().item() < 1e-4
+            with torch.no_grad():
+                fast.model.block1.conv1.conv.weight.mul_(2)
+            assert torch.equal(fast(x), out)  # compiled and frozen, not run eagerly
     generated = list(second._generated)
     assert generated and all(any(m is g for m in PyCodeCache.modules) for g in generated)
     del first, second, fast

@@ -323,7 +323,10 @@ class InferenceModel(nn.Module):
             forward = _own_forward(self._sliced)
             # Static shapes: a graph per input shape (and plan), no symbolic-shape reasoning.
             self._compiled = torch.compile(forward, dynamic=False, options={"freezing": True})
-            weakref.finalize(self, _release_compiled, forward.__func__.__code__, self._generated)
+            release = weakref.finalize(
+                self, _release_compiled, forward.__func__.__code__, self._generated
+            )
+            release.atexit = False  # at exit the process frees it all anyway
         self._plans: dict[tuple[int, ...], Plan] = {}
         self._traced: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
 
