@@ -395,11 +395,10 @@ def _release_compiled(code, generated: list) -> None:
     the life of the process: with frozen weights that is about 110 MB per full-size model.
     """
     torch._dynamo.reset_code(code)
+    ours = {id(module) for module in generated}
     cache = _inductor_modules()
+    cache[:] = [module for module in cache if id(module) not in ours]
     for module in generated:
-        for i in reversed(range(len(cache))):
-            if cache[i] is module:
-                del cache[i]
         if sys.modules.get(module.__name__) is module:
             del sys.modules[module.__name__]
     generated.clear()
