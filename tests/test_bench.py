@@ -1,13 +1,15 @@
 """bench.py: `xception bench --quick` runs on a tiny model and writes a well-formed table and
 JSON; the pieces (matmul rate, candidate filter, errors) behave."""
 
+import dataclasses
 import json
+import statistics
 
 import pytest
 import torch
 
 from xception import runtime
-from xception.bench import _gemms, matmul_rate, run_bench
+from xception.bench import BenchReport, Measurement, _gemms, matmul_rate, run_bench
 from xception.cli import main
 
 
@@ -37,7 +39,8 @@ def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
     }
     for r in rows:
         assert r["error"] is None, r
-        assert r["rounds"] == 2
+        assert r["rounds"] == 2 and len(r["round_seconds"]) == 2
+        assert r["ms_per_batch"] == pytest.approx(1000 * statistics.median(r["round_seconds"]))
         assert r["images_per_s"] > 0 and r["best_images_per_s"] >= r["images_per_s"]
         assert r["ms_per_batch"] == pytest.approx(1000 * r["batch"] / r["images_per_s"])
         assert r["gflop_per_s"] == pytest.approx(r["images_per_s"] * r["gflop_per_image"])
@@ -45,15 +48,93 @@ def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
             r["gflop_per_s"] / data["matmul_gflop_per_s"]
         )
     # The Markdown table: a header, a rule, then one row per result with the JSON's numbers.
+    # Without timm only int8 against our fastest fp32 path is compared, at each inference batch.
+    comparisons = data["comparisons"]
+    assert [(c["task"], c["batch"]) for c in comparisons] == [("inference", 1), ("inference", 2)]
+    for c in comparisons:
+        group = [r for r in rows if (r["task"], r["batch"]) == (c["task"], c["batch"])]
+        fp32 = [r for r in group if "int8" not in r["name"]]
+        fastest = max(fp32, key=lambda r: r["images_per_s"])
+        int8 = next(r for r in group if r["name"] == "xception onnxruntime int8")
+        assert (c["ours"], c["peer"]) == (int8["name"], fastest["name"])
+        assert c["ratio"] == pytest.approx(int8["images_per_s"] / fastest["images_per_s"])
+        expected = [p / o for o, p in zip(int8["round_seconds"], fastest["round_seconds"],
+                                          strict=True)]  # fmt: skip
+        assert c["round_ratios"] == pytest.approx(expected)
+        assert c["target"] is None and c["met"] is None  # targets are set at batch 8 only
+    assert "how many times faster" in text and "int8 vs our fastest fp32 inference" in text
     table = md.read_text().splitlines()
     assert table[0].startswith("| task | batch | candidate |") and table[1].startswith("|---")
-    assert len(table) == 2 + len(rows)
-    for line, r in zip(table[2:], rows, strict=True):
+    assert table[2 + len(rows)] == ""  # then the comparisons, one row each
+    assert table[3 + len(rows)].startswith("| task | batch | comparison |")
+    assert len(table) == 5 + len(rows) + len(comparisons)
+    for line, r in zip(table[2 : 2 + len(rows)], rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:4] == [r["task"], str(r["batch"]), r["name"], f"{r['images_per_s']:.2f}"]
     train = next(r for r in rows if r["task"] == "training")
     infer = next(r for r in rows if r["name"] == "xception eager channels_last")
     assert train["gflop_per_image"] == pytest.approx(3 * infer["gflop_per_image"])
+
+
+def _measured(name, task, batch, seconds, error=None):
+    return Measurement(name, task, batch, 299, images_per_s=batch / statistics.median(seconds),
+                       rounds=len(seconds), round_seconds=seconds, error=error)  # fmt: skip
+
+
+def test_comparisons_pick_our_fastest_fp32_paths_and_pair_the_rounds():
+    inf, tr = "inference", "training"
+    results = [
+        _measured("xception optimize(backend='compile')", inf, 8, [0.80, 0.90, 0.85]),
+        _measured("xception onnxruntime fp32", inf, 8, [0.70, 0.75, 0.72]),
+        # faster, but not fp32: never "our fastest fp32" path
+        _measured("xception optimize(backend='compile', dtype=bfloat16)", inf, 8, [0.4] * 3),
+        _measured("xception onnxruntime int8", inf, 8, [0.25, 0.24, 0.26]),
+        # failed: left out even though its (stale) times would win
+        _measured("xception eager channels_last", inf, 8, [0.1] * 3, error="RuntimeError: x"),
+        _measured("timm eager channels_last", inf, 8, [1.30, 1.20, 1.40]),
+        _measured("timm onnxruntime fp32 (plain session)", inf, 8, [0.74, 0.80, 0.76]),
+        _measured("xception train channels_last", tr, 8, [3.0, 3.2, 3.1]),
+        _measured("timm train channels_last", tr, 8, [3.1, 3.0, 3.4]),
+        _measured("xception eager channels_last", inf, 1, [0.2, 0.2]),  # no peer at batch 1
+    ]
+    report = BenchReport(machine={"device": "cpu"}, settings={}, matmul_gflop_per_s=200.0,
+                         results=results)  # fmt: skip
+    got = {c.what: c for c in report.comparisons()}
+    assert list(got) == [
+        "fastest fp32 inference vs timm in ONNX Runtime",
+        "fastest PyTorch fp32 inference vs timm eager channels_last",
+        "int8 vs our fastest fp32 inference",
+        "training step vs timm's, channels_last",
+    ]
+    ort = got["fastest fp32 inference vs timm in ONNX Runtime"]
+    assert (ort.ours, ort.peer) == ("xception onnxruntime fp32",
+                                    "timm onnxruntime fp32 (plain session)")  # fmt: skip
+    assert ort.ratio == pytest.approx(0.76 / 0.72)
+    assert ort.round_ratios == pytest.approx([0.74 / 0.70, 0.80 / 0.75, 0.76 / 0.72])
+    assert ort.paired_ratio == pytest.approx(0.74 / 0.70)  # the middle of the three
+    assert ort.target == 1.05 and ort.met is True
+    torch_path = got["fastest PyTorch fp32 inference vs timm eager channels_last"]
+    assert torch_path.ours == "xception optimize(backend='compile')"
+    assert torch_path.ratio == pytest.approx(1.30 / 0.85) and torch_path.met is True
+    int8 = got["int8 vs our fastest fp32 inference"]
+    assert (int8.ours, int8.peer) == ("xception onnxruntime int8", "xception onnxruntime fp32")
+    # Training: each round ours is faster or level (paired median 1.03x), the medians 1.0x;
+    # below the 1.3x target either way.
+    train = got["training step vs timm's, channels_last"]
+    assert train.round_ratios == pytest.approx([3.1 / 3.0, 3.0 / 3.2, 3.4 / 3.1])
+    assert train.target == 1.3 and train.met is False
+    # A target counts as met only when the medians' ratio reaches it too.
+    assert dataclasses.replace(ort, ratio=1.04, paired_ratio=1.2).met is False
+    # On CUDA the eager candidates run in bfloat16: every candidate counts, no targets.
+    cuda = BenchReport(machine={"device": "cuda:0"}, settings={}, matmul_gflop_per_s=1e5,
+                       results=results)  # fmt: skip
+    for c in cuda.comparisons():
+        assert c.target is None and c.met is None and "fp32 inference vs" not in c.what
+    assert next(c for c in cuda.comparisons() if "PyTorch" in c.what).ours == (
+        "xception optimize(backend='compile', dtype=bfloat16)"
+    )
+    table = report.comparisons_markdown().splitlines()
+    assert len(table) == 2 + 4 and ">= 1.30: not met" in table[-1]
 
 
 def test_run_bench_filters_candidates_and_skips_training():

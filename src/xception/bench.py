@@ -8,6 +8,10 @@ figure is the median round, the best round is kept too. Throughput is also given
 as a fraction of this machine's fp32 matrix-multiply rate, measured here with a large sgemm
 (the faster of MKL's and oneDNN's).
 
+`BenchReport.comparisons()` sets our best paths against their peers (the speed targets of
+benchmarks/BENCHMARKS.md): the ratio of the medians and, because the rounds are interleaved,
+the ratio within each round, whose median a slow spell of the host cannot tilt.
+
 Nothing here prints: `run_bench` returns a `BenchReport`; the command line formats it.
 """
 
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BenchReport",
+    "Comparison",
     "Measurement",
     "machine_info",
     "matmul_rate",
@@ -63,7 +68,38 @@ class Measurement:
     gflop_per_s: float | None = None
     fraction_of_matmul: float | None = None
     rounds: int = 0
+    round_seconds: list[float] = field(default_factory=list)  # one step per round, in order
     error: str | None = None
+
+    @property
+    def fp32(self) -> bool:
+        """False for the int8 and bfloat16 candidates (their names say so)."""
+        return not any(tag in self.name for tag in ("int8", "bf16", "bfloat16"))
+
+
+@dataclass
+class Comparison:
+    """One of our candidates against a peer at one batch size: how many times faster.
+
+    `ratio` divides the medians' images/s; `round_ratios` are the peer's step time over ours in
+    each interleaved round (both ran within seconds of each other), `paired_ratio` their median.
+    `target` is the speed target this comparison is held to (None where none is set); it is met
+    only when both ratios reach it, so neither way of reading the run can flatter it.
+    """
+
+    what: str
+    task: str
+    batch: int
+    ours: str
+    peer: str
+    ratio: float
+    paired_ratio: float
+    round_ratios: list[float]
+    target: float | None = None
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else min(self.ratio, self.paired_ratio) >= self.target
 
 
 @dataclass
@@ -79,6 +115,7 @@ class BenchReport:
             "settings": self.settings,
             "matmul_gflop_per_s": self.matmul_gflop_per_s,
             "results": [asdict(r) for r in self.results],
+            "comparisons": [dict(asdict(c), met=c.met) for c in self.comparisons()],
         }
 
     HEADER = ("task", "batch", "candidate", "img/s", "best img/s", "ms/batch", "GFLOP/s",
@@ -112,6 +149,71 @@ class BenchReport:
             if (r.name, r.task, r.batch) == (name, task, batch):
                 return r
         return None
+
+    def comparisons(self) -> list[Comparison]:
+        """Our best paths against the peers, at every batch where both were measured:
+
+        - fastest fp32 inference (any backend) against timm's model in a plain ONNX Runtime
+          session; target 1.05x at batch 8,
+        - fastest fp32 PyTorch inference (no ONNX) against timm eager channels_last; 1.5x,
+        - our channels_last training step against timm's; 1.3x,
+        - int8 (ONNX Runtime) against our fastest fp32 path; 1.6x.
+
+        "Fastest" is the best median. Candidates that failed or ran no rounds are left out.
+        The targets are the CPU's at batch 8. On CUDA the eager candidates run under bfloat16
+        autocast, so there the comparisons take every candidate and set no target.
+        """
+        cpu = str(self.machine.get("device", "cpu")).startswith("cpu")
+        fp32 = " fp32" if cpu else ""
+        ok = [r for r in self.results if r.error is None and r.round_seconds]
+        out = []
+        for task, batch in dict.fromkeys((r.task, r.batch) for r in ok):
+            group = {r.name: r for r in ok if (r.task, r.batch) == (task, batch)}
+            ours = [r for r in group.values()
+                    if r.name.startswith("xception ") and (r.fp32 or not cpu)]  # fmt: skip
+            fastest = max(ours, key=lambda r: r.images_per_s, default=None)
+            pytorch = max((r for r in ours if "onnxruntime" not in r.name),
+                          key=lambda r: r.images_per_s, default=None)  # fmt: skip
+            pairs = [
+                (f"fastest{fp32} inference vs timm in ONNX Runtime", fastest,
+                 group.get("timm onnxruntime fp32 (plain session)"), 1.05),
+                (f"fastest PyTorch{fp32} inference vs timm eager channels_last", pytorch,
+                 group.get("timm eager channels_last"), 1.5),
+                ("training step vs timm's, channels_last",
+                 group.get("xception train channels_last"), group.get("timm train channels_last"),
+                 1.3),
+                ("int8 vs our fastest fp32 inference", group.get("xception onnxruntime int8"),
+                 fastest, 1.6),
+            ]  # fmt: skip
+            for what, a, b, target in pairs:
+                if a is None or b is None or a is b:
+                    continue
+                rounds = [tb / ta for ta, tb in zip(a.round_seconds, b.round_seconds, strict=True)]
+                out.append(Comparison(
+                    what, task, batch, a.name, b.name, a.images_per_s / b.images_per_s,
+                    statistics.median(rounds), rounds, target if cpu and batch == 8 else None,
+                ))  # fmt: skip
+        return out
+
+    COMPARISON_HEADER = ("task", "batch", "comparison", "ours", "peer", "x (medians)",
+                         "x (per round, median)", "target")  # fmt: skip
+
+    def comparison_rows(self) -> list[list[str]]:
+        """One formatted row per comparison, under `COMPARISON_HEADER`."""
+        return [[c.task, str(c.batch), c.what, c.ours, c.peer, f"{c.ratio:.2f}",
+                 f"{c.paired_ratio:.2f} ({min(c.round_ratios):.2f}-{max(c.round_ratios):.2f})",
+                 "-" if c.target is None else f">= {c.target:.2f}: {'met' if c.met else 'not met'}"]
+                for c in self.comparisons()]  # fmt: skip
+
+    def comparisons_markdown(self) -> str:
+        """The comparisons as a Markdown table (empty when there are none)."""
+        rows = self.comparison_rows()
+        if not rows:
+            return ""
+        lines = ["| " + " | ".join(self.COMPARISON_HEADER) + " |",
+                 "|---" * len(self.COMPARISON_HEADER) + "|"]  # fmt: skip
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +594,7 @@ def _measure(
         r = results[name]
         median = statistics.median(ts)
         r.rounds = len(ts)
+        r.round_seconds = list(ts)
         r.ms_per_batch = 1000 * median
         r.images_per_s = batch / median
         r.best_images_per_s = batch / min(ts)

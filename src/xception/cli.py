@@ -470,7 +470,13 @@ def _fmt_bench(report) -> str:
             f"{report.settings['size']}x{report.settings['size']}, medians of "
             f"{report.settings['repeats']} interleaved rounds; fp32 matmul "
             f"{report.matmul_gflop_per_s:.0f} GFLOP/s; allocator: {m['allocator']}")  # fmt: skip
-    return head + "\n" + _fmt_table(report.rows(), header)
+    text = head + "\n" + _fmt_table(report.rows(), header)
+    comparisons = report.comparison_rows()
+    if comparisons:
+        text += ("\n\nhow many times faster (medians' images/s; per round: the peer's step time "
+                 "over ours in each interleaved round, median and range)\n")  # fmt: skip
+        text += _fmt_table(comparisons, list(report.COMPARISON_HEADER))
+    return text
 
 
 @command("bench", "throughput of every inference and training path, side by side with peers",
@@ -496,7 +502,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(_fmt_bench(report))
     print(f"wrote {save_json(report, args.json)}")
     if args.markdown:
-        atomic_write(args.markdown, report.to_markdown())
+        comparisons = report.comparisons_markdown()
+        atomic_write(args.markdown, report.to_markdown() + (comparisons and "\n" + comparisons))
         print(f"wrote {args.markdown}")
     return 0
 
