@@ -200,8 +200,8 @@ class BenchReport:
 
     def comparison_rows(self) -> list[list[str]]:
         """One formatted row per comparison, under `COMPARISON_HEADER`."""
-        return [[c.task, str(c.batch), c.what, c.ours, c.peer, f"{c.ratio:.2f}",
-                 f"{c.paired_ratio:.2f} ({min(c.round_ratios):.2f}-{max(c.round_ratios):.2f})",
+        return [[c.task, str(c.batch), c.what, c.ours, c.peer, f"{c.ratio:.3f}",
+                 f"{c.paired_ratio:.3f} ({min(c.round_ratios):.2f}-{max(c.round_ratios):.2f})",
                  "-" if c.target is None else f">= {c.target:.2f}: {'met' if c.met else 'not met'}"]
                 for c in self.comparisons()]  # fmt: skip
 
