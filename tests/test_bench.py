@@ -137,6 +137,35 @@ def test_comparisons_pick_our_fastest_fp32_paths_and_pair_the_rounds():
     assert len(table) == 2 + 4 and ">= 1.30: not met" in table[-1]
 
 
+def test_targets_summary_takes_the_median_of_each_runs_lower_ratio():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "targets_summary.py"
+    spec = importlib.util.spec_from_file_location("targets_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(ours, peer):  # one training comparison per run, as a bench JSON report
+        results = [_measured("xception train channels_last", "training", 8, ours),
+                   _measured("timm train channels_last", "training", 8, peer)]  # fmt: skip
+        report = BenchReport(machine={"device": "cpu"}, settings={}, matmul_gflop_per_s=1.0,
+                             results=results)  # fmt: skip
+        return json.loads(json.dumps(report.to_dict()))
+
+    runs = [
+        run([1.0, 1.0, 1.0], [1.4, 1.4, 1.4]),  # 1.4x both ways
+        run([1.0, 1.25, 2.0], [1.5, 1.5, 3.0]),  # per round 1.5x, medians 1.2x
+        run([1.0, 1.0, 1.0], [1.1, 1.1, 1.1]),
+    ]  # 1.1x
+    table = module.summary(runs).splitlines()
+    assert table[0].startswith("| task | batch | comparison | run 1 | run 2 | run 3 |")
+    assert len(table) == 3
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[3:] == ["1.400 (1.400)", "1.500 (1.200)", "1.100 (1.100)", "1.200",
+                         ">= 1.30: not met"]  # fmt: skip
+
+
 def test_run_bench_filters_candidates_and_skips_training():
     report = run_bench(quick=True, size=48, batches=(1,), train_batch=None, repeats=1,
                        only="channels_last")  # fmt: skip

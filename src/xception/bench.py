@@ -25,7 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ __all__ = [
     "Comparison",
     "Measurement",
     "machine_info",
+    "markdown_table",
     "matmul_rate",
     "run_bench",
     "save_json",
@@ -98,8 +99,13 @@ class Comparison:
     target: float | None = None
 
     @property
+    def lower_ratio(self) -> float:
+        """The less flattering of the two ratios: the one a target is held to."""
+        return min(self.ratio, self.paired_ratio)
+
+    @property
     def met(self) -> bool | None:
-        return None if self.target is None else min(self.ratio, self.paired_ratio) >= self.target
+        return None if self.target is None else self.lower_ratio >= self.target
 
 
 @dataclass
@@ -136,13 +142,13 @@ class BenchReport:
     def to_markdown(self) -> str:
         """The results as a Markdown table (the form benchmarks/BENCHMARKS.md quotes)."""
         header = ("task", "batch", "candidate", "img/s (median)", "best") + self.HEADER[5:]
-        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        rows = []
         for row in self.rows():
-            cells, error = [c.replace("|", "\\|") for c in row[:-1]], row[-1]
+            cells, error = row[:-1], row[-1]
             if error:
                 cells[3] = error
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
+            rows.append(cells)
+        return markdown_table(header, rows)
 
     def find(self, name: str, task: str, batch: int) -> Measurement | None:
         for r in self.results:
@@ -208,12 +214,15 @@ class BenchReport:
     def comparisons_markdown(self) -> str:
         """The comparisons as a Markdown table (empty when there are none)."""
         rows = self.comparison_rows()
-        if not rows:
-            return ""
-        lines = ["| " + " | ".join(self.COMPARISON_HEADER) + " |",
-                 "|---" * len(self.COMPARISON_HEADER) + "|"]  # fmt: skip
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-        return "\n".join(lines) + "\n"
+        return markdown_table(self.COMPARISON_HEADER, rows) if rows else ""
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table: the header, a rule, a line per row ("|" in cells escaped)."""
+    lines = [header, *rows]
+    out = ["| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |" for line in lines]
+    out.insert(1, "|---" * len(header) + "|")
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
