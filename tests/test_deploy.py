@@ -169,6 +169,17 @@ def test_optimize_sliced_matches_eager(model, backend):
     assert whole.plan(x.shape) == ((tuple(whole.model.block_names), 5),)
 
 
+def test_optimize_raises_malloc_thresholds_on_the_cpu_only(model, monkeypatch):
+    """So that the slices' activations are reused from glibc's heap, not trimmed and faulted
+    back in on each call (tests/test_runtime.py measures the faults)."""
+    calls = []
+    monkeypatch.setattr(deploy.runtime, "raise_malloc_thresholds", lambda: calls.append(1))
+    fast = deploy.optimize(model, backend="eager")
+    assert calls == [1]
+    deploy.InferenceModel(fast.model, "eager", torch.device("cuda"), torch.bfloat16)
+    assert calls == [1]  # a CUDA model's activations are not glibc's
+
+
 def test_optimize_slicing_errors(model):
     with pytest.raises(ValueError, match="slice_mib='big' is not valid"):
         deploy.optimize(model, backend="eager", slice_mib="big")

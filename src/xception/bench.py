@@ -575,6 +575,8 @@ def run_bench(
             # to matter (eager times doubled without it).
             pause = 0.05 if quick else 0.2
             report.results += _measure(group, batch, size, repeats, peak, pause, note)
+    # As the timed rounds found it: building `optimize()` candidates moves glibc's thresholds.
+    report.machine["allocator"] = runtime.allocator_state()
     return report
 
 

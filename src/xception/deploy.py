@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import runtime
 from .checkpoint import publish
 from .layers import ConvBNAct
 from .model import Xception, XceptionBlock
@@ -298,7 +299,10 @@ class InferenceModel(nn.Module):
     - "eager": the folded module as is.
 
     On the CPU the leading high-resolution blocks run on slices of the batch (`slice_plan`,
-    `slice_mib`). Input is converted to the model's device, dtype and memory format.
+    `slice_mib`), and glibc's adaptive malloc thresholds are moved to their ceiling
+    (`runtime.raise_malloc_thresholds`) so that the slices' activations are reused from the heap
+    instead of being trimmed and page-faulted back on every call. Input is converted to the
+    model's device, dtype and memory format.
     """
 
     def __init__(
@@ -327,6 +331,8 @@ class InferenceModel(nn.Module):
                 self, _release_compiled, forward.__func__.__code__, self._generated
             )
             release.atexit = False  # at exit the process frees it all anyway
+        if device.type == "cpu":
+            runtime.raise_malloc_thresholds()
         self._plans: dict[tuple[int, ...], Plan] = {}
         self._traced: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
 
