@@ -16,15 +16,16 @@ in the process as users get it), nor does any other library function: the proces
 caller's.
 
 `raise_malloc_thresholds()` is a mild form, within glibc's own rules, that `deploy.optimize`
-uses on the CPU: it keeps at most 64 MiB of free heap, where `keep_freed_memory()` keeps all. glibc adapts: each mmapped block it frees (up to 32 MiB) raises the size from
-which it mmaps to that block's, and the free heap top it tolerates before trimming to twice
-that. Where the process stands depends on which blocks it happened to free first: measured on
-2 Zen 4 cores, fresh processes running the same sliced batch-8 `optimize()` model settled at 0
-to 72,000 page faults per call (0 to 280 MiB, 715-770 against 830-1000 ms per call), as the
-slices' 11 MiB activations either stayed in the heap or were trimmed and faulted back in each
-time. Freeing one never-touched block of just under 32 MiB moves glibc to where its adaptation
-ends anyway in any process that frees a tensor that big: blocks up to 32 MiB come from the
-heap, and up to 64 MiB of its free top is kept.
+uses on the CPU: it keeps at most 64 MiB of free heap, where `keep_freed_memory()` keeps all.
+glibc adapts: each mmapped block it frees (up to 32 MiB) raises the size from which it mmaps to
+that block's, and the free heap top it tolerates before trimming to twice that. Where the
+process stands depends on which blocks it happened to free first: measured on 2 Zen 4 cores,
+fresh processes running the same sliced batch-8 `optimize()` model settled at 0 to 72,000 page
+faults per call (0 to 280 MiB, calls of 714-776 ms without faults and 820-1150 ms with them),
+as the slices' 11 MiB activations either stayed in the heap or were trimmed and faulted back in
+each time. Freeing one never-touched block of just under 32 MiB moves glibc to where its
+adaptation ends anyway in any process that frees a tensor that big: blocks up to 32 MiB come
+from the heap, and up to 64 MiB of its free top is kept.
 """
 
 from __future__ import annotations
