@@ -13,6 +13,19 @@ from xception.bench import BenchReport, Measurement, _gemms, matmul_rate, run_be
 from xception.cli import main
 
 
+def test_bench_records_the_allocator_as_the_timed_rounds_found_it(monkeypatch):
+    # Building an optimize() candidate raises glibc's thresholds after the run has started.
+    monkeypatch.setattr(runtime, "_raised", False)
+    monkeypatch.setattr(runtime, "_kept", False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    report = run_bench(quick=True, size=64, batches=(1,), train_batch=None, repeats=1,
+                       only="optimize(backend='eager')")  # fmt: skip
+    assert [r.name for r in report.results] == ["xception optimize(backend='eager')"]
+    assert report.machine["allocator"] == runtime.allocator_state()
+    if runtime.allocator_state() != "not glibc":
+        assert report.machine["allocator"].endswith(", raise_malloc_thresholds()")
+
+
 def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     assert main(["bench", "--quick", "--json", str(out), "--markdown", str(md)]) == 0

@@ -65,8 +65,7 @@ def keep_freed_memory() -> bool:
     if _glibc() is None:
         log.debug("keep_freed_memory: the C library is not glibc; allocator left as it is")
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
+    mallopt = _libc().mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # Both are needed: without mmap, big blocks come from the heap; without trimming, the
     # heap keeps them once freed.
@@ -97,18 +96,24 @@ def raise_malloc_thresholds() -> bool:
         return True
     if _glibc() is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     malloc, free = libc.malloc, libc.free
     malloc.argtypes, malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
     free.argtypes, free.restype = (ctypes.c_void_p,), None
     # The block's chunk (request, header, rounding to pages) must stay within the ceiling.
-    block = malloc(_MMAP_THRESHOLD_MAX - 2**16)
+    size = _MMAP_THRESHOLD_MAX - 2**16
+    block = malloc(size)
     if not block:
-        log.debug("raise_malloc_thresholds: malloc refused a %d-byte block", _MMAP_THRESHOLD_MAX)
+        log.debug("raise_malloc_thresholds: malloc refused a %d-byte block", size)
         return False
     free(block)
     _raised = True
     return True
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library, for its allocator's functions."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def _glibc() -> str | None:
