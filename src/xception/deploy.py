@@ -292,7 +292,8 @@ class InferenceModel(nn.Module):
 
     - "compile": torch.compile with freezing (weights become constants: prepacked oneDNN
       weights, conv + bias + ReLU / add fused), compiled on the first call of each input shape;
-      changes to `self.model`'s weights after that call do not reach the compiled graphs;
+      changes to `self.model`'s weights after that call do not reach the compiled graphs; on
+      the CPU the graph is called from C++ (inductor's `cpp_wrapper`), not from Python;
     - "jit": traced per input shape and passed through `torch.jit.optimize_for_inference`,
       which runs the convs on oneDNN's blocked layout (like ONNX Runtime's NCHWc) with fused
       ReLUs;
@@ -326,7 +327,10 @@ class InferenceModel(nn.Module):
         if backend == "compile":
             forward = _own_forward(self._sliced)
             # Static shapes: a graph per input shape (and plan), no symbolic-shape reasoning.
-            self._compiled = torch.compile(forward, dynamic=False, options={"freezing": True})
+            # On the CPU the graph's wrapper is C++ too: the Python wrapper's per-op overhead
+            # (about 1,300 calls per batch-8 pass) cost 3-5% (benchmarks/BENCHMARKS.md).
+            options = {"freezing": True, "cpp_wrapper": device.type == "cpu"}
+            self._compiled = torch.compile(forward, dynamic=False, options=options)
             release = weakref.finalize(
                 self, _release_compiled, forward.__func__.__code__, self._generated
             )
