@@ -327,8 +327,8 @@ class InferenceModel(nn.Module):
         if backend == "compile":
             forward = _own_forward(self._sliced)
             # Static shapes: a graph per input shape (and plan), no symbolic-shape reasoning.
-            # On the CPU the graph's wrapper is C++ too: the Python wrapper's per-op overhead
-            # (about 1,300 calls per batch-8 pass) cost 3-5% (benchmarks/BENCHMARKS.md).
+            # On the CPU the graph's wrapper is C++ too: the Python wrapper's op calls (about
+            # 420 per batch-8 pass, 351 of them convs) cost 3-5% (benchmarks/BENCHMARKS.md).
             options = {"freezing": True, "cpp_wrapper": device.type == "cpu"}
             self._compiled = torch.compile(forward, dynamic=False, options=options)
             release = weakref.finalize(
