@@ -182,6 +182,20 @@ def test_optimize_raises_malloc_thresholds_on_the_cpu_only(model, monkeypatch):
     assert calls == [1]  # a CUDA model's activations are not glibc's
 
 
+def test_cuda_graphs_are_the_default_for_compile_on_cuda_only(model):
+    """CUDA graphs replay the compiled model on CUDA (tests/test_cuda.py runs them); asking for
+    them anywhere else is an error that says what they need."""
+    assert deploy.optimize(model, backend="compile").cuda_graphs is False  # the CPU
+    folded, cuda = deploy.fold_batchnorm(model), torch.device("cuda")
+    assert deploy.InferenceModel(folded, "compile", cuda, torch.bfloat16).cuda_graphs is True
+    assert deploy.InferenceModel(folded, "eager", cuda, torch.bfloat16).cuda_graphs is False
+    off = deploy.InferenceModel(folded, "compile", cuda, torch.bfloat16, cuda_graphs=False)
+    assert off.cuda_graphs is False
+    for backend in ("compile", "eager"):
+        with pytest.raises(ValueError, match="cuda_graphs=True needs backend='compile' on a CUDA"):
+            deploy.optimize(model, backend=backend, cuda_graphs=True)
+
+
 def test_optimize_slicing_errors(model):
     with pytest.raises(ValueError, match="slice_mib='big' is not valid"):
         deploy.optimize(model, backend="eager", slice_mib="big")

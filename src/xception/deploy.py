@@ -293,7 +293,9 @@ class InferenceModel(nn.Module):
     - "compile": torch.compile with freezing (weights become constants: prepacked oneDNN
       weights, conv + bias + ReLU / add fused), compiled on the first call of each input shape;
       changes to `self.model`'s weights after that call do not reach the compiled graphs; on
-      the CPU the graph is called from C++ (inductor's `cpp_wrapper`), not from Python;
+      the CPU the graph is called from C++ (inductor's `cpp_wrapper`), not from Python; on
+      CUDA it is replayed as a CUDA graph (`cuda_graphs`, one kernel launch per call instead of
+      hundreds), and each call returns a copy of the output, which the next replay overwrites;
     - "jit": traced per input shape and passed through `torch.jit.optimize_for_inference`,
       which runs the convs on oneDNN's blocked layout (like ONNX Runtime's NCHWc) with fused
       ReLUs;
@@ -313,14 +315,20 @@ class InferenceModel(nn.Module):
         device: torch.device,
         dtype: torch.dtype,
         slice_mib: float | None = None,
+        cuda_graphs: bool | None = None,
     ):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
         _check_slice_mib(slice_mib)
+        if cuda_graphs is None:
+            cuda_graphs = backend == "compile" and device.type == "cuda"
+        if cuda_graphs and not (backend == "compile" and device.type == "cuda"):
+            raise ValueError(f"cuda_graphs=True needs backend='compile' on a CUDA device, not "
+                             f"backend={backend!r} on {device.type}")  # fmt: skip
         self.model = model
         self.device, self.dtype, self.backend = device, dtype, backend
-        self.slice_mib = slice_mib
+        self.slice_mib, self.cuda_graphs = slice_mib, cuda_graphs
         self._sliced = _Sliced(model)
         self._compiled = None
         self._generated: list = []  # inductor's modules for our graphs (`_release_compiled`)
@@ -329,7 +337,10 @@ class InferenceModel(nn.Module):
             # Static shapes: a graph per input shape (and plan), no symbolic-shape reasoning.
             # On the CPU the graph's wrapper is C++ too: the Python wrapper's op calls (about
             # 420 per batch-8 pass, 351 of them convs) cost 3-5% (benchmarks/BENCHMARKS.md).
-            options = {"freezing": True, "cpp_wrapper": device.type == "cpu"}
+            # On CUDA a batch-8 pass is a few ms of hundreds of kernel launches: replayed as one
+            # CUDA graph it is launch-free (inductor's cudagraph trees; benchmarks/BENCHMARKS.md).
+            options = {"freezing": True, "cpp_wrapper": device.type == "cpu",
+                       "triton.cudagraphs": cuda_graphs}  # fmt: skip
             self._compiled = torch.compile(forward, dynamic=False, options=options)
             release = weakref.finalize(
                 self, _release_compiled, forward.__func__.__code__, self._generated
@@ -382,10 +393,13 @@ class InferenceModel(nn.Module):
         # the global flag whether parameters become graph constants, before the options apply.
         # Unfrozen, every conv ran unpacked, reordering its weights on each call, with no fused
         # ReLU or add: 1.04x slower at batch 8 on 2 Zen 4 cores (benchmarks/BENCHMARKS.md).
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new call: earlier outputs may go
         with torch._inductor.config.patch(freezing=True):
             out = self._compiled(x, plan)
         self._generated.extend(cache[before:])  # a new shape compiled: its modules
-        return out
+        # A CUDA graph's output lives in its memory pool and the next replay writes over it.
+        return out.clone() if self.cuda_graphs else out
 
 
 def _inductor_modules() -> list:
@@ -432,6 +446,7 @@ def optimize(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     slice_mib: float | None | str = "auto",
+    cuda_graphs: bool | None = None,
 ) -> InferenceModel:
     """The fastest PyTorch inference form of `model` (which is left unchanged).
 
@@ -444,6 +459,9 @@ def optimize(
     `slice_mib`: the leading high-resolution blocks run on slices of the batch whose biggest
     activation stays under this many MiB (`slice_plan`); "auto" is DEFAULT_SLICE_MIB on the CPU
     and no slicing on CUDA (where big batches are what keeps the GPU busy); None: no slicing.
+
+    `cuda_graphs`: replay the compiled graph as a CUDA graph; None: yes for backend="compile"
+    on CUDA (see `InferenceModel`), False to launch its kernels one by one.
 
     `device` defaults to the model's; `dtype` to float32 on the CPU and bfloat16 on CUDA. In
     float32 the outputs equal the eval-mode model's within 1e-4.
@@ -460,7 +478,7 @@ def optimize(
     folded = fold_batchnorm(model).to(device=device, dtype=dtype)
     folded = folded.to(memory_format=torch.channels_last)
     folded.requires_grad_(False)
-    return InferenceModel(folded, backend, device, dtype, slice_mib).eval()
+    return InferenceModel(folded, backend, device, dtype, slice_mib, cuda_graphs).eval()
 
 
 def training_fast_path(model: nn.Module) -> nn.Module:
