@@ -44,6 +44,8 @@ def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
     assert {"cpu", "cpu_count", "torch", "onnxruntime", "allocator"} <= set(data["machine"])
     assert data["machine"]["allocator"] == runtime.allocator_state()
     assert data["settings"]["quick"] is True and data["settings"]["size"] == 64
+    assert data["settings"]["matmul_dtype"] == "float32"  # the CPU's candidates are fp32
+    assert "; float32 matmul " in text
     rows = data["results"]
     assert {(r["task"], r["batch"]) for r in rows} == {
         ("inference", 1),
@@ -108,6 +110,8 @@ def test_comparisons_pick_our_fastest_fp32_paths_and_pair_the_rounds():
         _measured("timm onnxruntime fp32 (plain session)", inf, 8, [0.74, 0.80, 0.76]),
         _measured("xception train channels_last", tr, 8, [3.0, 3.2, 3.1]),
         _measured("timm train channels_last", tr, 8, [3.1, 3.0, 3.4]),
+        # CUDA only (bfloat16): on the CPU the comparison keeps the engine's default step
+        _measured("xception train channels_last, compiled (CUDA graphs)", tr, 8, [1.5] * 3),
         _measured("xception eager channels_last", inf, 1, [0.2, 0.2]),  # no peer at batch 1
     ]
     report = BenchReport(machine={"device": "cpu"}, settings={}, matmul_gflop_per_s=200.0,
@@ -146,6 +150,10 @@ def test_comparisons_pick_our_fastest_fp32_paths_and_pair_the_rounds():
     assert next(c for c in cuda.comparisons() if "PyTorch" in c.what).ours == (
         "xception optimize(backend='compile', dtype=bfloat16)"
     )
+    cuda_train = next(c for c in cuda.comparisons() if c.task == tr)
+    assert cuda_train.ours == "xception train channels_last, compiled (CUDA graphs)"
+    assert cuda_train.ratio == pytest.approx(3.1 / 1.5)
+    assert train.ours == "xception train channels_last"
     table = report.comparisons_markdown().splitlines()
     assert len(table) == 2 + 4 and ">= 1.30: not met" in table[-1]
 

@@ -162,7 +162,7 @@ class BenchReport:
         - fastest fp32 inference (any backend) against timm's model in a plain ONNX Runtime
           session; target 1.05x at batch 8,
         - fastest fp32 PyTorch inference (no ONNX) against timm eager channels_last; 1.5x,
-        - our channels_last training step against timm's; 1.3x,
+        - our channels_last training step (on CUDA: our fastest) against timm's; 1.3x,
         - int8 (ONNX Runtime) against our fastest fp32 path; 1.6x.
 
         "Fastest" is the best median. Candidates that failed or ran no rounds are left out.
@@ -185,9 +185,11 @@ class BenchReport:
                  group.get("timm onnxruntime fp32 (plain session)"), 1.05),
                 (f"fastest PyTorch{fp32} inference vs timm eager channels_last", pytorch,
                  group.get("timm eager channels_last"), 1.5),
+                # On CUDA our fastest step is the compiled one (CUDA graphs), which on the CPU
+                # the bench does not run: there it is the engine's default channels_last step.
                 ("training step vs timm's, channels_last",
-                 group.get("xception train channels_last"), group.get("timm train channels_last"),
-                 1.3),
+                 group.get("xception train channels_last") if cpu else fastest,
+                 group.get("timm train channels_last"), 1.3),
                 ("int8 vs our fastest fp32 inference", group.get("xception onnxruntime int8"),
                  fastest, 1.6),
             ]  # fmt: skip
@@ -322,19 +324,25 @@ def _inference_step(fn: Callable, x: torch.Tensor, device: torch.device) -> Step
 
 
 def _training_step(
-    model: nn.Module, x: torch.Tensor, num_classes: int, device, bf16: bool | None = None
-) -> Step:
-    """One SGD step on `x`, under bfloat16 autocast when `bf16` (default: on CUDA only)."""
+    model: nn.Module, x: torch.Tensor, num_classes: int, device, bf16: bool | None = None,
+    cuda_graphs: bool = False,
+) -> Step:  # fmt: skip
+    """One SGD step on `x`, under bfloat16 autocast when `bf16` (default: on CUDA only);
+    `cuda_graphs`: the model compiled and replayed as CUDA graphs (the engine's `compile` on
+    one GPU)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     target = torch.randint(0, num_classes, (x.shape[0],), device=device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+    net = torch.compile(model, mode="reduce-overhead") if cuda_graphs else model
 
     def step():
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         with autocast:
-            out = model(x)
+            out = net(x)
             out = out.logits if hasattr(out, "logits") else out  # Inception V3's aux tuple
             loss = F.cross_entropy(out.float(), target)
         loss.backward()
@@ -431,11 +439,12 @@ def _candidates(
             deploy.quantize_onnx(onnx_file("xception", ours), path, calib)
         return _inference_step(deploy.OnnxModel(path), x_for(batch), device)
 
-    def training(make: Callable[[], nn.Module], memory_format, bf16: bool | None = None
-                 ) -> Callable[[int], Step]:  # fmt: skip
+    def training(make: Callable[[], nn.Module], memory_format, bf16: bool | None = None,
+                 cuda_graphs: bool = False) -> Callable[[int], Step]:  # fmt: skip
         def build(batch: int) -> Step:
             model = make().to(memory_format=memory_format)
-            return _training_step(model, x_for(batch, memory_format), num_classes, device, bf16)
+            return _training_step(model, x_for(batch, memory_format), num_classes, device, bf16,
+                                  cuda_graphs)  # fmt: skip
 
         return build
 
@@ -456,6 +465,9 @@ def _candidates(
                        optimized("compile", slice_mib=None), gf),
             _Candidate("xception optimize(backend='compile')", inf, optimized("compile"), gf),
         ]  # fmt: skip
+        if not cpu:  # what replaying the graph as a CUDA graph adds shows against it
+            out.append(_Candidate("xception optimize(backend='compile', cuda_graphs=False)", inf,
+                                  optimized("compile", cuda_graphs=False), gf))  # fmt: skip
         if cpu and deploy.cpu_native_bf16():
             # Not fp32: outputs move by float rounding of bfloat16 (about 0.4% of the logits'
             # norm); offered where the CPU multiplies bfloat16 in hardware.
@@ -471,6 +483,9 @@ def _candidates(
             _Candidate("xception train NCHW", tr, training(ours, torch.contiguous_format), 3 * gf)
         )
     out.append(_Candidate("xception train channels_last", tr, training(ours, cl), 3 * gf))
+    if not cpu and not quick:
+        out.append(_Candidate("xception train channels_last, compiled (CUDA graphs)", tr,
+                              training(ours, cl, cuda_graphs=True), 3 * gf))  # fmt: skip
     if cpu and not quick and deploy.cpu_native_bf16():
         # The training engine's amp='bf16' on a CPU with AVX512-BF16 / AMX (not fp32).
         out.append(_Candidate("xception train channels_last, bf16 autocast", tr,
@@ -557,12 +572,20 @@ def run_bench(
             if not candidates:
                 raise ValueError(f"no candidate name contains {' or '.join(map(repr, wanted))}: "
                                  f"the candidates here are {', '.join(names)}")  # fmt: skip
-        note("measuring the fp32 matrix-multiply rate")
-        peak = matmul_rate(device, n=512 if quick else 2048, repeats=3 if quick else 7)
+        # The rate the candidates are held to: fp32 on the CPU; on CUDA every candidate runs
+        # in bfloat16 (autocast, or a bfloat16 model), so bfloat16's, on products big enough to
+        # fill the GPU (2048 x 2048 reaches a fraction of an H100's).
+        cpu = device.type == "cpu"
+        matmul_dtype = torch.float32 if cpu else torch.bfloat16
+        dtype_name = str(matmul_dtype).removeprefix("torch.")
+        note(f"measuring the {dtype_name} matrix-multiply rate")
+        peak = matmul_rate(device, n=512 if quick else 2048 if cpu else 8192,
+                           repeats=3 if quick else 7, dtype=matmul_dtype)  # fmt: skip
         report = BenchReport(
             machine=machine_info(device),
             settings=dict(size=size, batches=list(batches), train_batch=train_batch,
-                          repeats=repeats, quick=quick, only=only, model=model_kwargs),
+                          repeats=repeats, quick=quick, only=only, model=model_kwargs,
+                          matmul_dtype=dtype_name),
             matmul_gflop_per_s=peak,
         )  # fmt: skip
         plan = [("inference", b) for b in batches]

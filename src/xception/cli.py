@@ -468,7 +468,8 @@ def _fmt_bench(report) -> str:
     head = (f"{m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} threads), torch "
             f"{m['torch']}, onnxruntime {m['onnxruntime']}, timm {m['timm']}; "
             f"{report.settings['size']}x{report.settings['size']}, medians of "
-            f"{report.settings['repeats']} interleaved rounds; fp32 matmul "
+            f"{report.settings['repeats']} interleaved rounds; "
+            f"{report.settings.get('matmul_dtype', 'float32')} matmul "
             f"{report.matmul_gflop_per_s:.0f} GFLOP/s; allocator: {m['allocator']}")  # fmt: skip
     text = head + "\n" + _fmt_table(report.rows(), header)
     comparisons = report.comparison_rows()
@@ -535,7 +536,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="global batch size (all ranks)")
     p.add_argument("--lr", type=float)
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (on one GPU: replayed as CUDA graphs)")  # fmt: skip
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--seed", type=int)

@@ -590,7 +590,15 @@ class _Run:
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.net = torch.compile(net) if cfg.compile else net
+        # Compiled on one CUDA device, the step is replayed as CUDA graphs: there a batch-32
+        # step of the eager model is bound by kernel launches (benchmarks/BENCHMARKS.md). Not
+        # under DDP (its hooks run between the graphs) nor with accumulated micro-batches (a
+        # replay would overwrite the gradients that the next micro-batch adds to).
+        self.cuda_graphs = bool(cfg.compile and self.device.type == "cuda"
+                                and not self.distributed and cfg.accum_steps == 1)  # fmt: skip
+        if cfg.compile:
+            net = torch.compile(net, mode="reduce-overhead" if self.cuda_graphs else None)
+        self.net = net
 
         # progress state
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -849,6 +857,8 @@ class _Run:
             no_sync = not sync and hasattr(self.net, "no_sync")
             ctx = self.net.no_sync() if no_sync else contextlib.nullcontext()
             with ctx:
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may go
                 with autocast(self.device, cfg.amp):
                     logits = self.net(xs)
                     loss = self._loss(logits.float(), ys)
