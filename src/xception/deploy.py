@@ -321,9 +321,10 @@ class InferenceModel(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
         _check_slice_mib(slice_mib)
+        graphable = backend == "compile" and device.type == "cuda"
         if cuda_graphs is None:
-            cuda_graphs = backend == "compile" and device.type == "cuda"
-        if cuda_graphs and not (backend == "compile" and device.type == "cuda"):
+            cuda_graphs = graphable
+        elif cuda_graphs and not graphable:
             raise ValueError(f"cuda_graphs=True needs backend='compile' on a CUDA device, not "
                              f"backend={backend!r} on {device.type}")  # fmt: skip
         self.model = model
