@@ -275,3 +275,27 @@ def test_fp32_peak_benchmark_builds_and_reports_rates(tmp_path):
     assert all(float(r) > 0 for _, _, r in rates)
     bad = subprocess.run([str(exe), "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_compiled_candidates_survive_a_quoted_only_argument(monkeypatch):
+    """`xception bench --only "optimize(backend='compile')"`: inductor wrote that argument,
+    unescaped, into each module it generated, which then failed to import. The bench compiles
+    its candidates without that harness (the graph cache, which would hide it, is off)."""
+    import sys
+
+    import torch._inductor.config
+
+    from xception import bench
+
+    def tiny_compiled(batch: int):
+        torch.manual_seed(0)
+        net = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()))
+        return bench._inference_step(net, torch.randn(batch, 4), torch.device("cpu"))
+
+    tiny = bench._Candidate("tiny torch.compile", "inference", tiny_compiled, 1e-6)
+    monkeypatch.setattr(bench, "_candidates", lambda **kwargs: [tiny])
+    monkeypatch.setattr(sys, "argv", ["xception", "bench", "--only", "optimize(backend='compile')"])
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        report = run_bench(quick=True, batches=(2,), train_batch=None, repeats=1)
+    (result,) = report.results
+    assert result.error is None and result.images_per_s > 0

@@ -2,8 +2,11 @@
 within 1e-4 at batch sizes other than the traced one; int8 stays within its stated bound; user
 errors are clear; `xception export` and the onnxruntime predict backend work end to end."""
 
+import sys
+
 import pytest
 import torch
+import torch._inductor.config
 from torch import nn
 
 from xception import create_model, deploy
@@ -60,8 +63,18 @@ def test_fold_batchnorm_rejects_other_models():
         deploy.fold_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
 
 
+@pytest.fixture
+def quoted_only_argument(monkeypatch):
+    """A script's own `--only` argument with a quote in it: inductor used to write it,
+    unescaped, into every module it generated (a SyntaxError). Its graph cache would hide
+    that, so it is off."""
+    monkeypatch.setattr(sys, "argv", ["xception", "bench", "--only", "optimize(backend='compile')"])
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+
+
 @pytest.mark.parametrize("backend", deploy.BACKENDS)
-def test_optimize_matches_eager(model, backend):
+def test_optimize_matches_eager(model, backend, quoted_only_argument):
     fast = deploy.optimize(model, backend=backend)
     assert not fast.training and fast.dtype == torch.float32
     assert fast.model.block1.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -90,7 +103,6 @@ def test_compiled_models_each_get_their_own_graphs_and_free_them(model):
     compiling left in the process (Dynamo's cache, inductor's modules with the prepacked
     weights) goes when the model does."""
     import gc
-    import sys
 
     from torch._inductor.codecache import PyCodeCache
 

@@ -562,7 +562,12 @@ def run_bench(
         raise ValueError("repeats must be at least 1 and batches must not be empty")
     note = progress or (lambda message: log.info("%s", message))
     model_kwargs = dict(num_classes=num_classes, **(QUICK_MODEL if quick else {}))
-    with tempfile.TemporaryDirectory(prefix="xception-bench-") as tmp:
+    # Inductor names the harness it appends to generated code after the `--only` argument in
+    # sys.argv, unescaped: ours holds candidate names, quotes and all (see deploy.optimize).
+    from torch._inductor import config as inductor_config
+
+    no_harness = inductor_config.patch(benchmark_harness=False)
+    with tempfile.TemporaryDirectory(prefix="xception-bench-") as tmp, no_harness:
         candidates = _candidates(size=size, quick=quick, device=device, workdir=Path(tmp),
                                  model_kwargs=model_kwargs)  # fmt: skip
         if only:

@@ -340,8 +340,11 @@ class InferenceModel(nn.Module):
             # 420 per batch-8 pass, 351 of them convs) cost 3-5% (benchmarks/BENCHMARKS.md).
             # On CUDA a batch-8 pass is a few ms of hundreds of kernel launches: replayed as one
             # CUDA graph it is launch-free (inductor's cudagraph trees; benchmarks/BENCHMARKS.md).
+            # No benchmark harness: inductor appends one to each generated module, named by
+            # the value after `--only` in sys.argv, unescaped, so that a quote there (as in
+            # `xception bench --only "optimize(backend='compile')"`) made it a SyntaxError.
             options = {"freezing": True, "cpp_wrapper": device.type == "cpu",
-                       "triton.cudagraphs": cuda_graphs}  # fmt: skip
+                       "triton.cudagraphs": cuda_graphs, "benchmark_harness": False}  # fmt: skip
             self._compiled = torch.compile(forward, dynamic=False, options=options)
             release = weakref.finalize(
                 self, _release_compiled, forward.__func__.__code__, self._generated
