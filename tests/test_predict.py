@@ -195,8 +195,10 @@ def test_exit_status_is_non_zero_only_when_nothing_was_classified(folder, tiny, 
     (tmp_path / "empty").mkdir()
     status, _, err = _run(capsys, tmp_path / "empty", "--weights", tiny)
     assert status == 2 and "no image files in" in err and len(err.strip().splitlines()) == 1
-    status, _, err = _run(capsys, root / "china.jpg", "--weights", tiny, "--backend", "tensorrt")
-    assert status == 2 and "backend 'tensorrt' is not available: use one of torch" in err
+    # A backend that does not exist: refused before the weights are loaded (or downloaded).
+    none = tmp_path / "none.h5"
+    status, _, err = _run(capsys, root / "china.jpg", "--weights", none, "--backend", "tensorrt")
+    assert status == 2 and "unknown --backend 'tensorrt': use one of torch, onnxruntime" in err
     status, _, err = _run(capsys, root / "china.jpg", "--weights", tiny, "--topk", "0")
     assert status == 2 and "at least 1" in err
 
@@ -205,6 +207,12 @@ def test_model_without_classifier_is_refused(tmp_path):
     model = create_model("xception-compact", num_classes=0)
     with pytest.raises(ValueError, match="no classifier"):
         list(predict(model, [SKLEARN_IMAGES / "china.jpg"]))
+
+
+def test_unknown_backend_is_refused_by_the_api_too():
+    model = create_model("xception-compact", num_classes=3)
+    with pytest.raises(ValueError, match="backend 'tensorrt' is not available: use one of torch"):
+        list(predict(model, [SKLEARN_IMAGES / "china.jpg"], backend="tensorrt"))
 
 
 # load_image: every mode a photo folder holds -------------------------------------------------

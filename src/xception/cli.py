@@ -126,7 +126,12 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--backend", default="torch", help="inference backend (default: torch)")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        help="inference backend: torch (BN folded, channels_last) or onnxruntime (exported once "
+        "per image size); default: %(default)s",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -166,11 +171,13 @@ def _print_predictions(results: list, fmt: str, topk: int) -> None:
 @command("predict", "classify image files and folders", _predict_args)
 def _run_predict(args: argparse.Namespace) -> int:
     from . import runtime
-    from .predict import IMAGE_EXTENSIONS, find_images, predict
+    from .predict import BACKENDS, IMAGE_EXTENSIONS, find_images, predict
     from .zoo import create_model
 
     if args.topk < 1 or args.batch_size < 1:
         raise UserError("--topk and --batch-size must be at least 1")
+    if args.backend not in BACKENDS:  # before the weights are loaded (or downloaded)
+        raise UserError(f"unknown --backend {args.backend!r}: use one of {', '.join(BACKENDS)}")
     files = find_images(args.paths)
     if not files:
         raise UserError(
