@@ -4,6 +4,7 @@ Tiny models on a tiny learnable IDX dataset (see test_data.make_idx_dataset), on
 so runs are deterministic and take seconds."""
 
 import csv
+import math
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config
 import yaml
 from safetensors.torch import load_file
 from test_data import _image_folder, make_idx_dataset
@@ -317,6 +319,27 @@ def test_demo_trains_then_tests_on_the_test_split(tmp_path, capsys):
     assert "on 10,000 test images" in line
     assert float(line.split(":")[1].split("%")[0]) > 40.0  # 4,000 images, one epoch; chance 10%
     assert (out / "model.json").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_training_on_the_cpu_learns_as_eager_does(tmp_path, toy, monkeypatch):
+    """`compile=True` on the CPU: torch.compile'd forward and backward, no CUDA graphs. Run
+    under a script's `--only` argument with a quote in it, which inductor used to write,
+    unescaped, into the modules it generated (its graph cache, which would hide that, is off)."""
+    from torch._dynamo.utils import counters
+
+    recipe = tiny_recipe(tmp_path, toy, epochs=1)
+    eager = fit(recipe, out=str(tmp_path / "eager"))
+    monkeypatch.setattr(sys, "argv", ["train.py", "--only", "optimize(backend='compile')"])
+    counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        compiled = fit(recipe, out=str(tmp_path / "compiled"), compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # Dynamo compiled the model
+    # Same start, same batches; inductor's kernels round differently, so close, not equal.
+    loss, ref = compiled["final"]["train_loss"], eager["final"]["train_loss"]
+    assert abs(loss - ref) < 0.02 * ref and loss < 0.95 * math.log(10), (loss, ref)
+    # The checkpoint is the model's own (no `_orig_mod.` prefix of the compiled wrapper).
+    assert sorted(load_file(compiled["weights"])) == sorted(load_file(eager["weights"]))
 
 
 def test_fine_tune_with_a_fresh_head_and_bf16_autocast(tmp_path, caplog):

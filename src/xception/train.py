@@ -597,7 +597,10 @@ class _Run:
         self.cuda_graphs = bool(cfg.compile and self.device.type == "cuda"
                                 and not self.distributed and cfg.accum_steps == 1)  # fmt: skip
         if cfg.compile:
-            net = torch.compile(net, mode="reduce-overhead" if self.cuda_graphs else None)
+            # The CUDA graphs are what mode="reduce-overhead" sets. No benchmark harness: inductor
+            # names it after sys.argv's `--only` value, unescaped (see deploy.InferenceModel).
+            options = {"triton.cudagraphs": self.cuda_graphs, "benchmark_harness": False}
+            net = torch.compile(net, options=options)
         self.net = net
 
         # progress state
