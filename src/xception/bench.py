@@ -563,7 +563,7 @@ def run_bench(
     note = progress or (lambda message: log.info("%s", message))
     model_kwargs = dict(num_classes=num_classes, **(QUICK_MODEL if quick else {}))
     # Inductor names the harness it appends to generated code after the `--only` argument in
-    # sys.argv, unescaped: ours holds candidate names, quotes and all (see deploy.optimize).
+    # sys.argv, unescaped: ours holds candidate names, quotes and all (see deploy.InferenceModel).
     from torch._inductor import config as inductor_config
 
     no_harness = inductor_config.patch(benchmark_harness=False)
