@@ -335,7 +335,7 @@ def _training_step(
     target = torch.randint(0, num_classes, (x.shape[0],), device=device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
-    net = torch.compile(model, mode="reduce-overhead") if cuda_graphs else model
+    net = deploy.compile_training(model, cuda_graphs=True) if cuda_graphs else model
 
     def step():
         if cuda_graphs:
@@ -562,11 +562,11 @@ def run_bench(
         raise ValueError("repeats must be at least 1 and batches must not be empty")
     note = progress or (lambda message: log.info("%s", message))
     model_kwargs = dict(num_classes=num_classes, **(QUICK_MODEL if quick else {}))
-    # Inductor names the harness it appends to generated code after the `--only` argument in
-    # sys.argv, unescaped: ours holds candidate names, quotes and all (see deploy.InferenceModel).
+    # Every candidate compiles without inductor's benchmark harness (see deploy.NO_HARNESS):
+    # our `--only` argument holds candidate names, quotes and all.
     from torch._inductor import config as inductor_config
 
-    no_harness = inductor_config.patch(benchmark_harness=False)
+    no_harness = inductor_config.patch(deploy.NO_HARNESS)
     with tempfile.TemporaryDirectory(prefix="xception-bench-") as tmp, no_harness:
         candidates = _candidates(size=size, quick=quick, device=device, workdir=Path(tmp),
                                  model_kwargs=model_kwargs)  # fmt: skip

@@ -476,7 +476,7 @@ def _fmt_bench(report) -> str:
             f"{m['torch']}, onnxruntime {m['onnxruntime']}, timm {m['timm']}; "
             f"{report.settings['size']}x{report.settings['size']}, medians of "
             f"{report.settings['repeats']} interleaved rounds; "
-            f"{report.settings.get('matmul_dtype', 'float32')} matmul "
+            f"{report.settings['matmul_dtype']} matmul "
             f"{report.matmul_gflop_per_s:.0f} GFLOP/s; allocator: {m['allocator']}")  # fmt: skip
     text = head + "\n" + _fmt_table(report.rows(), header)
     comparisons = report.comparison_rows()

@@ -42,6 +42,7 @@ __all__ = [
     "OnnxRuntimeRunner",
     "QuantizationReport",
     "cpu_model",
+    "compile_training",
     "cpu_native_bf16",
     "export",
     "fold_batchnorm",
@@ -287,6 +288,12 @@ def _own_forward(sliced: _Sliced) -> Callable[[torch.Tensor, Plan], torch.Tensor
     return types.MethodType(own, sliced)
 
 
+# For every torch.compile of ours. Inductor appends a benchmark harness to each module it
+# generates, named by the value after `--only` in sys.argv, unescaped: a quote there (as in
+# `xception bench --only "optimize(backend='compile')"`) made the module a SyntaxError.
+NO_HARNESS = {"benchmark_harness": False}
+
+
 class InferenceModel(nn.Module):
     """A BN-folded model in eval mode with channels_last weights, run by one of three backends:
 
@@ -340,11 +347,8 @@ class InferenceModel(nn.Module):
             # 420 per batch-8 pass, 351 of them convs) cost 3-5% (benchmarks/BENCHMARKS.md).
             # On CUDA a batch-8 pass is a few ms of hundreds of kernel launches: replayed as one
             # CUDA graph it is launch-free (inductor's cudagraph trees; benchmarks/BENCHMARKS.md).
-            # No benchmark harness: inductor appends one to each generated module, named by
-            # the value after `--only` in sys.argv, unescaped, so that a quote there (as in
-            # `xception bench --only "optimize(backend='compile')"`) made it a SyntaxError.
             options = {"freezing": True, "cpp_wrapper": device.type == "cpu",
-                       "triton.cudagraphs": cuda_graphs, "benchmark_harness": False}  # fmt: skip
+                       "triton.cudagraphs": cuda_graphs, **NO_HARNESS}  # fmt: skip
             self._compiled = torch.compile(forward, dynamic=False, options=options)
             release = weakref.finalize(
                 self, _release_compiled, forward.__func__.__code__, self._generated
@@ -495,6 +499,15 @@ def training_fast_path(model: nn.Module) -> nn.Module:
     Returns the same model, changed in place.
     """
     return model.to(memory_format=torch.channels_last)
+
+
+def compile_training(net: nn.Module, cuda_graphs: bool) -> nn.Module:
+    """`net` torch.compile'd for training steps, as the training engine's `compile` does it.
+
+    `cuda_graphs`: replayed as CUDA graphs (what mode="reduce-overhead" sets); the caller then
+    calls `torch.compiler.cudagraph_mark_step_begin()` before each step's forward.
+    """
+    return torch.compile(net, options={"triton.cudagraphs": cuda_graphs, **NO_HARNESS})
 
 
 # ---------------------------------------------------------------------------------------------

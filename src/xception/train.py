@@ -54,6 +54,7 @@ from torch import nn
 
 from . import checkpoint as C
 from . import runtime
+from .deploy import compile_training
 from .evaluate import autocast, evaluate_model
 from .metrics import Meter, reduce_sums, topk_correct
 
@@ -597,10 +598,7 @@ class _Run:
         self.cuda_graphs = bool(cfg.compile and self.device.type == "cuda"
                                 and not self.distributed and cfg.accum_steps == 1)  # fmt: skip
         if cfg.compile:
-            # The CUDA graphs are what mode="reduce-overhead" sets. No benchmark harness: inductor
-            # names it after sys.argv's `--only` value, unescaped (see deploy.InferenceModel).
-            options = {"triton.cudagraphs": self.cuda_graphs, "benchmark_harness": False}
-            net = torch.compile(net, options=options)
+            net = compile_training(net, self.cuda_graphs)
         self.net = net
 
         # progress state
