@@ -3,6 +3,7 @@ within 1e-4 at batch sizes other than the traced one; int8 stays within its stat
 errors are clear; `xception export` and the onnxruntime predict backend work end to end."""
 
 import sys
+import threading
 
 import pytest
 import torch
@@ -168,6 +169,55 @@ def test_slice_plan_keeps_each_slice_under_the_budget(model):
     assert deploy.slice_plan(folded, (1, 3, SIZE, SIZE), 1e-6) == ((everything, 1),)
     with pytest.raises(ValueError, match="must be positive"):
         deploy.slice_plan(folded, shape, 0)
+
+
+def test_planning_a_shape_neither_runs_nor_hooks_the_model(model, monkeypatch):
+    """An optimized model plans each new input shape on its first call, while other threads may
+    be running it on other shapes. Planning used to hook the model's layers and run it: a
+    concurrent call fired the hooks (and skewed the plan), and a concurrent compile traced them,
+    which broke Dynamo's guards (an IndexError) once they were removed."""
+    opt = deploy.optimize(model, backend="eager")
+    ran, hooked = [], []
+    ours = {id(m) for m in opt.model.modules()}
+    for m in opt.model.modules():
+        m.register_forward_pre_hook(lambda module, args: ran.append(module))
+    register = nn.Module.register_forward_hook
+
+    def spy(self, *args, **kwargs):
+        if id(self) in ours:
+            hooked.append(self)
+        return register(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "register_forward_hook", spy)
+    plan = opt.plan((8, 3, SIZE, SIZE))
+    assert ran == [] and hooked == []
+    assert [n for group, _ in plan for n in group] == opt.model.block_names
+    # The sizes come from a replica built from the config, on the meta device: a model whose
+    # blocks are not its config's is refused, not planned wrong.
+    opt.model.block_names = opt.model.block_names[:-1]
+    with pytest.raises(ValueError, match="not those its config builds"):
+        deploy.slice_plan(opt.model, (8, 3, SIZE, SIZE), 1.0)
+
+
+@pytest.mark.parametrize("backend", ["compile", "eager"])
+def test_concurrent_first_calls_of_new_shapes(model, backend):
+    """A server's threads calling one optimized model: first calls of two new shapes at once
+    (each plans and, compiled, traces its shape while the other runs) give the eager outputs."""
+    opt = deploy.optimize(model, backend=backend)
+    inputs = [torch.randn(4, 3, SIZE, SIZE), torch.randn(2, 3, SIZE + 8, SIZE + 8)]
+    start, outputs = threading.Barrier(len(inputs)), {}
+
+    def call(i: int) -> None:
+        start.wait()
+        outputs[i] = opt(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(inputs):
+        torch.testing.assert_close(outputs[i], eager(model, x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("backend", deploy.BACKENDS)

@@ -184,27 +184,30 @@ Plan = tuple[tuple[tuple[str, ...], int], ...]  # (block names, images per slice
 def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int]:
     """Bytes of the biggest tensor each top-level block makes for one image of `shape`.
 
-    Measured with forward hooks on one zero image: exact for every config (strides,
-    dilation, padding, widths) without re-deriving the architecture's arithmetic.
+    Measured with forward hooks on a replica of `model` built from its config on the meta
+    device (shapes only: no memory, no arithmetic): exact for every config (strides, dilation,
+    padding, widths) without re-deriving the architecture's arithmetic. `model` itself is never
+    run nor hooked, so other threads may run it meanwhile (`InferenceModel` plans a new input
+    shape on its first call, while calls of other shapes may be running).
     """
+    dtype = next(model.parameters()).dtype
+    with torch.device("meta"):
+        replica = Xception(model.config).to(dtype)
+    if replica.block_names != model.block_names:
+        raise ValueError(f"the model's blocks {model.block_names} are not those its config "
+                         f"builds ({replica.block_names}): build it with xception.create_model "
+                         "and leave its blocks as they are")  # fmt: skip
     sizes: dict[str, int] = {}
-    hooks = []
-    for name in model.block_names:
+    for name in replica.block_names:
 
         def record(module, inputs, output, name=name):
             sizes[name] = max(sizes.get(name, 0), output.numel() * output.element_size())
 
-        for module in getattr(model, name).modules():
+        for module in getattr(replica, name).modules():
             if not list(module.children()):  # leaves: convs, activations, pools
-                hooks.append(module.register_forward_hook(record))
-    try:
-        x = torch.zeros(1, *shape[1:], device=next(model.parameters()).device,
-                        dtype=next(model.parameters()).dtype)  # fmt: skip
-        with torch.inference_mode():
-            model.forward_features(x.contiguous(memory_format=torch.channels_last))
-    finally:
-        for hook in hooks:
-            hook.remove()
+                module.register_forward_hook(record)
+    x = torch.zeros(1, *shape[1:], device="meta", dtype=dtype)
+    replica.forward_features(x.contiguous(memory_format=torch.channels_last))
     return sizes
 
 
