@@ -199,6 +199,32 @@ def test_planning_a_shape_neither_runs_nor_hooks_the_model(model, monkeypatch):
         deploy.slice_plan(opt.model, (8, 3, SIZE, SIZE), 1.0)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{"order": "pointwise_first", "mid_activation": "elu", "residual": False},
+     {"segments": 4, "output_stride": 8}, {"stem_stride": 1, "stem_padding": "same", "in_chans": 1}],
+)  # fmt: skip
+def test_planning_sizes_equal_those_measured_on_the_model(overrides):
+    """The meta-device replica's activation sizes are the model's own, for other configs too
+    (measured here the old way: hooks on the model's leaves and one real image)."""
+    folded = deploy.fold_batchnorm(small_model(**overrides))
+    sizes: dict[str, int] = {}
+    for name in folded.block_names:
+        for leaf in getattr(folded, name).modules():
+            if not list(leaf.children()):
+                leaf.register_forward_hook(
+                    lambda m, i, out, name=name: sizes.update(
+                        {name: max(sizes.get(name, 0), out.numel() * out.element_size())}
+                    )
+                )
+    channels = folded.config.in_chans
+    with torch.no_grad():
+        folded.forward_features(torch.zeros(1, channels, SIZE, SIZE))
+    assert deploy._block_activations(folded, (4, channels, SIZE, SIZE)) == sizes
+    half = deploy._block_activations(folded.to(torch.bfloat16), (4, channels, SIZE, SIZE))
+    assert {name: 2 * size for name, size in half.items()} == sizes
+
+
 @pytest.mark.parametrize("backend", ["compile", "eager"])
 def test_concurrent_first_calls_of_new_shapes(model, backend):
     """A server's threads calling one optimized model: first calls of two new shapes at once
