@@ -28,6 +28,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "atomic_write",
+    "check_output_file",
     "find_latest",
     "load_checkpoint",
     "prune",
@@ -72,6 +73,30 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     plain open() would have given it (not mkstemp's private 0600)."""
     os.chmod(tmp, default_mode())
     os.replace(tmp, path)
+
+
+def check_output_file(path: str | Path, *, create_parents: bool = True) -> Path:
+    """Refuse, before any work is done, an output file that could not be written: a folder in
+    its place, a file where a parent folder should be, a parent folder that is missing (unless
+    `create_parents`: `atomic_write` creates it) or not writable (read-only filesystems
+    included). Raises ValueError, FileNotFoundError or PermissionError naming the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give a file name inside it, e.g. "
+                         f"{path / ('result' + (path.suffix or '.json'))}")  # fmt: skip
+    parent = path.parent
+    while not parent.exists() and create_parents and parent != parent.parent:
+        parent = parent.parent
+    if not parent.exists():
+        raise FileNotFoundError(
+            f"cannot write {path}: folder {path.parent} does not exist (create it first)"
+        )
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: folder {parent} is not writable "
+                              "(read-only or not yours): choose another place")  # fmt: skip
+    return path
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

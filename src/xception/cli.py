@@ -225,11 +225,13 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     "convert", "convert weights into our safetensors (config and metadata included)", _convert_args
 )
 def _run_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import check_output_file
     from .weights import save_safetensors
     from .zoo import create_model
 
     if not args.output.endswith(".safetensors"):
         raise UserError(f"{args.output}: the output must be a .safetensors file")
+    check_output_file(args.output)
     if args.model == "inception-v3":
         raise UserError("convert handles Xception weights; inception-v3 is torchvision's model")
     model = create_model(args.model, weights=args.input)
@@ -349,8 +351,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     from .deploy import EXPORT_FORMATS
 
     p.add_argument("output", metavar="OUT", help="file to write (.onnx, .pt, .pt2)")
-    p.add_argument("--format", default="onnx", help=f"one of {', '.join(EXPORT_FORMATS)} "
-                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--format", help=f"one of {', '.join(EXPORT_FORMATS)} (default: from "
+                   "OUT's suffix, else onnx)")  # fmt: skip
     p.add_argument("--model", default="xception", help="preset (default: %(default)s)")
     p.add_argument("--weights", help="weights name or file (default: random initialisation)")
     p.add_argument(
@@ -380,7 +382,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="images used for calibration; the rest are held out (default: 200)")  # fmt: skip
 
 
-def _images(paths: list[str], size: int, meta) -> list:
+def _images(paths: list[str], size: int, meta, in_chans: int = 3) -> list:
     from .data import ImageError, keras_transform, load_image
     from .predict import find_images
 
@@ -388,12 +390,31 @@ def _images(paths: list[str], size: int, meta) -> list:
     tensors = []
     for path in find_images(paths):
         try:
-            tensors.append(transform(load_image(path)))
+            image = load_image(path)
+            tensors.append(transform(image.convert("L") if in_chans == 1 else image))
         except ImageError as err:
             log.warning("skipping %s", err)
     if not tensors:
         raise UserError(f"no readable images in {', '.join(paths)}")
     return tensors
+
+
+def _export_format(output: str, given: str | None) -> str:
+    """The format named, or the one OUT's suffix names (onnx when it names none); a known
+    suffix that names another format than the one given is refused."""
+    from pathlib import Path
+
+    from .deploy import _SUFFIXES
+
+    by_suffix = {suffix: fmt for fmt, suffix in _SUFFIXES.items()}
+    implied = by_suffix.get(Path(output).suffix.lower())
+    if given is None:
+        return implied or "onnx"
+    if implied is not None and given in _SUFFIXES and implied != given:
+        raise UserError(f"{output} is named like a {implied} file, but --format is {given}: "
+                        f"name it {Path(output).with_suffix(_SUFFIXES[given])}, or drop "
+                        "--format")  # fmt: skip
+    return given
 
 
 @command("export", "export a model to ONNX, TorchScript or a torch.export program, checked "
@@ -404,10 +425,16 @@ def _run_export(args: argparse.Namespace) -> int:
     from . import deploy
     from .zoo import create_model
 
+    args.format = _export_format(args.output, args.format)
     if args.int8 and args.format != "onnx":
         raise UserError("--int8 needs --format onnx (int8 runs on ONNX Runtime)")
     if args.int8 and not args.calibration:
         raise UserError("--int8 needs --calibration DIR: a few hundred of your own images")
+    if args.calibration_count < 1:
+        raise UserError(f"--calibration-count {args.calibration_count}: calibrate on at least "
+                        "1 image (a few hundred is best)")  # fmt: skip
+    if args.size is not None and args.size < 1:
+        raise UserError(f"--size {args.size}: give the input size in pixels")
     model = create_model(args.model, weights=args.weights, **_parse_overrides(args.set))
     meta = getattr(model, "weights_meta", None)
     size = args.size or (meta.input_size if meta is not None else 299)
@@ -418,7 +445,9 @@ def _run_export(args: argparse.Namespace) -> int:
               f"max abs error vs PyTorch {report.max_abs_error:.2e} on batches "
               f"{', '.join(map(str, report.checked_batches))}")  # fmt: skip
         return 0
-    images = _images(args.calibration, size, meta)
+    images = _images(
+        args.calibration, size, meta, getattr(getattr(model, "config", None), "in_chans", 3)
+    )
     n = min(args.calibration_count, len(images))
     batches = lambda xs: [torch.stack(xs[i : i + 8]) for i in range(0, len(xs), 8)]  # noqa: E731
     q = deploy.quantize_model(model, args.output, batches(images[:n]), batches(images[n:]),
@@ -493,8 +522,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import run_bench, save_json
-    from .checkpoint import atomic_write
+    from .checkpoint import atomic_write, check_output_file
 
+    for out in (args.json, args.markdown):  # before minutes of benchmarking, not after
+        if out:
+            check_output_file(out)
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -666,9 +698,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
 
     from . import runtime
-    from .checkpoint import atomic_write
+    from .checkpoint import atomic_write, check_output_file
     from .evaluate import evaluate_file
 
+    if args.json_out:
+        check_output_file(args.json_out)
     # This process is ours: reuse freed memory, as training does (no page faults per batch).
     runtime.keep_freed_memory()
     result = evaluate_file(args.checkpoint, args.data, model=args.model, batch_size=args.batch_size,
@@ -758,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.run(args) or 0)
-    except (UserError, ValueError, WeightsError, ImageError, FileNotFoundError) as err:
+    except (UserError, ValueError, WeightsError, ImageError, OSError) as err:
+        # OSError: files that cannot be read or written (permissions, a full disk, ...).
         print(f"xception {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

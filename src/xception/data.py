@@ -74,11 +74,15 @@ def load_image(path: str | Path) -> Image.Image:
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit greyscale: scale to 8 bits by the range the format allows.
+        # 16/32-bit greyscale: scale to 8 bits by the range the format allows (float: [0, 1]
+        # when no value is above 1).
         import numpy as np
 
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        if im.mode == "F" and arr.max() <= 1.0:
+            top = 1.0  # a float image in [0, 1], the usual scale of float TIFFs
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA")

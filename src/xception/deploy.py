@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import types
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from . import runtime
-from .checkpoint import publish
+from .checkpoint import check_output_file, publish
 from .layers import ConvBNAct
 from .model import Xception, XceptionBlock
 
@@ -533,12 +535,7 @@ def _check_target(path: Path, fmt: str) -> None:
     if path.is_dir():
         raise ValueError(f"{path} is a directory: give a file name, e.g. {path / 'model'}"
                          f"{_SUFFIXES[fmt]}")  # fmt: skip
-    if not path.parent.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {path}: folder {path.parent} does not exist (create it first)"
-        )
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write {path}: folder {path.parent} is not writable")
+    check_output_file(path, create_parents=False)
 
 
 def _check_traceable(model: nn.Module, dynamic_size: bool) -> None:
@@ -651,13 +648,19 @@ def _export_program(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size:
 def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable running an exported model on a tensor (ONNX through ONNX Runtime)."""
     path = Path(path)
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: export one with `xception export`")
     if fmt == "onnx":
         return OnnxModel(path, split_batch=False)
-    if fmt == "torchscript":
-        return torch.jit.load(str(path)).eval()
-    if fmt == "exported-program":
+    try:
+        if fmt == "torchscript":
+            return torch.jit.load(str(path)).eval()
         return torch.export.load(str(path)).module()
-    raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    except Exception as err:  # a zip, pickle or format error, whichever the loader met first
+        raise ValueError(f"{path}: not a {fmt} file ({_first_line(err)}): give a file written "
+                         f"by `xception export --format {fmt}`") from err  # fmt: skip
 
 
 def export(
@@ -681,11 +684,15 @@ def export(
     _check_target(path, format)
     _check_traceable(model, dynamic_size)
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    if min(h, w) < 1:
+        raise ValueError(f"input_size={input_size}: give the image height and width in pixels")
     model = copy.deepcopy(model).float().cpu().eval()
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     gen = torch.Generator().manual_seed(seed)
     # Batch 2 to trace: exporters specialise sizes 0 and 1, which would pin the batch.
     example = torch.randn(2, in_chans, h, w, generator=gen)
+    if hasattr(model, "check_input"):  # its own words (e.g. too small), not the tracer's
+        model.check_input(example)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_SUFFIXES[format],
                                     dir=path.parent)  # fmt: skip
     os.close(fd)
@@ -699,9 +706,8 @@ def export(
             else:
                 _export_program(model, example, tmp, dynamic_size)
         except (RuntimeError, torch._dynamo.exc.UserError) as err:  # tracer failures
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(
-                f"cannot export this model to {format}: {first}. Export at a fixed input size "
+                f"cannot export this model to {format}: {_first_line(err)}. Export at a fixed input size "
                 "and check that the model's options are traceable"
             ) from err
         with open(tmp, "rb+") as f:
@@ -739,7 +745,17 @@ def onnx_session(path: str | Path, *, threads: int | None = None, spinning: bool
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # no warnings about unused initialisers on every load
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ONNX Runtime's own exception types, one per failure
+        raise ValueError(f"{path}: ONNX Runtime cannot load it ({_first_line(err)}): give an "
+                         "ONNX model, e.g. one written by `xception export`") from err  # fmt: skip
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first line, without the terminal colour codes some exporters add."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 class OnnxModel:
@@ -880,7 +896,18 @@ def quantize_onnx(
     _check_target(path, "onnx")
     import onnx
 
-    name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+    graph_input = onnx.load(str(fp32_path), load_external_data=False).graph.input[0]
+    name = graph_input.name
+    calibration = iter(calibration)
+    first = next(calibration, None)
+    if first is None:
+        raise ValueError("no calibration images: give at least one batch of images")
+    channels = graph_input.type.tensor_type.shape.dim[1].dim_value  # 0 when symbolic
+    if first.ndim != 4 or (channels and first.shape[1] != channels):
+        raise ValueError(f"calibration batches must be (N, {channels or 'C'}, H, W) like the "
+                         f"model's input, got {tuple(first.shape)}: preprocess the images as for "
+                         "the model (grey for a 1-channel model)")  # fmt: skip
+    calibration = itertools.chain([first], calibration)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         prepared = Path(tmpdir) / "prepared.onnx"
         # Shape inference and graph optimisation first, so that BN is folded into the convs and
@@ -899,8 +926,6 @@ def quantize_onnx(
             calibrate_method=methods[method], reduce_range=reduce_range,
             nodes_to_exclude=exclude,
         )  # fmt: skip
-        if reader.count == 0:
-            raise ValueError("no calibration images: give at least one batch of images")
         with open(out, "rb+") as f:
             os.fsync(f.fileno())
         publish(out, path)

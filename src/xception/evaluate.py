@@ -125,7 +125,12 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
             path, use_ema = path.parent, path.name == "ema.safetensors"
     card = path / "model.json"
     if path.is_dir() and card.is_file() and (path / "model.safetensors").is_file():
-        meta = json.loads(card.read_text())
+        try:
+            meta = json.loads(card.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{card} is damaged ({err}): it says how the run's model was built; "
+                             f"evaluate one of the run's checkpoints instead (a step-N folder "
+                             f"in {path / 'checkpoints'})") from None  # fmt: skip
         weights = W.load_file(path / "model.safetensors")
         source = str(path / "model.safetensors")
     elif path.is_dir() or path.name in ("state.pt",):
@@ -157,6 +162,30 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     return net, info
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """ "auto" (CUDA when present, else the CPU), "cpu", "cuda" or "cuda:N", checked: an
+    unknown name or a GPU this machine lacks is a ValueError that says what to use."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}, but CUDA is not available here: use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} GPU(s)")  # fmt: skip
+    return device
+
+
+def _num_outputs(net: torch.nn.Module) -> int | None:
+    """The classifier's output count, when the model has a Linear classifier."""
+    fc = getattr(net, "fc", None)
+    return fc.out_features if isinstance(fc, torch.nn.Linear) else None
+
+
 def evaluate_file(
     path: str | Path,
     data: str | Path,
@@ -173,6 +202,11 @@ def evaluate_file(
     `data.make_eval_dataset`). Returns a JSON-ready dict of metrics and provenance."""
     from .data import make_eval_dataset
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: give at least 1 image per batch")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit}: give at least 1 image (or no limit)")
+    dev = resolve_device(device)
     net, info = load_for_eval(path, model=model, use_ema=use_ema)
     size = image_size or info["image_size"]
     dataset = make_eval_dataset(
@@ -184,10 +218,15 @@ def evaluate_file(
             f"{data}: {len(dataset.classes)} classes, but the model was trained on "
             f"{len(info['classes'])}: evaluate on data with the training classes"
         )
+    outputs = _num_outputs(net)
+    if info["classes"] is None and outputs is not None and len(dataset.classes) != outputs:
+        raise ValueError(
+            f"{data}: {len(dataset.classes)} classes, but the model has {outputs} outputs: "
+            "evaluate on data with the model's classes (its weights name none, so folders are "
+            "matched to outputs in sorted order)"
+        )
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                       else "cpu" if device == "auto" else device)  # fmt: skip
     net.to(dev)
     multilabel = bool(getattr(getattr(dataset, "dataset", dataset), "multilabel", False))
     start = time.perf_counter()

@@ -675,6 +675,11 @@ def open_weights(spec: str | Path, *, progress: bool = True) -> OpenedWeights:
     path = Path(spec)
     if not path.exists() and not path.suffix and os.sep not in str(spec):
         _named(str(spec))  # a mistyped name: list the names rather than "file not found"
+    if path.is_dir():  # a training run's folder holds its final weights
+        if not (path / "model.safetensors").is_file():
+            raise WeightsError(f"{path} is a folder without model.safetensors: give a weights "
+                               "file (.safetensors, .pth, .h5) or a finished run's folder")  # fmt: skip
+        path = spec = path / "model.safetensors"
     data = load_file(path)
     fmt = detect_format(data)
     num_classes = _classifier_size(data, fmt)

@@ -110,7 +110,6 @@ def _inception_v3(num_classes: int, **overrides) -> nn.Module:
 
 def _inception_v3_compact(num_classes: int, opened, **overrides) -> nn.Module:
     from .inception import InceptionConfig, InceptionV3Compact
-    from .weights import WeightsError
 
     fields = _check_fields("inception-v3-compact", InceptionConfig, overrides)
     saved = {k: v for k, v in (opened.config if opened is not None else {}).items() if k in fields}
@@ -118,13 +117,34 @@ def _inception_v3_compact(num_classes: int, opened, **overrides) -> nn.Module:
     model = InceptionV3Compact(InceptionConfig(num_classes=num_classes, **config))
     model.weights_meta = None
     if opened is not None:
-        try:
-            model.load_state_dict(opened.data)
-        except RuntimeError as err:
-            raise WeightsError(
-                f"{opened.source}: not inception-v3-compact weights ({err})"
-            ) from None
+        _load_state(model, opened, "inception-v3-compact")
     return model
+
+
+def _load_state(model: nn.Module, opened, name: str) -> None:
+    """Load `opened` into `model` exactly, or raise WeightsError in one line: how many keys
+    are missing or unexpected (with a few of them), or the first tensor of the wrong shape."""
+    from .weights import WeightsError
+
+    expected, given = set(model.state_dict()), set(opened.data)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        few = lambda keys: ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")  # noqa: E731
+        raise WeightsError(
+            f"{opened.source}: not {name} weights ({len(missing)} of its tensors missing"
+            + (f", e.g. {few(missing)}" if missing else "")
+            + f"; {len(unexpected)} not its own"
+            + (f", e.g. {few(unexpected)}" if unexpected else "")
+            + f"): use weights saved from {name}, or the --model they were made for"
+        )
+    for key, tensor in model.state_dict().items():
+        if tuple(opened.data[key].shape) != tuple(tensor.shape):
+            raise WeightsError(
+                f"{opened.source}: not weights for this {name} ({key} has shape "
+                f"{tuple(opened.data[key].shape)}, the model's {tuple(tensor.shape)}): check "
+                "--num-classes and the config the weights were made with"
+            )
+    model.load_state_dict(opened.data)
 
 
 def create_model(
@@ -160,7 +180,7 @@ def create_model(
         if opened is not None:
             if opened.format == "keras":
                 raise W.WeightsError(f"{weights}: Keras Inception V3 files are not supported")
-            model.load_state_dict(opened.data)
+            _load_state(model, opened, "inception-v3")
         return model
     if name == "inception-v3-compact":
         return _inception_v3_compact(num_classes, opened, **overrides)

@@ -1,0 +1,210 @@
+"""Bad input to predict, eval, export, convert and bench: one line on stderr naming the problem
+and the fix (exit status 2, no traceback), found before any long work, and no output file
+written or replaced. Each case here once ended in a traceback or a misleading message."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from test_data import _image_folder
+
+from xception import deploy
+from xception.cli import main
+from xception.data import load_image
+from xception.weights import Weights, save_safetensors
+from xception.zoo import create_model
+
+CLASSES = ("cat", "dog", "bird", "fish")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny 4-class model saved with its class names, the same without them, and images."""
+    root = tmp_path_factory.mktemp("bad-input")
+    torch.manual_seed(0)
+    model = create_model("xception-compact", num_classes=4, width=0.25, middle_blocks=1).eval()
+    meta = Weights(name="tiny", format="xception", num_classes=4, categories=CLASSES,
+                   input_size=32)  # fmt: skip
+    save_safetensors(model, root / "tiny.safetensors", meta)
+    save_file(
+        create_model("xception-compact", num_classes=4).state_dict(),
+        str(root / "plain.safetensors"),
+    )  # no config or class names: the preset's own
+    paper = create_model("xception", num_classes=4, width=0.25, middle_blocks=1)  # min 7x7
+    save_safetensors(paper.eval(), root / "strided.safetensors", meta.replace(input_size=71))
+    _image_folder(root / "six", classes=tuple("abcdef"), per_class=1, size=32)
+    _image_folder(root / "four", classes=CLASSES, per_class=2, size=32)
+    return root
+
+
+def one_line_error(capsys, argv, *fragments) -> str:
+    assert main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return captured.out
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(files, tmp_path, capsys):
+    weights = files / "tiny.safetensors"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    a_folder = tmp_path / "a-folder.safetensors"
+    a_folder.mkdir()
+    convert = ["convert", weights, "--model", "xception-compact"]
+    one_line_error(capsys, [*convert[:2], a_folder, *convert[2:]], "is a folder")
+    one_line_error(capsys, [*convert[:2], a_file / "x.safetensors", *convert[2:]],
+                   "a-file is a file, not a folder")  # fmt: skip
+    evaluate = ["eval", "--checkpoint", weights, "--data", files / "four"]
+    # Refused before evaluating: nothing is printed, where the result used to come first.
+    assert one_line_error(capsys, [*evaluate, "--json", a_file / "r.json"], "not a folder") == ""
+    one_line_error(capsys, [*evaluate, "--json", tmp_path], "is a folder")
+    # The bench checks its outputs before minutes of benchmarking, not after.
+    bench = ["bench", "--quick", "--only", "xception eager NCHW", "--batch", "1",
+             "--train-batch", "0"]  # fmt: skip
+    one_line_error(capsys, [*bench, "--json", a_file / "b.json"], "not a folder")
+    one_line_error(capsys, [*bench, "--json", "b.json", "--markdown", a_file / "b.md"],
+                   "not a folder")  # fmt: skip
+    assert a_file.read_text() == "keep me"
+
+
+def test_an_unwritable_folder_is_named(files, tmp_path, capsys, monkeypatch):
+    # Tests run as root, which may write anywhere: stand in for a read-only filesystem.
+    target = tmp_path / "ro"
+    target.mkdir()
+    real = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(target) else real(p, mode)
+    )
+    weights = files / "tiny.safetensors"
+    one_line_error(capsys, ["convert", weights, target / "c.safetensors", "--model",
+                            "xception-compact"], "folder", "is not writable")  # fmt: skip
+    one_line_error(capsys, ["export", target / "m.onnx", "--model", "xception-compact",
+                            "--weights", weights], "is not writable")  # fmt: skip
+    assert not list(target.iterdir())
+
+
+def test_an_os_error_is_one_line_too(files, tmp_path, capsys, monkeypatch):
+    """The backstop: a write that fails anyway (a full disk, a filesystem gone read-only)."""
+    import xception.checkpoint as C
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "atomic_write", full)
+    argv = ["eval", "--checkpoint", files / "tiny.safetensors", "--data", files / "four",
+            "--json", tmp_path / "r.json"]  # fmt: skip
+    one_line_error(capsys, argv, "No space left on device")
+
+
+def test_weights_of_another_architecture_are_one_line(files, capsys):
+    argv = ["predict", files / "four" / "cat" / "0.png", "--weights", files / "tiny.safetensors"]
+    for preset in ("inception-v3", "inception-v3-compact"):
+        one_line_error(capsys, [*argv, "--model", preset], f"not {preset} weights", "missing")
+
+
+def test_numbers_out_of_range(files, capsys):
+    weights = files / "tiny.safetensors"
+    evaluate = ["eval", "--checkpoint", weights, "--data", files / "four"]
+    one_line_error(capsys, [*evaluate, "--batch-size", "0"], "batch_size=0")
+    one_line_error(capsys, [*evaluate, "--limit", "0"], "limit=0")
+    one_line_error(capsys, [*evaluate, "--device", "bogus"], "unknown device 'bogus'")
+    if not torch.cuda.is_available():
+        one_line_error(capsys, [*evaluate, "--device", "cuda"], "CUDA is not available")
+    export = ["export", files / "m.onnx", "--model", "xception-compact", "--weights", weights]
+    one_line_error(capsys, [*export, "--size", "-5"], "--size -5")
+    # Too small for the model: its own words, not the exporter's (which came with colour codes).
+    strided = ["export", files / "m.onnx", "--weights", files / "strided.safetensors"]
+    one_line_error(capsys, [*strided, "--size", "5"], "smaller than this model's minimum 7x7")
+    int8 = [*export, "--int8", "--calibration", files / "four"]
+    one_line_error(capsys, [*int8, "--calibration-count", "0"], "--calibration-count 0")
+    one_line_error(capsys, [*int8, "--calibration-count", "-3"], "--calibration-count -3")
+    assert not (files / "m.onnx").exists()
+    model = create_model("xception-compact", num_classes=4, width=0.25, middle_blocks=1)
+    with pytest.raises(ValueError, match="no calibration images"):
+        deploy.quantize_model(model, files / "q.onnx", [], input_size=32)
+    with pytest.raises(ValueError, match=r"must be \(N, 3, H, W\)"):
+        deploy.quantize_model(model, files / "q.onnx", [torch.rand(2, 1, 32, 32)], input_size=32)
+    assert not (files / "q.onnx").exists()
+
+
+def test_eval_of_weights_without_class_names_on_other_classes(files, capsys):
+    # Four outputs, six class folders: labels 4 and 5 used to crash the loss (IndexError).
+    argv = ["eval", "--checkpoint", files / "plain.safetensors", "--model", "xception-compact",
+            "--data", files / "six", "--size", "32"]  # fmt: skip
+    one_line_error(capsys, argv, "6 classes", "4 outputs")
+
+
+def test_a_damaged_run_card_is_named(files, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes((files / "tiny.safetensors").read_bytes())
+    (run / "model.json").write_text('{"model": "xcep')
+    one_line_error(capsys, ["eval", "--checkpoint", run, "--data", files / "four"],
+                   "model.json is damaged")  # fmt: skip
+
+
+def test_a_run_folder_is_taken_as_its_weights(files, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes((files / "tiny.safetensors").read_bytes())
+    image = files / "four" / "cat" / "0.png"
+    assert main(["predict", str(image), "--weights", str(run), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["error"] is None and rows[0]["predictions"][0]["label"] in CLASSES
+    one_line_error(
+        capsys, ["predict", image, "--weights", tmp_path], "folder without model.safetensors"
+    )
+
+
+def test_export_format_follows_the_file_name(files, tmp_path, capsys):
+    weights = files / "tiny.safetensors"
+    export = ["export", "--model", "xception-compact", "--weights", weights]
+    assert main([*export[:1], str(tmp_path / "m.pt"), *map(str, export[1:])]) == 0
+    assert "torchscript" in capsys.readouterr().out
+    torch.jit.load(str(tmp_path / "m.pt"))  # a TorchScript archive, not ONNX named .pt
+    one_line_error(capsys, [*export[:1], tmp_path / "t.onnx", *export[1:], "--format",
+                            "torchscript"], "named like a onnx file", "t.pt")  # fmt: skip
+    assert not (tmp_path / "t.onnx").exists()
+
+
+def test_int8_calibration_images_become_grey_for_a_one_channel_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("xception-compact", num_classes=4, width=0.25, middle_blocks=1,
+                         in_chans=1).eval()  # fmt: skip
+    meta = Weights(name="grey", format="xception", num_classes=4, categories=CLASSES,
+                   input_size=32, mean=(0.5,), std=(0.5,))  # fmt: skip
+    save_safetensors(model, tmp_path / "grey.safetensors", meta)
+    _image_folder(tmp_path / "imgs", classes=CLASSES, per_class=2, size=32)  # RGB files
+    argv = ["export", tmp_path / "q.onnx", "--weights", tmp_path / "grey.safetensors", "--int8",
+            "--calibration", tmp_path / "imgs", "--calibration-count", "4"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated on 4 images" in out and "held-out images" in out
+
+
+def test_broken_exported_files_are_named(tmp_path):
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a model at all")
+    for fmt in deploy.EXPORT_FORMATS:
+        with pytest.raises(ValueError, match=f"{junk}: "):
+            deploy.load_exported(junk, fmt)
+    with pytest.raises(ValueError, match="ONNX Runtime cannot load it"):
+        deploy.OnnxModel(junk)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        deploy.load_exported(tmp_path / "missing.pt", "torchscript")
+
+
+def test_float_images_in_the_unit_range_are_not_black(tmp_path):
+    values = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(values, "F").save(tmp_path / "f.tif")
+    rgb = np.asarray(load_image(tmp_path / "f.tif"))
+    assert rgb.min() == 0 and rgb.max() == 255
+    Image.fromarray(values * 200, "F").save(tmp_path / "g.tif")  # 0-200: already 8-bit scale
+    assert np.asarray(load_image(tmp_path / "g.tif")).max() == 200
