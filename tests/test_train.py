@@ -244,6 +244,78 @@ def _one_line_error(capsys, argv, message, code=2):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def _snapshot(run: Path) -> dict:
+    """A run's checkpoints and metrics byte for byte, and its final weights' tensors (the file's
+    metadata records the last command's process settings, such as `progress`)."""
+    files = {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+             if p.is_file() and (p.parent.parent.name == "checkpoints" or p.name == "metrics.csv")}  # fmt: skip
+    return {
+        **files,
+        "weights": {k: v.tolist() for k, v in load_file(run / "model.safetensors").items()},
+    }
+
+
+def test_resume_keeps_the_runs_settings_and_never_replaces_another_run(tmp_path, toy, capsys):
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, checkpoint_every=7)
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 0
+    assert main(["train", "--recipe", str(recipe), "--out", str(other), "--seed", "1"]) == 0
+    capsys.readouterr()
+    finished, theirs = _snapshot(run), _snapshot(other)
+    # Without its recipe a resume used to take the default recipe's epochs (15) and checkpoint
+    # interval (0): a finished 1-epoch run was trained on and its results replaced.
+    assert main(["train", "--out", str(run), "--resume", "auto"]) == 0
+    assert _snapshot(run) == finished
+    # Settings given explicitly still apply; the others stay the run's own.
+    assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "2"]) == 0
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
+    capsys.readouterr()
+    latest = list_checkpoints(run / "checkpoints")[-1]
+    saved = load_checkpoint(latest)["state"]["config"]
+    assert (saved["epochs"], saved["checkpoint_every"]) == (2, 7)
+    # A checkpoint resumed into another run's folder would replace that run: refused.
+    ckpt = str(list_checkpoints(run / "checkpoints")[0])
+    _one_line_error(capsys, ["train", "--resume", ckpt, "--out", str(other)],
+                    "already holds another run")  # fmt: skip
+    assert _snapshot(other) == theirs
+    # An empty folder forks the run.
+    assert main(["train", "--resume", ckpt, "--out", str(tmp_path / "fork")]) == 0
+    assert (tmp_path / "fork" / "model.safetensors").is_file()
+
+
+def test_bad_recipe_files_and_settings_are_refused_by_name(tmp_path, toy, capsys):
+    (tmp_path / "typo.yaml").write_text("recipe: fashion-mnst\nepochs: 1\n")
+    with pytest.raises(ValueError, match="did you mean fashion-mnist"):  # was: bare defaults
+        make_config(tmp_path / "typo.yaml")
+    (tmp_path / "base.yaml").write_text("recipe: fashion-mnist\nepochs: 3\n")
+    (tmp_path / "child.yaml").write_text("recipe: base.yaml\nbatch_size: 16\n")
+    child = make_config(tmp_path / "child.yaml")  # a file based on a file beside it
+    assert (child.epochs, child.batch_size) == (3, 16)
+    assert child.lr == make_config("fashion-mnist").lr and child.recipe == "fashion-mnist"
+    (tmp_path / "base.yaml").write_text("recipe: child.yaml\n")
+    with pytest.raises(ValueError, match="in a loop"):
+        make_config(tmp_path / "child.yaml")
+    out = ["--out", str(tmp_path / "run")]
+    recipe = str(tiny_recipe(tmp_path, toy))
+    (tmp_path / "bad.yaml").write_text("lr: [1, 2\n")
+    _one_line_error(capsys, ["train", "--recipe", recipe, "--config", str(tmp_path / "bad.yaml"),
+                             *out], "not valid YAML")  # fmt: skip
+    _one_line_error(capsys, ["train", "--recipe", recipe, "--config", str(tmp_path), *out],
+                    "no such file")  # fmt: skip
+    _one_line_error(capsys, ["train", "--recipe", recipe, "--out", recipe], "is a file")
+    for setting, message in [("image_size=-4", "image_size=-4 is not valid"),
+                             ("threads=-2", "threads=-2 is not valid"),
+                             ("min_lr_ratio=-5", "min_lr_ratio=-5 is not valid"),
+                             ("lr_decay=-1", "lr_decay=-1"), ("lr_decay_epochs=0", "lr_decay_epochs=0"),
+                             ("crop_padding=-3", "crop_padding=-3 is not valid"),
+                             ("grad_clip=0", "grad_clip=0"), ("momentum=-1", "momentum=-1 is not valid"),
+                             ("model_args.width=abc", "width='abc' is not valid: expected a number")]:  # fmt: skip
+        _one_line_error(capsys, ["train", "--recipe", recipe, "--set", setting, *out], message)
+    _one_line_error(capsys, ["train", "--recipe", recipe, "--device", "foo", *out],
+                    "unknown device 'foo'")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 def test_user_errors_are_one_line_and_keep_good_checkpoints(tmp_path, toy, capsys):
     recipe = tiny_recipe(tmp_path, toy, epochs=1)
     run = tmp_path / "run"

@@ -208,3 +208,28 @@ def test_float_images_in_the_unit_range_are_not_black(tmp_path):
     assert rgb.min() == 0 and rgb.max() == 255
     Image.fromarray(values * 200, "F").save(tmp_path / "g.tif")  # 0-200: already 8-bit scale
     assert np.asarray(load_image(tmp_path / "g.tif")).max() == 200
+
+
+def test_bench_and_info_refuse_sizes_below_one(capsys):
+    bench = ["bench", "--quick", "--only", "xception eager NCHW"]
+    one_line_error(capsys, [*bench, "--batch", "0"], "at least 1")
+    one_line_error(capsys, [*bench, "--threads", "-1"], "--threads -1")
+    one_line_error(capsys, [*bench, "--device", "foo"], "unknown device 'foo'")
+    one_line_error(capsys, ["info", "xception-compact", "--size", "-5"], "--size -5")
+    # Too small for the model: one line, with no config line printed before it.
+    out = one_line_error(capsys, ["info", "xception", "--size", "5"], "smaller than this model's")
+    assert out == ""
+
+
+def test_a_closed_pipe_ends_quietly(capsys, monkeypatch):
+    """`xception models | head -1`: the reader goes away; no traceback, no error line."""
+    import io
+    import sys
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["models"]) == 141
+    assert capsys.readouterr().err == ""

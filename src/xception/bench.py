@@ -555,7 +555,12 @@ def run_bench(
     `quick`: the 0.25-width, one-middle-block model and no compiled or peer candidates, for a
     smoke test in seconds. `progress(message)` is called as candidates are built and timed.
     """
-    device = torch.device(device)
+    from .evaluate import resolve_device
+
+    device = resolve_device(device)
+    if size < 1 or any(b < 1 for b in batches) or (train_batch is not None and train_batch < 1):
+        raise ValueError(f"size={size}, batches={tuple(batches)}, train_batch={train_batch}: "
+                         "sizes and batches must be at least 1 (train_batch None: no training)")  # fmt: skip
     if size < 32 and not quick:
         raise ValueError(f"size={size} is too small for the 299-pixel models: use at least 75")
     if repeats < 1 or not batches:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -94,8 +95,14 @@ def _run_info(args: argparse.Namespace) -> int:
 
     if args.model == "inception-v3":
         raise UserError("info describes Xception presets; inception-v3 is torchvision's model")
+    import torch
+
+    if args.size < 1:
+        raise UserError(f"--size {args.size}: give the input size in pixels")
     overrides = _parse_overrides(args.set)
     model = create_model(args.model, num_classes=args.num_classes, **overrides)
+    # Too small an input is refused before anything is printed: one line, not two.
+    model.check_input(torch.empty(1, model.config.in_chans, args.size, args.size, device="meta"))
     print(f"{args.model}: {model.config}")
     _print_summary(model, args.size)
     return 0
@@ -527,6 +534,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     for out in (args.json, args.markdown):  # before minutes of benchmarking, not after
         if out:
             check_output_file(out)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: use a positive number of threads")
+    if args.train_batch is not None and args.train_batch < 0:
+        raise UserError(f"--train-batch {args.train_batch}: use a batch size, or 0 for no training")
+    if args.size is not None and args.size < 1:
+        raise UserError(f"--size {args.size}: give the input size in pixels")
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -554,8 +567,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--recipe",
-        default="fashion-mnist",
-        help="recipe name (imagenet, jft, fashion-mnist) or a YAML file",
+        help="recipe name (imagenet, jft, fashion-mnist) or a YAML file (default: fashion-mnist; "
+        "with --resume: the checkpoint's own settings)",
     )
     p.add_argument("--config", help="YAML file of overrides applied on top of the recipe")
     p.add_argument(
@@ -596,20 +609,18 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
+    """(the config, the keys the user set): a resume keeps the run's own settings for the rest."""
     import os
     import time
 
-    import yaml
-
-    from .train import make_config
+    from .train import _read_yaml, given_keys, make_config
 
     overrides: dict = {}
     if args.config:
+        if not os.path.isfile(args.config):
+            raise UserError(f"--config {args.config}: no such file (a YAML file of config keys)")
         with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{args.config}: expected a mapping of config keys")
-        overrides.update(loaded)
+            overrides.update(_read_yaml(f.read(), args.config))
     model_args = dict(overrides.pop("model_args", None) or {})
     for key, value in _parse_overrides(args.set).items():
         if key.startswith("model_args."):
@@ -624,7 +635,9 @@ def _train_config(args: argparse.Namespace):
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if args.no_progress:
         overrides["progress"] = False
-    cfg = make_config(args.recipe, **overrides)
+    recipe = args.recipe or (None if args.resume else "fashion-mnist")
+    given = given_keys(recipe, overrides)
+    cfg = make_config(recipe, **overrides)
     if model_args:
         cfg = cfg.replace(model_args={**cfg.model_args, **model_args})
     if cfg.out is None and cfg.resume is None:
@@ -632,15 +645,15 @@ def _train_config(args: argparse.Namespace):
             raise UserError("under torchrun pass --out DIR, so that all ranks and restarts "
                             "use the same run folder")  # fmt: skip
         cfg = cfg.replace(out=f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return cfg
+    return cfg, given
 
 
-def _fit(cfg) -> tuple[int, dict | None]:
+def _fit(cfg, given: set[str] | None = None) -> tuple[int, dict | None]:
     """Run the training engine; (exit status, result). Prints the one-line outcome."""
     from .train import Interrupted, TrainingError, fit
 
     try:
-        result = fit(cfg)
+        result = fit(cfg, given=given)
     except Interrupted as stop:
         print(f"xception train: {stop}", file=sys.stderr)
         return stop.exit_code, None
@@ -665,7 +678,7 @@ def _print_result(result: dict) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import os
 
-    status, result = _fit(_train_config(args))
+    status, result = _fit(*_train_config(args))
     if result is not None and int(os.environ.get("RANK", "0")) == 0:
         _print_result(result)
     return status
@@ -787,11 +800,20 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from .data import ImageError
-    from .weights import WeightsError
-
+    try:  # torch and friends load here, for a few seconds: Ctrl-C is no traceback either
+        from .data import ImageError
+        from .weights import WeightsError
+    except KeyboardInterrupt:
+        print(f"xception {args.command}: interrupted", file=sys.stderr)
+        return 130
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        try:  # and nothing to flush into the closed pipe at exit (Python's own advice)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except (UserError, ValueError, WeightsError, ImageError, OSError) as err:
         # OSError: files that cannot be read or written (permissions, a full disk, ...).
         print(f"xception {args.command}: error: {err}", file=sys.stderr)

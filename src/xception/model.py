@@ -56,6 +56,18 @@ class ModelConfig:
         return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # numbers first: the checks below compare them
+            value = getattr(self, f.name)
+            if f.type != "float":
+                continue
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+                try:
+                    object.__setattr__(self, f.name, float(value))
+                    continue
+                except ValueError:
+                    pass
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self._bad(f.name, "expected a number")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise self._bad("num_classes", "use a non-negative integer (0 = no classifier)")
         if not isinstance(self.in_chans, int) or self.in_chans < 1:

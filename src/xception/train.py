@@ -43,6 +43,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -157,6 +158,22 @@ class TrainConfig:
             raise ValueError("label_smoothing and drop_rate must lie in [0, 1)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise bad("ema_decay", "use a decay in (0, 1), e.g. 0.999, or leave it unset")
+        if self.image_size < 1:
+            raise bad("image_size", "use the input size in pixels")
+        if self.threads is not None and self.threads < 1:
+            raise bad("threads", "use a positive number of threads, or leave it unset (all cores)")
+        if self.crop_padding < 0:
+            raise bad("crop_padding", "use 0 or more pixels")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "use a value in [0, 1), e.g. 0.9")
+        if not 0 < self.lr_decay <= 1 or not self.lr_decay_epochs > 0:
+            raise ValueError(f"lr_decay={self.lr_decay!r} every lr_decay_epochs="
+                             f"{self.lr_decay_epochs!r} is not valid: use a factor in (0, 1] "
+                             "and a positive number of epochs, e.g. 0.94 every 2")  # fmt: skip
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "use a fraction of lr in [0, 1]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise bad("grad_clip", "use a positive gradient norm, or leave it unset")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by accum_steps="
                              f"{self.accum_steps}")  # fmt: skip
@@ -202,6 +219,11 @@ class TrainConfig:
 RESUMABLE = ("epochs", "out", "resume", "progress", "workers", "device", "threads", "compile",
              "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size",
              "keep_freed_memory")  # fmt: skip
+# Of those, the ones that shape the run's course and output: a resume keeps the checkpoint's
+# unless they are given (resuming a finished run without its recipe used to extend it to the
+# default recipe's epochs, with its checkpoint interval). The rest describe this machine and
+# this process, and come from the current config.
+RUN_SETTINGS = ("epochs", "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size")
 
 
 class TrainingError(RuntimeError):
@@ -239,18 +261,26 @@ def _read_yaml(text: str, where: str) -> dict:
     return data
 
 
-def load_recipe(name_or_path: str | Path) -> dict:
+def load_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A recipe's keys: a bundled name (see `list_recipes`) or a YAML file. A file may name a
-    base recipe with `recipe: NAME` and override some of its keys."""
+    base recipe with `recipe: NAME` (a bundled name, or another YAML file, relative to this
+    one) and override some of its keys."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
+        if path.resolve() in _seen:
+            raise ValueError(f"{path}: its base recipes name each other in a loop")
         data = _read_yaml(path.read_text(), str(path))
         base = data.get("recipe")
-        if base and base in list_recipes():
-            return {**load_recipe(base), **data}
-        return data
+        if base is None:
+            return data
+        if Path(str(base)).suffix in (".yaml", ".yml"):  # another file, beside this one
+            merged = load_recipe(path.parent / str(base), (*_seen, path.resolve()))
+            return {**merged, **data, "recipe": merged.get("recipe", str(base))}
+        if str(base) not in list_recipes():  # a typo used to train on bare defaults
+            load_recipe(str(base))  # raises: unknown recipe, with the closest names
+        return {**load_recipe(str(base)), **data}
     names = list_recipes()
     if str(name_or_path) not in names:
         close = difflib.get_close_matches(str(name_or_path), names, n=2)
@@ -389,7 +419,10 @@ def _uses_cuda(name: str) -> bool:
     local rank of torchrun gets a GPU of its own; otherwise (say 2 ranks on a 1-GPU machine) all
     ranks train on the CPU, with a warning."""
     if name != "auto":
-        return torch.device(name).type == "cuda"
+        try:
+            return torch.device(name).type == "cuda"
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if not torch.cuda.is_available():
         return False
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -459,11 +492,30 @@ class _EpochBatches(torch.utils.data.Sampler):
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
-def fit(config: str | Path | dict | TrainConfig | None = None, **overrides) -> dict:
+def given_keys(config: str | Path | dict | TrainConfig | None, overrides: dict) -> set[str]:
+    """The config keys a caller set: those `config` names (a recipe, a YAML file, a dict; all
+    of them for a TrainConfig) and the non-None `overrides`."""
+    if isinstance(config, TrainConfig):
+        return {f.name for f in dataclasses.fields(TrainConfig)}
+    named = set(config) if isinstance(config, dict) else set()
+    if isinstance(config, str | Path):
+        named = set(load_recipe(config))
+    elif isinstance(config, dict) and config.get("recipe") in list_recipes():
+        named |= set(load_recipe(config["recipe"]))
+    return named | {k for k, v in overrides.items() if v is not None}
+
+
+def fit(config: str | Path | dict | TrainConfig | None = None, *, given: Iterable[str] | None = None,
+        **overrides) -> dict:  # fmt: skip
     """Train as configured (see the module docstring) and return the result dict.
+
+    Resuming, the run's settings in RUN_SETTINGS (epochs, checkpoint interval, ...) come from
+    the checkpoint unless `given` names them; `given` defaults to the keys `config` and
+    `overrides` set (`given_keys`): `fit(None, resume=ckpt)` continues the run as it was.
 
     Raises Interrupted after SIGINT/SIGTERM (checkpoint saved), TrainingError on a non-finite
     loss, ValueError/DataError/CheckpointError for bad input."""
+    given = set(given) if given is not None else given_keys(config, overrides)
     cfg = make_config(config, **overrides)
     device = _resolve_device(cfg.device)  # once: the process group needs it before the run
     created = False
@@ -474,15 +526,15 @@ def fit(config: str | Path | dict | TrainConfig | None = None, **overrides) -> d
         dist.init_process_group(backend)
         created = True
     try:
-        return _Run(cfg, device).run()
+        return _Run(cfg, device, given).run()
     finally:
         if created:
             dist.destroy_process_group()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, cfg: TrainConfig, device: torch.device, given: set[str]) -> None:
+        self.device, self.given = device, given
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -497,12 +549,22 @@ class _Run:
         if cfg.out is None:
             raise ValueError("no output folder: set out (--out DIR)")
         self.out = Path(cfg.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out={cfg.out!r} is a file: give a folder for the run (--out DIR)")
         self.ckpt_dir = self.out / "checkpoints"
         if self.resume_from is None and C.find_latest(self.ckpt_dir) is not None:
             raise ValueError(
                 f"{self.out} already holds a run: continue it with --resume auto, or choose "
                 "another --out"
             )
+        if self.resume_from is not None and C.find_latest(self.ckpt_dir) is not None:
+            own = Path(self.resume_from["path"]).resolve().parent.parent
+            if own != self.out.resolve():  # the checkpoint belongs to another run's folder
+                raise ValueError(
+                    f"{self.out} already holds another run: resuming {self.resume_from['path']} "
+                    f"there would replace its checkpoints and results. Resume in the "
+                    f"checkpoint's own run (--out {own}), or in a new folder to fork it"
+                )
 
     def _load_resume(self, resume: str) -> None:
         cfg = self.cfg
@@ -518,7 +580,8 @@ class _Run:
         saved = ckpt["state"]["config"]
         if cfg.out is None:
             self.cfg = cfg = cfg.replace(out=str(Path(ckpt["path"]).parent.parent))
-        keep = {k: getattr(cfg, k) for k in RESUMABLE}
+        keep = {k: getattr(cfg, k) for k in RESUMABLE
+                if k not in RUN_SETTINGS or k in self.given or k not in saved}  # fmt: skip
         _check_keys(saved, f"checkpoint {ckpt['path']}")
         self.cfg = TrainConfig(**{**saved, **keep})
         self.resume_from = ckpt

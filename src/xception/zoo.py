@@ -140,7 +140,7 @@ def _load_state(model: nn.Module, opened, name: str) -> None:
     for key, tensor in model.state_dict().items():
         if tuple(opened.data[key].shape) != tuple(tensor.shape):
             raise WeightsError(
-                f"{opened.source}: not weights for this {name} ({key} has shape "
+                f"{opened.source}: not {name} weights for this config ({key} has shape "
                 f"{tuple(opened.data[key].shape)}, the model's {tuple(tensor.shape)}): check "
                 "--num-classes and the config the weights were made with"
             )
