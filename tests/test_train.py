@@ -255,7 +255,9 @@ def _snapshot(run: Path) -> dict:
     }
 
 
-def test_resume_keeps_the_runs_settings_and_never_replaces_another_run(tmp_path, toy, capsys):
+def test_resume_keeps_the_runs_settings_and_never_replaces_another_run(
+    tmp_path, toy, capsys, caplog
+):
     recipe = tiny_recipe(tmp_path, toy, epochs=1, checkpoint_every=7)
     run, other = tmp_path / "run", tmp_path / "other"
     assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 0
@@ -265,6 +267,12 @@ def test_resume_keeps_the_runs_settings_and_never_replaces_another_run(tmp_path,
     # Without its recipe a resume used to take the default recipe's epochs (15) and checkpoint
     # interval (0): a finished 1-epoch run was trained on and its results replaced.
     assert main(["train", "--out", str(run), "--resume", "auto"]) == 0
+    assert _snapshot(run) == finished
+    # What a resume cannot change is said, not silently dropped.
+    with caplog.at_level("WARNING", logger="xception"):
+        assert main(["train", "--out", str(run), "--resume", "auto", "--lr", "0.5",
+                     "--set", "model_args.middle_blocks=3"]) == 0  # fmt: skip
+    assert "lr, model_args given here not applied" in caplog.text
     assert _snapshot(run) == finished
     # Settings given explicitly still apply; the others stay the run's own.
     assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "2"]) == 0
@@ -281,6 +289,12 @@ def test_resume_keeps_the_runs_settings_and_never_replaces_another_run(tmp_path,
     # An empty folder forks the run.
     assert main(["train", "--resume", ckpt, "--out", str(tmp_path / "fork")]) == 0
     assert (tmp_path / "fork" / "model.safetensors").is_file()
+    # A damaged newest checkpoint: the error names the one before it.
+    older, newest = list_checkpoints(run / "checkpoints")[-2:]
+    (newest / "state.pt").write_bytes(b"cut short")
+    capsys.readouterr()
+    _one_line_error(capsys, ["train", "--out", str(run), "--resume", "auto"],
+                    f"the one before it may be intact: --resume {older}")  # fmt: skip
 
 
 def test_bad_recipe_files_and_settings_are_refused_by_name(tmp_path, toy, capsys):

@@ -635,6 +635,15 @@ def _train_config(args: argparse.Namespace):
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if args.no_progress:
         overrides["progress"] = False
+    if args.resume:
+        from .train import RESUMABLE
+
+        fixed = sorted(k for k in overrides if k not in RESUMABLE) + ["model_args"] * bool(
+            model_args
+        )
+        if fixed:
+            log.warning("--resume continues the run as it was configured: %s given here not "
+                        "applied (start a new run to change them)", ", ".join(fixed))  # fmt: skip
     recipe = args.recipe or (None if args.resume else "fashion-mnist")
     given = given_keys(recipe, overrides)
     cfg = make_config(recipe, **overrides)

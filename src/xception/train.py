@@ -576,7 +576,16 @@ class _Run:
                 log.info("no checkpoint under %s: starting a new run", cfg.out)
                 return
             resume = str(latest)
-        ckpt = C.load_checkpoint(resume)
+            try:
+                ckpt = C.load_checkpoint(resume)
+            except C.CheckpointError as err:  # point at the one before it, which may be intact
+                older = [p for p in C.list_checkpoints(latest.parent) if p != latest]
+                if not older:
+                    raise
+                raise C.CheckpointError(f"{err}; the one before it may be intact: "
+                                        f"--resume {older[-1]}") from None  # fmt: skip
+        else:
+            ckpt = C.load_checkpoint(resume)
         saved = ckpt["state"]["config"]
         if cfg.out is None:
             self.cfg = cfg = cfg.replace(out=str(Path(ckpt["path"]).parent.parent))
