@@ -275,6 +275,13 @@ def test_cli_experiment_rejects_bad_values(capsys, tmp_path):
     assert main(["experiment", "residual", "--quick", "--out", str(tmp_path / "file")]) == 2
     assert "is a file: pass a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "kept"
+    # More images than the data holds: the engine took all 60,000 and the report claimed more.
+    big = ["experiment", "residual", "--quick", "--out", str(tmp_path / "big")]
+    assert main([*big, "--train-size", "10000000"]) == 2
+    assert "10,000,000 training images asked for" in capsys.readouterr().err
+    assert main([*big, "--val-size", "10001"]) == 2
+    assert "has 10,000: ask for at most 10,000" in capsys.readouterr().err
+    assert not (tmp_path / "big" / "runs").exists()
     with pytest.raises(SystemExit):
         main(["experiment", "residuals"])
 

@@ -202,6 +202,21 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
+def idx_count(root: str | Path, split: str) -> int:
+    """How many images an IDX folder's `split` ('train' or 'test') holds, from its label file's
+    header alone."""
+    path = _find_idx(Path(root), IDX_FILES[split][1])
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable IDX file ({err})") from None
+    if len(head) < 8 or head[:2] != b"\0\0" or head[3] != 1:
+        raise DataError(f"{path}: not an IDX label file (bad magic number)")
+    return struct.unpack(">I", head[4:8])[0]
+
+
 _IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: "i2", 0x0C: "i4", 0x0D: "f4", 0x0E: "f8"}
 
 

@@ -452,7 +452,7 @@ _NOT_IDENTITY = ("out", "resume", "progress", "workers", "device", "threads", "c
 
 def dataset_info(data: str | Path) -> dict:
     """What the runs need to know of the data: experiments use IDX data (Fashion-MNIST, MNIST)."""
-    from .data import is_idx_dir, resolve_data
+    from .data import idx_count, is_idx_dir, resolve_data
     from .train import make_config
 
     root = resolve_data(data)
@@ -461,7 +461,14 @@ def dataset_info(data: str | Path) -> dict:
             f"{root}: the experiments run on Fashion-MNIST-style IDX files (train-images-idx3-"
             "ubyte.gz, ...): pass --data DIR holding them, or leave --data out for Fashion-MNIST"
         )
-    return dict(name=str(data), in_chans=1, num_classes=10, size=make_config(RECIPE).image_size)
+    return dict(
+        name=str(data),
+        in_chans=1,
+        num_classes=10,
+        size=make_config(RECIPE).image_size,
+        train_images=idx_count(root, "train"),
+        test_images=idx_count(root, "test"),
+    )
 
 
 def run_config(variant: Variant, scale: Scale, seed: int, data: dict) -> dict:
@@ -570,6 +577,11 @@ def run_experiments(
         raise ValueError(f"out={str(out)!r} is a file: pass a folder for the runs and the report "
                          "(it is created if missing)")  # fmt: skip
     info = dataset_info(data)
+    for size, have, what in ((scale.train_size, info["train_images"], "training"),
+                             (scale.val_size, info["test_images"], "test")):  # fmt: skip
+        if size > have:  # the engine would take them all, and the report claim `size`
+            raise ValueError(f"{size:,} {what} images asked for, but {data} has {have:,}: "
+                             f"ask for at most {have:,}")  # fmt: skip
     store = Store(out)
     plans = {s: suite_plan(s, scale, in_chans=info["in_chans"], num_classes=info["num_classes"])
              for s in suites}  # fmt: skip
