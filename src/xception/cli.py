@@ -430,6 +430,7 @@ def _run_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import deploy
+    from .predict import _in_chans
     from .zoo import create_model
 
     args.format = _export_format(args.output, args.format)
@@ -452,9 +453,7 @@ def _run_export(args: argparse.Namespace) -> int:
               f"max abs error vs PyTorch {report.max_abs_error:.2e} on batches "
               f"{', '.join(map(str, report.checked_batches))}")  # fmt: skip
         return 0
-    images = _images(
-        args.calibration, size, meta, getattr(getattr(model, "config", None), "in_chans", 3)
-    )
+    images = _images(args.calibration, size, meta, _in_chans(model))
     n = min(args.calibration_count, len(images))
     batches = lambda xs: [torch.stack(xs[i : i + 8]) for i in range(0, len(xs), 8)]  # noqa: E731
     q = deploy.quantize_model(model, args.output, batches(images[:n]), batches(images[n:]),
@@ -638,9 +637,9 @@ def _train_config(args: argparse.Namespace):
     if args.resume:
         from .train import RESUMABLE
 
-        fixed = sorted(k for k in overrides if k not in RESUMABLE) + ["model_args"] * bool(
-            model_args
-        )
+        fixed = sorted(k for k in overrides if k not in RESUMABLE)
+        if model_args:
+            fixed.append("model_args")
         if fixed:
             log.warning("--resume continues the run as it was configured: %s given here not "
                         "applied (start a new run to change them)", ", ".join(fixed))  # fmt: skip

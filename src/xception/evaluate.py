@@ -173,7 +173,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}, but CUDA is not available here: use cpu or auto")
+            raise ValueError(f"device={name!r} but CUDA is not available: use device='cpu'")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} does not exist: this machine has "
                              f"{torch.cuda.device_count()} GPU(s)")  # fmt: skip

@@ -56,7 +56,7 @@ from torch import nn
 from . import checkpoint as C
 from . import runtime
 from .deploy import compile_training
-from .evaluate import autocast, evaluate_model
+from .evaluate import autocast, evaluate_model, resolve_device
 from .metrics import Meter, reduce_sums, topk_correct
 
 __all__ = [
@@ -278,8 +278,8 @@ def load_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         if Path(str(base)).suffix in (".yaml", ".yml"):  # another file, beside this one
             merged = load_recipe(path.parent / str(base), (*_seen, path.resolve()))
             return {**merged, **data, "recipe": merged.get("recipe", str(base))}
-        if str(base) not in list_recipes():  # a typo used to train on bare defaults
-            load_recipe(str(base))  # raises: unknown recipe, with the closest names
+        # An unknown name is an error with the closest names (a typo used to train on bare
+        # defaults).
         return {**load_recipe(str(base)), **data}
     names = list_recipes()
     if str(name_or_path) not in names:
@@ -419,10 +419,7 @@ def _uses_cuda(name: str) -> bool:
     local rank of torchrun gets a GPU of its own; otherwise (say 2 ranks on a 1-GPU machine) all
     ranks train on the CPU, with a warning."""
     if name != "auto":
-        try:
-            return torch.device(name).type == "cuda"
-        except (RuntimeError, TypeError):
-            raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        return resolve_device(name).type == "cuda"  # a clear error for names it cannot use
     if not torch.cuda.is_available():
         return False
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -552,12 +549,13 @@ class _Run:
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out={cfg.out!r} is a file: give a folder for the run (--out DIR)")
         self.ckpt_dir = self.out / "checkpoints"
-        if self.resume_from is None and C.find_latest(self.ckpt_dir) is not None:
+        holds_a_run = C.find_latest(self.ckpt_dir) is not None
+        if self.resume_from is None and holds_a_run:
             raise ValueError(
                 f"{self.out} already holds a run: continue it with --resume auto, or choose "
                 "another --out"
             )
-        if self.resume_from is not None and C.find_latest(self.ckpt_dir) is not None:
+        if self.resume_from is not None and holds_a_run:
             own = Path(self.resume_from["path"]).resolve().parent.parent
             if own != self.out.resolve():  # the checkpoint belongs to another run's folder
                 raise ValueError(

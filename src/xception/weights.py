@@ -24,7 +24,7 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,6 +292,21 @@ def to_state_dict(weights: Mapping, model: nn.Module) -> dict[str, torch.Tensor]
     return {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
 
 
+def key_mismatch(model_keys: Iterable[str], file_keys: Iterable[str]) -> str | None:
+    """How a file's tensor names differ from a model's, in words (None when they match): how
+    many of the model's are missing from the file and how many of the file's the model does
+    not know, with the first of each."""
+    model_keys, file_keys = set(model_keys), set(file_keys)
+    missing, unexpected = sorted(model_keys - file_keys), sorted(file_keys - model_keys)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} model weights missing from the file (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} file weights unknown to the model "
+                     f"(first: {unexpected[0]})")  # fmt: skip
+    return "; ".join(parts) or None
+
+
 def load_into(
     model: nn.Module, weights: Mapping, *, source: str = "weights", require_head: bool = False
 ) -> dict[str, list[str]]:
@@ -308,21 +323,11 @@ def load_into(
     for key in list(sd):
         if key.startswith(head_prefixes) and (key not in own or own[key].shape != sd[key].shape):
             skipped[key] = sd.pop(key)
-    unexpected = sorted(set(sd) - set(own))
-    missing = sorted(set(own) - set(sd))
-    missing_head = [k for k in missing if k.startswith(head_prefixes)]
-    missing = [k for k in missing if not k.startswith(head_prefixes)]
-    if unexpected or missing:
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} model weights missing from the file (first: {missing[0]})"
-            )
-        if unexpected:
-            parts.append(f"{len(unexpected)} file weights unknown to the model "
-                         f"(first: {unexpected[0]})")  # fmt: skip
+    missing_head = [k for k in own if k.startswith(head_prefixes) and k not in sd]
+    body = {k for k in own if k not in missing_head}
+    if mismatch := key_mismatch(body, sd):
         raise WeightsError(
-            f"{source} does not fit this model: {'; '.join(parts)}. Check the model name and "
+            f"{source} does not fit this model: {mismatch}. Check the model name and "
             "its options (middle_blocks, segments, order, fc_layers, width)"
         )
     for key, value in sd.items():

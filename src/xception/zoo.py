@@ -122,22 +122,15 @@ def _inception_v3_compact(num_classes: int, opened, **overrides) -> nn.Module:
 
 
 def _load_state(model: nn.Module, opened, name: str) -> None:
-    """Load `opened` into `model` exactly, or raise WeightsError in one line: how many keys
-    are missing or unexpected (with a few of them), or the first tensor of the wrong shape."""
-    from .weights import WeightsError
+    """Load `opened` into `model` exactly, or raise WeightsError in one line: which tensor
+    names do not match (`weights.key_mismatch`), or the first tensor of the wrong shape."""
+    from .weights import WeightsError, key_mismatch
 
-    expected, given = set(model.state_dict()), set(opened.data)
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        few = lambda keys: ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")  # noqa: E731
-        raise WeightsError(
-            f"{opened.source}: not {name} weights ({len(missing)} of its tensors missing"
-            + (f", e.g. {few(missing)}" if missing else "")
-            + f"; {len(unexpected)} not its own"
-            + (f", e.g. {few(unexpected)}" if unexpected else "")
-            + f"): use weights saved from {name}, or the --model they were made for"
-        )
-    for key, tensor in model.state_dict().items():
+    own = model.state_dict()
+    if mismatch := key_mismatch(own, opened.data):
+        raise WeightsError(f"{opened.source}: not {name} weights ({mismatch}): use weights "
+                           f"saved from {name}, or the --model they were made for")  # fmt: skip
+    for key, tensor in own.items():
         if tuple(opened.data[key].shape) != tuple(tensor.shape):
             raise WeightsError(
                 f"{opened.source}: not {name} weights for this config ({key} has shape "
