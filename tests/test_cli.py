@@ -7,6 +7,9 @@ def test_models_lists_presets(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "xception-nonresidual" in out and "inception-v3" in out
+    assert main(["models", "Compact"]) == 0  # any case
+    out = capsys.readouterr().out
+    assert "xception-compact-nonresidual" in out and "xception-fc" not in out
 
 
 def test_info_prints_blocks_and_parameter_count(capsys):
@@ -29,6 +32,7 @@ def test_info_with_overrides(capsys):
         (["info", "xception", "--set", "segments=3"], "segments=3 does not divide"),
         (["info", "xception", "--set", "nonsense"], "expected key=value"),
         (["info", "inception-v3"], "describes Xception presets"),
+        (["models", "xceptoin"], "no preset name contains 'xceptoin': did you mean xception"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, message):

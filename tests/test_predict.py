@@ -305,3 +305,22 @@ def test_torch_backend_runs_the_optimized_model_with_the_same_logits():
     assert out.shape == (3, 7) and (out - ref).abs().max().item() < 1e-4
     assert ref.abs().max().item() > 0.1
     assert model.block1.conv1.bn.__class__ is nn.BatchNorm2d  # the user's model is untouched
+
+
+def test_an_image_too_elongated_to_resize_is_an_error_row_and_the_others_still_run(
+    tiny, tmp_path, capsys
+):
+    """With a shorter-side resize (here crop 0.875: 36 px) an 80000x1 strip would become a
+    2,880,000x36 image (10^8 pixels; at 299 px a 1x10000 strip is 30 GB of floats). It is
+    refused before resizing."""
+    from xception.weights import open_weights
+
+    model = create_model("xception-compact", weights=tiny)
+    model.weights_meta = open_weights(tiny).meta.replace(crop_fraction=0.875)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (80000, 1), RED).save(strip)
+    good = tmp_path / "good.png"
+    _halves().save(good)
+    rows = list(predict(model, [strip, good], topk=1))
+    assert "too elongated to resize its shorter side to 36 px" in rows[0].error
+    assert rows[0].top == [] and rows[1].error is None and len(rows[1].top) == 1

@@ -261,3 +261,134 @@ def test_a_required_classifier_that_does_not_fit_is_an_error(tmp_path):
     # the error names the backbone layer, not the classifier.
     with pytest.raises(WeightsError, match=r"layer block1\.conv1\.conv .* another configuration"):
         create_model("xception-compact", width=0.5, weights=path)
+
+
+# --- files that are damaged, foreign or from elsewhere: one line naming the file ---------------
+def test_damaged_keras_files_are_one_error_naming_the_file(tmp_path):
+    missing = tmp_path / "missing_group.h5"
+    with h5py.File(missing, "w") as f:
+        f.attrs["layer_names"] = [b"block1_conv1"]  # names a group the file does not have
+    one_string = tmp_path / "names_str.h5"
+    with h5py.File(one_string, "w") as f:
+        f.attrs["layer_names"] = "block1_conv1"
+    for path in (missing, one_string):
+        with pytest.raises(WeightsError, match=rf"{path}: damaged, or not a Keras weights file"):
+            load_file(path)
+
+
+def test_a_keras_head_of_another_name_says_what_is_expected(keras_top, tmp_path):
+    _, h5 = keras_top
+    renamed = tmp_path / "tuned.h5"
+    with h5py.File(h5) as src, h5py.File(renamed, "w") as dst:
+        names = [n.decode() if isinstance(n, bytes) else n for n in src.attrs["layer_names"]]
+        dst.attrs["layer_names"] = [("dense" if n == "predictions" else n).encode() for n in names]
+        for name in names:  # weight paths stay relative to the layer's group: no renames
+            src.copy(src[name], dst, name="dense" if name == "predictions" else name)
+    with pytest.raises(WeightsError, match="Keras Dense layer 'dense'.*named 'predictions'"):
+        create_model("xception", weights=renamed)
+
+
+def test_refused_pickle_does_not_repeat_torchs_advice_to_trust_it(tmp_path):
+    _Evil.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"fc.weight": _Evil()}, f)
+    with pytest.raises(WeightsError) as err:
+        load_file(path)
+    message = str(err.value)
+    assert "(Unsupported operand" in message  # what torch's unpickler refused, and no more
+    assert "weights_only" not in message and "\x1b[" not in message
+    whole = tmp_path / "whole.pth"
+    torch.save(torch.nn.Linear(2, 2), whole)  # a pickled module, not a state dict
+    with pytest.raises(WeightsError) as err:
+        load_file(whole)
+    message = str(err.value)
+    assert "(torch.nn.modules.linear.Linear)" in message
+    assert "weights_only" not in message and "\x1b[" not in message
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    model = create_model("xception-compact", num_classes=10)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["block2.sepconv1.pointwise.weight"][0, :3] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError, match=r"block2\.sepconv1\.pointwise\.weight holds 3 NaN"):
+        create_model("xception-compact", weights=path)
+
+
+def test_saved_config_unknown_to_this_version_or_not_an_object(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from xception.weights import safetensors_metadata
+
+    model = create_model("xception-compact", num_classes=10)
+    config = {**model.config.to_dict(), "new_field": 1}
+    newer = tmp_path / "newer.safetensors"
+    save_file(model.state_dict(), str(newer), metadata=safetensors_metadata(config, None))
+    with pytest.raises(WeightsError, match=r"newer\.safetensors: the model config saved in the "
+                                           r"file has field\(s\) new_field"):  # fmt: skip
+        create_model("xception-compact", weights=newer)
+    listed = tmp_path / "listed.safetensors"
+    save_file(model.state_dict(), str(listed),
+              metadata={"format": "pt", "xception.config": json.dumps([1, 2])})  # fmt: skip
+    with pytest.raises(WeightsError, match="xception.config is a JSON list, not an object"):
+        create_model("xception-compact", weights=listed)
+
+
+def test_converted_files_follow_the_umask(tmp_path):
+    import os
+
+    from xception.weights import save_safetensors
+
+    model = create_model("xception-compact", num_classes=10)
+    old = os.umask(0o077)
+    try:
+        private = save_safetensors(model, tmp_path / "private.safetensors")
+        os.umask(0o022)
+        shared = save_safetensors(model, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(old)
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert shared.stat().st_mode & 0o777 == 0o644
+
+
+def test_inception_compact_weights_keep_their_metadata_through_predict_and_convert(
+    tmp_path, capsys
+):
+    from PIL import Image
+
+    from xception.cli import main
+    from xception.weights import Weights, save_safetensors
+
+    torch.manual_seed(0)
+    model = create_model("inception-v3-compact", num_classes=3).eval()
+    meta = Weights(name="tiny", format="xception", num_classes=3, categories=("a", "b", "c"),
+                   input_size=28, mean=(0.2,) * 3, std=(0.3,) * 3)  # fmt: skip
+    path = save_safetensors(model, tmp_path / "inc.safetensors", meta)
+    again = create_model("inception-v3-compact", weights=path).eval()
+    assert again.weights_meta == meta
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8)).save(image)
+    argv = ["predict", str(image), "--model", "inception-v3-compact", "--weights", str(path)]
+    assert main([*argv, "--format", "csv", "--topk", "1", "--no-progress"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split(",")
+    x = meta.transforms()(Image.open(image).convert("RGB"))[None]
+    with torch.no_grad():
+        expected = again(x).softmax(-1)[0]
+    assert row[3] == "abc"[int(expected.argmax())]
+    assert abs(float(row[4]) - float(expected.max())) < 1e-4
+
+    assert main(["predict", str(image), "--weights", str(path), "--no-progress"]) == 2
+    assert "inception-v3-compact weights, not xception's: use --model inception-v3-compact" in (
+        capsys.readouterr().err
+    )
+    out = tmp_path / "conv.safetensors"
+    assert main(["convert", str(path), str(out), "--model", "inception-v3-compact"]) == 0
+    assert "3 classes, preprocessing: 28 px, class names included" in capsys.readouterr().out
+    assert create_model("inception-v3-compact", weights=out).weights_meta == meta

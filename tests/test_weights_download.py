@@ -61,12 +61,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        unannounced = self.path.endswith(tuple(server.unannounced))
+        if not unannounced:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not server.release.wait(30):
             return
-        if self.path.endswith(tuple(server.cut)):
-            body = body[: len(body) // 2]  # announce the whole file, send half, hang up
+        if self.path.endswith(tuple(server.cut)) or unannounced:
+            body = body[: len(body) // 2]  # send half and hang up (length announced or not)
         self.wfile.write(body)
 
     def log_message(self, *args):
@@ -87,7 +89,7 @@ def server(keras_files):
 @pytest.fixture
 def env(server, keras_files, tmp_path, monkeypatch):
     """A fresh cache, the download address pointing at the test server, the MD5s patched."""
-    server.requests, server.cut = [], set()
+    server.requests, server.cut, server.unannounced = [], set(), set()
     server.started, server.release = threading.Event(), threading.Event()
     server.release.set()
     home = tmp_path / "home"
@@ -254,3 +256,70 @@ def test_predict_with_imagenet_weights_matches_keras(env, keras_files, capsys):
         assert [r["label"] for r in row["predictions"]] == [
             W.WEIGHTS["imagenet"].categories[i] for i in expected.indices
         ]
+
+
+def test_a_transfer_cut_without_a_length_is_called_what_it_may_be(env, server):
+    server.unannounced = {TOP}
+    with pytest.raises(W.WeightsError, match=r"without announcing a length: the transfer may "
+                                             r"have broken off"):  # fmt: skip
+        W.download("imagenet", progress=False)
+    assert _cache_files(env) == []
+
+
+def test_a_cached_file_damaged_in_place_is_hashed_again_and_refused(env, server):
+    path = W.download("imagenet-notop", progress=False)
+    record = json.loads((env / f"{NOTOP}.json").read_text())
+    assert record["mtime_ns"] == path.stat().st_mtime_ns
+    with open(path, "r+b") as f:  # same size, other bytes: a size check alone trusts it
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, record["mtime_ns"] + 1_000_000_000))  # coarse clocks
+    with pytest.raises(W.WeightsError, match="damaged or not the official one. Delete it"):
+        create_model("xception", weights="imagenet-notop")
+    assert len(server.requests) == 1
+
+
+def test_stale_partial_downloads_are_cleared_under_the_lock(env, server):
+    env.mkdir(parents=True)
+    stale = env / f".{NOTOP}.k1ll3d.part"  # left by a download killed with SIGKILL/SIGTERM
+    stale.write_bytes(b"x" * 1000)
+    W.download("imagenet-notop", progress=False)
+    assert not stale.exists() and _cache_files(env) == [NOTOP, NOTOP + ".json"]
+
+
+def test_a_read_only_cache_serves_its_verified_files(env, server, monkeypatch):
+    import filelock
+
+    W.download("imagenet-notop", progress=False)
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", self.lock_file)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refused)
+    # Recorded: no lock taken, nothing written.
+    assert W.download("imagenet-notop", progress=False) == env / NOTOP
+    (env / f"{NOTOP}.json").unlink()  # unrecorded (as when baked into an image by hand)
+    assert W.download("imagenet-notop", progress=False) == env / NOTOP
+    with pytest.raises(W.WeightsError, match=rf"cannot write to the weights cache {env} .*set "
+                                             r"XCEPTION_HOME to a writable folder"):  # fmt: skip
+        W.download("imagenet", progress=False)
+    assert len(server.requests) == 1
+
+
+def test_a_mirror_that_is_not_a_url_names_the_variable(env, monkeypatch, tmp_path):
+    monkeypatch.setenv("XCEPTION_WEIGHTS_URL", str(tmp_path))
+    with pytest.raises(W.WeightsError, match=r"XCEPTION_WEIGHTS_URL='.*' is not a URL: give an "
+                                             r"http://, https:// or file:// folder"):  # fmt: skip
+        W.download("imagenet", progress=False)
+
+
+def test_predict_no_progress_hides_the_download_bar(env, server, capfd):
+    from PIL import Image
+
+    image = env.parent / "x.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    assert main(["predict", str(image), "--no-progress", "--format", "csv"]) == 0
+    err = capfd.readouterr().err
+    assert len(server.requests) == 1 and TOP not in err and "%|" not in err

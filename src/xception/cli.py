@@ -64,7 +64,15 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 def _run_models(args: argparse.Namespace) -> int:
     from .zoo import PRESETS, list_models
 
-    rows = [[name, PRESETS[name][0]] for name in list_models(args.filter)]
+    names = list_models(args.filter)
+    if not names:
+        import difflib
+
+        close = difflib.get_close_matches(args.filter, PRESETS, n=3, cutoff=0.4)
+        raise UserError(f"no preset name contains {args.filter!r}"
+                        + (f": did you mean {', '.join(close)}?" if close else
+                           f" (names: {', '.join(PRESETS)})"))  # fmt: skip
+    rows = [[name, PRESETS[name][0]] for name in names]
     print(_fmt_table(rows, ["model", "description"]))
     return 0
 
@@ -194,7 +202,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not any(f.exists() for f in files):  # fail before loading (or downloading) weights
         raise UserError(f"no such file: {', '.join(map(str, files))}")
     runtime.keep_freed_memory()  # this process is ours, as in `xception eval`
-    model = create_model(args.model, weights=args.weights)
+    model = create_model(args.model, weights=args.weights, progress=not args.no_progress)
     num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features
     results = list(
         predict(
@@ -245,9 +253,10 @@ def _run_convert(args: argparse.Namespace) -> int:
     path = save_safetensors(model, args.output, model.weights_meta)
     meta = model.weights_meta
     cfg = model.config
+    port = f"padding={cfg.padding}, bn_eps={cfg.bn_eps}, " if hasattr(cfg, "padding") else ""
     print(
         f"wrote {path}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{cfg.num_classes} classes, padding={cfg.padding}, bn_eps={cfg.bn_eps}, "
+        f"{cfg.num_classes} classes, {port}"
         f"preprocessing: {meta.input_size if meta else '?'} px, "
         f"{'class names included' if meta and meta.categories else 'no class names'}"
     )

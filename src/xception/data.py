@@ -130,10 +130,29 @@ def eval_transform(
     else:
         resize_to = int(size / crop_fraction)
         steps = [
+            _ResizeLimit(resize_to),
             T.Resize(resize_to, interpolation=_INTERPOLATION[interpolation], antialias=True),
             T.CenterCrop(size),
         ]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+class _ResizeLimit:
+    """Refuses an image whose shorter side, resized to `shorter` pixels, would make a picture
+    beyond MAX_IMAGE_PIXELS: a 1x20000 strip would become 333x6.7 million, gigabytes in memory."""
+
+    def __init__(self, shorter: int) -> None:
+        self.shorter = shorter
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        pixels = self.shorter * self.shorter * max(w, h) / max(1, min(w, h))
+        if pixels > MAX_IMAGE_PIXELS:
+            raise ImageError(
+                f"{w}x{h} pixels: too elongated to resize its shorter side to {self.shorter} px "
+                f"({pixels:,.0f} pixels, over the limit of {MAX_IMAGE_PIXELS:,}); crop it first"
+            )
+        return image
 
 
 def to_batch(images: list[Image.Image], transform) -> torch.Tensor:
@@ -388,17 +407,19 @@ class FileDataset(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             path, target = self.samples[i]
+            key = int(sample_keys(self.seed, self.epoch, [index])[0] >> np.uint64(1))
             try:
                 image = load_image(path)
-            except ImageError as err:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(key)
+                    x = self.transform(image)
+            except ImageError as err:  # unreadable, or unfit for the transform (_ResizeLimit)
                 if i not in self.failed:
                     self.failed.add(i)
-                    log.warning("skipping unreadable image %s", err)
+                    text = str(err)
+                    log.warning("skipping unreadable image %s", text if text.startswith(str(path))
+                                else f"{path}: {text}")  # fmt: skip
                 continue
-            key = int(sample_keys(self.seed, self.epoch, [index])[0] >> np.uint64(1))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(key)
-                x = self.transform(image)
             return x, target
         raise DataError("no readable image left in the dataset")
 

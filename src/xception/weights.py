@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
+from .checkpoint import default_mode
 from .data import eval_transform
 
 log = logging.getLogger(__name__)
@@ -88,23 +89,37 @@ def read_keras_h5(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
             f"{path}: not a readable HDF5 file ({err}); a Keras weights file (.h5) is expected"
         ) from None
     with f:
-        root = f["model_weights"] if "model_weights" in f else f
-        if "layer_names" not in root.attrs:
+        try:
+            return _read_keras_layers(f, path)
+        except WeightsError:
+            raise
+        except (KeyError, RuntimeError, OSError, ValueError, TypeError, UnicodeError) as err:
             raise WeightsError(
-                f"{path}: HDF5 file without 'layer_names': not a Keras weights file in the "
-                "legacy layout (save it with model.save_weights('x.weights.h5') from Keras 2, or "
-                "keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group)"
-            )
-        layers: dict[str, dict[str, np.ndarray]] = {}
-        for name in map(_text, root.attrs["layer_names"]):
-            group = root[name]
-            weights = {}
-            for wname in map(_text, group.attrs.get("weight_names", [])):
-                short = wname.split("/")[-1].split(":")[0]
-                weights[short] = np.asarray(group[wname])
-            if weights:
-                layers[name] = weights
-        return layers
+                f"{path}: damaged, or not a Keras weights file in the legacy layout ({err})"
+            ) from None
+
+
+def _read_keras_layers(f, path: Path) -> dict[str, dict[str, np.ndarray]]:
+    root = f["model_weights"] if "model_weights" in f else f
+    if "layer_names" not in root.attrs:
+        raise WeightsError(
+            f"{path}: HDF5 file without 'layer_names': not a Keras weights file in the "
+            "legacy layout (save it with model.save_weights('x.weights.h5') from Keras 2, or "
+            "keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group)"
+        )
+    names = root.attrs["layer_names"]
+    if isinstance(names, (str, bytes)):  # a list of names is expected, not one string
+        raise ValueError("'layer_names' is not a list of layer names")
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for name in map(_text, names):
+        group = root[name]
+        weights = {}
+        for wname in map(_text, group.attrs.get("weight_names", [])):
+            short = wname.split("/")[-1].split(":")[0]
+            weights[short] = np.asarray(group[wname])
+        if weights:
+            layers[name] = weights
+    return layers
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -145,11 +160,10 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
             raise WeightsError(
-                f"{path}: refused to load: the file holds pickled objects other than tensors "
-                f"({first}). Nothing from it was run. Convert it in a trusted environment to "
-                "safetensors, or re-save a plain state dict of tensors"
+                f"{path}: refused to load: the file holds pickled objects other than tensors"
+                f"{_unsupported_global(str(err))}. Nothing from it was run. Convert it in a "
+                "trusted environment to safetensors, or re-save a plain state dict of tensors"
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise WeightsError(f"{path}: not a readable PyTorch file ({err})") from None
@@ -158,6 +172,17 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
         f"{path}: unknown weights format {suffix!r}: use .h5 (Keras), .safetensors, or "
         ".pth/.pt (PyTorch state dict)"
     )
+
+
+def _unsupported_global(torch_message: str) -> str:
+    """What torch's weights_only unpickler refused (a class, or a pickle instruction), from its
+    message, which goes on to suggest weights_only=False: the very thing we refuse to do."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", torch_message)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f" ({m[1]})"
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return f" ({m[1].strip()})" if m else ""
 
 
 def detect_format(weights: Mapping) -> str:
@@ -212,6 +237,13 @@ def keras_to_state_dict(
         elif set(w) == {"kernel", "bias"} and name == "predictions":
             sd["fc.weight"] = t(w["kernel"].T.copy())
             sd["fc.bias"] = t(w["bias"].copy())
+        elif set(w) == {"kernel", "bias"} and w["kernel"].ndim == 2:
+            raise WeightsError(
+                f"Keras Dense layer {name!r}: only Xception's own classifier, a Dense layer "
+                "named 'predictions' on the pooled features, has a counterpart here. Rename it "
+                "to 'predictions' in Keras (one Dense head) before saving, or load the file "
+                "without it (Keras: include_top=False) and train a new head"
+            )
         else:
             raise WeightsError(
                 f"Keras layer {name!r} with weights {sorted(w)} has no counterpart in Xception"
@@ -346,6 +378,13 @@ def load_into(
             f"{source}: classifier {key} has shape {have} in the file, the model has {want}: "
             "set num_classes to match the file, or load without the top"
         )
+    for key, value in sd.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise WeightsError(
+                f"{source}: {key} holds {bad:,} NaN or infinite values: the file is damaged, or "
+                "the run that wrote it diverged. Use another copy or an earlier checkpoint"
+            )
     if missing_head or skipped:
         log.warning(
             "%s: classifier not loaded (%s); the model keeps a freshly initialised head for "
@@ -396,6 +435,11 @@ class Weights:
         base = os.environ.get(URL_ENV) or self.base_url
         if self.filename is None or base is None:
             return None
+        if not base.startswith(("http://", "https://", "file://")):
+            raise WeightsError(
+                f"{URL_ENV}={base!r} is not a URL: give an http://, https:// or file:// folder "
+                f"holding {self.filename} (e.g. file:///srv/weights/)"
+            )
         return base.rstrip("/") + "/" + self.filename
 
     def transforms(self) -> Callable:
@@ -471,7 +515,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.chmod(tmp, default_mode())  # as open() would, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -491,9 +535,29 @@ def _sidecar(target: Path) -> Path:
     return target.with_name(target.name + ".json")
 
 
-def _write_sidecar(target: Path, w: Weights, md5: str, sha256: str, size: int) -> None:
-    record = {"name": w.name, "url": w.url, "md5": md5, "sha256": sha256, "size": size}
+def _write_sidecar(target: Path, w: Weights, md5: str, sha256: str, stat: os.stat_result,
+                   url: str | None) -> None:  # fmt: skip
+    """Record the hashes with the file's size and modification time: a file changed since
+    (same size or not) no longer matches its record and is hashed again before use."""
+    record = {"name": w.name, "url": url, "md5": md5, "sha256": sha256, "size": stat.st_size,
+              "mtime_ns": stat.st_mtime_ns}  # fmt: skip
     _atomic_write_bytes(_sidecar(target), json.dumps(record, indent=1).encode())
+
+
+def _recorded(target: Path, w: Weights) -> bool:
+    """Whether `target` is the file its sidecar verified: the published MD5 recorded, and the
+    same size and modification time (damage written in place changes the time)."""
+    try:
+        stat = target.stat()
+        record = json.loads(_sidecar(target).read_text())
+        return (
+            isinstance(record, dict)
+            and record.get("md5") == w.md5
+            and record.get("size") == stat.st_size
+            and record.get("mtime_ns") == stat.st_mtime_ns
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def _place_by_hand(w: Weights, target: Path) -> str:
@@ -506,22 +570,22 @@ def _place_by_hand(w: Weights, target: Path) -> str:
 
 
 def _check_cached(target: Path, w: Weights) -> None:
-    """A cached file is trusted when its sidecar records the expected MD5 and its size; a file
-    placed by hand (no sidecar) is hashed once and then recorded."""
-    size = target.stat().st_size
-    try:
-        record = json.loads(_sidecar(target).read_text())
-        if record.get("md5") == w.md5 and record.get("size") == size:
-            return
-    except (OSError, ValueError):
-        pass
+    """A cached file is trusted when its sidecar records the expected MD5, its size and its
+    modification time; any other file (placed by hand, changed since, or recorded by an older
+    version) is hashed, and recorded where the cache is writable."""
+    if _recorded(target, w):
+        return
+    stat = target.stat()
     md5, sha256 = _file_hashes(target)
     if md5 != w.md5:
         raise WeightsError(
             f"{target}: MD5 {md5} does not match the published {w.md5} of {w.name!r}: the file "
             "is damaged or not the official one. Delete it and run again to download it afresh"
         )
-    _write_sidecar(target, w, md5, sha256, size)
+    try:
+        _write_sidecar(target, w, md5, sha256, stat, None)
+    except OSError as err:  # a read-only or shared cache: verified all the same, for this call
+        log.debug("%s: verified, but its record could not be written (%s)", target, err)
     log.info("%s: verified (sha256 %s)", target, sha256)
 
 
@@ -538,7 +602,12 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             try:
-                with urllib.request.urlopen(url, timeout=60) as response:
+                try:
+                    opened = urllib.request.urlopen(url, timeout=60)
+                except ValueError as err:  # not a URL urllib can open
+                    raise WeightsError(f"cannot download from {url!r} ({err}): check {URL_ENV}, "
+                                       "an http://, https:// or file:// folder") from None  # fmt: skip
+                with opened as response:
                     length = response.headers.get("Content-Length")
                     total = int(length) if length is not None else None
                     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -568,14 +637,21 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
                 )
             f.flush()
             os.fsync(f.fileno())
+        if md5.hexdigest() != w.md5 and total is None:
+            raise WeightsError(
+                f"{url} sent {received:,} bytes with MD5 {md5.hexdigest()}, not the published "
+                f"{w.md5} of {w.name!r}, without announcing a length: the transfer may have "
+                f"broken off, or the server sent another file. Nothing was kept: run again, or "
+                f"{_place_by_hand(w, target)}"
+            )
         if md5.hexdigest() != w.md5:
             raise WeightsError(
                 f"{url} sent a file with MD5 {md5.hexdigest()}, not the published {w.md5} of "
                 f"{w.name!r}; it was discarded. If a mirror ({URL_ENV}) or proxy serves another "
                 f"file, fix that, or {_place_by_hand(w, target)}"
             )
-        _write_sidecar(target, w, md5.hexdigest(), sha256.hexdigest(), received)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, default_mode())
+        _write_sidecar(target, w, md5.hexdigest(), sha256.hexdigest(), tmp.stat(), url)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -599,9 +675,12 @@ def download(weights: Weights | str, *, progress: bool = True) -> Path:
     from filelock import FileLock
 
     w = _named(weights) if isinstance(weights, str) else weights
-    if w.url is None or w.md5 is None:
+    if w.filename is None or w.md5 is None or (w.base_url is None and not os.environ.get(URL_ENV)):
         raise WeightsError(f"weights {w.name!r} cannot be downloaded: {w.description}")
     target = cache_dir() / "weights" / w.filename
+    if _recorded(target, w):  # verified before: no lock, no write (read-only caches work)
+        log.debug("%s: cached at %s", w.name, target)
+        return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -609,12 +688,28 @@ def download(weights: Weights | str, *, progress: bool = True) -> Path:
             f"cannot create the weights cache {target.parent} ({err}): set {HOME_ENV} to a "
             "writable folder"
         ) from None
-    with FileLock(f"{target}.lock"):
+    # 0o666: in a cache shared by several users each must be able to take the lock.
+    lock = FileLock(f"{target}.lock", mode=0o666)
+    try:
+        lock.acquire()
+    except OSError as err:  # a read-only or someone else's cache
+        if target.is_file():
+            _check_cached(target, w)  # hashed, not recorded
+            return target
+        raise WeightsError(
+            f"cannot write to the weights cache {target.parent} ({err}): set {HOME_ENV} to a "
+            f"writable folder, or {_place_by_hand(w, target)}"
+        ) from None
+    try:
+        for stale in target.parent.glob(f".{target.name}.*.part"):
+            stale.unlink(missing_ok=True)  # left by a download that was killed; we hold the lock
         if target.exists():
             _check_cached(target, w)
             log.debug("%s: cached at %s", w.name, target)
         else:
             _fetch(w, target, progress)
+    finally:
+        lock.release()
     return target
 
 
@@ -663,8 +758,11 @@ def read_safetensors_metadata(path: str | Path) -> tuple[dict | None, Weights | 
         with safe_open(str(path), "pt") as f:
             stored = f.metadata() or {}
         config = json.loads(stored["xception.config"]) if "xception.config" in stored else None
-        meta = stored.get("xception.weights")
-        return config, Weights.from_dict(json.loads(meta)) if meta else None
+        meta = json.loads(stored["xception.weights"]) if "xception.weights" in stored else None
+        for key, value in (("xception.config", config), ("xception.weights", meta)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{key} is a JSON {type(value).__name__}, not an object")
+        return config, Weights.from_dict(meta) if meta else None
     except (SafetensorError, OSError, ValueError, TypeError) as err:
         raise WeightsError(f"{path}: unreadable xception metadata ({err})") from None
 

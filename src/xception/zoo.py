@@ -59,8 +59,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Names accepted by `create_model`, optionally filtered by a substring."""
-    return sorted(n for n in PRESETS if pattern is None or pattern in n)
+    """Names accepted by `create_model`, optionally filtered by a substring (any case)."""
+    return sorted(n for n in PRESETS if pattern is None or pattern.lower() in n)
 
 
 def _check_name(name: str) -> None:
@@ -118,7 +118,31 @@ def _inception_v3_compact(num_classes: int, opened, **overrides) -> nn.Module:
     model.weights_meta = None
     if opened is not None:
         _load_state(model, opened, "inception-v3-compact")
+        model.weights_meta = opened.meta  # class names and preprocessing, as for Xception
     return model
+
+
+def _check_saved_config(name: str, opened) -> None:
+    """The config an Xception file was saved with must be an XceptionConfig: one of the compact
+    Inception's names the preset the file needs; fields this version does not know say so,
+    rather than reading as options the user gave."""
+    from .inception import InceptionConfig
+    from .weights import WeightsError
+
+    fields = {f.name for f in dataclasses.fields(XceptionConfig)}
+    unknown = sorted(set(opened.config) - fields)
+    if not unknown:
+        return
+    if set(opened.config) <= {f.name for f in dataclasses.fields(InceptionConfig)}:
+        raise WeightsError(
+            f"{opened.source}: inception-v3-compact weights, not {name}'s: use --model "
+            "inception-v3-compact (create_model('inception-v3-compact', weights=...))"
+        )
+    raise WeightsError(
+        f"{opened.source}: the model config saved in the file has field(s) "
+        f"{', '.join(unknown)} that this version of xception does not know: it was written by "
+        "a newer version (upgrade) or for another model"
+    )
 
 
 def _load_state(model: nn.Module, opened, name: str) -> None:
@@ -126,18 +150,20 @@ def _load_state(model: nn.Module, opened, name: str) -> None:
     names do not match (`weights.key_mismatch`), or the first tensor of the wrong shape."""
     from .weights import WeightsError, key_mismatch
 
-    own = model.state_dict()
-    if mismatch := key_mismatch(own, opened.data):
+    # BN's step counters are bookkeeping that `save_safetensors` leaves out: never required.
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    data = {k: v for k, v in opened.data.items() if not k.endswith("num_batches_tracked")}
+    if mismatch := key_mismatch(own, data):
         raise WeightsError(f"{opened.source}: not {name} weights ({mismatch}): use weights "
                            f"saved from {name}, or the --model they were made for")  # fmt: skip
     for key, tensor in own.items():
-        if tuple(opened.data[key].shape) != tuple(tensor.shape):
+        if tuple(data[key].shape) != tuple(tensor.shape):
             raise WeightsError(
                 f"{opened.source}: not {name} weights for this config ({key} has shape "
-                f"{tuple(opened.data[key].shape)}, the model's {tuple(tensor.shape)}): check "
+                f"{tuple(data[key].shape)}, the model's {tuple(tensor.shape)}): check "
                 "--num-classes and the config the weights were made with"
             )
-    model.load_state_dict(opened.data)
+    model.load_state_dict(data, strict=False)  # every other key checked just above
 
 
 def create_model(
@@ -145,6 +171,7 @@ def create_model(
     *,
     num_classes: int | None = None,
     weights: str | Path | None = None,
+    progress: bool = True,
     **overrides,
 ) -> nn.Module:
     """Build a model by preset name, optionally with weights.
@@ -159,12 +186,13 @@ def create_model(
     gets its class count (none for weights without one; 1000 without weights) and it must load,
     else WeightsError. A `num_classes` that differs from the weights' asks for a new head: the
     backbone loads, the head stays freshly initialised, and a warning says so. The weights'
-    metadata (class names, preprocessing) is `model.weights_meta`.
+    metadata (class names, preprocessing) is `model.weights_meta`. `progress` shows a
+    download's progress bar on stderr.
     """
     from . import weights as W
 
     _check_name(name)
-    opened = W.open_weights(weights) if weights is not None else None
+    opened = W.open_weights(weights, progress=progress) if weights is not None else None
     wants_file_head = num_classes is None
     if num_classes is None:
         num_classes = opened.num_classes if opened is not None else 1000
@@ -174,10 +202,12 @@ def create_model(
             if opened.format == "keras":
                 raise W.WeightsError(f"{weights}: Keras Inception V3 files are not supported")
             _load_state(model, opened, "inception-v3")
+        model.weights_meta = opened.meta if opened is not None else None
         return model
     if name == "inception-v3-compact":
         return _inception_v3_compact(num_classes, opened, **overrides)
     if opened is not None:
+        _check_saved_config(name, opened)
         for key, value in opened.config.items():
             if key not in overrides:
                 overrides[key] = value
