@@ -131,3 +131,97 @@ def test_multilabel_list(tmp_path):
     assert [s[1].tolist() for s in samples] == [[0, 1, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]]
     train, val = make_datasets(tmp_path / "train.csv", image_size=16, val_fraction=0.25)
     assert train.multilabel and (len(train), len(val)) == (3, 1)
+
+
+def _png_cut_in_its_pixels(path) -> None:
+    """A PNG whose chunks and CRCs are valid (Image.verify passes) but whose compressed pixels
+    stop short: it fails only when decoded."""
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    pixels = zlib.compress(b"".join(b"\x00" + bytes([200, 30, 30]) * 20 for _ in range(20)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20, 20, 8, 2,
+                     0, 0, 0)) + chunk(b"IDAT", pixels[: len(pixels) // 3]) + chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_damaged_idx_headers_and_labels_are_named(tmp_path):
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3, 0, 0]))  # three dimensions announced, half of one given
+    with pytest.raises(DataError, match="header is cut short"):
+        read_idx(tmp_path / "short.gz")
+    with gzip.open(tmp_path / "huge.gz", "wb") as f:  # 2^31 x 3 bytes: no overflow to 0
+        f.write(bytes([0, 0, 8, 2]) + struct.pack(">II", 2**31, 3))
+    with pytest.raises(DataError, match=r"truncated IDX file \(0 of 6,442,450,944"):
+        read_idx(tmp_path / "huge.gz")
+    a = np.arange(10, dtype=np.uint8)
+    write_idx(tmp_path / "extra.gz", a)
+    raw = gzip.decompress((tmp_path / "extra.gz").read_bytes())
+    (tmp_path / "extra").write_bytes(raw + b"\0\0")
+    with pytest.raises(DataError, match="2 bytes more than its header's 10 values"):
+        read_idx(tmp_path / "extra")
+
+    root = make_idx_dataset(tmp_path / "toy", classes=4)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.full(64, 12))
+    with pytest.raises(DataError, match="labels go from 12 to 12, but there are 4 classes"):
+        load_idx(root, "test", classes=("a", "b", "c", "d"))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros((64, 2)))
+    with pytest.raises(DataError, match="expected N images of H x W and N class indices"):
+        load_idx(root, "test")
+
+
+def test_label_lists_keep_every_label_and_refuse_what_they_cannot_place(tmp_path, caplog):
+    _image_folder(tmp_path / "img", classes=("a",), per_class=4)
+    lst = tmp_path / "train.csv"
+    # A byte-order mark (as spreadsheets write it), labels in several columns, a repeat.
+    lst.write_bytes("\ufeffpath,labels\nimg/a/0.png,cat,dog\nimg/a/1.png,dog;bird\n"
+                    "img/a/2.png,cat\nimg/a/2.png,cat\n".encode())  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        samples, classes = read_label_list(lst)
+    assert classes == ("bird", "cat", "dog")  # no class named "labels"
+    assert [s[1].tolist() for s in samples] == [[0, 1, 1], [1, 0, 1], [0, 1, 0], [0, 1, 0]]
+    assert "1 row(s) repeat an image listed before (first: img/a/2.png on lines 4 and 5)" in (
+        caplog.text
+    )
+    val = tmp_path / "val.csv"
+    val.write_text("path,labels\nimg/a/0.png,cat\nimg/a/1.png,wolf\n")
+    with pytest.raises(DataError, match=r"val\.csv:3: label 'wolf' is not one of the model's 3"):
+        read_label_list(val, classes)
+    val.write_text('path,labels\nimg/a/0.png,"cat\nimg/a/1.png,dog\n')
+    with pytest.raises(DataError, match=r"val\.csv:3: a quote opened in this row runs over"):
+        read_label_list(val, classes)
+    with pytest.raises(DataError, match=r"0\.png: not a label list \(\.csv\)"):
+        read_label_list(tmp_path / "img" / "a" / "0.png")
+    # A missing file's labels name no class.
+    lst.write_text("path,labels\nimg/a/0.png,cat\nimg/a/1.png,cat\nimg/a/gone.png,zebra\n")
+    assert read_label_list(lst)[1] == ("cat",)
+
+
+def test_a_class_folder_whose_images_all_fail_is_an_error(tmp_path):
+    root = _image_folder(tmp_path / "d", per_class=4)
+    (root / "fox").mkdir()
+    (root / "fox" / "0.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"fox has no readable images"):
+        scan_folder(root)
+
+
+def test_evaluation_sets_leave_undecodable_images_out(tmp_path, caplog):
+    root = _image_folder(tmp_path / "d", per_class=3)
+    _png_cut_in_its_pixels(root / "dog" / "cut.png")
+    samples, _ = scan_folder(root)
+    assert len(samples) == 7  # the header check passes it
+    ds = make_eval_dataset(root, image_size=16)
+    with caplog.at_level(logging.WARNING):
+        x, y = ds.collate([ds[i] for i in range(len(ds))])
+    assert len(x) == len(y) == 6 and "cut.png" in caplog.text
+    assert ds.collate([ds[i] for i in range(len(ds)) if ds[i][0] is None]) == (None, None)
+    train, _ = make_datasets(root, image_size=16, val_fraction=0.2)
+    assert train.substitute  # training replaces it with the next readable image instead
+    grey = make_eval_dataset(root, image_size=16, in_chans=1, mean=(0.5,), std=(0.5,))
+    assert grey[0][0].shape == (1, 16, 16)

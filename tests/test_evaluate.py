@@ -136,3 +136,46 @@ def test_eval_errors_are_one_line(capsys, tmp_path):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", "fashion-mnist"]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_counts_only_the_images_it_scored(tmp_path, capsys):
+    from test_data import _png_cut_in_its_pixels
+
+    model = create_model("xception-compact", num_classes=3).eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2, size=28)
+    _png_cut_in_its_pixels(root / "a" / "cut.png")
+    result = evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact",
+                           batch_size=4)  # fmt: skip
+    assert result["images"] == 6 and result["unreadable"] == 1
+    for name in ("b", "c"):
+        for f in (root / name).iterdir():
+            f.unlink()
+        for i in range(3):
+            _png_cut_in_its_pixels(root / name / f"cut{i}.png")
+    with pytest.raises(ValueError, match="7 of 9 images are unreadable"):
+        evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")
+
+
+def test_eval_of_a_grey_model_on_image_files_and_of_an_empty_split(tmp_path):
+    import numpy as np
+    from test_data import write_idx
+
+    from xception.weights import save_safetensors
+
+    model = create_model("xception-compact", num_classes=10, in_chans=1).eval()
+    save_safetensors(model, tmp_path / "w.safetensors")  # its config says in_chans=1
+    _image_folder(tmp_path / "imgs", classes=tuple("abcdefghij"), per_class=1, size=28)  # RGB
+    result = evaluate_file(tmp_path / "w.safetensors", tmp_path / "imgs",
+                           model="xception-compact")  # fmt: skip
+    assert result["images"] == 10
+    root = make_idx_dataset(tmp_path / "idx", classes=2)
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((0, 16, 16)))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros(0))
+    with pytest.raises(ValueError, match="no images to evaluate"):
+        evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.csv").write_text("path,labels\n")
+    with pytest.raises(ValueError, match="has train.csv but no val.csv: pass --data"):
+        evaluate_file(tmp_path / "w.safetensors", lists, model="xception-compact")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import logging
+import math
 import struct
 import warnings
 from pathlib import Path
@@ -212,12 +213,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX file (its header is cut short)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_TYPES[raw[2]]).newbyteorder(">")
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow to a small number
     body = raw[4 + 4 * ndim :]
-    if len(body) != expected:
-        raise DataError(f"{path}: truncated IDX file ({len(body)} of {expected} data bytes)")
+    if len(body) < expected:
+        raise DataError(f"{path}: truncated IDX file ({len(body):,} of {expected:,} data bytes)")
+    if len(body) > expected:
+        raise DataError(f"{path}: damaged IDX file ({len(body) - expected:,} bytes more than its "
+                        f"header's {'x'.join(map(str, dims))} values)")  # fmt: skip
     return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -341,12 +347,22 @@ def load_idx(
     images_file, labels_file = (_find_idx(root, s) for s in IDX_FILES[split])
     images = read_idx(images_file)
     labels = read_idx(labels_file)
-    if images.ndim != 3 or len(images) != len(labels):
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
-            f"{root}: {split} images {images.shape} and labels {labels.shape} do not match"
+            f"{root}: {split} images {images.shape} and labels {labels.shape} do not match "
+            "(expected N images of H x W and N class indices)"
         )
+    if images.dtype != np.uint8:
+        raise DataError(f"{images_file}: {images.dtype} pixels; IDX images of unsigned bytes "
+                        "(0-255) are expected")  # fmt: skip
     if classes is None:
         classes = FASHION_MNIST_CLASSES if "fashion" in str(root).lower() else MNIST_CLASSES
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(
+            f"{labels_file}: labels go from {labels.min()} to {labels.max()}, but there are "
+            f"{len(classes)} classes ({classes[0]} ... {classes[-1]}): the file is damaged, or "
+            "the data is not what the model was trained on"
+        )
     default = FASHION_MNIST_MEAN_STD if "fashion" in str(root).lower() else MNIST_MEAN_STD
     kw.setdefault("mean", default[0])
     kw.setdefault("std", default[1])
@@ -389,12 +405,16 @@ class FileDataset(torch.utils.data.Dataset):
     """Images read from files with a per-sample transform: image folders and multi-label lists.
 
     `samples` are (path, target) pairs; target is a class index or a multi-hot float tensor. A
-    file that fails to decode at load time is logged and replaced by the next readable sample,
-    so one bad file never kills a long run."""
+    file that fails to decode at load time is logged; for training (`substitute=True`) it is
+    replaced by the next readable sample, so one bad file never kills a long run, and for
+    evaluation it is left out of its batch (`collate`), so no image is scored twice and the
+    count says how many were scored. `grey` feeds 1-channel models the luminance."""
 
-    def __init__(self, samples, classes, transform, *, seed: int = 0, multilabel: bool = False):
+    def __init__(self, samples, classes, transform, *, seed: int = 0, multilabel: bool = False,
+                 substitute: bool = True, grey: bool = False):  # fmt: skip
         self.samples, self.classes, self.transform = list(samples), tuple(classes), transform
         self.seed, self.epoch, self.multilabel = seed, 0, multilabel
+        self.substitute, self.grey = substitute, grey
         self.failed: set[int] = set()
 
     def __len__(self) -> int:
@@ -410,6 +430,8 @@ class FileDataset(torch.utils.data.Dataset):
             key = int(sample_keys(self.seed, self.epoch, [index])[0] >> np.uint64(1))
             try:
                 image = load_image(path)
+                if self.grey:
+                    image = image.convert("L")
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(key)
                     x = self.transform(image)
@@ -419,11 +441,17 @@ class FileDataset(torch.utils.data.Dataset):
                     text = str(err)
                     log.warning("skipping unreadable image %s", text if text.startswith(str(path))
                                 else f"{path}: {text}")  # fmt: skip
+                if not self.substitute:
+                    return None, target
                 continue
             return x, target
         raise DataError("no readable image left in the dataset")
 
-    collate = staticmethod(torch.utils.data.default_collate)
+    @staticmethod
+    def collate(batch):
+        """default_collate of the readable samples; (None, None) when none of them was."""
+        batch = [item for item in batch if item[0] is not None]
+        return torch.utils.data.default_collate(batch) if batch else (None, None)
 
 
 def _check_readable(paths: list[Path], where: str) -> list[bool]:
@@ -473,6 +501,11 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
         targets += [k] * len(files)
     ok = _check_readable(paths, str(root))
     samples = [(p, t) for p, t, g in zip(paths, targets, ok, strict=True) if g]
+    left = {t for _, t in samples}
+    for k, name in enumerate(classes):
+        if name in found and k not in left:
+            raise DataError(f"class folder {root / name} has no readable images: fix its "
+                            "images or remove the folder")  # fmt: skip
     return samples, classes
 
 
@@ -483,26 +516,52 @@ def read_label_list(path: str | Path, classes: tuple[str, ...] | None = None):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"label list not found: {path}")
-    rows = []
-    with open(path, newline="") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row or (i == 0 and row[0].strip().lower() == "path"):
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}:{i + 1}: expected 'path,labels', got {row!r}")
-            labels = [s for s in row[1].replace(";", " ").split() if s]
-            rows.append((path.parent / row[0].strip(), labels))
+    if path.suffix.lower() != ".csv":
+        raise DataError(f"{path}: not a label list (.csv): --data takes a folder (class folders, "
+                        "train/ and val/, IDX files, train.csv/val.csv) or a .csv list")  # fmt: skip
+    rows, lines, seen, again = [], [], {}, []
+    try:  # utf-8-sig: a byte-order mark (as spreadsheets write) is not part of the header
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                line = reader.line_num
+                if not row or (not rows and row[0].strip().lower() == "path"):
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"{path}:{line}: expected 'path,labels', got {row!r}")
+                if any("\n" in cell for cell in row):
+                    raise DataError(f"{path}:{line}: a quote opened in this row runs over the "
+                                    "next line: close it, or drop it")  # fmt: skip
+                # Labels: every column after the path, each split at spaces or ';'.
+                labels = [s for cell in row[1:] for s in cell.replace(";", " ").split() if s]
+                file = path.parent / row[0].strip()
+                if file in seen:
+                    again.append(f"{row[0].strip()} on lines {seen[file]} and {line}")
+                seen.setdefault(file, line)
+                rows.append((file, labels))
+                lines.append(line)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a text label list ({err})") from None
     if not rows:
         raise DataError(f"{path}: no rows; expected lines like 'images/a.jpg,cat dog'")
-    classes = tuple(classes or sorted({lab for _, labs in rows for lab in labs}))
-    index = {c: k for k, c in enumerate(classes)}
+    if again:
+        log.warning("%s: %d row(s) repeat an image listed before (first: %s); each row counts, "
+                    "in training and in scores", path, len(again), again[0])  # fmt: skip
     ok = _check_readable([p for p, _ in rows], str(path))
+    readable = [(r, line) for r, line, good in zip(rows, lines, ok, strict=True) if good]
+    # Classes come from the images that will be seen, so a missing file adds none.
+    classes = tuple(classes or sorted({lab for (_, labs), _ in readable for lab in labs}))
+    index = {c: k for k, c in enumerate(classes)}
     samples = []
-    for (p, labels), good in zip(rows, ok, strict=True):
-        if good:
-            target = torch.zeros(len(classes))
-            target[[index[lab] for lab in labels if lab in index]] = 1.0
-            samples.append((p, target))
+    for (p, labels), line in readable:
+        unknown = [lab for lab in labels if lab not in index]
+        if unknown:
+            raise DataError(f"{path}:{line}: label {unknown[0]!r} is not one of the model's "
+                            f"{len(classes)} classes ({', '.join(classes[:8])}"
+                            f"{', ...' if len(classes) > 8 else ''})")  # fmt: skip
+        target = torch.zeros(len(classes))
+        target[[index[lab] for lab in labels]] = 1.0
+        samples.append((p, target))
     return samples, classes
 
 
@@ -540,7 +599,7 @@ def _file_datasets(train_samples, val_samples, classes, multilabel, *, size, aug
     train = FileDataset(train_samples, classes, train_transform(augment, size, mean, std),
                         seed=seed, multilabel=multilabel)  # fmt: skip
     val = FileDataset(val_samples, classes, eval_preset("keras", size, mean, std),
-                      seed=seed, multilabel=multilabel)  # fmt: skip
+                      seed=seed, multilabel=multilabel, substitute=False)  # fmt: skip
     return train, val
 
 
@@ -593,17 +652,30 @@ def make_datasets(
 
 
 def make_eval_dataset(
-    data: str | Path, *, image_size: int, classes: tuple[str, ...] | None = None, **norm
+    data: str | Path,
+    *,
+    image_size: int,
+    classes: tuple[str, ...] | None = None,
+    in_chans: int = 3,
+    **norm,
 ):
     """The dataset to evaluate on: IDX test split, `val/` (or the whole folder of class
-    folders), or a multi-label list (`val.csv` in a folder, or the given CSV file)."""
+    folders), or a multi-label list (`val.csv` in a folder, or the given CSV file). Image files
+    are read as RGB, or as grey for a model with `in_chans=1`."""
     root = resolve_data(data)
     if root.is_dir() and is_idx_dir(root):
         return load_idx(root, "test", size=image_size, classes=classes, **norm)
+    if in_chans not in (1, 3):
+        raise DataError(f"the model takes {in_chans} input channels: image files are read as "
+                        "RGB (3) or grey (1)")  # fmt: skip
     mean, std = norm.get("mean", KERAS_MEAN_STD[0]), norm.get("std", KERAS_MEAN_STD[1])
     transform = eval_preset("keras", image_size, mean, std)
+    kw = dict(substitute=False, grey=in_chans == 1)
     if root.is_file() or (root / "val.csv").is_file():
         samples, classes = read_label_list(root if root.is_file() else root / "val.csv", classes)
-        return FileDataset(samples, classes, transform, multilabel=True)
+        return FileDataset(samples, classes, transform, multilabel=True, **kw)
+    if (root / "train.csv").is_file():
+        raise DataError(f"{root} has train.csv but no val.csv: pass --data {root / 'train.csv'} "
+                        "to evaluate on the training list, or add val.csv")  # fmt: skip
     samples, classes = scan_folder(root / "val" if (root / "val").is_dir() else root, classes)
-    return FileDataset(samples, classes, transform)
+    return FileDataset(samples, classes, transform, **kw)

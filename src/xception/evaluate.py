@@ -61,13 +61,21 @@ def evaluate_model(
     map_k: int = 100,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%) for single-label data; loss, MAP@k (%) and top-1
-    precision (%) for multi-label data. Sums are reduced over DDP ranks."""
+    precision (%) for multi-label data, with 'n' the images scored and 'unreadable' those a
+    file dataset could not decode (left out, not replaced). Sums are reduced over DDP ranks."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     meter = Meter()
+    # Every rank reduces the same names in the same order, also one that scores nothing.
+    for name in ("loss", f"map{map_k}", "top1") if multilabel else ("loss", "top1", "top5"):
+        meter.update(name, 0.0, 0)
+    loader = _shard_loader(dataset, batch_size, rank, world, workers)
+    meter.update("unreadable", sum(map(len, loader.batch_sampler)), 1)
     try:
-        for x, y in _shard_loader(dataset, batch_size, rank, world, workers):
+        for x, y in loader:
+            if x is None:  # no readable image in this batch
+                continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -96,9 +104,13 @@ def evaluate_model(
                 meter.update("top5", hits[5] * 100, n)
     finally:
         model.train(was_training)
+    meter.sums["unreadable"] -= meter.counts["loss"]  # asked for, less scored
     meter = meter.reduce()
+    unreadable = int(meter.sums.pop("unreadable"))
+    meter.counts.pop("unreadable")
     out = meter.means()
     out["n"] = int(meter.counts.get("loss", 0))
+    out["unreadable"] = unreadable
     return out
 
 
@@ -145,7 +157,8 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         num_classes = int(fc.shape[0]) if fc is not None else 1000
         net = create_model(model or "xception", num_classes=num_classes, weights=path)
         size = 299 if (model or "xception") in ("xception", "inception-v3") else 28
-        info = dict(classes=None, image_size=size, mean=(0.5,) * 3, std=(0.5,) * 3,
+        chans = getattr(getattr(net, "config", None), "in_chans", 3)
+        info = dict(classes=None, image_size=size, mean=(0.5,) * chans, std=(0.5,) * chans,
                     multilabel=False, loss="softmax", source=str(path))  # fmt: skip
         stored = getattr(net, "weights_meta", None)
         if stored is not None and stored.format == "xception":  # our file: it says its inputs
@@ -211,10 +224,15 @@ def evaluate_file(
     dev = resolve_device(device)
     net, info = load_for_eval(path, model=model, use_ema=use_ema)
     size = image_size or info["image_size"]
+    in_chans = getattr(getattr(net, "config", None), "in_chans", 3)
     dataset = make_eval_dataset(
         data, image_size=size, classes=tuple(info["classes"]) if info["classes"] else None,
-        mean=tuple(info["mean"]), std=tuple(info["std"]),
+        in_chans=in_chans, mean=tuple(info["mean"]), std=tuple(info["std"]),
     )  # fmt: skip
+    channels = getattr(dataset, "channels", in_chans)  # in-memory IDX images are grey
+    if channels != in_chans:
+        raise ValueError(f"{data}: {channels}-channel images, but the model takes {in_chans}: "
+                         "evaluate on data like its training data")  # fmt: skip
     if info["classes"] is not None and len(dataset.classes) != len(info["classes"]):
         raise ValueError(
             f"{data}: {len(dataset.classes)} classes, but the model was trained on "
@@ -235,10 +253,18 @@ def evaluate_file(
     result = evaluate_model(net, dataset, device=dev, batch_size=batch_size,
                             multilabel=multilabel, loss=info["loss"], workers=workers)  # fmt: skip
     elapsed = time.perf_counter() - start
+    scored, unreadable = result.pop("n"), result.pop("unreadable")
+    if not scored:
+        raise ValueError(f"{data}: no images to evaluate" + (
+            f" ({unreadable} unreadable)" if unreadable else ""))  # fmt: skip
+    if unreadable * 2 > scored + unreadable:
+        raise ValueError(f"{data}: {unreadable} of {scored + unreadable} images are unreadable; "
+                         "check the files (the log names them)")  # fmt: skip
     return {
         "checkpoint": info["source"],
         "data": str(data),
-        "images": result.pop("n"),
+        "images": scored,
+        **({"unreadable": unreadable} if unreadable else {}),
         "image_size": size,
         "multilabel": multilabel,
         **{k: round(v, 4) for k, v in result.items()},

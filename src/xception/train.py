@@ -962,7 +962,10 @@ class _Run:
                   loss=cfg.loss, amp=cfg.amp, channels_last=cfg.channels_last, rank=self.rank,
                   world=self.world, workers=cfg.workers)  # fmt: skip
         main = evaluate_model(self.ema.module if self.ema else self.model, self.val_set, **kw)
-        row = {f"val_{k}": v for k, v in main.items() if k != "n"}
+        if main["unreadable"] and self.rank == 0:
+            log.warning("validation left out %d unreadable image(s), scored %d",
+                        main["unreadable"], main["n"])  # fmt: skip
+        row = {f"val_{k}": v for k, v in main.items() if k not in ("n", "unreadable")}
         if self.ema is not None:
             raw = evaluate_model(self.model, self.val_set, **kw)
             row["val_top1_raw"] = raw["top1"]
