@@ -4,6 +4,7 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,6 +203,9 @@ def test_tiny_suites_end_to_end_then_reused(tmp_path, monkeypatch):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads(runs[0].read_text())
     assert len(record["history"]) == 1 and 0.0 <= record["final_val_acc"] <= 1.0
+    # The engine's own clock (it spans a resume, where this process's would not).
+    assert record["train_seconds"] == record["history"][-1]["wall_s"] > 0
+    assert not list((out / "work").glob("*/checkpoints"))  # gone once stored
     assert record["params"] > 0 and record["macs"] > 0 and record["images_per_s"] > 0
 
     results = json.loads((out / "results.json").read_text())
@@ -261,7 +265,9 @@ def test_tiny_suites_end_to_end_then_reused(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     # An interrupted suite (one run missing) continues with just that run.
-    runs[0].unlink()
+    nonresidual = [p for p in runs if not json.loads(p.read_text())["config"]["model_config"][
+        "residual"]]  # fmt: skip
+    nonresidual[0].unlink()  # a run of the residual suite alone
     fourth = run_experiments(["residual"], out, TINY)
     assert (fourth["trained"], fourth["reused"]) == (1, 3)
 
@@ -284,6 +290,73 @@ def test_cli_experiment_rejects_bad_values(capsys, tmp_path):
     assert not (tmp_path / "big" / "runs").exists()
     with pytest.raises(SystemExit):
         main(["experiment", "residuals"])
+    capsys.readouterr()
+    # Settings a suite would lose its meaning under, caught before any training.
+    for argv, message in (
+        (
+            ["residual", "--set", "residual=false"],
+            "the residual suite compares models by residual",
+        ),  # fmt: skip
+        (["all", "--set", "order=pointwise_first"], "the order suite compares models by order"),
+        (["residual", "--set", "in_chans=3"], "in_chans: fixed by the data"),
+        (["residual", "--train-size", "10"], "10 training images are fewer than one batch of 64"),
+        (
+            ["residual", "--segments", "1,2"],
+            "--segments applies to the segments suite, not residual",
+        ),  # fmt: skip
+    ):
+        assert main(["experiment", *argv, "--quick", "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x" / "runs").exists()
+
+
+def test_cli_experiment_segments_once_each_in_order(monkeypatch, tmp_path):
+    import xception.experiments as experiments
+    from xception.cli import main
+
+    seen = {}
+
+    def capture(suites, out, scale, **kwargs):
+        seen["scale"] = scale
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(experiments, "run_experiments", capture)
+    assert main(["experiment", "segments", "--segments", "4,2,4,1", "--out", str(tmp_path)]) == 2
+    assert seen["scale"].segments == (1, 2, 4)
+
+
+def test_the_data_content_is_part_of_a_runs_key(tmp_path):
+    from test_data import make_idx_dataset, write_idx
+
+    from xception.experiments import dataset_info, run_config, run_key, suite_plan
+
+    a = make_idx_dataset(tmp_path / "a", n_train=200, n_test=100, size=28)
+    b = make_idx_dataset(tmp_path / "b", n_train=200, n_test=100, size=28)  # same seed: equal
+    variant = suite_plan("residual", TINY, in_chans=1, num_classes=10)[0][0]
+
+    def key(root):
+        return run_key(run_config(variant, TINY, 0, dataset_info(root)))
+
+    assert dataset_info(a)["sha256"] == dataset_info(b)["sha256"]
+    before = key(a)
+    write_idx(a / "t10k-labels-idx1-ubyte.gz", np.zeros(100))  # other labels, same path
+    assert key(a) != before
+    assert dataset_info(a)["title"] == "a" and dataset_info("fashion-mnist")["title"] == (
+        "Fashion-MNIST"
+    )
+
+
+def test_a_suite_not_asked_for_may_have_no_plan_at_this_scale(tmp_path):
+    """Full-scale segment counts (up to 16) do not divide a half-width model's channels: the
+    residual suite is still aggregated, where the report failed after training every run."""
+    import dataclasses
+
+    from xception.experiments import SCALES, Store, aggregate, dataset_info
+
+    scale = dataclasses.replace(SCALES["full"], model={"width": 0.5})
+    results = aggregate(Store(tmp_path), scale, dataset_info("fashion-mnist"))
+    assert results["suites"] == {}
 
 
 def test_parallel_processes_share_runs_through_claims(tmp_path):

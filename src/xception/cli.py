@@ -317,8 +317,10 @@ def _run_experiment(args: argparse.Namespace) -> int:
     if model:
         changes["model"] = {**scale.model, **model}
     if args.segments:
-        try:
-            changes["segments"] = tuple(int(k) for k in args.segments.split(","))
+        if args.suite not in ("segments", "all"):
+            raise UserError(f"--segments applies to the segments suite, not {args.suite}")
+        try:  # each count once, in order: a repeat would be a second row of the same runs
+            changes["segments"] = tuple(sorted({int(k) for k in args.segments.split(",")}))
         except ValueError:
             raise UserError(f"--segments {args.segments}: use integers, e.g. 1,2,4,8") from None
     if set(changes) - {"seeds"}:  # a scale of the user's own: say so in the report

@@ -72,7 +72,8 @@ __all__ = [
 ]
 
 SUITES = ("residual", "mid-activation", "order", "vs-inception", "segments")
-SCHEMA = 1  # bump when the meaning of a stored run changes, so old runs are not reused
+SCHEMA = 2  # bump when the meaning of a stored run changes, so old runs are not reused
+# (2: the data's content hash joined the key)
 EQUIVALENCE_MARGIN = 0.01  # 1 percentage point of accuracy
 
 CONFIDENCE = 0.95  # two-sided level of every interval
@@ -142,6 +143,13 @@ class Claim:
     kind: str = "better"
     metric: str = "final"  # "final": last epoch's accuracy; "curve": mean over all epochs
 
+
+# The model field each suite compares: a `Scale.model` override of it would give the suite two
+# labels for one model.
+SUITE_FIELDS = {"residual": "residual", "mid-activation": "mid_activation", "order": "order",
+                "segments": "segments"}  # fmt: skip
+# Fields the data fixes (1-channel images, 10 classes).
+DATA_FIELDS = ("in_chans", "num_classes")
 
 BASE_MODEL = "xception-compact"
 INCEPTION_MODEL = "inception-v3-compact"
@@ -452,7 +460,7 @@ _NOT_IDENTITY = ("out", "resume", "progress", "workers", "device", "threads", "c
 
 def dataset_info(data: str | Path) -> dict:
     """What the runs need to know of the data: experiments use IDX data (Fashion-MNIST, MNIST)."""
-    from .data import idx_count, is_idx_dir, resolve_data
+    from .data import IDX_FILES, _find_idx, idx_count, is_idx_dir, resolve_data
     from .train import make_config
 
     root = resolve_data(data)
@@ -461,8 +469,18 @@ def dataset_info(data: str | Path) -> dict:
             f"{root}: the experiments run on Fashion-MNIST-style IDX files (train-images-idx3-"
             "ubyte.gz, ...): pass --data DIR holding them, or leave --data out for Fashion-MNIST"
         )
+    # The runs' key holds the files' content: other data under the same path (or the same data
+    # under another path) is told apart from what the store holds.
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        for stem in IDX_FILES[split]:
+            with open(_find_idx(root, stem), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
     return dict(
         name=str(data),
+        title="Fashion-MNIST" if str(data) == "fashion-mnist" else root.name,
+        sha256=digest.hexdigest(),
         in_chans=1,
         num_classes=10,
         size=make_config(RECIPE).image_size,
@@ -489,7 +507,8 @@ def run_config(variant: Variant, scale: Scale, seed: int, data: dict) -> dict:
                         data=data["name"], epochs=scale.epochs, batch_size=scale.batch_size,
                         train_subset=scale.train_size, val_subset=scale.val_size, seed=seed)  # fmt: skip
     identity = {k: v for k, v in train.to_dict().items() if k not in _NOT_IDENTITY}
-    return dict(schema=SCHEMA, model_config=model_config, train=identity)
+    return dict(schema=SCHEMA, model_config=model_config, train=identity,
+                data_sha256=data["sha256"])  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
@@ -502,13 +521,11 @@ def _model_config(model: str, overrides: str, num_classes: int, in_chans: int) -
 
 
 def train_run(config: dict, workdir: Path) -> dict:
-    """Train one run with the engine of `xception train`; resumes a run cut short in `workdir`."""
+    """Train one run with the engine of `xception train`; resumes a run cut short in `workdir`.
+    Its checkpoints stay until the caller has stored the run (then `shutil.rmtree`)."""
     from .train import fit
 
-    result = fit(dict(config["train"]), out=str(workdir), progress=False, resume="auto")
-    # The run's summary lives in the store; its checkpoints were only there for a resume.
-    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-    return result
+    return fit(dict(config["train"]), out=str(workdir), progress=False, resume="auto")
 
 
 def _machine() -> dict:
@@ -576,6 +593,19 @@ def run_experiments(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file: pass a folder for the runs and the report "
                          "(it is created if missing)")  # fmt: skip
+    for suite in suites:
+        field_ = SUITE_FIELDS.get(suite)
+        if field_ in scale.model:
+            raise ValueError(f"the {suite} suite compares models by {field_}: a setting of it for "
+                             f"every variant ({field_}={scale.model[field_]!r}) would make them "
+                             "one model; leave it out")  # fmt: skip
+    fixed = sorted(set(scale.model) & set(DATA_FIELDS))
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)}: fixed by the data (1-channel images, 10 classes), "
+                         "not a model setting here")  # fmt: skip
+    if scale.train_size < scale.batch_size:
+        raise ValueError(f"{scale.train_size} training images are fewer than one batch of "
+                         f"{scale.batch_size}: use at least {scale.batch_size}")  # fmt: skip
     info = dataset_info(data)
     for size, have, what in ((scale.train_size, info["train_images"], "training"),
                              (scale.val_size, info["test_images"], "test")):  # fmt: skip
@@ -668,15 +698,18 @@ def _ensure_run(
         log.info("run %d/%d: %s (%s), seed %d", i, len(todo), variant.label, variant.model, seed)
         start = time.perf_counter()
         result = train_run(config, out / "work" / key)
-        seconds = time.perf_counter() - start
         history = result["history"]
         if not history or "val_top1" not in history[-1]:
             raise RuntimeError(f"run {key}: the training engine returned no validation history")
+        # The engine's own clock spans a resume too; this process's saw only its part.
+        seconds = history[-1].get("wall_s") or time.perf_counter() - start
         record = dict(key=key, config=config, history=history,
                       train_seconds=seconds, final_val_acc=val_acc(history[-1]),
                       machine=_machine(), **_variant_stats(variant, info, scale),
                       finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
         store.put(record)
+        # Stored: the checkpoints were only there for a resume.
+        shutil.rmtree(out / "work" / key / "checkpoints", ignore_errors=True)
         log.info("run %d/%d: %s seed %d: val acc %.2f%% in %.0f s", i, len(todo), variant.label,
                  seed, 100 * record["final_val_acc"], seconds)  # fmt: skip
         return "trained"
@@ -729,8 +762,11 @@ def aggregate(store: Store, scale: Scale, data: dict) -> dict:
     pooled over every distinct variant of those suites."""
     suites, plans = {}, {}
     for suite in SUITES:
-        variants, claims = suite_plan(suite, scale, in_chans=data["in_chans"],
-                                      num_classes=data["num_classes"])  # fmt: skip
+        try:
+            variants, claims = suite_plan(suite, scale, in_chans=data["in_chans"],
+                                          num_classes=data["num_classes"])  # fmt: skip
+        except ValueError:  # e.g. a segment count this scale's model cannot take: never run
+            continue
         rows = []
         for v in variants:
             records = [store.get(run_key(run_config(v, scale, seed, data)))
@@ -772,10 +808,11 @@ def write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
     plots = {}
     for suite, res in results["suites"].items():
         plots[suite] = f"{suite}.png"
-        _plot_curves(out / plots[suite], suite, res, scale)
+        _plot_curves(out / plots[suite], suite, res, scale, data["title"])
     if "segments" in results["suites"]:
         plots["spectrum"] = "segments-spectrum.png"
-        _plot_spectrum(out / plots["spectrum"], results["suites"]["segments"], scale)
+        _plot_spectrum(out / plots["spectrum"], results["suites"]["segments"], scale,
+                       data["title"])  # fmt: skip
     results["plots"] = plots
     atomic_write(out / "REPORT.md", render_report(results).encode())
     return results
@@ -787,7 +824,7 @@ def _save_figure(fig, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def _plot_curves(path: Path, suite: str, res: dict, scale: Scale) -> None:
+def _plot_curves(path: Path, suite: str, res: dict, scale: Scale, title: str) -> None:
     """Validation accuracy against epochs, one line per variant (mean over seeds, +-1 std band),
     in the manner of the paper's Figures 9 and 10."""
     import matplotlib
@@ -808,14 +845,14 @@ def _plot_curves(path: Path, suite: str, res: dict, scale: Scale) -> None:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{suite}: Fashion-MNIST, {scale.name} scale, mean of {scale.seeds} seed(s)")
+    ax.set_title(f"{suite}: {title}, {scale.name} scale, mean of {scale.seeds} seed(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_figure(fig, path)
     plt.close(fig)
 
 
-def _plot_spectrum(path: Path, res: dict, scale: Scale) -> None:
+def _plot_spectrum(path: Path, res: dict, scale: Scale, title: str) -> None:
     """Accuracy against the number of segments, parameters and MACs on a second axis."""
     import matplotlib
 
@@ -843,7 +880,7 @@ def _plot_spectrum(path: Path, res: dict, scale: Scale) -> None:
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower left")
-    ax.set_title(f"segment spectrum: Fashion-MNIST, {scale.name} scale")
+    ax.set_title(f"segment spectrum: {title}, {scale.name} scale")
     ax.grid(alpha=0.3)
     _save_figure(fig, path)
     plt.close(fig)
