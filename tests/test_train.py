@@ -104,7 +104,9 @@ def test_config_values_of_the_wrong_type_are_refused_by_name(tmp_path, capsys):
 
 
 def test_resume_from_mid_epoch_checkpoint_is_exact(tmp_path, toy):
-    recipe = tiny_recipe(tmp_path, toy, checkpoint_every=5, keep_last=100)
+    # With dropout: its masks come from the global generator, which a resume's fresh data
+    # loader iterator used to shift.
+    recipe = tiny_recipe(tmp_path, toy, checkpoint_every=5, keep_last=100, drop_rate=0.3)
     ref = fit(recipe, out=str(tmp_path / "ref"))
     mid = [p for p in list_checkpoints(tmp_path / "ref" / "checkpoints")
            if load_checkpoint(p, state_only=True)["state"]["batch_in_epoch"] > 0]  # fmt: skip
@@ -116,6 +118,10 @@ def test_resume_from_mid_epoch_checkpoint_is_exact(tmp_path, toy):
     resumed = fit(recipe, out=str(tmp_path / "cut"), resume="auto")
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in resumed["history"]] == [
         {k: v for k, v in r.items() if k not in TIMING} for r in ref["history"]]  # fmt: skip
+    # The run's clock goes on from where the checkpoint left it, mid-epoch part included.
+    partial = load_checkpoint(start, state_only=True)["state"]["partial"]
+    last = resumed["history"][-1]
+    assert last["wall_s"] >= partial["wall_s"] + last["epoch_s"] - partial["seconds"] - 0.05
     for k, v in load_file(ref["weights"]).items():
         assert torch.equal(v, load_file(resumed["weights"])[k]), k
     # Resuming a finished run does nothing.
@@ -213,9 +219,12 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_128_plus_signal(tmp_path, 
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, toy):
     # Each rank sees every 2nd sample of the global batch; a single process with accum_steps=2
-    # sees exactly those micro-batches, so BatchNorm statistics agree too and the equivalence
-    # is exact up to float summation order.
-    recipe = tiny_recipe(tmp_path, toy, epochs=1, batch_size=32, train_subset=192, ema_decay=None)
+    # sees exactly those micro-batches, so batch statistics agree too; BN's running statistics
+    # follow rank 0 (DDP broadcasts its buffers) and micro-batch 0; dropout masks follow the
+    # micro-batch's place in the global batch. The equivalence is exact up to float summation
+    # order, and the validation both report is that of the same model.
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, batch_size=32, train_subset=192, ema_decay=None,
+                         drop_rate=0.3)  # fmt: skip
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "xception.cli", "train", "--recipe", str(recipe), "--out", str(tmp_path / "ddp")],
@@ -225,16 +234,37 @@ def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, to
     one = cli("train", "--recipe", str(recipe), "--out", str(tmp_path / "one"),
               "--set", "accum_steps=2")  # fmt: skip
     assert one.returncode == 0, one.stderr
-    a = params_of(list_checkpoints(tmp_path / "ddp" / "checkpoints")[-1])
-    b = params_of(list_checkpoints(tmp_path / "one" / "checkpoints")[-1])
+    a = load_file(str(list_checkpoints(tmp_path / "ddp" / "checkpoints")[-1] / "model.safetensors"))
+    b = load_file(str(list_checkpoints(tmp_path / "one" / "checkpoints")[-1] / "model.safetensors"))
     init = make_config(recipe)  # the runs took 6 steps from the same seeded initialisation
     assert init.seed == 0 and len(a) == len(b) > 10
-    for k in a:
+    assert any("running_mean" in k for k in a) and a["fc.bias"].abs().max() > 0
+    for k in a:  # parameters and BN buffers (running statistics, step counters)
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert (
-        metrics_rows(tmp_path / "ddp")[0]["val_top1"]
-        == metrics_rows(tmp_path / "one")[0]["val_top1"]
-    )
+    ddp, one = metrics_rows(tmp_path / "ddp")[0], metrics_rows(tmp_path / "one")[0]
+    for key in ("train_loss", "val_loss", "val_top1"):
+        assert float(ddp[key]) == pytest.approx(float(one[key]), rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_ddp_resume_from_mid_epoch_reports_the_uninterrupted_metrics(tmp_path, toy):
+    """The epoch's running sums in a checkpoint are all ranks' (rank 0 used to save its own, and
+    every rank restored them): the resumed epoch's train loss is the uninterrupted one's."""
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, batch_size=32, train_subset=256,
+                         checkpoint_every=3, keep_last=100, ema_decay=None)  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "-m", "xception.cli", "train", "--recipe", str(recipe)]  # fmt: skip
+    ref = subprocess.run([*torchrun, "--out", str(tmp_path / "ref")], capture_output=True,
+                         text=True, timeout=240)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    mid = [p for p in list_checkpoints(tmp_path / "ref" / "checkpoints")
+           if load_checkpoint(p, state_only=True)["state"]["batch_in_epoch"] > 0]  # fmt: skip
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(mid[-1], tmp_path / "cut" / "checkpoints" / mid[-1].name)
+    cut = subprocess.run([*torchrun, "--out", str(tmp_path / "cut"), "--resume", "auto"],
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert metrics_rows(tmp_path / "cut") == metrics_rows(tmp_path / "ref")
 
 
 def _one_line_error(capsys, argv, message, code=2):
@@ -323,7 +353,12 @@ def test_bad_recipe_files_and_settings_are_refused_by_name(tmp_path, toy, capsys
                              ("lr_decay=-1", "lr_decay=-1"), ("lr_decay_epochs=0", "lr_decay_epochs=0"),
                              ("crop_padding=-3", "crop_padding=-3 is not valid"),
                              ("grad_clip=0", "grad_clip=0"), ("momentum=-1", "momentum=-1 is not valid"),
-                             ("model_args.width=abc", "width='abc' is not valid: expected a number")]:  # fmt: skip
+                             ("model_args.width=abc", "width='abc' is not valid: expected a number"),
+                             ("rmsprop_alpha=2", "rmsprop_alpha=2 is not valid"),
+                             ("opt_eps=-1", "opt_eps=-1 is not valid"),
+                             ("amp=fp16", "fp16 needs CUDA"),  # before the data, in one line
+                             ("model_args.in_chans=1", "model_args.in_chans is set from the data"),
+                             ("model_args.num_classes=0", "model_args.num_classes is set from")]:  # fmt: skip
         _one_line_error(capsys, ["train", "--recipe", recipe, "--set", setting, *out], message)
     _one_line_error(capsys, ["train", "--recipe", recipe, "--device", "foo", *out],
                     "unknown device 'foo'")  # fmt: skip
@@ -331,10 +366,13 @@ def test_bad_recipe_files_and_settings_are_refused_by_name(tmp_path, toy, capsys
 
 
 def test_user_errors_are_one_line_and_keep_good_checkpoints(tmp_path, toy, capsys):
+    from xception.checkpoint import default_mode
+
     recipe = tiny_recipe(tmp_path, toy, epochs=1)
     run = tmp_path / "run"
     assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 0
     capsys.readouterr()
+    assert (run / "model.safetensors").stat().st_mode & 0o777 == default_mode()  # not 0600
     ckpts = list_checkpoints(run / "checkpoints") + list_checkpoints(run / "checkpoints", best=True)
     good = {p: (p / "model.safetensors").read_bytes() for p in ckpts}
     victim = ckpts[0] / "state.pt"

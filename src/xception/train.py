@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ from torch import nn
 
 from . import checkpoint as C
 from . import runtime
+from .data import sample_keys
 from .deploy import compile_training
 from .evaluate import autocast, evaluate_model, resolve_device
 from .metrics import Meter, reduce_sums, topk_correct
@@ -177,6 +179,16 @@ class TrainConfig:
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by accum_steps="
                              f"{self.accum_steps}")  # fmt: skip
+        if not 0 <= self.rmsprop_alpha < 1:
+            raise bad("rmsprop_alpha", "use a decay in [0, 1), e.g. 0.9")
+        if not self.opt_eps > 0:
+            raise bad("opt_eps", "use a small positive number, e.g. 1e-8")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise bad("amp", "fp16 needs CUDA; on a CPU use amp='bf16' or 'none'")
+        fixed = sorted(set(self.model_args) & {"in_chans", "num_classes"})
+        if fixed:
+            raise ValueError(f"model_args.{fixed[0]} is set from the data (its channels and "
+                             "classes): leave it out")  # fmt: skip
 
     def _check_types(self) -> None:
         """Each field holds its annotated type. A float field also takes an int and a numeric
@@ -654,9 +666,16 @@ class _Run:
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
         self.lr = cfg.lr * cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
         self.optimizer = make_optimizer(model, cfg, self.lr)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp='fp16' needs CUDA; on a CPU use amp='bf16' or 'none'")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        # Dropout draws from the global generator, which a resume or another loader iterator
+        # would shift: each micro-batch seeds it from (seed, step, its index in the global
+        # batch) instead, so a resumed run and N ranks equal one process with accum_steps=N.
+        self.seeded_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+        self.batch_norms = [m for m in model.modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                            and m.track_running_stats]  # fmt: skip
         net = model
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -705,6 +724,9 @@ class _Run:
 
     def _save(self, name: str, meter: Meter | None = None) -> Path | None:
         path = None
+        # All ranks' part of the epoch so far (a collective call: every rank saves together);
+        # rank 0 carries it on after a resume, the others start from zero.
+        meter = meter.reduce() if meter is not None else None
         if self.rank == 0:
             state = dict(
                 config=self.cfg.to_dict(), meta=self._meta(), epoch=self.epoch,
@@ -712,7 +734,8 @@ class _Run:
                 optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                 scheduler={"name": self.cfg.schedule, "step": self.step}, rng=C.rng_state(),
                 history=self.history, best=self.best,
-                partial={"sums": meter.sums, "counts": meter.counts, "seconds": self._seconds()}
+                partial={"sums": meter.sums, "counts": meter.counts, "seconds": self._seconds(),
+                         "wall_s": time.perf_counter() - self.start_wall}
                 if meter is not None else {},
                 ema_updates=self.ema.updates if self.ema else 0,
             )  # fmt: skip
@@ -757,6 +780,7 @@ class _Run:
             save_file(sd, str(tmp), metadata=self._weights_metadata())
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, C.default_mode())  # safetensors writes 0600: follow the umask
             os.replace(tmp, weights)
             card = dict(
                 name=f"{self.cfg.model} trained with recipe {self.cfg.recipe}",
@@ -793,7 +817,8 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             self._write_outputs()
         self.tb = self._tensorboard() if self.rank == 0 and cfg.tensorboard else None
-        start_wall = time.perf_counter() - (self.history[-1]["wall_s"] if self.history else 0)
+        done = self.partial.get("wall_s") or (self.history[-1]["wall_s"] if self.history else 0)
+        self.start_wall = start_wall = time.perf_counter() - done
         if self.epoch >= cfg.epochs:
             log.info("run in %s already finished (%d epochs): nothing to do", self.out, self.epoch)
         with _Signals() as signals:
@@ -847,7 +872,7 @@ class _Run:
     def _train_epoch(self, signals: _Signals) -> dict:
         cfg = self.cfg
         meter = Meter()
-        if self.partial:
+        if self.partial and self.rank == 0:  # the saved sums are all ranks' (see _save)
             meter.sums, meter.counts = dict(self.partial["sums"]), dict(self.partial["counts"])
         self.partial_seconds = self.partial.get("seconds", 0.0)
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
@@ -927,6 +952,14 @@ class _Run:
             sync = k == cfg.accum_steps - 1 or not self.distributed
             no_sync = not sync and hasattr(self.net, "no_sync")
             ctx = self.net.no_sync() if no_sync else contextlib.nullcontext()
+            if self.seeded_dropout:
+                index = self.rank * cfg.accum_steps + k
+                key = sample_keys(cfg.seed ^ 0x5EED, self.step, [index])[0] >> np.uint64(1)
+                torch.manual_seed(int(key))
+            # BN's running statistics follow micro-batch 0 alone, as DDP's buffers follow rank
+            # 0's: so one process with accum_steps=N keeps the statistics N ranks keep.
+            for bn in self.batch_norms:
+                bn.track_running_stats = k == 0
             with ctx:
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may go
@@ -945,6 +978,8 @@ class _Run:
                     meter.update("top1", ys.gather(1, top).sum().item() * 100, n)
                 else:
                     meter.update("top1", topk_correct(logits.float(), ys, (1,))[1] * 100, n)
+        for bn in self.batch_norms:
+            bn.track_running_stats = True
         if not finite:
             return False
         if cfg.grad_clip:
@@ -958,6 +993,10 @@ class _Run:
 
     def _validate(self) -> dict:
         cfg = self.cfg
+        if self.distributed:  # each rank's BN statistics followed its own micro-batches
+            for module in (self.model, self.ema.module if self.ema else None):
+                for buffer in module.buffers() if module is not None else ():
+                    dist.broadcast(buffer, 0)
         kw = dict(device=self.device, batch_size=cfg.eval_batch_size, multilabel=self.multilabel,
                   loss=cfg.loss, amp=cfg.amp, channels_last=cfg.channels_last, rank=self.rank,
                   world=self.world, workers=cfg.workers)  # fmt: skip
