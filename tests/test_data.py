@@ -225,3 +225,13 @@ def test_evaluation_sets_leave_undecodable_images_out(tmp_path, caplog):
     assert train.substitute  # training replaces it with the next readable image instead
     grey = make_eval_dataset(root, image_size=16, in_chans=1, mean=(0.5,), std=(0.5,))
     assert grey[0][0].shape == (1, 16, 16)
+
+
+def test_augment_settings_apply_to_every_kind_of_data_or_are_refused(tmp_path):
+    root = _image_folder(tmp_path / "d", per_class=4)
+    train, _ = make_datasets(root, image_size=16, augment="small", padding=5)
+    crop = next(t for t in train.transform.transforms if type(t).__name__ == "RandomCrop")
+    assert crop.padding == 5  # was 16 // 8 whatever crop_padding said
+    idx = make_idx_dataset(tmp_path / "toy")
+    with pytest.raises(DataError, match="augment='imagenet' .* IDX images take augment='small'"):
+        make_datasets(idx, image_size=16, augment="imagenet")

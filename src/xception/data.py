@@ -374,18 +374,21 @@ def load_idx(
     )
 
 
-def train_transform(preset: str, size: int, mean=KERAS_MEAN_STD[0], std=KERAS_MEAN_STD[1]):
+def train_transform(preset: str, size: int, mean=KERAS_MEAN_STD[0], std=KERAS_MEAN_STD[1],
+                    padding: int | None = None):  # fmt: skip
     """Training augmentation for PIL images.
 
     'imagenet': Inception-style random-resized crop (8-100% of the area, 3/4-4/3 aspect) and
     horizontal flip, the augmentation Xception was trained with; 'small': resize, random crop
-    with 1/8 padding and flip, for 28-64 px images; 'none': the evaluation resize only."""
+    with `padding` zero pixels (default 1/8 of the size) and flip, for 28-64 px images; 'none':
+    the evaluation resize only."""
     if preset == "imagenet":
         steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
                  T.RandomHorizontalFlip()]  # fmt: skip
     elif preset == "small":
+        pad = max(1, size // 8) if padding is None else padding
         steps = [T.Resize((size, size), antialias=True),
-                 T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()]  # fmt: skip
+                 T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip()]  # fmt: skip
     elif preset == "none":
         steps = [T.Resize((size, size), antialias=True)]
     else:
@@ -594,9 +597,10 @@ def resolve_data(data: str | Path) -> Path:
     return path
 
 
-def _file_datasets(train_samples, val_samples, classes, multilabel, *, size, augment, seed):
+def _file_datasets(train_samples, val_samples, classes, multilabel, *, size, augment, padding,
+                   seed):  # fmt: skip
     mean, std = KERAS_MEAN_STD
-    train = FileDataset(train_samples, classes, train_transform(augment, size, mean, std),
+    train = FileDataset(train_samples, classes, train_transform(augment, size, mean, std, padding),
                         seed=seed, multilabel=multilabel)  # fmt: skip
     val = FileDataset(val_samples, classes, eval_preset("keras", size, mean, std),
                       seed=seed, multilabel=multilabel, substitute=False)  # fmt: skip
@@ -622,6 +626,9 @@ def make_datasets(
     Both datasets carry `classes` and `multilabel`; in-memory ones also `channels`."""
     root = resolve_data(data)
     if root.is_dir() and is_idx_dir(root):
+        if augment == "imagenet":
+            raise DataError(f"{root}: augment='imagenet' (random-resized crops) works on image "
+                            "files; IDX images take augment='small' or 'none'")  # fmt: skip
         kw = dict(size=image_size, seed=seed)
         train = load_idx(root, "train", augment="none" if augment == "none" else "small",
                          padding=padding, **kw)  # fmt: skip
@@ -635,7 +642,7 @@ def make_datasets(
             keep, held = split_samples(len(samples), val_fraction, seed)
             samples, val_samples = [samples[i] for i in keep], [samples[i] for i in held]
         return _file_datasets(samples, val_samples, classes, True, size=image_size,
-                              augment=augment, seed=seed)  # fmt: skip
+                              augment=augment, padding=padding, seed=seed)  # fmt: skip
     if (root / "train").is_dir():
         samples, classes = scan_folder(root / "train")
         if (root / "val").is_dir():
@@ -648,7 +655,7 @@ def make_datasets(
         keep, held = split_samples(len(samples), val_fraction, seed)
         samples, val_samples = [samples[i] for i in keep], [samples[i] for i in held]
     return _file_datasets(samples, val_samples, classes, False, size=image_size,
-                          augment=augment, seed=seed)  # fmt: skip
+                          augment=augment, padding=padding, seed=seed)  # fmt: skip
 
 
 def make_eval_dataset(

@@ -88,7 +88,7 @@ class TrainConfig:
     data: str = "fashion-mnist"
     image_size: int = 28
     augment: str = "small"  # imagenet | small | none
-    crop_padding: int = 2  # 'small' on in-memory images: random crop with this zero padding
+    crop_padding: int = 2  # augment 'small': random crop with this zero padding (pixels)
     val_fraction: float = 0.1  # held out when the data has no validation part
     train_subset: int | None = None  # first n of a seeded permutation of the training set
     val_subset: int | None = None
