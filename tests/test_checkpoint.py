@@ -70,6 +70,36 @@ def test_failed_save_leaves_the_old_checkpoint_and_no_debris(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002"]
 
 
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_full_disk_while_saving_is_one_oserror_naming_the_fix(tmp_path, monkeypatch, writer):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000002", sd, state)
+    before = (path / "state.pt").read_bytes()
+
+    def full(*args, **kwargs):  # what each writer raises on a full disk: neither is an OSError
+        if writer == "torch.save":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")  # fmt: skip
+
+    if writer == "torch.save":
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as err:
+        C.save_checkpoint(tmp_path, "step-000000002", sd, state)
+    message = str(err.value)
+    assert message.startswith(f"cannot write checkpoint in {tmp_path} (")
+    assert message.endswith("): free space or choose another --out")
+    assert ("unexpected pos 64" if writer == "torch.save" else "No space left") in message
+    assert len(message.splitlines()) == 1
+    assert (path / "state.pt").read_bytes() == before  # the good older checkpoint survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002"]  # no temporary folder
+
+
 def test_prune_keeps_last_n_and_newest_best(tmp_path):
     sd, state = _state()
     for step in (1, 2, 3, 4):
@@ -101,5 +131,20 @@ def test_written_files_get_the_umask_mode_not_mkstemps_private_one(tmp_path):
         os.umask(0o077)
         C.atomic_write(tmp_path / "private.md", "x")
         assert (tmp_path / "private.md").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_checkpoint_weights_files_follow_the_umask_too(tmp_path):
+    """safetensors creates its files 0600: a checkpoint's files all get the umask's mode."""
+    sd = {"w": torch.zeros(2)}
+    old = os.umask(0o022)
+    try:
+        ckpt = C.save_checkpoint(tmp_path / "a", "step-1", sd, {"step": 1}, ema=sd)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
+        assert modes == {"model.safetensors": 0o644, "ema.safetensors": 0o644, "state.pt": 0o644}
+        os.umask(0o077)
+        ckpt = C.save_checkpoint(tmp_path / "b", "step-1", sd, {"step": 1}, ema=sd)
+        assert {p.stat().st_mode & 0o777 for p in ckpt.iterdir()} == {0o600}
     finally:
         os.umask(old)

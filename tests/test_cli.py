@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from xception.cli import main
 
@@ -40,3 +41,120 @@ def test_user_errors_are_one_line(capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def _failing(monkeypatch, err: BaseException) -> None:
+    """Make `xception models` raise `err`, as a command deep in its work would."""
+    from xception import cli
+
+    def run(args):
+        raise err
+
+    monkeypatch.setitem(cli.COMMANDS, "models", ("list", lambda p: None, run))
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by "
+            "peer [127.0.0.1]:29500"
+        ),
+        torch.distributed.DistBackendError(
+            "DDP expects same model across all ranks, but Rank 0 has 94 params, while rank 1 has "
+            "inconsistent 0 params.\nmore detail"
+        ),
+    ],
+)
+def test_under_ddp_a_peers_failure_is_one_line_pointing_at_its_error(capsys, monkeypatch, err):
+    _failing(monkeypatch, err)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["models"]) == 1
+    err_text = capsys.readouterr().err
+    assert err_text == "xception models: another rank stopped; see its error above (rank 1)\n"
+    monkeypatch.delenv("WORLD_SIZE")  # in one process the same error is a bug: its traceback
+    with pytest.raises(RuntimeError):
+        main(["models"])
+
+
+@pytest.mark.parametrize(
+    "err,detail",
+    [
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                      "allocate memory: you tried to allocate 100000000000 bytes. Error code 12 "
+                      "(Cannot allocate memory)"),
+         "DefaultCPUAllocator: can't allocate memory: you tried to allocate 100000000000 bytes"),
+        (torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 "
+            "GiB of which 1.2 GiB is free. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"),
+         "CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)  # fmt: skip
+def test_running_out_of_memory_is_one_line_naming_the_fix(capsys, monkeypatch, err, detail):
+    _failing(monkeypatch, err)
+    assert main(["models"]) == 1
+    text = capsys.readouterr().err
+    assert text.startswith(f"xception models: error: out of memory ({detail}")
+    assert text.endswith("): lower the batch size or the image size\n")
+    assert len(text.strip().splitlines()) == 1 and "enforce fail" not in text
+    _failing(monkeypatch, RuntimeError("some other bug"))  # any other RuntimeError: a traceback
+    with pytest.raises(RuntimeError, match="some other bug"):
+        main(["models"])
+
+
+def _interrupted(monkeypatch, tmp_path) -> None:
+    import signal
+
+    from xception import train
+
+    def fit(cfg, given=None):
+        raise train.Interrupted(signal.SIGTERM, tmp_path / "checkpoints" / "step-000000008")
+
+    monkeypatch.setattr(train, "fit", fit)
+
+
+def test_an_interrupt_under_ddp_is_reported_by_rank_0_only(capsys, monkeypatch, tmp_path):
+    _interrupted(monkeypatch, tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--out", str(tmp_path)]) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("xception train: stopped by SIGTERM; checkpoint saved to ")
+    monkeypatch.setenv("RANK", "1")  # saved nothing: a second line would contradict the first
+    assert main(["train", "--out", str(tmp_path)]) == 143
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_names_its_own_command_and_flags(capsys, monkeypatch, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000000008").mkdir(parents=True)
+    assert main(["demo", "--out", str(run)]) == 2  # demo has no --resume: train continues it
+    err = capsys.readouterr().err
+    assert f"continue it with xception train --out {run} --resume auto" in err
+    assert len(err.strip().splitlines()) == 1
+    _interrupted(monkeypatch, tmp_path)
+    assert main(["demo", "--out", str(tmp_path / "new")]) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("xception demo: stopped by SIGTERM; checkpoint saved to ")
+
+
+def test_train_set_null_applies(tmp_path, monkeypatch):
+    """`--set ema_decay=null` (or a null in --config) turns EMA off; it used to be dropped as
+    if the key had not been given."""
+    import xception.cli as cli
+
+    seen = {}
+
+    def capture(cfg, given=None, command="train"):
+        seen["cfg"], seen["given"] = cfg, given
+        return 0, None
+
+    monkeypatch.setattr(cli, "_fit", capture)
+    (tmp_path / "c.yaml").write_text("grad_clip: null\n")
+    argv = ["train", "--out", str(tmp_path / "r"), "--set", "ema_decay=null",
+            "--config", str(tmp_path / "c.yaml")]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["cfg"].ema_decay is None and seen["cfg"].grad_clip is None
+    assert {"ema_decay", "grad_clip"} <= seen["given"]

@@ -47,6 +47,43 @@ def test_eval_cli_on_run_and_checkpoint_folders_agrees_with_training(
     assert "raw weights" in raw["checkpoint"]
 
 
+def test_raw_on_a_run_folder_evaluates_the_raw_weights_of_its_newest_checkpoint(
+    trained, capsys, tmp_path
+):
+    """A run folder's model.safetensors holds the EMA weights (EMA is on in the tiny recipe):
+    --raw takes the raw ones from the run's newest checkpoint, and says so."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from xception.checkpoint import CheckpointError
+    from xception.evaluate import load_for_eval
+
+    result, data = trained
+    ckpt = list_checkpoints(f"{result['out']}/checkpoints")[-1]
+    net, info = load_for_eval(result["out"], use_ema=False)
+    raw, ema = load_file(ckpt / "model.safetensors"), load_file(result["weights"])
+    sd = {k: v for k, v in net.state_dict().items() if "num_batches" not in k}  # not loaded
+    assert all(torch.equal(v, raw[k]) for k, v in sd.items())
+    assert not all(torch.equal(v, ema[k]) for k, v in sd.items())
+    assert info["source"].startswith(f"{ckpt} (raw weights")
+    argv = ["eval", "--checkpoint", result["out"], "--data", str(data), "--device", "cpu"]
+    assert main([*argv, "--raw"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["top1"] == pytest.approx(result["final"]["val_top1_raw"], abs=1e-3)
+    assert printed["checkpoint"].startswith(str(ckpt)) and "raw weights" in printed["checkpoint"]
+    # Without --raw: still the run folder's own (EMA) weights file.
+    assert load_for_eval(result["out"])[1]["source"] == result["weights"]
+    # No checkpoint left beside the final weights: only the EMA weights exist, say so.
+    run = tmp_path / "run"
+    shutil.copytree(result["out"], run, ignore=shutil.ignore_patterns("checkpoints"))
+    with pytest.raises(CheckpointError, match="holds only the run's EMA weights"):
+        load_for_eval(run, use_ema=False)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--raw"]) == 2
+    err = capsys.readouterr().err
+    assert "only the run's EMA weights" in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_runs_weights_file_describes_its_model_wherever_it_goes(trained, tmp_path):
     """The run's model.safetensors carries its config, classes and preprocessing: named
     directly, or copied away from its run folder, eval, predict and export rebuild the model."""
@@ -130,6 +167,37 @@ def test_multilabel_evaluation_reports_map_at_100():
     # sample 0: its label ranks 2nd -> AP 1/2; sample 1: ranks 1 and 3 -> (1 + 2/3) / 2
     assert out["map100"] == pytest.approx(100 * (0.5 + (1 + 2 / 3) / 2) / 2)
     assert out["top1"] == pytest.approx(50.0) and out["n"] == 2
+
+
+@pytest.mark.parametrize("multilabel", [True, False])
+def test_sigmoid_loss_is_normalised_like_the_training_loss(multilabel):
+    """Binary cross-entropy summed over classes and averaged over images, as training's
+    sigmoid loss is: not divided by the class count too."""
+    import math
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :3]
+
+    scores = [[0.9, -1.0, 0.5], [2.0, 0.8, -0.3]]
+    targets = [[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]] if multilabel else [[0, 0, 1], [0, 1, 0]]
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            y = torch.tensor(targets[i]) if multilabel else torch.tensor(targets[i].index(1))
+            return torch.tensor(scores[i]).view(3, 1, 1), y
+
+        collate = staticmethod(torch.utils.data.default_collate)
+
+    # -log(sigmoid(z)) for a positive class, -log(1 - sigmoid(z)) for a negative one
+    bce = lambda z, t: math.log1p(math.exp(z)) - t * z  # noqa: E731
+    by_hand = sum(bce(z, t) for row, ts in zip(scores, targets, strict=True)
+                  for z, t in zip(row, ts, strict=True)) / 2  # fmt: skip
+    out = evaluate_model(Fixed(), Data(), multilabel=multilabel, loss="sigmoid")
+    assert out["loss"] == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_eval_errors_are_one_line(capsys, tmp_path):

@@ -135,7 +135,9 @@ def save_checkpoint(
     ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint folder `root/name` atomically and return its path. An existing folder of
-    that name (a re-run of the same step) is replaced only after the new one is complete."""
+    that name (a re-run of the same step) is replaced only after the new one is complete. Files
+    get the umask's mode; a failed write (a full disk) is an OSError naming the folder."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -144,12 +146,21 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
         tmp.chmod(default_mode(directory=True))
-        save_file(_contiguous(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if ema is not None:
-            save_file(_contiguous(ema), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
-        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp / "state.pt")
-        for f in tmp.iterdir():
-            _fsync_file(f)
+        try:
+            save_file(_contiguous(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if ema is not None:
+                save_file(_contiguous(ema), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+            torch.save({"format": FORMAT, "version": VERSION, **state}, tmp / "state.pt")
+            mode = default_mode()  # safetensors creates its files private (0600)
+            for f in tmp.iterdir():
+                f.chmod(mode)
+                _fsync_file(f)
+        except (OSError, RuntimeError, SafetensorError) as err:
+            # A full disk is a RuntimeError from torch.save and a SafetensorError from
+            # safetensors, neither an OSError: all become the one error the CLI prints.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OSError(f"cannot write checkpoint in {root} ({first}): free space or choose "
+                          "another --out") from None  # fmt: skip
         _fsync_dir(tmp)
         old = None
         if final.exists():

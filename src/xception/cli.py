@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -655,8 +656,13 @@ def _train_config(args: argparse.Namespace):
             log.warning("--resume continues the run as it was configured: %s given here not "
                         "applied (start a new run to change them)", ", ".join(fixed))  # fmt: skip
     recipe = args.recipe or (None if args.resume else "fashion-mnist")
-    given = given_keys(recipe, overrides)
+    # make_config drops None overrides (unset arguments); a null from --set or --config is a
+    # value the user gave (ema_decay=null turns EMA off), applied after it.
+    nulls = {k: None for k, v in overrides.items() if v is None}
+    given = given_keys(recipe, overrides) | set(nulls)
     cfg = make_config(recipe, **overrides)
+    if nulls:
+        cfg = cfg.replace(**nulls)
     if model_args:
         cfg = cfg.replace(model_args={**cfg.model_args, **model_args})
     if cfg.out is None and cfg.resume is None:
@@ -667,17 +673,18 @@ def _train_config(args: argparse.Namespace):
     return cfg, given
 
 
-def _fit(cfg, given: set[str] | None = None) -> tuple[int, dict | None]:
+def _fit(cfg, given: set[str] | None = None, command: str = "train") -> tuple[int, dict | None]:
     """Run the training engine; (exit status, result). Prints the one-line outcome."""
     from .train import Interrupted, TrainingError, fit
 
     try:
         result = fit(cfg, given=given)
     except Interrupted as stop:
-        print(f"xception train: {stop}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 saved the checkpoint: it says where
+            print(f"xception {command}: {stop}", file=sys.stderr)
         return stop.exit_code, None
     except TrainingError as err:
-        print(f"xception train: error: {err}", file=sys.stderr)
+        print(f"xception {command}: error: {err}", file=sys.stderr)
         return 1, None
     return 0, result
 
@@ -768,21 +775,25 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import time
 
+    from .checkpoint import find_latest
     from .evaluate import evaluate_file
     from .train import make_config
     from .zoo import create_model
 
+    out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    if find_latest(os.path.join(out, "checkpoints")) is not None:  # demo has no --resume
+        raise UserError(f"{out} already holds a run: continue it with xception train --out {out} "
+                        "--resume auto, or choose another --out")  # fmt: skip
     paper = create_model("xception")
     n = sum(p.numel() for p in paper.parameters() if p.requires_grad)
     print(f"Xception (Chollet, CVPR 2017), the paper's model: {n:,} trainable parameters")
     del paper
-    out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = make_config("fashion-mnist", data=args.data, out=out, epochs=args.epochs,
                       train_subset=args.train_subset, threads=args.threads)  # fmt: skip
     print(f"training {cfg.model} on Fashion-MNIST for {cfg.epochs} epochs (recipe "
           f"fashion-mnist; the full recipe uses more) -> {out}", flush=True)  # fmt: skip
     start = time.perf_counter()
-    status, result = _fit(cfg)
+    status, result = _fit(cfg, command="demo")
     if result is None:
         return status
     _print_result(result)
@@ -796,6 +807,33 @@ def _run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
+def _out_of_memory(err: BaseException) -> str | None:
+    """What ran out, when `err` is a failed allocation (CPU or GPU); None otherwise."""
+    import torch
+
+    text = str(err).strip()
+    markers = ("can't allocate memory", "out of memory")
+    if not isinstance(err, torch.OutOfMemoryError) and not any(m in text for m in markers):
+        return None
+    line = text.splitlines()[0] if text else type(err).__name__
+    line = re.sub(r"^\[enforce fail at [^\]]*\][^.]*\.\s*", "", line)  # torch's C++ location
+    return ". ".join(line.split(". ")[:2]).rstrip(".")  # CUDA's advice on the allocator follows
+
+
+def _another_rank_failed(err: BaseException) -> bool:
+    """Under torchrun, an error of torch.distributed (gloo or NCCL): a peer rank went away,
+    and its own error, printed above, is the one that says why."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    markers = ("gloo", "nccl", "connection closed by peer", "connection reset by peer")
+    return isinstance(err, RuntimeError) and any(m in text for m in markers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -840,6 +878,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"xception {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        memory = _out_of_memory(err)
+        if memory is not None:
+            print(f"xception {args.command}: error: out of memory ({memory}): lower the batch "
+                  "size or the image size", file=sys.stderr)  # fmt: skip
+            return 1
+        if _another_rank_failed(err):
+            print(f"xception {args.command}: another rank stopped; see its error above (rank "
+                  f"{os.environ.get('RANK', '?')})", file=sys.stderr)  # fmt: skip
+            return 1
+        raise
 
 
 if __name__ == "__main__":

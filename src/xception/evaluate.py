@@ -83,9 +83,10 @@ def evaluate_model(
                 logits = model(x)
             logits = logits.float()
             n = len(x)
+            # The sigmoid loss is the training loss's: summed over classes, averaged over images.
             if multilabel:
                 meter.update("loss", F.binary_cross_entropy_with_logits(
-                    logits, y.float(), reduction="sum").item() / y.shape[1], n)  # fmt: skip
+                    logits, y.float(), reduction="sum").item(), n)  # fmt: skip
                 meter.update(
                     f"map{map_k}", average_precision_at_k(logits, y, map_k).sum().item() * 100, n
                 )
@@ -95,7 +96,6 @@ def evaluate_model(
                 if loss == "sigmoid":
                     onehot = F.one_hot(y, logits.shape[1]).float()
                     value = F.binary_cross_entropy_with_logits(logits, onehot, reduction="sum")
-                    value = value / logits.shape[1]
                 else:
                     value = F.cross_entropy(logits, y, reduction="sum")
                 meter.update("loss", value.item(), n)
@@ -120,7 +120,8 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     Returns (model, info) where info has 'classes' (or None), 'image_size', 'mean', 'std',
     'multilabel', 'loss' and 'source'. Run and checkpoint folders rebuild the exact model they
     were trained with; a plain weights file needs `model` (a preset name; default 'xception'),
-    and its class count is read from its classifier."""
+    and its class count is read from its classifier. `use_ema=False` on a run folder whose
+    final weights are the EMA ones evaluates the raw weights of its newest checkpoint."""
     from . import checkpoint as C
     from . import weights as W
     from .model import Xception, XceptionConfig
@@ -135,21 +136,32 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
             path = path.parent
         elif (path.parent / "state.pt").is_file():
             path, use_ema = path.parent, path.name == "ema.safetensors"
-    card = path / "model.json"
-    if path.is_dir() and card.is_file() and (path / "model.safetensors").is_file():
+    card, note = path / "model.json", ""
+    run_weights = path.is_dir() and card.is_file() and (path / "model.safetensors").is_file()
+    if run_weights:
         try:
             meta = json.loads(card.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{card} is damaged ({err}): it says how the run's model was built; "
                              f"evaluate one of the run's checkpoints instead (a step-N folder "
                              f"in {path / 'checkpoints'})") from None  # fmt: skip
+        if not use_ema and "EMA" in str(meta.get("weights", "")):
+            # The run's final weights are the EMA ones: the raw ones live in its checkpoints.
+            latest = C.find_latest(path / "checkpoints")
+            if latest is None:
+                raise C.CheckpointError(f"{path} holds only the run's EMA weights (no checkpoint "
+                                        "with the raw ones is left): evaluate the EMA weights "
+                                        "(without --raw)")  # fmt: skip
+            path, run_weights = latest, False
+            note = "; the run folder's model.safetensors holds the EMA weights"
+    if run_weights:
         weights = W.load_file(path / "model.safetensors")
         source = str(path / "model.safetensors")
     elif path.is_dir() or path.name in ("state.pt",):
         ckpt = C.load_checkpoint(path)
         meta = ckpt["state"]["meta"]
         weights = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
-        source = f"{ckpt['path']} ({'EMA' if weights is ckpt['ema'] else 'raw'} weights)"
+        source = f"{ckpt['path']} ({'EMA' if weights is ckpt['ema'] else 'raw'} weights{note})"
     else:
         weights = W.load_file(path)
         sd = W.to_state_dict(weights, create_model(model or "xception", num_classes=0))
