@@ -299,3 +299,41 @@ def test_compiled_candidates_survive_a_quoted_only_argument(monkeypatch):
         report = run_bench(quick=True, batches=(2,), train_batch=None, repeats=1)
     (result,) = report.results
     assert result.error is None and result.images_per_s > 0
+
+
+def test_a_batch_size_given_twice_is_measured_once(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--quick", "--only", "xception eager NCHW", "--batch", "1", "1",
+            "--train-batch", "0", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["name"], r["batch"]) for r in rows] == [("xception eager NCHW", 1)]
+
+
+def test_the_plain_onnxruntime_peer_runs_on_the_benchs_threads(monkeypatch):
+    """Its default session took every core while our runner followed --threads: the ratio
+    compared 1 thread against 2. (A tiny stand-in for timm's model keeps the export short.)"""
+    import onnxruntime
+    import timm
+
+    from xception.zoo import create_model
+
+    monkeypatch.setattr(timm, "create_model", lambda name, num_classes: create_model(
+        "xception-compact", num_classes=num_classes, width=0.25, middle_blocks=1))  # fmt: skip
+    threads, real = [], onnxruntime.InferenceSession
+
+    def session(path, options=None, **kwargs):
+        threads.append(options.intra_op_num_threads if options is not None else None)
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = run_bench(size=75, batches=(1,), train_batch=None, repeats=1,
+                           only="plain session")  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert [r.name for r in report.results] == ["timm onnxruntime fp32 (plain session)"]
+    assert report.results[0].error is None and threads and set(threads) == {1}

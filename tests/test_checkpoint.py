@@ -148,3 +148,20 @@ def test_checkpoint_weights_files_follow_the_umask_too(tmp_path):
         assert {p.stat().st_mode & 0o777 for p in ckpt.iterdir()} == {0o600}
     finally:
         os.umask(old)
+
+
+def test_a_state_file_holding_code_is_refused_without_torchs_advice(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    ckpt = tmp_path / "step-000000001"
+    ckpt.mkdir()
+    with open(ckpt / "state.pt", "wb") as f:
+        pickle.dump({"format": "x", "evil": Evil()}, f)
+    with pytest.raises(C.CheckpointError, match="damaged or incomplete checkpoint") as err:
+        C.load_checkpoint(ckpt, state_only=True)
+    assert "weights_only" not in str(err.value)

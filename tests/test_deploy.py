@@ -424,3 +424,31 @@ def test_cpu_model_names_family_model_and_kernel_isas():
     assert deploy.cpu_model("model name\t: Bare\n") == "Bare"
     assert not deploy.cpu_native_bf16("")
     assert isinstance(deploy.cpu_model(), str) and deploy.cpu_model()  # this machine: something
+
+
+def test_exported_program_with_a_dynamic_size_runs_at_other_sizes(tmp_path):
+    """torch.export pins feature maps of size 1: the dynamic range starts above the model's
+    total stride (17 for the compact preset), and smaller traces are refused by name."""
+    torch.manual_seed(0)
+    model = create_model("xception-compact", num_classes=3, padding="symmetric", width=0.25,
+                         middle_blocks=1).eval()  # fmt: skip
+    report = deploy.export(model, tmp_path / "d.pt2", "exported-program", input_size=32,
+                           dynamic_size=True)  # fmt: skip
+    program = deploy.load_exported(report.path, "exported-program")
+    for h, w in ((17, 17), (40, 33)):
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            assert (program(x) - model(x)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match=r"traced at 17x17 pixels or more"):
+        deploy.export(model, tmp_path / "e.pt2", "exported-program", input_size=16,
+                      dynamic_size=True)  # fmt: skip
+
+
+def test_optimize_names_bad_inputs_and_settings_in_its_own_words():
+    model = create_model("xception-compact", num_classes=3, width=0.25, middle_blocks=1)
+    fast = deploy.optimize(model, backend="eager")
+    with pytest.raises(ValueError, match=r"expected a batch of shape \(N, 3, H, W\)"):
+        fast(torch.randn(3, 32, 32))
+    for bad in (float("inf"), True):
+        with pytest.raises(ValueError, match="slice_mib=.* is not valid"):
+            deploy.optimize(model, backend="eager", slice_mib=bad)

@@ -324,3 +324,11 @@ def test_an_image_too_elongated_to_resize_is_an_error_row_and_the_others_still_r
     rows = list(predict(model, [strip, good], topk=1))
     assert "too elongated to resize its shorter side to 36 px" in rows[0].error
     assert rows[0].top == [] and rows[1].error is None and len(rows[1].top) == 1
+
+
+def test_predict_leaves_the_callers_model_in_its_mode(tmp_path):
+    _halves().save(tmp_path / "x.png")
+    for name in ("xception-compact", "inception-v3-compact"):
+        model = create_model(name, num_classes=4).train()
+        rows = list(predict(model, [tmp_path / "x.png"], topk=1))
+        assert rows[0].error is None and model.training, name

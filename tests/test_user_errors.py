@@ -129,7 +129,7 @@ def test_numbers_out_of_range(files, capsys):
     model = create_model("xception-compact", num_classes=4, width=0.25, middle_blocks=1)
     with pytest.raises(ValueError, match="no calibration images"):
         deploy.quantize_model(model, files / "q.onnx", [], input_size=32)
-    with pytest.raises(ValueError, match=r"must be \(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"must be \(N, 3, 32, 32\)"):
         deploy.quantize_model(model, files / "q.onnx", [torch.rand(2, 1, 32, 32)], input_size=32)
     assert not (files / "q.onnx").exists()
 
@@ -233,3 +233,36 @@ def test_a_closed_pipe_ends_quietly(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdout", Closed())
     assert main(["models"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_export_options_that_do_not_go_together_are_refused(files, tmp_path, capsys):
+    weights = files / "tiny.safetensors"
+    base = ["export", tmp_path / "m.onnx", "--weights", weights]
+    one_line_error(capsys, [*base, "--calibration", files / "four"], "--calibration is for --int8")
+    one_line_error(capsys, [*base, "--int8", "--calibration", files / "four", "--dynamic-size",
+                            "--set", "padding=symmetric"], "calibrated at one input size")  # fmt: skip
+    one_line_error(capsys, ["export", tmp_path / "i.onnx", "--model", "inception-v3", "--size",
+                            "40"], "Inception V3 needs at least 75x75")  # fmt: skip
+    assert not list(tmp_path.iterdir())
+    bench = ["bench", "--only", "xception eager NCHW", "--train-batch", "0"]
+    one_line_error(capsys, [*bench, "--quick", "--repeats", "0"], "repeats must be at least 1")
+    one_line_error(capsys, [*bench, "--size", "64"], "use at least 75")
+
+
+def test_int8_calibrates_at_the_exported_size_and_reports_no_agreement_without_classes(
+    files, tmp_path, capsys
+):
+    argv = ["export", tmp_path / "q48.onnx", "--weights", files / "tiny.safetensors", "--size",
+            "48", "--int8", "--calibration", files / "four", "--calibration-count", "4"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0  # the weights' own size is 32
+    assert "top-1 agreement with fp32 on 4 held-out images" in capsys.readouterr().out
+    torch.manual_seed(0)
+    features = create_model("xception-compact", num_classes=0, pooling=None, width=0.25,
+                            middle_blocks=1).eval()  # fmt: skip
+    x = [torch.randn(4, 3, 32, 32)]
+    report = deploy.quantize_model(features, tmp_path / "f.onnx", x, x, input_size=32)
+    assert report.heldout_images == 4 and report.top1_agreement is None  # was 375%
+    with pytest.raises(ValueError, match="needs class scores"):
+        deploy.top1_agreement(features, features, x)
+    with pytest.raises(ValueError, match=r"must be \(N, 3, 32, 32\) like the model's input"):
+        deploy.quantize_onnx(tmp_path / "f.onnx", tmp_path / "g.onnx", [torch.randn(2, 3, 48, 48)])

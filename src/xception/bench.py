@@ -419,7 +419,10 @@ def _candidates(
         def build(batch: int) -> Step:
             import onnxruntime as ort
 
-            session = ort.InferenceSession(str(onnx_file(key, make)),
+            # A default session, but on as many threads as every other candidate (--threads).
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = ort.InferenceSession(str(onnx_file(key, make)), options,
                                            providers=["CPUExecutionProvider"])  # fmt: skip
             name = session.get_inputs()[0].name
 
@@ -561,7 +564,7 @@ def run_bench(
     if size < 1 or any(b < 1 for b in batches) or (train_batch is not None and train_batch < 1):
         raise ValueError(f"size={size}, batches={tuple(batches)}, train_batch={train_batch}: "
                          "sizes and batches must be at least 1 (train_batch None: no training)")  # fmt: skip
-    if size < 32 and not quick:
+    if size < 75 and not quick:  # torchvision's Inception V3 needs 75
         raise ValueError(f"size={size} is too small for the 299-pixel models: use at least 75")
     if repeats < 1 or not batches:
         raise ValueError("repeats must be at least 1 and batches must not be empty")

@@ -256,6 +256,8 @@ def load_checkpoint(path: str | Path, *, state_only: bool = False) -> dict:
         raise CheckpointError(f"{state_file}: missing; the checkpoint is incomplete") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError):  # not torch's advice to load it unsafely
+            first = "its pickle holds more than tensors and plain values, or is cut short"
         raise CheckpointError(f"{state_file}: damaged or incomplete checkpoint ({first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{state_file}: not an xception training checkpoint")

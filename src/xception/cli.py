@@ -274,7 +274,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke scale: small subset, 2 epochs, 2 seeds (all suites ~10 min)",
+        help="smoke scale: small subset, 2 epochs, 2 seeds (all suites ~7 min on 2 cores)",
     )
     p.add_argument("--seeds", type=int, help="seeds per variant (default: 2 quick, 3 full)")
     p.add_argument("--out", help="results folder (default: experiments/quick or experiments/full)")
@@ -450,6 +450,12 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UserError("--int8 needs --format onnx (int8 runs on ONNX Runtime)")
     if args.int8 and not args.calibration:
         raise UserError("--int8 needs --calibration DIR: a few hundred of your own images")
+    if args.calibration and not args.int8:
+        raise UserError("--calibration is for --int8 (static quantisation): add --int8, or drop "
+                        "--calibration for an fp32 export")  # fmt: skip
+    if args.int8 and args.dynamic_size:
+        raise UserError("--dynamic-size with --int8: int8 models are calibrated at one input "
+                        "size; export them at a fixed --size")  # fmt: skip
     if args.calibration_count < 1:
         raise UserError(f"--calibration-count {args.calibration_count}: calibrate on at least "
                         "1 image (a few hundred is best)")  # fmt: skip
@@ -461,19 +467,26 @@ def _run_export(args: argparse.Namespace) -> int:
     if not args.int8:
         report = deploy.export(model, args.output, args.format, input_size=size,
                                dynamic_size=args.dynamic_size)  # fmt: skip
-        print(f"wrote {report.path} ({report.format}, input {size}x{size}, dynamic batch): "
+        shape = "any size, checked at " if args.dynamic_size else ""
+        print(f"wrote {report.path} ({report.format}, input {shape}{size}x{size}, dynamic batch): "
               f"max abs error vs PyTorch {report.max_abs_error:.2e} on batches "
               f"{', '.join(map(str, report.checked_batches))}")  # fmt: skip
         return 0
-    images = _images(args.calibration, size, meta, _in_chans(model))
+    # Calibration images prepared at the exported size (the weights' own size may differ).
+    images = _images(args.calibration, size, meta.replace(input_size=size) if meta else None,
+                     _in_chans(model))  # fmt: skip
     n = min(args.calibration_count, len(images))
     batches = lambda xs: [torch.stack(xs[i : i + 8]) for i in range(0, len(xs), 8)]  # noqa: E731
     q = deploy.quantize_model(model, args.output, batches(images[:n]), batches(images[n:]),
                               input_size=size)  # fmt: skip
-    agreement = (f"top-1 agreement with fp32 on {q.heldout_images} held-out images: "
-                 f"{q.top1_agreement:.2%}" if q.top1_agreement is not None else
-                 "no held-out images left for the agreement check (give more images than "
-                 "--calibration-count)")  # fmt: skip
+    if q.top1_agreement is not None:
+        agreement = (f"top-1 agreement with fp32 on {q.heldout_images} held-out images: "
+                     f"{q.top1_agreement:.2%}")  # fmt: skip
+    elif q.heldout_images:
+        agreement = "no top-1 agreement to report: the model outputs no class scores"
+    else:
+        agreement = ("no held-out images left for the agreement check (give more images than "
+                     "--calibration-count)")  # fmt: skip
     print(f"wrote {q.path} (int8 {q.quant_format}, per-channel weights, calibrated on "
           f"{q.calibration_images} images); {agreement}")  # fmt: skip
     return 0
@@ -557,9 +570,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     train_batch = args.train_batch if args.train_batch is not None else (2 if quick else 8)
     report = run_bench(
         size=args.size or (64 if quick else 299),
-        batches=tuple(args.batch or ((1, 2) if quick else (1, 8))),
+        batches=tuple(dict.fromkeys(args.batch or ((1, 2) if quick else (1, 8)))),  # once each
         train_batch=train_batch or None,
-        repeats=args.repeats or (2 if quick else 5),
+        repeats=args.repeats if args.repeats is not None else (2 if quick else 5),
         quick=quick, only=args.only, device=args.device,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )  # fmt: skip

@@ -216,8 +216,9 @@ def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int
 def _check_slice_mib(slice_mib: float | None) -> None:
     if slice_mib is None:
         return
-    if isinstance(slice_mib, str):
-        raise ValueError(f"slice_mib={slice_mib!r} is not valid: use 'auto', None or a number")
+    if isinstance(slice_mib, str | bool) or not math.isfinite(slice_mib):
+        raise ValueError(f"slice_mib={slice_mib!r} is not valid: use a number of MiB, or None "
+                         "(no slicing)")  # fmt: skip
     if not slice_mib > 0:
         raise ValueError(f"slice_mib={slice_mib} must be positive (or None: no slicing)")
 
@@ -388,6 +389,8 @@ class InferenceModel(nn.Module):
         return self._traced[key](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:  # the model's own words, before channels_last asks for rank 4
+            self.model.check_input(x)
         x = x.to(self.device, self.dtype, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         plan = self.plan(x.shape)
@@ -551,11 +554,20 @@ def _check_traceable(model: nn.Module, dynamic_size: bool) -> None:
         )
 
 
-def _dynamic_shapes(dynamic_size: bool) -> tuple[dict, ...]:
+def _dynamic_shapes(dynamic_size: bool, min_size: int = 8) -> tuple[dict, ...]:
     shapes = {0: torch.export.Dim("batch", min=1, max=4096)}
     if dynamic_size:
-        shapes |= {2: torch.export.Dim("height", min=8), 3: torch.export.Dim("width", min=8)}
+        shapes |= {2: torch.export.Dim("height", min=min_size),
+                   3: torch.export.Dim("width", min=min_size)}  # fmt: skip
     return (shapes,)
+
+
+def _program_min_size(model: nn.Module) -> int:
+    """The smallest input a torch.export program with dynamic height and width can take: above
+    the model's total stride, so that no feature map is pinned at size 1 (torch.export
+    specialises those, and then refuses the dynamic range)."""
+    info = getattr(model, "feature_info", None)
+    return (max(f["stride"] for f in info) if info else 32) + 1
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool) -> None:
@@ -641,7 +653,8 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
 
 
 def _export_program(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool) -> None:
-    program = torch.export.export(model, (x,), dynamic_shapes=_dynamic_shapes(dynamic_size))
+    shapes = _dynamic_shapes(dynamic_size, _program_min_size(model))
+    program = torch.export.export(model, (x,), dynamic_shapes=shapes)
     torch.export.save(program, str(path))
 
 
@@ -693,6 +706,14 @@ def export(
     example = torch.randn(2, in_chans, h, w, generator=gen)
     if hasattr(model, "check_input"):  # its own words (e.g. too small), not the tracer's
         model.check_input(example)
+    elif type(model).__name__ == "Inception3" and min(h, w) < 75:  # torchvision's
+        raise ValueError(f"input_size={input_size}: torchvision's Inception V3 needs at least "
+                         "75x75 pixels")  # fmt: skip
+    if dynamic_size and format == "exported-program" and min(h, w) < _program_min_size(model):
+        raise ValueError(f"input_size={input_size}: a torch.export program with a dynamic size "
+                         f"is traced at {_program_min_size(model)}x"
+                         f"{_program_min_size(model)} pixels or more (the model's total stride "
+                         "plus one): give a larger --size")  # fmt: skip
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_SUFFIXES[format],
                                     dir=path.parent)  # fmt: skip
     os.close(fd)
@@ -706,8 +727,12 @@ def export(
             else:
                 _export_program(model, example, tmp, dynamic_size)
         except (RuntimeError, torch._dynamo.exc.UserError) as err:  # tracer failures
+            # The ONNX exporter wraps torch.export's error in a banner of next steps: the
+            # cause underneath is what names the problem.
+            cause = err.__cause__ if "Failed to export the model with torch.export" in str(
+                err) and err.__cause__ is not None else err  # fmt: skip
             raise ValueError(
-                f"cannot export this model to {format}: {_first_line(err)}. Export at a fixed input size "
+                f"cannot export this model to {format}: {_first_line(cause)}. Export at a fixed input size "
                 "and check that the model's options are traceable"
             ) from err
         with open(tmp, "rb+") as f:
@@ -902,11 +927,14 @@ def quantize_onnx(
     first = next(calibration, None)
     if first is None:
         raise ValueError("no calibration images: give at least one batch of images")
-    channels = graph_input.type.tensor_type.shape.dim[1].dim_value  # 0 when symbolic
-    if first.ndim != 4 or (channels and first.shape[1] != channels):
-        raise ValueError(f"calibration batches must be (N, {channels or 'C'}, H, W) like the "
+    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]  # 0 when symbolic
+    want = tuple(d or "?" for d in dims[1:])
+    if first.ndim != 4 or any(
+        d and d != got for d, got in zip(dims[1:], first.shape[1:], strict=True)
+    ):
+        raise ValueError(f"calibration batches must be (N, {', '.join(map(str, want))}) like the "
                          f"model's input, got {tuple(first.shape)}: preprocess the images as for "
-                         "the model (grey for a 1-channel model)")  # fmt: skip
+                         "the model (its input size; grey for a 1-channel model)")  # fmt: skip
     calibration = itertools.chain([first], calibration)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         prepared = Path(tmpdir) / "prepared.onnx"
@@ -937,11 +965,16 @@ def top1_agreement(
     candidate: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[torch.Tensor],
 ) -> float:
-    """Fraction of images on which the two models' top-1 classes agree."""
+    """Fraction of images on which the two models' top-1 classes agree (both must output
+    class scores, N x classes)."""
     same = total = 0
     with torch.no_grad():
         for x in batches:
-            a, b = reference(x).argmax(1), candidate(x).argmax(1)
+            ra, rb = reference(x), candidate(x)
+            if ra.ndim != 2 or rb.ndim != 2:
+                raise ValueError(f"top-1 agreement needs class scores (N, classes), got "
+                                 f"{tuple(ra.shape)}: the model has no classifier")  # fmt: skip
+            a, b = ra.argmax(1), rb.argmax(1)
             same += int((a == b).sum())
             total += x.shape[0]
     if total == 0:
@@ -972,6 +1005,9 @@ def quantize_model(
     heldout = list(heldout)
     agreement = None
     count = sum(x.shape[0] for x in heldout)
-    if count:
+    with torch.no_grad():  # class scores (N, classes), not a feature map or pooled features
+        classes = getattr(getattr(model, "config", None), "num_classes", 1)
+        scores = bool(count) and classes > 0 and model(heldout[0][:1]).ndim == 2
+    if scores:
         agreement = top1_agreement(model, OnnxModel(path), heldout)
     return QuantizationReport(path, quant_format, n, count, agreement)

@@ -11,6 +11,7 @@ in `BACKENDS`, chosen by name.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,13 +38,14 @@ Runner = Callable[[torch.Tensor], torch.Tensor]  # prepared NCHW batch -> logits
 
 
 def _torch_backend(model: nn.Module) -> Runner:
-    model.eval()
     device = next(model.parameters()).device
     if isinstance(model, Xception):
-        # BN folded, channels_last, the batch sliced on the CPU (deploy.optimize);
+        # BN folded, channels_last, the batch sliced on the CPU (deploy.optimize, on a copy);
         # eager, so that a few images do not wait for a compilation; float32 on every device,
         # so that the probabilities printed are the model's own (within 1e-4).
         model = deploy.optimize(model, backend="eager", device=device, dtype=torch.float32)
+    else:  # in eval mode, leaving the caller's model as it was
+        model = copy.deepcopy(model).eval()
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -661,9 +661,11 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
 
 def _named(name: str) -> Weights:
     if name not in WEIGHTS:
+        names = [n for n, w in WEIGHTS.items() if w.filename is not None]  # downloadable ones
         raise WeightsError(
-            f"unknown weights {name!r}: use one of {', '.join(WEIGHTS)} or a file path "
-            "(.h5, .safetensors, .pth)"
+            f"unknown weights {name!r}: use one of {', '.join(names)} or a file path "
+            "(.h5, .safetensors, .pth; timm's legacy_xception .pth gets timm-imagenet's "
+            "metadata)"
         )
     return WEIGHTS[name]
 
