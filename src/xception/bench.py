@@ -568,6 +568,7 @@ def run_bench(
         raise ValueError(f"size={size} is too small for the 299-pixel models: use at least 75")
     if repeats < 1 or not batches:
         raise ValueError("repeats must be at least 1 and batches must not be empty")
+    batches = tuple(dict.fromkeys(batches))  # each once: a repeat would be compared only once
     note = progress or (lambda message: log.info("%s", message))
     model_kwargs = dict(num_classes=num_classes, **(QUICK_MODEL if quick else {}))
     # Every candidate compiles without inductor's benchmark harness (see deploy.NO_HARNESS):

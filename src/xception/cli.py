@@ -570,7 +570,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     train_batch = args.train_batch if args.train_batch is not None else (2 if quick else 8)
     report = run_bench(
         size=args.size or (64 if quick else 299),
-        batches=tuple(dict.fromkeys(args.batch or ((1, 2) if quick else (1, 8)))),  # once each
+        batches=tuple(args.batch or ((1, 2) if quick else (1, 8))),
         train_batch=train_batch or None,
         repeats=args.repeats if args.repeats is not None else (2 if quick else 5),
         quick=quick, only=args.only, device=args.device,

@@ -427,10 +427,10 @@ class FileDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int):
+        key = int(sample_keys(self.seed, self.epoch, [index])[0] >> np.uint64(1))
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             path, target = self.samples[i]
-            key = int(sample_keys(self.seed, self.epoch, [index])[0] >> np.uint64(1))
             try:
                 image = load_image(path)
                 if self.grey:
@@ -522,7 +522,7 @@ def read_label_list(path: str | Path, classes: tuple[str, ...] | None = None):
     if path.suffix.lower() != ".csv":
         raise DataError(f"{path}: not a label list (.csv): --data takes a folder (class folders, "
                         "train/ and val/, IDX files, train.csv/val.csv) or a .csv list")  # fmt: skip
-    rows, lines, seen, again = [], [], {}, []
+    rows, seen, again = [], {}, []  # rows: (file, labels, line)
     try:  # utf-8-sig: a byte-order mark (as spreadsheets write) is not part of the header
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -541,8 +541,7 @@ def read_label_list(path: str | Path, classes: tuple[str, ...] | None = None):
                 if file in seen:
                     again.append(f"{row[0].strip()} on lines {seen[file]} and {line}")
                 seen.setdefault(file, line)
-                rows.append((file, labels))
-                lines.append(line)
+                rows.append((file, labels, line))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not a text label list ({err})") from None
     if not rows:
@@ -550,13 +549,13 @@ def read_label_list(path: str | Path, classes: tuple[str, ...] | None = None):
     if again:
         log.warning("%s: %d row(s) repeat an image listed before (first: %s); each row counts, "
                     "in training and in scores", path, len(again), again[0])  # fmt: skip
-    ok = _check_readable([p for p, _ in rows], str(path))
-    readable = [(r, line) for r, line, good in zip(rows, lines, ok, strict=True) if good]
+    ok = _check_readable([p for p, _, _ in rows], str(path))
+    readable = [row for row, good in zip(rows, ok, strict=True) if good]
     # Classes come from the images that will be seen, so a missing file adds none.
-    classes = tuple(classes or sorted({lab for (_, labs), _ in readable for lab in labs}))
+    classes = tuple(classes or sorted({lab for _, labs, _ in readable for lab in labs}))
     index = {c: k for k, c in enumerate(classes)}
     samples = []
-    for (p, labels), line in readable:
+    for p, labels, line in readable:
         unknown = [lab for lab in labels if lab not in index]
         if unknown:
             raise DataError(f"{path}:{line}: label {unknown[0]!r} is not one of the model's "

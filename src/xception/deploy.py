@@ -709,10 +709,10 @@ def export(
     elif type(model).__name__ == "Inception3" and min(h, w) < 75:  # torchvision's
         raise ValueError(f"input_size={input_size}: torchvision's Inception V3 needs at least "
                          "75x75 pixels")  # fmt: skip
-    if dynamic_size and format == "exported-program" and min(h, w) < _program_min_size(model):
+    least = _program_min_size(model)
+    if dynamic_size and format == "exported-program" and min(h, w) < least:
         raise ValueError(f"input_size={input_size}: a torch.export program with a dynamic size "
-                         f"is traced at {_program_min_size(model)}x"
-                         f"{_program_min_size(model)} pixels or more (the model's total stride "
+                         f"is traced at {least}x{least} pixels or more (the model's total stride "
                          "plus one): give a larger --size")  # fmt: skip
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_SUFFIXES[format],
                                     dir=path.parent)  # fmt: skip

@@ -956,10 +956,11 @@ class _Run:
                 index = self.rank * cfg.accum_steps + k
                 key = sample_keys(cfg.seed ^ 0x5EED, self.step, [index])[0] >> np.uint64(1)
                 torch.manual_seed(int(key))
-            # BN's running statistics follow micro-batch 0 alone, as DDP's buffers follow rank
-            # 0's: so one process with accum_steps=N keeps the statistics N ranks keep.
-            for bn in self.batch_norms:
-                bn.track_running_stats = k == 0
+            if cfg.accum_steps > 1:
+                # BN's running statistics follow micro-batch 0 alone, as DDP's buffers follow
+                # rank 0's: one process with accum_steps=N keeps the statistics N ranks keep.
+                for bn in self.batch_norms:
+                    bn.track_running_stats = k == 0
             with ctx:
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may go
@@ -978,8 +979,9 @@ class _Run:
                     meter.update("top1", ys.gather(1, top).sum().item() * 100, n)
                 else:
                     meter.update("top1", topk_correct(logits.float(), ys, (1,))[1] * 100, n)
-        for bn in self.batch_norms:
-            bn.track_running_stats = True
+        if cfg.accum_steps > 1:
+            for bn in self.batch_norms:
+                bn.track_running_stats = True
         if not finite:
             return False
         if cfg.grad_clip:
