@@ -165,3 +165,45 @@ def test_a_state_file_holding_code_is_refused_without_torchs_advice(tmp_path):
     with pytest.raises(C.CheckpointError, match="damaged or incomplete checkpoint") as err:
         C.load_checkpoint(ckpt, state_only=True)
     assert "weights_only" not in str(err.value)
+
+
+def _weights(path):
+    return C.load_checkpoint(path)["model"]["weight"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_resave_of_the_same_name_never_leaves_the_name_empty(tmp_path, monkeypatch, exchange):
+    sd, state = _state()
+    first = C.save_checkpoint(tmp_path, "step-000000003", sd, state)
+    old_weight = _weights(first).clone()
+    if not exchange:  # a system without renameat2: the old folder is moved aside first
+        monkeypatch.setattr(C, "_exchange", lambda a, b: False)
+    seen = []
+    real_replace = os.replace
+
+    def watch(src, dst):  # what a crash right after each rename would leave
+        real_replace(src, dst)
+        seen.append(C.find_latest(tmp_path))
+
+    monkeypatch.setattr(C.os, "replace", watch)
+    sd2 = {k: v + 1 for k, v in sd.items()}
+    path = C.save_checkpoint(tmp_path, "step-000000003", sd2, state)
+    assert torch.equal(_weights(path), old_weight + 1)
+    for found in seen:  # after any single rename some copy of step 3 is still found
+        assert found is not None and found.name.lstrip(".").startswith("step-000000003")
+    assert len(seen) == (0 if exchange else 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000003"]
+
+
+def test_a_checkpoint_left_moved_aside_by_a_crash_is_found_and_loads(tmp_path):
+    sd, state = _state()
+    C.save_checkpoint(tmp_path, "step-000000002", sd, state)
+    path = C.save_checkpoint(tmp_path, "step-000000004", sd, state)
+    aside = tmp_path / ".step-000000004.4242.old"
+    os.replace(path, aside)  # a crash between the two renames of a re-save
+    assert C.find_latest(tmp_path) == aside
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step-000000002", aside.name]
+    assert torch.equal(_weights(tmp_path), sd["weight"])
+    C.save_checkpoint(tmp_path, "step-000000004", sd, state)  # once it is back, it wins
+    assert C.find_latest(tmp_path) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002", "step-000000004"]

@@ -8,11 +8,16 @@ A checkpoint is a folder `step-<N>` (or `best-step-<N>`) holding
                       made only of tensors and plain Python values, so `torch.load(...,
                       weights_only=True)` reads it and nothing in it can run code.
 The folder is assembled under a temporary name, every file fsynced, then renamed into place: a
-crash leaves either the complete checkpoint or none, and never touches an existing one.
+crash leaves either the complete checkpoint or none, and never touches an existing one. A folder
+of the same name (a re-run of the same step) is swapped for the new one in one step where the
+system can (Linux's renameat2); elsewhere it is moved aside first, and a crash between the two
+renames leaves it as `.<name>.<pid>.old`, which `list_checkpoints` still finds.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import pickle
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 FORMAT = "xception-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^(best-)?step-(\d+)$")
+_MOVED_ASIDE = re.compile(r"^\.((?:best-)?step-\d+)\.\d+\.old$")
 
 
 class CheckpointError(ValueError):
@@ -122,6 +128,22 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux's renameat2 with RENAME_EXCHANGE).
+    False where the system or filesystem cannot, so that the caller falls back to two renames."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or strided storage; checkpoints must not alias live tensors.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
@@ -163,13 +185,18 @@ def save_checkpoint(
                           "another --out") from None  # fmt: skip
         _fsync_dir(tmp)
         old = None
-        if final.exists():
-            old = root / f".{name}.{os.getpid()}.old"
-            os.replace(final, old)
-        os.replace(tmp, final)
+        if final.exists() and _exchange(tmp, final):
+            old = tmp  # now holds the replaced checkpoint
+        else:
+            if final.exists():
+                old = root / f".{name}.{os.getpid()}.old"
+                os.replace(final, old)
+            os.replace(tmp, final)
         _fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(f".{name}.*.old"):  # moved aside by an earlier crashed re-save
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -182,16 +209,21 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 
 def list_checkpoints(root: str | Path, best: bool = False) -> list[Path]:
-    """Complete checkpoint folders under `root`, oldest step first."""
+    """Complete checkpoint folders under `root`, oldest step first. A checkpoint moved aside by
+    a re-save that crashed before the new one took its name counts under its own name."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and bool(m.group(1)) == best:
-            found.append((int(m.group(2)), p))
-    return [p for _, p in sorted(found)]
+    found = {}
+    for p in sorted(root.iterdir()):
+        aside = _MOVED_ASIDE.match(p.name)
+        name = aside.group(1) if aside else p.name
+        m = _NAME.match(name)
+        if m and p.is_dir() and bool(m.group(1)) == best and (not aside or name not in found):
+            if aside and (root / name).is_dir():
+                continue
+            found[name] = (int(m.group(2)), p)
+    return [p for _, p in sorted(found.values())]
 
 
 def find_latest(root: str | Path) -> Path | None:
