@@ -332,3 +332,33 @@ def test_predict_leaves_the_callers_model_in_its_mode(tmp_path):
         model = create_model(name, num_classes=4).train()
         rows = list(predict(model, [tmp_path / "x.png"], topk=1))
         assert rows[0].error is None and model.training, name
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv"])
+def test_an_interrupted_predict_prints_the_rows_classified_so_far(
+    folder, tiny, capsys, monkeypatch, fmt
+):
+    import xception.predict as P
+
+    real = P.predict
+
+    def stops_after_five(*args, **kwargs):
+        for i, row in enumerate(real(*args, **kwargs)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield row
+
+    monkeypatch.setattr(P, "predict", stops_after_five)
+    root, _ = folder
+    status, out, err = _run(capsys, root, "--weights", tiny, "--format", fmt, "--batch-size", "2")
+    assert status == 130
+    if fmt == "json":
+        rows = json.loads(out)
+    elif fmt == "csv":  # streamed as they come
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert "stopped after" not in err
+    else:
+        rows = out.strip().splitlines()[2:]  # after the header and its rule
+    assert len(rows) == 5
+    if fmt != "csv":
+        assert "stopped after 5 of 13 files" in err

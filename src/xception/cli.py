@@ -151,26 +151,30 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def _csv_rows(topk: int):
+    """A function writing one prediction as a CSV row, after writing the header once."""
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    ranks = range(1, topk + 1)
+    writer.writerow(
+        ["path", "error", *(f"{c}_{i}" for i in ranks for c in ("index", "label", "probability"))]
+    )
+
+    def write(r) -> None:
+        cells = [x for t in r.top for x in (t.index, t.label, f"{t.probability:.6f}")]
+        writer.writerow([r.path, r.error or "", *cells, *[""] * (3 * topk - len(cells))])
+        sys.stdout.flush()
+
+    return write
+
+
 def _print_predictions(results: list, fmt: str, topk: int) -> None:
+    """The whole table or JSON list (CSV rows are streamed by `_csv_rows`)."""
     if fmt == "json":
         import json
 
         print(json.dumps([r.to_dict() for r in results], indent=1))
-    elif fmt == "csv":
-        import csv
-
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        ranks = range(1, topk + 1)
-        writer.writerow(
-            [
-                "path",
-                "error",
-                *(f"{c}_{i}" for i in ranks for c in ("index", "label", "probability")),
-            ]
-        )
-        for r in results:
-            cells = [x for t in r.top for x in (t.index, t.label, f"{t.probability:.6f}")]
-            writer.writerow([r.path, r.error or "", *cells, *[""] * (3 * topk - len(cells))])
     else:
         rows = [
             [
@@ -205,17 +209,31 @@ def _run_predict(args: argparse.Namespace) -> int:
     runtime.keep_freed_memory()  # this process is ours, as in `xception eval`
     model = create_model(args.model, weights=args.weights, progress=not args.no_progress)
     num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features
-    results = list(
-        predict(
+    topk = min(args.topk, num_classes)
+    # CSV rows are printed as they come; a table or JSON needs every row, so an interruption
+    # or a failure part-way prints the rows classified so far before it stops the command.
+    stream = _csv_rows(topk) if args.format == "csv" else None
+    results = []
+    try:
+        for r in predict(
             model,
             files,
             topk=args.topk,
             batch_size=args.batch_size,
             backend=args.backend,
             progress=not args.no_progress,
-        )
-    )
-    _print_predictions(results, args.format, min(args.topk, num_classes))
+        ):
+            results.append(r)
+            if stream is not None:
+                stream(r)
+    except BaseException:
+        if results and stream is None:
+            _print_predictions(results, args.format, topk)
+            print(f"stopped after {len(results)} of {len(files)} files: the rows above are "
+                  "the files classified so far", file=sys.stderr)  # fmt: skip
+        raise
+    if stream is None:
+        _print_predictions(results, args.format, topk)
     failed = sum(r.error is not None for r in results)
     print(
         f"classified {len(results) - failed} of {len(results)} files"
