@@ -449,6 +449,8 @@ def test_optimize_names_bad_inputs_and_settings_in_its_own_words():
     fast = deploy.optimize(model, backend="eager")
     with pytest.raises(ValueError, match=r"expected a batch of shape \(N, 3, H, W\)"):
         fast(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8"):
+        fast(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))  # not cast to 0..255 floats
     for bad in (float("inf"), True):
         with pytest.raises(ValueError, match="slice_mib=.* is not valid"):
             deploy.optimize(model, backend="eager", slice_mib=bad)

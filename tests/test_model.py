@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from xception.inception import InceptionConfig, InceptionV3Compact
 from xception.layers import SeparableConv2d
 from xception.model import Xception, XceptionConfig, count_macs, summary
 
@@ -163,11 +164,47 @@ def test_max_pooling_and_dropout():
     "field,value",
     [("pooling", "sum"), ("output_stride", 4), ("padding", "same"), ("order", "x"),
      ("mid_activation", "tanh"), ("width", 0), ("num_classes", -1), ("drop_rate", 1.0),
-     ("stem_stride", 3), ("middle_blocks", -1), ("fc_layers", (0,))],
+     ("stem_stride", 3), ("middle_blocks", -1), ("fc_layers", (0,)),
+     # once taken by truthiness or as ints, or failing later in another error:
+     ("residual", "false"), ("residual", None), ("num_classes", True), ("stem_stride", True),
+     ("middle_blocks", True), ("fc_layers", (True,)), ("fc_layers", 4096),
+     ("entry_channels", (128, 256)), ("entry_channels", (0, 256, 728)), ("stem_channels", (-8, 64)),
+     ("head_channels", (1536,)), ("exit_channels", 0), ("width", float("inf")), ("bn_eps", 0.0),
+     ("bn_eps", -1e-3), ("bn_momentum", 1.5)],
 )  # fmt: skip
 def test_bad_config_values_are_named(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"{field}=.* is not valid"):
         XceptionConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("blocks", 3), ("blocks", (26, 1, 1)), ("n", True)])
+def test_bad_inception_config_values_are_named(field, value):
+    with pytest.raises(ValueError, match=f"{field}=.* is not valid"):
+        InceptionConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,hint",
+    [((3, 32, 32), torch.float32, r"got \(3, 32, 32\): add the batch dimension"),
+     ((1, 32, 32, 3), torch.float32, r"channels-last.*permute\(0, 3, 1, 2\)"),
+     ((1, 5, 32, 32), torch.float32, "set in_chans"),
+     ((1, 3, 32, 32), torch.uint8, r"floating-point images, got torch.uint8")],
+)  # fmt: skip
+def test_wrong_input_errors_say_the_fix(shape, dtype, hint):
+    model = Xception(width=0.25, middle_blocks=1)
+    with pytest.raises(ValueError, match=hint):
+        model(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: Xception(width=0.25, middle_blocks=1), lambda: InceptionV3Compact(width=0.125)]
+)
+def test_reset_classifier_follows_the_model_dtype(make):
+    model = make().double().eval()
+    model.reset_classifier(4)
+    assert model.fc.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 4)
 
 
 def test_pooling_none_requires_no_classifier():
@@ -195,3 +232,10 @@ def test_macs_and_summary():
     assert rows[0] == dict(name="block1", shape=(64, 147, 147), params=19488)
     assert sum(r["params"] for r in rows) == PAPER
     assert rows[-1]["shape"] == (1000,)
+
+
+def test_summary_of_a_too_small_input_leaves_the_model_in_training_mode():
+    model = Xception(width=0.25, middle_blocks=1).train()
+    with pytest.raises(ValueError, match="smaller than this model's minimum"):
+        summary(model, (3, 3))
+    assert model.training

@@ -389,8 +389,8 @@ class InferenceModel(nn.Module):
         return self._traced[key](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:  # the model's own words, before channels_last asks for rank 4
-            self.model.check_input(x)
+        if x.ndim != 4 or not x.is_floating_point():  # the model's own words: before
+            self.model.check_input(x)  # channels_last asks for rank 4, or uint8 pixels are cast
         x = x.to(self.device, self.dtype, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         plan = self.plan(x.shape)

@@ -54,9 +54,12 @@ class InceptionConfig(ModelConfig):
         bad = self._bad
         if not isinstance(self.n, int) or self.n < 1 or self.n % 2 == 0:
             raise bad("n", "use an odd kernel length (7 in the paper)")
-        if len(self.blocks) != 3 or any(not isinstance(b, int) or b < 0 for b in self.blocks):
+        # At most 25 of each: modules are lettered b..z after torchvision (mixed_5b, ...).
+        if len(self.blocks) != 3 or any(
+            not isinstance(b, int) or not 0 <= b <= 25 for b in self.blocks
+        ):
             raise bad(
-                "blocks", "use three non-negative counts: (InceptionA, InceptionC, InceptionE)"
+                "blocks", "use three counts from 0 to 25: (InceptionA, InceptionC, InceptionE)"
             )
 
 

@@ -22,6 +22,8 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[
             f"expected logits (N, K) and class indices (N,), got {tuple(logits.shape)} and "
             f"{tuple(target.shape)}"
         )
+    if not isinstance(ks, tuple | list) or not ks or not all(_is_k(k) for k in ks):
+        raise ValueError(f"ks={ks!r} is not valid: use positive integers, e.g. (1, 5)")
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices
     hit = top == target[:, None]
@@ -39,6 +41,10 @@ def average_precision_at_k(
     if scores.shape != target.shape or scores.ndim != 2:
         raise ValueError(f"scores {tuple(scores.shape)} and multi-hot targets "
                          f"{tuple(target.shape)} must both be (N, K)")  # fmt: skip
+    if not _is_k(k):
+        raise ValueError(f"k={k!r} is not valid: use a positive integer (100 for MAP@100)")
+    if not ((target == 0) | (target == 1)).all():
+        raise ValueError("multi-hot targets must be 0 or 1: soft or smoothed labels have no AP")
     k = min(k, scores.shape[1])
     order = scores.topk(k, dim=1).indices
     rel = target.gather(1, order).float()
@@ -46,6 +52,10 @@ def average_precision_at_k(
     n_rel = target.float().sum(1).clamp(max=k)
     ap = (precision * rel).sum(1) / n_rel.clamp(min=1)
     return ap
+
+
+def _is_k(k) -> bool:
+    return isinstance(k, int) and not isinstance(k, bool) and k >= 1
 
 
 def map_at_k(scores: torch.Tensor, target: torch.Tensor, k: int = 100) -> float:

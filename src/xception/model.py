@@ -11,6 +11,7 @@ The model knows nothing of files, training or the command line.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -56,8 +57,17 @@ class ModelConfig:
         return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):  # numbers first: the checks below compare them
+        for f in dataclasses.fields(self):  # types first: the checks below compare values
             value = getattr(self, f.name)
+            # A string "false" or a None would pass for a switch by truthiness, and True for 1.
+            if f.type == "bool" and not isinstance(value, bool):
+                raise self._bad(f.name, "use True or False")
+            if f.type == "int" and isinstance(value, bool):
+                raise self._bad(f.name, "expected an integer, not True/False")
+            if f.name in self._TUPLES and (
+                not isinstance(value, tuple) or any(isinstance(v, bool) for v in value)
+            ):
+                raise self._bad(f.name, "expected a list or tuple of integers")
             if f.type != "float":
                 continue
             if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
@@ -72,8 +82,13 @@ class ModelConfig:
             raise self._bad("num_classes", "use a non-negative integer (0 = no classifier)")
         if not isinstance(self.in_chans, int) or self.in_chans < 1:
             raise self._bad("in_chans", "use a positive integer")
-        if not self.width > 0:
+        if not 0 < self.width < math.inf:
             raise self._bad("width", "use a positive multiplier (1.0 = the paper's widths)")
+        if not self.bn_eps > 0:
+            raise self._bad("bn_eps", "use a small positive number (1e-3, as Keras)")
+        if not 0 <= self.bn_momentum <= 1:
+            raise self._bad("bn_momentum", "use a fraction in [0, 1] (PyTorch's convention: "
+                            "Keras' momentum 0.99 is 0.01 here)")  # fmt: skip
         if not 0.0 <= self.drop_rate < 1.0:
             raise self._bad("drop_rate", "use a probability in [0, 1)")
 
@@ -146,6 +161,12 @@ class XceptionConfig(ModelConfig):
             raise bad("output_stride", "use 32, 16 or 8")
         if any(not isinstance(c, int) or c < 1 for c in self.fc_layers):
             raise bad("fc_layers", "use a tuple of positive widths, e.g. (4096, 4096)")
+        for name, n in (("stem_channels", 2), ("entry_channels", 3), ("head_channels", 2)):
+            widths = getattr(self, name)
+            if len(widths) != n or any(not isinstance(c, int) or c < 1 for c in widths):
+                raise bad(name, f"use {n} positive widths")
+        if not isinstance(self.exit_channels, int) or self.exit_channels < 1:
+            raise bad("exit_channels", "use a positive width (the paper uses 1024)")
 
 
 class XceptionBlock(nn.Module):
@@ -265,10 +286,21 @@ class BlockNet(nn.Module):
         return self.config.num_classes
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.config.in_chans:
+        c = self.config.in_chans
+        if x.ndim != 4 or x.shape[1] != c:
+            if x.ndim == 3 and x.shape[0] == c:
+                fix = "add the batch dimension, x.unsqueeze(0)"
+            elif x.ndim == 4 and x.shape[-1] == c:
+                fix = "that looks channels-last (N, H, W, C): x.permute(0, 3, 1, 2)"
+            else:
+                fix = "set in_chans to the number of input channels"
             raise ValueError(
-                f"expected a batch of shape (N, {self.config.in_chans}, H, W), got "
-                f"{tuple(x.shape)}: set in_chans to the number of input channels"
+                f"expected a batch of shape (N, {c}, H, W), got {tuple(x.shape)}: {fix}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"expected floating-point images, got {x.dtype}: convert and normalise them as "
+                "the weights expect (Keras' ImageNet weights: x.float() / 127.5 - 1)"
             )
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(
@@ -303,12 +335,13 @@ class BlockNet(nn.Module):
 
     def _new_classifier(self, in_features: int, num_classes: int) -> None:
         """`fc` becomes a fresh Linear (Xavier-uniform weights, zero bias) on the model's
-        device, or None for `num_classes` 0."""
+        device and in its dtype, or None for `num_classes` 0."""
         self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else None
         if self.fc is not None:
             nn.init.xavier_uniform_(self.fc.weight)
             nn.init.zeros_(self.fc.bias)
-            self.fc.to(next(self.parameters()).device)
+            p = next(self.parameters())
+            self.fc.to(p.device, p.dtype)
 
 
 class Xception(BlockNet):
@@ -462,16 +495,18 @@ def summary(model: Xception, input_size: tuple[int, int]) -> list[dict]:
     x = torch.zeros(1, model.config.in_chans, *input_size, device=p.device, dtype=p.dtype)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        model.check_input(x)
-        for name in model.block_names:
-            block = getattr(model, name)
-            x = block(x)
-            params = sum(q.numel() for q in block.parameters() if q.requires_grad)
-            rows.append(dict(name=name, shape=tuple(x.shape[1:]), params=params))
-        head = [m for m in (model.fc_hidden, model.fc) if m is not None]
-        x = model.forward_head(x)
-        params = sum(q.numel() for m in head for q in m.parameters() if q.requires_grad)
-        rows.append(dict(name="head", shape=tuple(x.shape[1:]), params=params))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            model.check_input(x)
+            for name in model.block_names:
+                block = getattr(model, name)
+                x = block(x)
+                params = sum(q.numel() for q in block.parameters() if q.requires_grad)
+                rows.append(dict(name=name, shape=tuple(x.shape[1:]), params=params))
+            head = [m for m in (model.fc_hidden, model.fc) if m is not None]
+            x = model.forward_head(x)
+            params = sum(q.numel() for m in head for q in m.parameters() if q.requires_grad)
+            rows.append(dict(name="head", shape=tuple(x.shape[1:]), params=params))
+    finally:
+        model.train(was_training)
     return rows
