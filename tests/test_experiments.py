@@ -404,3 +404,72 @@ def test_cli_remeasure_speed_trains_nothing_and_says_what_is_missing(tmp_path, c
     assert "residual: runs missing, no results yet" in out
     assert "speeds of 0 run(s) measured again" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "work").exists()
+
+
+def test_the_same_data_under_another_path_is_the_same_run(tmp_path):
+    """The key holds the data's content: a copy elsewhere, or the same folder spelt another way,
+    reuses the stored runs instead of training them all again."""
+    from test_data import make_idx_dataset
+
+    from xception.experiments import dataset_info, run_config, run_key, suite_plan
+
+    a = make_idx_dataset(tmp_path / "a", n_train=200, n_test=100, size=28)
+    b = make_idx_dataset(tmp_path / "b", n_train=200, n_test=100, size=28)  # same seed: equal
+    variant = suite_plan("residual", TINY, in_chans=1, num_classes=10)[0][0]
+    keys = {run_key(run_config(variant, TINY, 0, dataset_info(root)))
+            for root in (a, b, f"{a}/", str(a))}  # fmt: skip
+    assert len(keys) == 1
+
+
+def test_segments_claim_compares_every_count_above_one():
+    """A spectrum without 1 segment (--segments 2,4) still compares its lowest count; 1 segment
+    (a regular conv) is never one of the points in between."""
+    import dataclasses
+
+    for counts, between in (((2, 4), ("2 segments", "4 segments")),
+                            ((1, 2, 4), ("2 segments", "4 segments")), ((1,), ())):  # fmt: skip
+        scale = dataclasses.replace(TINY, segments=counts)
+        _, claims = suite_plan("segments", scale, in_chans=1, num_classes=10)
+        assert claims[0].a == between, counts
+
+
+def test_equivalence_does_not_hold_only_beyond_the_margin():
+    """'Within 1 pp' is refuted only by an interval that lies wholly beyond 1 pp: one that
+    merely excludes 0 (-4.29 .. -0.01, as the quick scale's order suite had) still allows a gap
+    of half a point, which the claim calls equivalent."""
+    noise = (0.0096**2, 10)
+    verdict, stats = compare([0.770, 0.775], [0.7915, 0.7965], "equivalent", noise)
+    assert stats["lo"] < -0.01 < stats["hi"] < 0
+    assert verdict == "inconclusive"
+    verdict, stats = compare([0.770, 0.775], [0.8115, 0.8165], "equivalent", noise)
+    assert stats["hi"] < -0.01 and verdict == "does not hold"
+
+
+def test_vs_inception_refuses_a_size_no_inception_matches():
+    """Below about 60,000 parameters no width of the compact Inception comes within 10%: the
+    claim 'at a matched parameter count' would be false, so the suite is refused before
+    training (it compared 11,722 against 59,106 parameters)."""
+    import dataclasses
+
+    scale = dataclasses.replace(SCALES["quick"], model={"width": 0.1})
+    with pytest.raises(ValueError, match=r"no width of inception-v3-compact matches the 11,722 "
+                       r"parameters .* within 10% \(closest: 59,106 at width 0.05\)"):  # fmt: skip
+        suite_plan("vs-inception", scale)
+    scale = dataclasses.replace(SCALES["quick"], model={"width": 0.5})
+    variants, _ = suite_plan("vs-inception", scale)  # 237,714 against 218,050: matched
+    assert variants[1].overrides == {"width": 0.1}
+
+
+def test_vs_inception_baseline_gets_the_settings_both_models_have():
+    """--set drop_rate=0.5 trained Xception with dropout against an Inception without: the
+    comparison mixed two training settings, not just two architectures."""
+    import dataclasses
+
+    scale = dataclasses.replace(SCALES["quick"], model={"width": 0.75, "drop_rate": 0.5,
+                                                        "bn_eps": 1e-5, "middle_blocks": 4})  # fmt: skip
+    xception, inception = suite_plan("vs-inception", scale)[0]
+    assert xception.overrides == scale.model
+    # width is matched to the parameters instead; middle_blocks is Xception's own
+    assert inception.overrides == {"drop_rate": 0.5, "bn_eps": 1e-5, "width": 0.16}
+    assert create_model(inception.model, num_classes=10, in_chans=1,
+                        **inception.overrides).config.drop_rate == 0.5  # fmt: skip

@@ -20,7 +20,8 @@ d +- t*SE with Student's t quantile at the pooled degrees of freedom. For "A is 
 *holds* when the interval lies above 0, *does not hold* when it lies below 0, *inconclusive*
 otherwise, and always when no variant has 2 seeds (no noise estimate). For "A and B are
 equivalent" (the order of the halves): *holds* when the interval lies inside +-margin (1
-percentage point), *does not hold* when it excludes 0 and |d| > margin, *inconclusive* otherwise.
+percentage point), *does not hold* when it lies wholly outside +-margin (a gap beyond the
+margin, not just beyond 0, is what refutes "within the margin"), *inconclusive* otherwise.
 For "some intermediate segment count beats depthwise", with k intermediate variants, each
 comparison uses a 1 - 0.05/k interval (Bonferroni), so that k chances to win do not inflate the
 chance of a false "holds".
@@ -87,8 +88,9 @@ class Scale:
     """How much training each run of a suite gets.
 
     `model` overrides apply to every Xception variant (the Inception baseline is re-sized to match
-    the resulting parameter count); `segments` lists the spectrum's segment counts (None: every
-    power of two that divides all of the model's channel counts), "depthwise" is always added.
+    the resulting parameter count, and takes those it has too: drop_rate, bn_eps, bn_momentum);
+    `segments` lists the spectrum's segment counts (None: every power of two that divides all of
+    the model's channel counts), "depthwise" is always added.
     """
 
     name: str
@@ -153,6 +155,7 @@ DATA_FIELDS = ("in_chans", "num_classes")
 
 BASE_MODEL = "xception-compact"
 INCEPTION_MODEL = "inception-v3-compact"
+PARAM_MATCH = 0.10  # vs-inception: the largest relative gap in parameters still called matched
 
 
 def _spectrum(scale: Scale, in_chans: int, num_classes: int) -> list[int]:
@@ -233,14 +236,29 @@ def suite_plan(
         target = _param_count(create_model(BASE_MODEL, num_classes=num_classes,
                                            in_chans=in_chans, **scale.model))  # fmt: skip
         width = matched_inception_width(target, in_chans, num_classes)
-        variants = [base, Variant("Inception V3", INCEPTION_MODEL, dict(width=width))]
+        closest = _param_count(create_model(INCEPTION_MODEL, num_classes=num_classes,
+                                            in_chans=in_chans, width=width))  # fmt: skip
+        if abs(closest - target) > PARAM_MATCH * target:  # the claim says "matched": refuse
+            raise ValueError(
+                f"no width of {INCEPTION_MODEL} matches the {target:,} parameters of "
+                f"{BASE_MODEL} at scale {scale.name!r} within {100 * PARAM_MATCH:g}% (closest: "
+                f"{closest:,} at width {width:g}): use a larger model, e.g. --set width=0.5"
+            )
+        from .inception import InceptionConfig
+
+        # Settings both models have (dropout, BN) apply to the baseline too, so that only the
+        # architecture differs; `width` scales each model's own channel plan: matched instead.
+        shared = {k: v for k, v in scale.model.items() if k != "width"
+                  and k in {f.name for f in dataclasses.fields(InceptionConfig)}}  # fmt: skip
+        variants = [base, Variant("Inception V3", INCEPTION_MODEL, {**shared, "width": width})]
         claims = [Claim("Xception beats Inception V3 at a matched parameter count",
                         base.label, "Inception V3")]  # fmt: skip
     elif suite == "segments":
         ks = _spectrum(scale, in_chans, num_classes)
         variants = [variant(f"{k} segment{'s' if k > 1 else ''}", segments=k) for k in ks]
         variants.append(variant("depthwise", segments="depthwise"))
-        intermediate = tuple(v.label for v in variants[1:-1])
+        # 1 segment is the regular conv, not a point in between (--segments may leave it out).
+        intermediate = tuple(v.label for k, v in zip(ks, variants, strict=False) if k > 1)
         claims = [Claim("a model between a regular conv and depthwise beats depthwise "
                         "(the question the paper leaves open)",
                         intermediate, "depthwise", kind="any_better")]  # fmt: skip
@@ -335,13 +353,13 @@ def compare(
     stats = difference(a, b, noise, coverage)
     if stats["se"] is None:
         return "inconclusive", stats
-    lo, hi, d = stats["lo"], stats["hi"], stats["diff"]
+    lo, hi = stats["lo"], stats["hi"]
     if kind == "better":
         verdict = "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
     elif kind == "equivalent":
         if -margin < lo and hi < margin:
             verdict = "holds"
-        elif (lo > 0 or hi < 0) and abs(d) > margin:
+        elif lo > margin or hi < -margin:  # every difference the data allows exceeds it
             verdict = "does not hold"
         else:
             verdict = "inconclusive"
@@ -415,9 +433,10 @@ def run_key(config: dict) -> str:
 
     The engine's `model_args` are left out: they only spell `model_config`, which is hashed, as
     a difference from the preset, so a preset that changes under a variant that does not would
-    otherwise change its key.
+    otherwise change its key. So is the data's path: `data_sha256` holds its content, and the
+    same files under another path (or spelt another way) are the same runs.
     """
-    train = {k: v for k, v in config["train"].items() if k != "model_args"}
+    train = {k: v for k, v in config["train"].items() if k not in ("model_args", "data")}
     blob = json.dumps(
         {**config, "train": train}, sort_keys=True, separators=(",", ":"), default=str
     )
@@ -935,7 +954,7 @@ def render_report(results: dict) -> str:
         f"({_noise_text(results['seed_noise']['final'])}). *Better*: holds when the interval "
         "lies above 0, does not hold when "
         f"below 0. *Equivalent*: holds when it lies within +-{100 * EQUIVALENCE_MARGIN:g} pp, "
-        "does not hold when it excludes 0 and the difference exceeds that margin. *Some of k "
+        "does not hold when it lies wholly outside that margin. *Some of k "
         "variants beats one*: each comparison at a 1 - 0.05/k level (Bonferroni). Otherwise "
         "inconclusive at this scale.",
     ]
