@@ -1,9 +1,11 @@
 # Quick start: `make demo` (set-up + the main job) and `make test` (set-up + the whole suite).
+# Without the Debian package (not root): `make demo DATA=DIR`, DIR holding the four IDX files.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
+DATA   ?=
 export KERAS_BACKEND := torch
 
 .PHONY: setup test demo lint bench clean data
@@ -20,15 +22,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 data:
-	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	@if [ -n "$(DATA)" ] || [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) && \
 	  echo "installed Debian package dataset-fashion-mnist"; \
 	else \
 	  echo "note: Fashion-MNIST not found at $(FMNIST)."; \
-	  echo "      install it with 'sudo apt-get install dataset-fashion-mnist', or pass --data DIR"; \
-	  echo "      pointing at a folder holding the four IDX files (train-images-idx3-ubyte.gz, ...)."; \
+	  echo "      install it with 'sudo apt-get install dataset-fashion-mnist', or give a folder"; \
+	  echo "      holding the four IDX files (train-images-idx3-ubyte.gz, ...): make demo DATA=DIR"; \
 	fi
 
 test: setup
@@ -36,7 +38,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/xception demo
+	$(BIN)/xception demo $(if $(DATA),--data $(DATA))
 
 lint: setup
 	$(BIN)/ruff check src tests $(wildcard benchmarks)

@@ -158,3 +158,25 @@ def test_train_set_null_applies(tmp_path, monkeypatch):
     assert main(argv) == 0
     assert seen["cfg"].ema_decay is None and seen["cfg"].grad_clip is None
     assert {"ema_decay", "grad_clip"} <= seen["given"]
+
+
+def test_demo_ends_with_what_to_do_next(capsys, monkeypatch, tmp_path):
+    """The demo's last lines name the commands that use the model it trained; it used to stop
+    at the test accuracy, and said only that the full recipe "uses more" epochs."""
+    import xception.cli as cli
+    import xception.evaluate as evaluate
+
+    out = tmp_path / "run"
+    final = dict(val_top1=91.0, images_per_s=600.0, epoch=3)
+    result = dict(out=str(out), params=1, final=final, best=final, wall_s=60.0)
+    monkeypatch.setattr(cli, "_fit", lambda cfg, given=None, command="train": (0, result))
+    test = dict(top1=91.0, top5=99.0, images=10000)
+    monkeypatch.setattr(evaluate, "evaluate_file", lambda *a, **k: test)
+    assert main(["demo", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "the full recipe trains 15)" in text
+    weights = out / "model.safetensors"
+    next_steps = text.split("training and testing\n")[1]
+    assert next_steps.startswith("next: xception predict IMAGE... --weights ")
+    assert f"xception export model.onnx --weights {weights}" in next_steps
+    assert "xception train --recipe fashion-mnist" in next_steps

@@ -91,9 +91,11 @@ def _print_summary(model, size: int) -> None:
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default="xception")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--size", type=int, default=299, help="input height and width")
+    p.add_argument("model", nargs="?", default="xception", help="preset (default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=1000,
+                   help="classifier classes, 0 for none (default: %(default)s)")  # fmt: skip
+    p.add_argument("--size", type=int, default=299,
+                   help="input height and width (default: %(default)s)")  # fmt: skip
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set segments=4")  # fmt: skip
 
@@ -140,8 +142,10 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         "'xception convert' restores its own config",
     )
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                   help="output on stdout (default: %(default)s)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per forward pass (default: %(default)s)")  # fmt: skip
     p.add_argument(
         "--backend",
         default="torch",
@@ -755,10 +759,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", help="preset for a plain weights file (default: xception)")
     p.add_argument("--size", type=int, help="input size (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per forward pass (default: %(default)s)")  # fmt: skip
     p.add_argument("--limit", type=int, help="evaluate on the first N images only")
     p.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA ones")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, "
+                   "cuda:N (default: %(default)s)")  # fmt: skip
     p.add_argument("--json", dest="json_out", help="also write the result to this file")
 
 
@@ -789,7 +795,9 @@ DEMO_EPOCHS = 3
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="fashion-mnist", help="Fashion-MNIST IDX folder")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="folder of the Fashion-MNIST IDX files (default: the Debian package's, "
+                        "/usr/share/datasets/fashion-mnist)")  # fmt: skip
     p.add_argument("--out", help="run folder (default: runs/demo-TIMESTAMP)")
     p.add_argument(
         "--epochs",
@@ -821,8 +829,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     del paper
     cfg = make_config("fashion-mnist", data=args.data, out=out, epochs=args.epochs,
                       train_subset=args.train_subset, threads=args.threads)  # fmt: skip
+    full = make_config("fashion-mnist").epochs
     print(f"training {cfg.model} on Fashion-MNIST for {cfg.epochs} epochs (recipe "
-          f"fashion-mnist; the full recipe uses more) -> {out}", flush=True)  # fmt: skip
+          f"fashion-mnist; the full recipe trains {full}) -> {out}", flush=True)  # fmt: skip
     start = time.perf_counter()
     status, result = _fit(cfg, command="demo")
     if result is None:
@@ -832,6 +841,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"Fashion-MNIST test top-1: {test['top1']:.2f}% (top-5 {test['top5']:.2f}%) on "
           f"{test['images']:,} test images; {(time.perf_counter() - start) / 60:.1f} min "
           "training and testing")  # fmt: skip
+    weights = os.path.join(out, "model.safetensors")
+    print(f"next: xception predict IMAGE... --weights {weights}   (classify images)\n"
+          f"      xception export model.onnx --weights {weights}   (ONNX, checked)\n"
+          f"      xception train --recipe fashion-mnist   (the full {full} epochs)")  # fmt: skip
     return 0
 
 
