@@ -180,3 +180,14 @@ def test_demo_ends_with_what_to_do_next(capsys, monkeypatch, tmp_path):
     assert next_steps.startswith("next: xception predict IMAGE... --weights ")
     assert f"xception export model.onnx --weights {weights}" in next_steps
     assert "xception train --recipe fashion-mnist" in next_steps
+
+
+def test_demo_without_the_dataset_is_one_line_before_anything_else(capsys, tmp_path):
+    """A missing dataset used to be reported after the demo had printed its header and named an
+    output folder it never created."""
+    out = tmp_path / "run"
+    assert main(["demo", "--data", str(tmp_path / "absent"), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()
+    assert "data folder not found" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1

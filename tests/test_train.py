@@ -231,6 +231,7 @@ def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, to
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stderr.count("epoch 1/1:") == 1, ddp.stderr[-3000:]  # rank 0's news only
     one = cli("train", "--recipe", str(recipe), "--out", str(tmp_path / "one"),
               "--set", "accum_steps=2")  # fmt: skip
     assert one.returncode == 0, one.stderr
@@ -264,6 +265,7 @@ def test_ddp_resume_from_mid_epoch_reports_the_uninterrupted_metrics(tmp_path, t
     cut = subprocess.run([*torchrun, "--out", str(tmp_path / "cut"), "--resume", "auto"],
                          capture_output=True, text=True, timeout=240)  # fmt: skip
     assert cut.returncode == 0, cut.stderr[-3000:]
+    assert cut.stderr.count("resumed from") == 1, cut.stderr[-3000:]
     assert metrics_rows(tmp_path / "cut") == metrics_rows(tmp_path / "ref")
 
 

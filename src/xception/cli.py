@@ -815,6 +815,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     import time
 
     from .checkpoint import find_latest
+    from .data import resolve_data
     from .evaluate import evaluate_file
     from .train import make_config
     from .zoo import create_model
@@ -823,6 +824,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     if find_latest(os.path.join(out, "checkpoints")) is not None:  # demo has no --resume
         raise UserError(f"{out} already holds a run: continue it with xception train --out {out} "
                         "--resume auto, or choose another --out")  # fmt: skip
+    resolve_data(args.data)  # a missing dataset is one line, before anything is printed
     paper = create_model("xception")
     n = sum(p.numel() for p in paper.parameters() if p.requires_grad)
     print(f"Xception (Chollet, CVPR 2017), the paper's model: {n:,} trainable parameters")
@@ -830,7 +832,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     cfg = make_config("fashion-mnist", data=args.data, out=out, epochs=args.epochs,
                       train_subset=args.train_subset, threads=args.threads)  # fmt: skip
     full = make_config("fashion-mnist").epochs
-    print(f"training {cfg.model} on Fashion-MNIST for {cfg.epochs} epochs (recipe "
+    print(f"training {cfg.model} on Fashion-MNIST for {cfg.epochs} epoch"
+          f"{'s' if cfg.epochs != 1 else ''} (recipe "
           f"fashion-mnist; the full recipe trains {full}) -> {out}", flush=True)  # fmt: skip
     start = time.perf_counter()
     status, result = _fit(cfg, command="demo")

@@ -582,7 +582,8 @@ def resolve_data(data: str | Path) -> Path:
         if not FASHION_MNIST_DIR.is_dir():
             raise DataError(
                 f"Fashion-MNIST not found at {FASHION_MNIST_DIR}: install the Debian package "
-                "dataset-fashion-mnist (make setup does), or pass --data DIR with the IDX files"
+                "dataset-fashion-mnist (make setup does, as root), or pass --data DIR with the IDX "
+                "files (make demo DATA=DIR)"
             )
         return FASHION_MNIST_DIR
     if str(data) == "mnist":

@@ -576,6 +576,11 @@ class _Run:
                     f"checkpoint's own run (--out {own}), or in a new folder to fork it"
                 )
 
+    def _info(self, msg: str, *args) -> None:
+        """Progress news, once per run: from rank 0 only under torchrun."""
+        if self.rank == 0:
+            log.info(msg, *args)
+
     def _load_resume(self, resume: str) -> None:
         cfg = self.cfg
         if resume == "auto":
@@ -583,7 +588,7 @@ class _Run:
                 raise ValueError("resume='auto' needs the run folder: set out (--out DIR)")
             latest = C.find_latest(Path(cfg.out) / "checkpoints")
             if latest is None:
-                log.info("no checkpoint under %s: starting a new run", cfg.out)
+                self._info("no checkpoint under %s: starting a new run", cfg.out)
                 return
             resume = str(latest)
             try:
@@ -712,7 +717,7 @@ class _Run:
         self.step, self.history = state["step"], list(state["history"])
         self.partial = dict(state.get("partial", {}))
         self.best = state.get("best")
-        log.info("resumed from %s (epoch %d, step %d)", ckpt["path"], self.epoch, self.step)
+        self._info("resumed from %s (epoch %d, step %d)", ckpt["path"], self.epoch, self.step)
 
     # checkpoints and outputs --------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -820,7 +825,7 @@ class _Run:
         done = self.partial.get("wall_s") or (self.history[-1]["wall_s"] if self.history else 0)
         self.start_wall = start_wall = time.perf_counter() - done
         if self.epoch >= cfg.epochs:
-            log.info("run in %s already finished (%d epochs): nothing to do", self.out, self.epoch)
+            self._info("run in %s already finished (%d epochs): nothing to do", self.out, self.epoch)
         with _Signals() as signals:
             while self.epoch < cfg.epochs:
                 row = self._train_epoch(signals)
@@ -839,7 +844,7 @@ class _Run:
                 if self.tb is not None:
                     for k, v in row.items():
                         self.tb.add_scalar(k, v, row["epoch"])
-                log.info("epoch %d/%d: %s", row["epoch"], cfg.epochs,
+                self._info("epoch %d/%d: %s", row["epoch"], cfg.epochs,
                          ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "epoch"))  # fmt: skip
         weights = self._export()
         if self.tb is not None:
