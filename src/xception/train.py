@@ -825,7 +825,9 @@ class _Run:
         done = self.partial.get("wall_s") or (self.history[-1]["wall_s"] if self.history else 0)
         self.start_wall = start_wall = time.perf_counter() - done
         if self.epoch >= cfg.epochs:
-            self._info("run in %s already finished (%d epochs): nothing to do", self.out, self.epoch)
+            self._info(
+                "run in %s already finished (%d epochs): nothing to do", self.out, self.epoch
+            )
         with _Signals() as signals:
             while self.epoch < cfg.epochs:
                 row = self._train_epoch(signals)
