@@ -3,14 +3,20 @@
 # twice in fresh processes, once as shipped and once with glibc told never to hand freed
 # memory back (no mmap for big blocks, no heap trimming), so that no activation page-faults.
 # Behind the "allocator" section of benchmarks/BENCHMARKS.md.
+#   benchmarks/allocator.sh
+# Writes allocator-default/-tunables.json/.md over the committed ones in benchmarks/;
+# BENCH_OUT=DIR writes them into DIR instead.
 set -euo pipefail
+out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
 cd "$(dirname "$0")/.."
+out=${out:-benchmarks}
+mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
 only=("timm eager channels_last" "xception folded channels_last" "optimize(backend='eager')"
       "optimize(backend='compile')" "train channels_last")
 run() {
     flock "$lock" .venv/bin/xception bench --size 299 --batch 8 --train-batch 8 --repeats 5 \
-        --only "${only[@]}" --json "benchmarks/allocator-$1.json" --markdown "benchmarks/allocator-$1.md"
+        --only "${only[@]}" --json "$out/allocator-$1.json" --markdown "$out/allocator-$1.md"
 }
 run default
 GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 run tunables

@@ -8,19 +8,26 @@ Unlike `xception bench`, which times one synchronised call per round, each round
 max(10, 200 // batch) back-to-back calls (5 steps in training) and synchronises once, so the
 host's launch rate shows as it does in a serving or training loop. 7 interleaved rounds (5 in
 training), images/s of the median round. Random weights: speed does not depend on them.
+Needs a CUDA GPU and timm (`pip install .[bench]`).
 """
 
+import argparse
 import gc
 import json
 import statistics
 import sys
 import time
 
-import timm
 import torch
 import torch.nn.functional as F
 
 from xception import create_model, deploy
+from xception.checkpoint import check_output_file
+
+try:
+    import timm
+except ImportError:
+    timm = None
 
 DEV = torch.device("cuda")
 
@@ -138,7 +145,20 @@ def train(res: dict, save) -> None:
 
 
 def main() -> None:
-    what, path = sys.argv[1], sys.argv[2]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("infer", "train"), help="inference or training steps")
+    p.add_argument("path", metavar="OUT.json", help="where to write the results (after each step)")
+    args = p.parse_args()
+    what, path = args.what, args.path
+    if not torch.cuda.is_available():
+        sys.exit("cuda_graphs.py: needs a CUDA GPU (torch sees none here); on the CPU, "
+                 "`xception bench` measures every path")  # fmt: skip
+    if timm is None:
+        sys.exit("cuda_graphs.py: needs timm for the peer's model: pip install .[bench]")
+    try:
+        check_output_file(path, create_parents=False)  # before minutes of compiling
+    except (OSError, ValueError) as err:
+        sys.exit(f"cuda_graphs.py: {err}")
     res = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
 
     def save():

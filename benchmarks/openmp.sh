@@ -7,20 +7,30 @@
 # BENCHMARKS.md.
 #   benchmarks/openmp.sh [RUNS]   (default 2; about a minute per bench)
 #   python benchmarks/targets_summary.py benchmarks/openmp-*.json
+# Writes openmp-SETTING-1..RUNS.json over the committed ones in benchmarks/; BENCH_OUT=DIR
+# writes them into DIR instead.
 set -euo pipefail
+out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
 cd "$(dirname "$0")/.."
+out=${out:-benchmarks}
+mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
+runs=${1:-2}
+if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
+    echo "openmp.sh: RUNS is a number of runs (1 or more), not '$runs'" >&2
+    exit 2
+fi
 declare -A settings=(
     [default]=""
     [bind]="OMP_PROC_BIND=close OMP_PLACES=cores"
     [spin]="OMP_WAIT_POLICY=active"
 )
-for i in $(seq 1 "${1:-2}"); do
+for i in $(seq 1 "$runs"); do
     for name in default bind spin; do
         # shellcheck disable=SC2086  # the settings are words on purpose
         flock "$lock" env ${settings[$name]} .venv/bin/xception bench --size 299 --batch 8 \
             --train-batch 0 --repeats 7 \
             --only "optimize(backend='compile')" "timm eager channels_last" \
-            --json "benchmarks/openmp-$name-$i.json"
+            --json "$out/openmp-$name-$i.json"
     done
 done

@@ -3,13 +3,23 @@
 # in several separate runs, because this host's page-fault cost, and with it the whole-batch
 # candidates' speed, drifts from run to run. Behind the "PyTorch path" section of BENCHMARKS.md.
 #   benchmarks/pytorch_path.sh [RUNS]   (default 3; about 3 minutes each)
+# Writes pytorch-path-1..RUNS.json/.md over the committed ones in benchmarks/; BENCH_OUT=DIR
+# writes them into DIR instead.
 set -euo pipefail
+out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
 cd "$(dirname "$0")/.."
+out=${out:-benchmarks}
+mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
+runs=${1:-3}
+if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
+    echo "pytorch_path.sh: RUNS is a number of runs (1 or more), not '$runs'" >&2
+    exit 2
+fi
 only=("timm eager channels_last" "xception folded channels_last" "optimize(backend='eager')"
       "optimize(backend='compile')" "optimize(backend='compile', slice_mib=None)")
-for i in $(seq 1 "${1:-3}"); do
+for i in $(seq 1 "$runs"); do
     flock "$lock" .venv/bin/xception bench --size 299 --batch 8 --train-batch 0 --repeats 7 \
-        --only "${only[@]}" --json "benchmarks/pytorch-path-$i.json" \
-        --markdown "benchmarks/pytorch-path-$i.md"
+        --only "${only[@]}" --json "$out/pytorch-path-$i.json" \
+        --markdown "$out/pytorch-path-$i.md"
 done

@@ -2,8 +2,14 @@
 # Full speed benchmarks behind benchmarks/BENCHMARKS.md. Minutes of CPU: run on an otherwise idle
 # machine; the shared lock keeps other heavy jobs of this project from overlapping.
 #   benchmarks/run_all.sh [RUN_FOLDER]   RUN_FOLDER: a `xception train --recipe fashion-mnist` run
+# Writes machine.txt, bench-299.txt/.json/.md (and int8-agreement.json) over the committed ones in
+# benchmarks/; BENCH_OUT=DIR writes them into DIR instead.
 set -euo pipefail
+out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
+run=${1:+$(realpath -e "$1")}  # a missing RUN_FOLDER fails here, not after the bench
 cd "$(dirname "$0")/.."
+out=${out:-benchmarks}
+mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
 {
     lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|L2|L3"
@@ -11,12 +17,15 @@ lock=/tmp/xception-heavy.lock
     # The instruction sets that pick the kernels (MKL, oneDNN, MLAS): AVX-512, VNNI, bf16.
     echo "ISA: $(grep -m1 -o -w -E 'avx2|fma|avx512f|avx512_vnni|avx512_bf16|avx_vnni|amx_tile' \
         /proc/cpuinfo | sort -u | tr '\n' ' ')"
-} > benchmarks/machine.txt
-# Inference at batch 1 and 8, training at batch 8, 299x299, every candidate, interleaved.
+} > "$out/machine.txt"
+# Inference at batch 1 and 8, training at batch 8, 299x299, every candidate, interleaved. The
+# printed table replaces bench-299.txt only once the bench has succeeded.
+trap 'rm -f "$out/bench-299.txt.part"' EXIT
 flock "$lock" .venv/bin/xception bench --size 299 --batch 1 8 --train-batch 8 --repeats 7 \
-    --json benchmarks/bench-299.json --markdown benchmarks/bench-299.md | tee benchmarks/bench-299.txt
+    --json "$out/bench-299.json" --markdown "$out/bench-299.md" | tee "$out/bench-299.txt.part"
+mv "$out/bench-299.txt.part" "$out/bench-299.txt"
 # Int8 accuracy: top-1 agreement with fp32 on the Fashion-MNIST test set.
-if [[ $# -ge 1 ]]; then
-    flock "$lock" .venv/bin/python benchmarks/int8_agreement.py "$1" \
-        --json benchmarks/int8-agreement.json
+if [[ -n $run ]]; then
+    flock "$lock" .venv/bin/python benchmarks/int8_agreement.py "$run" \
+        --json "$out/int8-agreement.json"
 fi

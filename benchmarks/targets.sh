@@ -4,13 +4,24 @@
 # this host's page-fault cost, and with it the peers' speed, drifts from run to run. Each run's
 # comparisons are in its JSON; targets_summary.py puts them side by side with their medians.
 #   benchmarks/targets.sh [RUNS]   (default 5; about 5 minutes each)
+# Writes targets-1..RUNS.json/.md and targets.md over the committed ones in benchmarks/;
+# BENCH_OUT=DIR writes them into DIR instead.
 set -euo pipefail
+out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
 cd "$(dirname "$0")/.."
+out=${out:-benchmarks}
+mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
 runs=${1:-5}
+if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
+    echo "targets.sh: RUNS is a number of runs (1 or more), not '$runs'" >&2
+    exit 2
+fi
+files=()
 for i in $(seq 1 "$runs"); do
     flock "$lock" .venv/bin/xception bench --size 299 --batch 8 --train-batch 8 --repeats 7 \
-        --json "benchmarks/targets-$i.json" --markdown "benchmarks/targets-$i.md"
+        --json "$out/targets-$i.json" --markdown "$out/targets-$i.md"
+    files+=("$out/targets-$i.json")
 done
-.venv/bin/python benchmarks/targets_summary.py benchmarks/targets-[0-9]*.json \
-    | tee benchmarks/targets.md
+# These runs only: a shorter series must not summarise an earlier series' targets-N.json with it.
+.venv/bin/python benchmarks/targets_summary.py "${files[@]}" | tee "$out/targets.md"

@@ -38,8 +38,27 @@ def summary(runs: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
+def load(path: str) -> dict:
+    """The bench report in `path`; SystemExit with one line when it is not one."""
+    try:
+        run = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        sys.exit(f"targets_summary.py: cannot read {path}: {err}")
+    comparisons = run.get("comparisons") if isinstance(run, dict) else None
+    if not isinstance(comparisons, list) or not all(
+        isinstance(c, dict) and FIELDS - {"target"} <= c.keys() for c in comparisons
+    ):
+        sys.exit(f"targets_summary.py: {path} is not an `xception bench` JSON report with its "
+                 "comparisons (reports written before bench recorded them have none)")  # fmt: skip
+    return run
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
+    if sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
+    runs = [load(p) for p in sys.argv[1:]]
     print(f"runs: {', '.join(sys.argv[1:])}\n")
-    print(summary([json.loads(Path(p).read_text()) for p in sys.argv[1:]]), end="")
+    print(summary(runs), end="")

@@ -218,6 +218,15 @@ def test_run_bench_rejects_bad_settings():
         run_bench(quick=True, only=("zzz", "NCHW "))
 
 
+def test_every_only_text_must_name_a_candidate():
+    # One stale name among several (a benchmark script's list, or a peer whose package is not
+    # installed: --quick has no timm rows) used to drop its candidate, and every comparison on
+    # it, while the others ran and the bench exited as if nothing was wrong.
+    with pytest.raises(ValueError, match=r"no candidate name contains 'timm eager channels_last':"):
+        run_bench(quick=True, size=32, batches=(1,), train_batch=None, repeats=1,
+                  only=("xception eager NCHW", "timm eager channels_last"))  # fmt: skip
+
+
 def test_matmul_rate_is_plausible():
     rate = matmul_rate(n=256, repeats=3)
     assert 0.1 < rate < 1e5  # GFLOP/s: a number, not a unit mistake
@@ -337,3 +346,24 @@ def test_the_plain_onnxruntime_peer_runs_on_the_benchs_threads(monkeypatch):
         torch.set_num_threads(before)
     assert [r.name for r in report.results] == ["timm onnxruntime fp32 (plain session)"]
     assert report.results[0].error is None and threads and set(threads) == {1}
+
+
+def test_a_failed_candidate_makes_the_bench_exit_1_after_its_table(tmp_path, capsys, monkeypatch):
+    """A failure was only an error row: the bench exited 0, and a script's `set -e` recorded
+    the run as a result."""
+    from xception import bench
+
+    def broken(batch):
+        raise RuntimeError("no kernel for this shape")
+
+    bad = bench._Candidate("xception broken", "inference", broken, 1e-6)
+    real = bench._candidates
+    monkeypatch.setattr(bench, "_candidates", lambda **kwargs: [*real(**kwargs), bad])
+    out = tmp_path / "b.json"
+    argv = ["bench", "--quick", "--only", "xception eager NCHW", "broken", "--batch", "1",
+            "--train-batch", "0", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "error: RuntimeError: no kernel for this shape" in captured.out  # the table is kept
+    assert "1 candidate(s) failed: xception broken" in captured.err
+    assert json.loads(out.read_text())["results"][1]["error"].startswith("RuntimeError")

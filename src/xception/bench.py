@@ -552,8 +552,8 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Measure every candidate (when `only` is given: those whose name contains it, or any of
-    several) at each batch size in `batches` (inference) and at `train_batch` (training steps;
-    None skips training).
+    several; each must match at least one, or ValueError) at each batch size in `batches`
+    (inference) and at `train_batch` (training steps; None skips training).
 
     `quick`: the 0.25-width, one-middle-block model and no compiled or peer candidates, for a
     smoke test in seconds. `progress(message)` is called as candidates are built and timed.
@@ -582,10 +582,13 @@ def run_bench(
         if only:
             wanted = (only,) if isinstance(only, str) else tuple(only)
             names = sorted({c.name for c in candidates})
-            candidates = [c for c in candidates if any(w in c.name for w in wanted)]
-            if not candidates:
-                raise ValueError(f"no candidate name contains {' or '.join(map(repr, wanted))}: "
+            # Each text must name something: a stale name among several (a script's list, a
+            # peer not installed) would otherwise drop its candidate and the comparisons on it.
+            unmatched = [w for w in wanted if not any(w in name for name in names)]
+            if unmatched:
+                raise ValueError(f"no candidate name contains {' or '.join(map(repr, unmatched))}: "
                                  f"the candidates here are {', '.join(names)}")  # fmt: skip
+            candidates = [c for c in candidates if any(w in c.name for w in wanted)]
         # The rate the candidates are held to: fp32 on the CPU; on CUDA every candidate runs
         # in bfloat16 (autocast, or a bfloat16 model), so bfloat16's, on products big enough to
         # fill the GPU (2048 x 2048 reaches a fraction of an H100's).

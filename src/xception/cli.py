@@ -536,7 +536,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         help="interleaved rounds after warm-up (default: 5; quick: 2)",
     )
     p.add_argument("--only", nargs="+", metavar="TEXT",
-                   help="only candidates whose name contains one of these texts")  # fmt: skip
+                   help="only candidates whose name contains one of these texts (each text "
+                        "must match one)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: torch's)")
     p.add_argument(
@@ -604,6 +605,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         comparisons = report.comparisons_markdown()
         atomic_write(args.markdown, report.to_markdown() + (comparisons and "\n" + comparisons))
         print(f"wrote {args.markdown}")
+    failed = sorted({r.name for r in report.results if r.error})
+    if failed:  # the table has their error rows; a script's `set -e` must see it too
+        print(f"{len(failed)} candidate(s) failed: {', '.join(failed)} (see their error rows)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
