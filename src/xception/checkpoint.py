@@ -133,7 +133,7 @@ def _exchange(a: Path, b: Path) -> bool:
     False where the system or filesystem cannot, so that the caller falls back to two renames."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # not Linux (Windows: no CDLL(None))
         return False
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:

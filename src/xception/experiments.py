@@ -35,6 +35,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import gzip
 import hashlib
 import io
 import json
@@ -489,11 +490,13 @@ def dataset_info(data: str | Path) -> dict:
             "ubyte.gz, ...): pass --data DIR holding them, or leave --data out for Fashion-MNIST"
         )
     # The runs' key holds the files' content: other data under the same path (or the same data
-    # under another path) is told apart from what the store holds.
+    # under another path) is told apart from what the store holds. The decompressed bytes: a
+    # gzip header holds the time it was written, which says nothing of the data.
     digest = hashlib.sha256()
     for split in ("train", "test"):
         for stem in IDX_FILES[split]:
-            with open(_find_idx(root, stem), "rb") as f:
+            path = _find_idx(root, stem)
+            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
     return dict(
