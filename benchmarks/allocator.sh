@@ -7,10 +7,9 @@
 # Writes allocator-default/-tunables.json/.md over the committed ones in benchmarks/;
 # BENCH_OUT=DIR writes them into DIR instead.
 set -euo pipefail
-out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
+source "$(dirname "$0")/common.sh"
+out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 cd "$(dirname "$0")/.."
-out=${out:-benchmarks}
-mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
 only=("timm eager channels_last" "xception folded channels_last" "optimize(backend='eager')"
       "optimize(backend='compile')" "train channels_last")

@@ -5,10 +5,9 @@
 # the committed one, or DIR/fp32-peak.txt with BENCH_OUT=DIR.
 #   benchmarks/fp32_peak.sh [THREADS]   (default: the machine's core count)
 set -euo pipefail
-out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
+source "$(dirname "$0")/common.sh"
+out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 cd "$(dirname "$0")"
-out=${out:-.}
-mkdir -p "$out"
 cc=$(command -v gcc || command -v cc || true)
 if [ -z "$cc" ]; then
     echo "fp32_peak.sh: no C compiler found; install gcc (Debian: apt-get install gcc)" >&2

@@ -10,16 +10,12 @@
 # Writes openmp-SETTING-1..RUNS.json over the committed ones in benchmarks/; BENCH_OUT=DIR
 # writes them into DIR instead.
 set -euo pipefail
-out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
+source "$(dirname "$0")/common.sh"
+out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 cd "$(dirname "$0")/.."
-out=${out:-benchmarks}
-mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
 runs=${1:-2}
-if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
-    echo "openmp.sh: RUNS is a number of runs (1 or more), not '$runs'" >&2
-    exit 2
-fi
+check_runs openmp.sh "$runs"
 declare -A settings=(
     [default]=""
     [bind]="OMP_PROC_BIND=close OMP_PLACES=cores"

@@ -6,16 +6,12 @@
 # Writes pytorch-path-1..RUNS.json/.md over the committed ones in benchmarks/; BENCH_OUT=DIR
 # writes them into DIR instead.
 set -euo pipefail
-out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
+source "$(dirname "$0")/common.sh"
+out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 cd "$(dirname "$0")/.."
-out=${out:-benchmarks}
-mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
 runs=${1:-3}
-if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
-    echo "pytorch_path.sh: RUNS is a number of runs (1 or more), not '$runs'" >&2
-    exit 2
-fi
+check_runs pytorch_path.sh "$runs"
 only=("timm eager channels_last" "xception folded channels_last" "optimize(backend='eager')"
       "optimize(backend='compile')" "optimize(backend='compile', slice_mib=None)")
 for i in $(seq 1 "$runs"); do

@@ -5,11 +5,10 @@
 # Writes machine.txt, bench-299.txt/.json/.md (and int8-agreement.json) over the committed ones in
 # benchmarks/; BENCH_OUT=DIR writes them into DIR instead.
 set -euo pipefail
-out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
+source "$(dirname "$0")/common.sh"
+out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 run=${1:+$(realpath -e "$1")}  # a missing RUN_FOLDER fails here, not after the bench
 cd "$(dirname "$0")/.."
-out=${out:-benchmarks}
-mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
 {
     lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|L2|L3"

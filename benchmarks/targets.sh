@@ -7,16 +7,12 @@
 # Writes targets-1..RUNS.json/.md and targets.md over the committed ones in benchmarks/;
 # BENCH_OUT=DIR writes them into DIR instead.
 set -euo pipefail
-out=${BENCH_OUT:+$(realpath -m "$BENCH_OUT")}  # from the caller's folder, before the cd
+source "$(dirname "$0")/common.sh"
+out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 cd "$(dirname "$0")/.."
-out=${out:-benchmarks}
-mkdir -p "$out"
 lock=/tmp/xception-heavy.lock
 runs=${1:-5}
-if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
-    echo "targets.sh: RUNS is a number of runs (1 or more), not '$runs'" >&2
-    exit 2
-fi
+check_runs targets.sh "$runs"
 files=()
 for i in $(seq 1 "$runs"); do
     flock "$lock" .venv/bin/xception bench --size 299 --batch 8 --train-batch 8 --repeats 7 \

@@ -185,12 +185,13 @@ def save_checkpoint(
                           "another --out") from None  # fmt: skip
         _fsync_dir(tmp)
         old = None
-        if final.exists() and _exchange(tmp, final):
-            old = tmp  # now holds the replaced checkpoint
-        else:
-            if final.exists():
+        if final.exists():
+            if _exchange(tmp, final):
+                old = tmp  # now holds the replaced checkpoint
+            else:
                 old = root / f".{name}.{os.getpid()}.old"
                 os.replace(final, old)
+        if old is not tmp:
             os.replace(tmp, final)
         _fsync_dir(root)
         if old is not None:
@@ -214,16 +215,17 @@ def list_checkpoints(root: str | Path, best: bool = False) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = {}
-    for p in sorted(root.iterdir()):
-        aside = _MOVED_ASIDE.match(p.name)
-        name = aside.group(1) if aside else p.name
+    named, aside = {}, {}
+    for p in root.iterdir():
+        moved = _MOVED_ASIDE.match(p.name)
+        if p.is_dir():
+            (aside if moved else named).setdefault(moved.group(1) if moved else p.name, p)
+    found = []
+    for name, p in {**aside, **named}.items():  # the named folder wins over one moved aside
         m = _NAME.match(name)
-        if m and p.is_dir() and bool(m.group(1)) == best and (not aside or name not in found):
-            if aside and (root / name).is_dir():
-                continue
-            found[name] = (int(m.group(2)), p)
-    return [p for _, p in sorted(found.values())]
+        if m and bool(m.group(1)) == best:
+            found.append((int(m.group(2)), p))
+    return [p for _, p in sorted(found)]
 
 
 def find_latest(root: str | Path) -> Path | None:

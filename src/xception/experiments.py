@@ -186,18 +186,22 @@ def _param_count(model: nn.Module) -> int:
 
 def matched_inception_width(target_params: int, in_chans: int, num_classes: int) -> float:
     """The `width` of `inception-v3-compact` whose parameter count is closest to `target_params`."""
+    return _closest_inception(target_params, in_chans, num_classes)[0]
+
+
+def _closest_inception(target_params: int, in_chans: int, num_classes: int) -> tuple[float, int]:
+    """(width, parameter count) of the `inception-v3-compact` closest to `target_params`."""
     from .zoo import create_model
 
-    best = (math.inf, 1.0)
+    best = (math.inf, 1.0, 0)
     for step in range(5, 101):  # widths 0.05 .. 1.00
         width = step / 100
-        model = create_model(INCEPTION_MODEL, num_classes=num_classes, in_chans=in_chans,
-                             width=width)  # fmt: skip
-        gap = abs(_param_count(model) - target_params)
-        best = min(best, (gap, width))
-        if _param_count(model) > target_params:  # parameters grow with width: no need to go on
+        params = _param_count(create_model(INCEPTION_MODEL, num_classes=num_classes,
+                                           in_chans=in_chans, width=width))  # fmt: skip
+        best = min(best, (abs(params - target_params), width, params))
+        if params > target_params:  # parameters grow with width: no need to go on
             break
-    return best[1]
+    return best[1], best[2]
 
 
 def suite_plan(
@@ -236,9 +240,7 @@ def suite_plan(
 
         target = _param_count(create_model(BASE_MODEL, num_classes=num_classes,
                                            in_chans=in_chans, **scale.model))  # fmt: skip
-        width = matched_inception_width(target, in_chans, num_classes)
-        closest = _param_count(create_model(INCEPTION_MODEL, num_classes=num_classes,
-                                            in_chans=in_chans, width=width))  # fmt: skip
+        width, closest = _closest_inception(target, in_chans, num_classes)
         if abs(closest - target) > PARAM_MATCH * target:  # the claim says "matched": refuse
             raise ValueError(
                 f"no width of {INCEPTION_MODEL} matches the {target:,} parameters of "
@@ -249,8 +251,8 @@ def suite_plan(
 
         # Settings both models have (dropout, BN) apply to the baseline too, so that only the
         # architecture differs; `width` scales each model's own channel plan: matched instead.
-        shared = {k: v for k, v in scale.model.items() if k != "width"
-                  and k in {f.name for f in dataclasses.fields(InceptionConfig)}}  # fmt: skip
+        fields = {f.name for f in dataclasses.fields(InceptionConfig)} - {"width"}
+        shared = {k: v for k, v in scale.model.items() if k in fields}
         variants = [base, Variant("Inception V3", INCEPTION_MODEL, {**shared, "width": width})]
         claims = [Claim("Xception beats Inception V3 at a matched parameter count",
                         base.label, "Inception V3")]  # fmt: skip
