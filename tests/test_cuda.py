@@ -146,7 +146,7 @@ def test_compiled_training_on_cuda_replays_cuda_graphs_and_learns(tmp_path):
 
     def engine(**changes):
         config = make_config(recipe, out=str(tmp_path / "setup"), **changes)
-        run = _Run(config, torch.device("cuda"))
+        run = _Run(config, torch.device("cuda"), given=set())
         run._setup()  # the data, the model and how it is run
         return run
 
