@@ -12,7 +12,7 @@ from torch import nn
 
 from xception import create_model, deploy
 from xception.cli import main
-from xception.layers import SeparableConv2d
+from xception.layers import SamePadMaxPool2d, SeparableConv2d
 
 SIZE = 80  # even sizes make TensorFlow's 'same' pooling asymmetric (block 4 here)
 
@@ -442,6 +442,36 @@ def test_exported_program_with_a_dynamic_size_runs_at_other_sizes(tmp_path):
     with pytest.raises(ValueError, match=r"traced at 17x17 pixels or more"):
         deploy.export(model, tmp_path / "e.pt2", "exported-program", input_size=16,
                       dynamic_size=True)  # fmt: skip
+
+
+def test_dynamic_size_export_works_where_torch_cannot_trace_strided_pools(tmp_path, monkeypatch):
+    """Older torch (2.11 among them) guards on each map's parity in the pooling shape rule and
+    refuses any dynamic size: there the strided pools are exported at stride 1, every other
+    row and column kept, which gives the same values."""
+    torch.manual_seed(0)
+    model = create_model("xception-compact", num_classes=3, padding="symmetric", width=0.25,
+                         middle_blocks=1).eval()  # fmt: skip
+    pools = [m for m in model.modules() if isinstance(m, SamePadMaxPool2d) and m.stride > 1]
+    assert pools
+    for h, w in ((17, 17), (18, 31), (40, 33)):  # odd and even sizes
+        x = torch.randn(2, 4, h, w)
+        assert torch.equal(deploy._PoolAtStrideOne(pools[0])(x), pools[0](x))
+    assert deploy._traceable_pools(model) is model or not deploy._export_traces_strided_pools()
+    monkeypatch.setattr(deploy, "_export_traces_strided_pools", lambda: False)
+    swapped = deploy._traceable_pools(model)
+    assert swapped is not model and not any(isinstance(m, SamePadMaxPool2d) and m.stride > 1
+                                            for m in swapped.modules())  # fmt: skip
+    assert any(isinstance(m, SamePadMaxPool2d) for m in model.modules())  # the model is untouched
+    report = deploy.export(model, tmp_path / "d.pt2", "exported-program", input_size=32,
+                           dynamic_size=True)  # fmt: skip
+    program = deploy.load_exported(report.path, "exported-program")
+    strides = [n.args[2] for n in program.graph.nodes
+               if n.op == "call_function" and "max_pool2d" in str(n.target)]  # fmt: skip
+    assert strides and all(list(s) == [1, 1] for s in strides)  # the stride-1 form went out
+    for h, w in ((17, 17), (40, 33)):
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            assert (program(x) - model(x)).abs().max() < 1e-4
 
 
 def test_optimize_names_bad_inputs_and_settings_in_its_own_words():

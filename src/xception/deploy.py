@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import runtime
 from .checkpoint import check_output_file, publish
-from .layers import ConvBNAct
+from .layers import ConvBNAct, SamePadMaxPool2d
 from .model import Xception, XceptionBlock
 
 log = logging.getLogger(__name__)
@@ -562,6 +563,55 @@ def _dynamic_shapes(dynamic_size: bool, min_size: int = 8) -> tuple[dict, ...]:
     return (shapes,)
 
 
+class _PoolAtStrideOne(nn.Module):
+    """A symmetric max pool of stride s computed at stride 1, every s-th row and column kept:
+    the same values and size (floor((H + 2p - k) / s) + 1), with a shape rule older torch can
+    trace at a symbolic size."""
+
+    def __init__(self, pool: SamePadMaxPool2d) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = pool.kernel_size, pool.stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size, self.stride
+        x = F.max_pool2d(x, k, 1, padding=(k - 1) // 2)
+        # unfold's size rule, (H - 1) // s + 1, is the strided conv's: a slice's, (H + 1) // 2,
+        # is equal but not provably so to the tracer, which then refuses the dynamic size.
+        return x.unfold(2, 1, s).unfold(3, 1, s)[..., 0, 0]
+
+
+@functools.cache
+def _export_traces_strided_pools() -> bool:
+    """Whether this torch's torch.export traces a stride-2 max pool at a symbolic size. Older
+    releases (2.11 among them) add a guard on the parity of the input size in the pooling shape
+    rule, and then refuse every dynamic height and width."""
+
+    class Pool(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.max_pool2d(x, 3, 2, padding=1)
+
+    dims = ({2: torch.export.Dim("h", min=3), 3: torch.export.Dim("w", min=3)},)
+    try:
+        torch.export.export(Pool(), (torch.randn(1, 1, 20, 20),), dynamic_shapes=dims)
+    except (RuntimeError, torch._dynamo.exc.UserError):  # ConstraintViolationError, or its wrap
+        return False
+    return True
+
+
+def _traceable_pools(model: nn.Module) -> nn.Module:
+    """`model` itself where torch.export traces its pools at a symbolic size, else a copy whose
+    strided symmetric pools are computed at stride 1 (same outputs)."""
+    pools = [name for name, m in model.named_modules()
+             if isinstance(m, SamePadMaxPool2d) and m.mode == "symmetric" and m.stride > 1]  # fmt: skip
+    if not pools or _export_traces_strided_pools():
+        return model
+    model = copy.deepcopy(model)
+    for name in pools:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, _PoolAtStrideOne(model.get_submodule(name)))
+    return model
+
+
 def _program_min_size(model: nn.Module) -> int:
     """The smallest input a torch.export program with dynamic height and width can take: above
     the model's total stride, so that no feature map is pinned at size 1 (torch.export
@@ -720,12 +770,14 @@ def export(
     tmp = Path(tmp_name)
     try:
         try:
+            # Older torch's torch.export cannot trace strided pools at a symbolic size.
+            traced = _traceable_pools(model) if dynamic_size and format != "torchscript" else model
             if format == "onnx":
-                _export_onnx(model, example, tmp, dynamic_size)
+                _export_onnx(traced, example, tmp, dynamic_size)
             elif format == "torchscript":
-                _export_torchscript(model, example, tmp)
+                _export_torchscript(traced, example, tmp)
             else:
-                _export_program(model, example, tmp, dynamic_size)
+                _export_program(traced, example, tmp, dynamic_size)
         except (RuntimeError, torch._dynamo.exc.UserError) as err:  # tracer failures
             # The ONNX exporter wraps torch.export's error in a banner of next steps: the
             # cause underneath is what names the problem.
