@@ -63,3 +63,14 @@ def timm_xception(seed: int = 0):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.normal_(0, 0.1)
     return model
+
+
+def training_engine(recipe, device: str, **changes):
+    """The training engine as `fit` builds it (its data, model and how the step runs), set up
+    but not run. The CPU and CUDA tests both build it here, so that a change to how it is
+    built breaks a test on a machine without a GPU too."""
+    from xception.train import _Run, given_keys, make_config
+
+    run = _Run(make_config(recipe, **changes), torch.device(device), given_keys(recipe, changes))
+    run._setup()
+    return run

@@ -4,6 +4,7 @@ run on a GPU machine with `pytest tests/test_cuda.py`."""
 
 import pytest
 import torch
+from helpers import training_engine
 from safetensors.torch import load_file
 
 from xception import create_model, deploy
@@ -138,17 +139,12 @@ def test_compiled_training_on_cuda_replays_cuda_graphs_and_learns(tmp_path):
     step's start, so the last step's outputs may be overwritten), and it still learns."""
     from torch._dynamo.utils import counters
 
-    from xception.train import _Run, make_config
-
     recipe = dict(recipe="fashion-mnist", amp="bf16", device="cuda", train_subset=8192,
                   val_subset=2048, batch_size=128, epochs=2, ema_decay=None, compile=True,
                   progress=False)  # fmt: skip
 
     def engine(**changes):
-        config = make_config(recipe, out=str(tmp_path / "setup"), **changes)
-        run = _Run(config, torch.device("cuda"), given=set())
-        run._setup()  # the data, the model and how it is run
-        return run
+        return training_engine(recipe, "cuda", out=str(tmp_path / "setup"), **changes)
 
     assert engine().cuda_graphs
     assert not engine(compile=False).cuda_graphs

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch._inductor.config
 import yaml
+from helpers import training_engine
 from safetensors.torch import load_file
 from test_data import _image_folder, make_idx_dataset
 
@@ -455,6 +456,8 @@ def test_compiled_training_on_the_cpu_learns_as_eager_does(tmp_path, toy, monkey
     from torch._dynamo.utils import counters
 
     recipe = tiny_recipe(tmp_path, toy, epochs=1)
+    engine = training_engine(recipe, "cpu", out=str(tmp_path / "setup"), compile=True)
+    assert engine.cfg.compile and not engine.cuda_graphs  # CUDA graphs are for CUDA only
     eager = fit(recipe, out=str(tmp_path / "eager"))
     monkeypatch.setattr(sys, "argv", ["train.py", "--only", "optimize(backend='compile')"])
     counters.clear()
