@@ -239,3 +239,30 @@ def test_summary_of_a_too_small_input_leaves_the_model_in_training_mode():
     with pytest.raises(ValueError, match="smaller than this model's minimum"):
         summary(model, (3, 3))
     assert model.training
+
+
+def test_a_model_larger_than_the_machine_is_refused_before_it_takes_memory(monkeypatch):
+    """The count is exact (the paper's 22,855,952 at 4 bytes each fits in exactly that many
+    bytes and not one fewer), extended linearly over middle blocks without building them, and
+    made on the meta device: width=50 is refused at once instead of paging for minutes."""
+    import time
+
+    from xception import model as M
+
+    paper = 22_855_952 * 4
+    monkeypatch.setattr(M, "_physical_memory", lambda: paper - 1)
+    with pytest.raises(ValueError, match=r"22,855,952 parameters .* lower width"):
+        Xception()
+    monkeypatch.setattr(M, "_physical_memory", lambda: paper)
+    assert sum(p.numel() for p in Xception().parameters()) == 22_855_952
+    monkeypatch.setattr(M, "_physical_memory", lambda: 24 * 2**30)
+    start = time.perf_counter()
+    for config in (XceptionConfig(width=50.0), XceptionConfig(middle_blocks=100_000)):
+        with pytest.raises(ValueError, match="more than this machine's 24 GiB of memory"):
+            Xception(config)
+    assert time.perf_counter() - start < 10  # counted, not built: 100,000 blocks took 9 min
+    with pytest.raises(ValueError, match="parameters"):
+        InceptionV3Compact(InceptionConfig(width=200.0))
+    # Models built on the meta device (as the count itself does) are not checked.
+    with torch.device("meta"):
+        assert Xception(XceptionConfig(width=50.0)).fc.weight.is_meta

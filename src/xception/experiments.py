@@ -196,8 +196,9 @@ def _closest_inception(target_params: int, in_chans: int, num_classes: int) -> t
     best = (math.inf, 1.0, 0)
     for step in range(5, 101):  # widths 0.05 .. 1.00
         width = step / 100
-        params = _param_count(create_model(INCEPTION_MODEL, num_classes=num_classes,
-                                           in_chans=in_chans, width=width))  # fmt: skip
+        with torch.device("meta"):  # counted, not allocated
+            params = _param_count(create_model(INCEPTION_MODEL, num_classes=num_classes,
+                                               in_chans=in_chans, width=width))  # fmt: skip
         best = min(best, (abs(params - target_params), width, params))
         if params > target_params:  # parameters grow with width: no need to go on
             break

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .layers import ConvBNAct, init_weights
-from .model import BlockNet, ModelConfig
+from .model import BlockNet, ModelConfig, check_fits_in_memory
 
 __all__ = ["InceptionV3Compact", "InceptionConfig"]
 
@@ -201,6 +201,7 @@ class InceptionV3Compact(BlockNet):
         cfg = config or InceptionConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
+        check_fits_in_memory(InceptionV3Compact, cfg)
         self.config = cfg
         self.min_input_size = 1
         ch = cfg.channels

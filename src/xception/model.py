@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,6 +34,7 @@ __all__ = [
     "Xception",
     "XceptionConfig",
     "XceptionBlock",
+    "check_fits_in_memory",
     "count_macs",
     "summary",
 ]
@@ -271,6 +273,42 @@ def min_input_size(cfg: XceptionConfig) -> int:
     raise AssertionError("unreachable")
 
 
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes, where the OS says (Linux, macOS)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(cls: type[nn.Module], config, repeats: str | None = None) -> None:
+    """Refuse, before any memory is taken, a model whose float32 weights alone exceed this
+    machine's memory: a mistyped `width=50` (2,500 times the paper's parameters) would otherwise
+    allocate and page for many minutes before failing. Counted on the meta device, where
+    building costs no memory; a model built there (by a caller, or by this count) is not
+    checked again. `repeats` names a config field counting identical blocks: the count is made
+    with one and two of them and extended linearly, so that a huge number costs no time."""
+    memory = _physical_memory()
+    if memory is None or torch.empty(()).device.type == "meta":
+        return
+
+    def count(cfg) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in cls(cfg).parameters())
+
+    if repeats is None:
+        params = count(config)
+    else:
+        one, two = (count(dataclasses.replace(config, **{repeats: n})) for n in (1, 2))
+        params = one + (getattr(config, repeats) - 1) * (two - one)
+    if params * 4 > memory:
+        raise ValueError(
+            f"this model would have {params:,} parameters ({params * 4 / 2**30:,.0f} GiB in "
+            f"float32), more than this machine's {memory / 2**30:.0f} GiB of memory: lower "
+            "width, the channel counts or the number of blocks"
+        )
+
+
 class BlockNet(nn.Module):
     """What Xception and the compact Inception V3 share: blocks run in `block_names` order, a
     head of global pooling, optional hidden FC layers, dropout and a classifier, and the timm-style
@@ -356,6 +394,7 @@ class Xception(BlockNet):
         cfg = config or XceptionConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
+        check_fits_in_memory(Xception, cfg, repeats="middle_blocks")
         self.config = cfg
         self.min_input_size = min_input_size(cfg)
         ch = cfg.channels
