@@ -245,8 +245,6 @@ def test_a_model_larger_than_the_machine_is_refused_before_it_takes_memory(monke
     """The count is exact (the paper's 22,855,952 at 4 bytes each fits in exactly that many
     bytes and not one fewer), extended linearly over middle blocks without building them, and
     made on the meta device: width=50 is refused at once instead of paging for minutes."""
-    import time
-
     from xception import model as M
 
     paper = 22_855_952 * 4
@@ -256,11 +254,20 @@ def test_a_model_larger_than_the_machine_is_refused_before_it_takes_memory(monke
     monkeypatch.setattr(M, "_physical_memory", lambda: paper)
     assert sum(p.numel() for p in Xception().parameters()) == 22_855_952
     monkeypatch.setattr(M, "_physical_memory", lambda: 24 * 2**30)
-    start = time.perf_counter()
+    built, init = [], Xception.__init__
+
+    def spy(self, config=None, **overrides):
+        built.append(config.middle_blocks)
+        init(self, config, **overrides)
+
+    monkeypatch.setattr(Xception, "__init__", spy)
+    M._parameter_count.cache_clear()  # counts of earlier tests would hide the builds
     for config in (XceptionConfig(width=50.0), XceptionConfig(middle_blocks=100_000)):
         with pytest.raises(ValueError, match="more than this machine's 24 GiB of memory"):
             Xception(config)
-    assert time.perf_counter() - start < 10  # counted, not built: 100,000 blocks took 9 min
+    # Counted with 1 and 2 middle blocks, never 100,000 (that took 9 minutes even on meta).
+    assert sorted(set(built)) == [1, 2, 8, 100_000] and built.count(100_000) == 1
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="parameters"):
         InceptionV3Compact(InceptionConfig(width=200.0))
     # Models built on the meta device (as the count itself does) are not checked.

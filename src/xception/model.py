@@ -11,6 +11,7 @@ The model knows nothing of files, training or the command line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -281,6 +282,14 @@ def _physical_memory() -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _parameter_count(cls: type[nn.Module], config) -> int:
+    """Parameters of `cls(config)`, built on the meta device (no memory); configs are frozen,
+    so a process building the same model again (experiments, tests) counts it once."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls(config).parameters())
+
+
 def check_fits_in_memory(cls: type[nn.Module], config, repeats: str | None = None) -> None:
     """Refuse, before any memory is taken, a model whose float32 weights alone exceed this
     machine's memory: a mistyped `width=50` (2,500 times the paper's parameters) would otherwise
@@ -291,15 +300,11 @@ def check_fits_in_memory(cls: type[nn.Module], config, repeats: str | None = Non
     memory = _physical_memory()
     if memory is None or torch.empty(()).device.type == "meta":
         return
-
-    def count(cfg) -> int:
-        with torch.device("meta"):
-            return sum(p.numel() for p in cls(cfg).parameters())
-
     if repeats is None:
-        params = count(config)
+        params = _parameter_count(cls, config)
     else:
-        one, two = (count(dataclasses.replace(config, **{repeats: n})) for n in (1, 2))
+        one, two = (_parameter_count(cls, dataclasses.replace(config, **{repeats: n}))
+                    for n in (1, 2))  # fmt: skip
         params = one + (getattr(config, repeats) - 1) * (two - one)
     if params * 4 > memory:
         raise ValueError(
