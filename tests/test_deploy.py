@@ -305,6 +305,24 @@ def test_export_round_trips_with_dynamic_batch(model, fmt, tmp_path):
     assert (torch.as_tensor(run(x)) - eager(model, x)).abs().max().item() < 1e-4
 
 
+def test_export_takes_timms_model(tmp_path):
+    """The bench exports timm's `legacy_xception` for its ONNX Runtime and OpenVINO peers.
+    timm's `feature_info` names the stride "reduction" where ours says "stride": every export
+    of a timm model failed with KeyError: 'stride' (the bench's tests use a stand-in of ours)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    peer = timm.create_model("legacy_xception", num_classes=10)
+    assert deploy._program_min_size(peer) == 33  # its total stride, 32, plus one
+    report = deploy.export(peer, tmp_path / "timm.onnx", "onnx", input_size=75,
+                           check_batches=(1, 3))  # fmt: skip
+    assert report.max_abs_error < 1e-4
+    # Models without a usable feature_info fall back to stride 32.
+    assert deploy._program_min_size(torch.nn.Conv2d(3, 3, 1)) == 33
+    odd = torch.nn.Conv2d(3, 3, 1)
+    odd.feature_info = [{"module": "x"}, "not a dict", {"reduction": 8}]
+    assert deploy._program_min_size(odd) == 9
+
+
 def test_export_errors_are_clear(model, tmp_path):
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         deploy.export(model, tmp_path / "m.tflite", "tflite")

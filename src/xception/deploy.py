@@ -615,9 +615,13 @@ def _traceable_pools(model: nn.Module) -> nn.Module:
 def _program_min_size(model: nn.Module) -> int:
     """The smallest input a torch.export program with dynamic height and width can take: above
     the model's total stride, so that no feature map is pinned at size 1 (torch.export
-    specialises those, and then refuses the dynamic range)."""
+    specialises those, and then refuses the dynamic range). The stride comes from the model's
+    `feature_info`: ours names it "stride", timm's "reduction"; 32 where neither says."""
     info = getattr(model, "feature_info", None)
-    return (max(f["stride"] for f in info) if info else 32) + 1
+    entries = info if isinstance(info, list | tuple) else []
+    strides = [f.get("stride", f.get("reduction")) for f in entries if isinstance(f, dict)]
+    strides = [s for s in strides if isinstance(s, int)]
+    return (max(strides) if strides else 32) + 1
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool) -> None:
