@@ -96,14 +96,22 @@ def _measured(name, task, batch, seconds, error=None):
                        rounds=len(seconds), round_seconds=seconds, error=error)  # fmt: skip
 
 
+def _ours_at_batch_8(bf16):
+    """Our compiled, ONNX Runtime, bfloat16 (faster, but never "our fastest fp32" path) and
+    int8 inference at batch 8."""
+    inf = "inference"
+    return [
+        _measured("xception optimize(backend='compile')", inf, 8, [0.80, 0.90, 0.85]),
+        _measured("xception onnxruntime fp32", inf, 8, [0.70, 0.75, 0.72]),
+        _measured("xception optimize(backend='compile', dtype=bfloat16)", inf, 8, bf16),
+        _measured("xception onnxruntime int8", inf, 8, [0.25, 0.24, 0.26]),
+    ]
+
+
 def test_comparisons_pick_our_fastest_fp32_paths_and_pair_the_rounds():
     inf, tr = "inference", "training"
     results = [
-        _measured("xception optimize(backend='compile')", inf, 8, [0.80, 0.90, 0.85]),
-        _measured("xception onnxruntime fp32", inf, 8, [0.70, 0.75, 0.72]),
-        # faster, but not fp32: never "our fastest fp32" path
-        _measured("xception optimize(backend='compile', dtype=bfloat16)", inf, 8, [0.4] * 3),
-        _measured("xception onnxruntime int8", inf, 8, [0.25, 0.24, 0.26]),
+        *_ours_at_batch_8(bf16=[0.4] * 3),
         # failed: left out even though its (stale) times would win
         _measured("xception eager channels_last", inf, 8, [0.1] * 3, error="RuntimeError: x"),
         _measured("timm eager channels_last", inf, 8, [1.30, 1.20, 1.40]),
@@ -121,7 +129,9 @@ def test_comparisons_pick_our_fastest_fp32_paths_and_pair_the_rounds():
         "fastest fp32 inference vs timm in ONNX Runtime",
         "fastest PyTorch fp32 inference vs timm eager channels_last",
         "int8 vs our fastest fp32 inference",
+        "fastest fp32 inference vs the fastest fp32 peer",
         "training step vs timm's, channels_last",
+        "fastest fp32 training step vs the fastest fp32 peer",
     ]
     ort = got["fastest fp32 inference vs timm in ONNX Runtime"]
     assert (ort.ours, ort.peer) == ("xception onnxruntime fp32",
@@ -155,7 +165,54 @@ def test_comparisons_pick_our_fastest_fp32_paths_and_pair_the_rounds():
     assert cuda_train.ratio == pytest.approx(3.1 / 1.5)
     assert train.ours == "xception train channels_last"
     table = report.comparisons_markdown().splitlines()
-    assert len(table) == 2 + 4 and ">= 1.30: not met" in table[-1]
+    assert len(table) == 2 + 6 and ">= 1.30: not met" in table[-2]
+
+
+def test_every_peer_is_compared_with_our_fastest_path_of_the_same_precision():
+    """The peers the bench times besides timm eager and ONNX Runtime (compiled, OpenVINO,
+    Keras): our fastest path is set against whichever is fastest, fp32 with fp32 and bf16
+    with bf16; timm's graph on our runner is ours, not a peer."""
+    inf, tr = "inference", "training"
+    results = [
+        *_ours_at_batch_8(bf16=[0.45] * 3),
+        _measured("timm eager channels_last", inf, 8, [1.30, 1.20, 1.40]),
+        _measured("timm torch.compile channels_last", inf, 8, [0.95, 1.0, 0.9]),
+        _measured("timm onnxruntime fp32 (our runner)", inf, 8, [0.60] * 3),  # not a peer
+        _measured("timm openvino fp32", inf, 8, [0.70, 0.80, 0.74]),
+        _measured("timm openvino bf16", inf, 8, [0.40, 0.36, 0.38]),  # faster, not fp32
+        _measured("keras Xception (torch backend)", inf, 8, [1.8, 1.7, 1.9]),
+        _measured("timm openvino fp32", inf, 1, [0.2] * 2, error="RuntimeError: x"),  # failed
+        _measured("xception onnxruntime fp32", inf, 1, [0.1] * 2),
+        _measured("xception train channels_last", tr, 8, [3.0, 3.2, 3.1]),
+        _measured("xception train NCHW", tr, 8, [4.0] * 3),
+        _measured("timm train channels_last", tr, 8, [3.1, 3.0, 3.4]),
+        _measured("timm train channels_last, torch.compile", tr, 8, [2.9, 3.3, 3.0]),
+    ]
+    report = BenchReport(machine={"device": "cpu"}, settings={}, matmul_gflop_per_s=200.0,
+                         results=results)  # fmt: skip
+    got = {(c.what, c.batch): c for c in report.comparisons()}
+    fp32 = got["fastest fp32 inference vs the fastest fp32 peer", 8]
+    assert (fp32.ours, fp32.peer) == ("xception onnxruntime fp32", "timm openvino fp32")
+    assert fp32.ratio == pytest.approx(0.74 / 0.72) and fp32.target is None and fp32.met is None
+    assert fp32.round_ratios == pytest.approx([0.70 / 0.70, 0.80 / 0.75, 0.74 / 0.72])
+    bf16 = got["fastest bf16 inference vs the fastest bf16 peer", 8]
+    assert (bf16.ours, bf16.peer) == ("xception optimize(backend='compile', dtype=bfloat16)",
+                                      "timm openvino bf16")  # fmt: skip
+    assert bf16.ratio == pytest.approx(0.38 / 0.45)  # a peer that is faster shows below 1
+    train = got["fastest fp32 training step vs the fastest fp32 peer", 8]
+    assert (train.ours, train.peer) == ("xception train channels_last",
+                                        "timm train channels_last, torch.compile")  # fmt: skip
+    # The targets' rows are unchanged by the new peers.
+    assert got["fastest PyTorch fp32 inference vs timm eager channels_last", 8].peer == (
+        "timm eager channels_last")  # fmt: skip
+    # At batch 1 the only peer failed: no peer comparison there.
+    assert not [c for c in got.values() if c.batch == 1 and "peer" in c.what]
+    # On CUDA every candidate is bfloat16 and the fastest of all the peers is the peer.
+    cuda = BenchReport(machine={"device": "cuda:0"}, settings={}, matmul_gflop_per_s=1e5,
+                       results=results)  # fmt: skip
+    rows = {(c.what, c.batch): c for c in cuda.comparisons()}
+    assert rows["fastest inference vs the fastest peer", 8].peer == "timm openvino bf16"
+    assert not [what for what, _ in rows if "bf16" in what]
 
 
 def test_targets_summary_takes_the_median_of_each_runs_lower_ratio():
@@ -181,10 +238,11 @@ def test_targets_summary_takes_the_median_of_each_runs_lower_ratio():
     ]  # 1.1x
     table = module.summary(runs).splitlines()
     assert table[0].startswith("| task | batch | comparison | run 1 | run 2 | run 3 |")
-    assert len(table) == 3
+    assert len(table) == 4  # the target's row, then the same pair as "the fastest peer"
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[3:] == ["1.400 (1.400)", "1.500 (1.200)", "1.100 (1.100)", "1.200",
                          ">= 1.30: not met"]  # fmt: skip
+    assert table[3].endswith("| 1.200 | - |")  # no target on it
 
 
 def test_run_bench_filters_candidates_and_skips_training():
@@ -367,3 +425,140 @@ def test_a_failed_candidate_makes_the_bench_exit_1_after_its_table(tmp_path, cap
     assert "error: RuntimeError: no kernel for this shape" in captured.out  # the table is kept
     assert "1 candidate(s) failed: xception broken" in captured.err
     assert json.loads(out.read_text())["results"][1]["error"].startswith("RuntimeError")
+
+
+def _tiny_timm(monkeypatch):
+    """timm's model replaced by a tiny stand-in (the peers' code paths, in seconds)."""
+    import timm
+
+    from xception.zoo import create_model
+
+    def make(name, num_classes):
+        return create_model("xception-compact", num_classes=num_classes, width=0.25,
+                            middle_blocks=1)  # fmt: skip
+
+    monkeypatch.setattr(timm, "create_model", make)
+    torch.manual_seed(0)  # as the bench seeds each peer it builds
+    return make("legacy_xception", num_classes=10).eval()
+
+
+def _peer_candidates(tmp_path, size=75):
+    from xception import bench
+
+    found = bench._candidates(size=size, quick=False, device=torch.device("cpu"),
+                              workdir=tmp_path, model_kwargs=dict(num_classes=10))  # fmt: skip
+    return {c.name: c for c in found}
+
+
+def _bench_input(batch, size=75):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+
+
+def test_the_openvino_peer_runs_every_image_in_the_precision_it_names(tmp_path, monkeypatch):
+    """OpenVINO's default precision on a CPU with bfloat16 units is bfloat16: the fp32 row
+    must ask for f32, and one request per image must give back every image, in order."""
+    pytest.importorskip("openvino")
+    from xception import deploy
+
+    peer = _tiny_timm(monkeypatch)
+    candidates = _peer_candidates(tmp_path)
+    with torch.no_grad():
+        expected = peer(_bench_input(3))
+    got = candidates["timm openvino fp32"].build(3)()
+    assert got.shape == (3, 10)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)  # bf16 would be 1e-4 off here
+    if deploy.cpu_native_bf16():
+        low = candidates["timm openvino bf16"].build(3)()
+        assert torch.allclose(low, expected, atol=2e-3, rtol=0)
+        assert not torch.allclose(low, expected, atol=1e-6, rtol=0)  # it is bfloat16
+    else:
+        assert "timm openvino bf16" not in candidates
+
+
+def test_the_compiled_peer_is_frozen_and_gives_the_peers_outputs(tmp_path, monkeypatch):
+    """timm compiled as its users would on the CPU: inductor's freezing flag is on while
+    Dynamo traces (the first calls), which is what makes it freeze (torch 2.14)."""
+    from torch._inductor import config as inductor_config
+
+    peer = _tiny_timm(monkeypatch)
+    seen = []
+
+    def compile_spy(model, *args, **kwargs):  # runs eager, records the flag at each call
+        def call(x):
+            seen.append(inductor_config.freezing)
+            return model(x)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    step = _peer_candidates(tmp_path)["timm torch.compile channels_last"].build(2)
+    assert seen == [True, True]  # both warm-up calls
+    assert inductor_config.freezing is False  # and not left on for the other candidates
+    with torch.no_grad():
+        assert torch.allclose(step(), peer(_bench_input(2)), atol=1e-5)
+
+
+def test_the_compiled_training_peer_steps_through_the_compiled_model(tmp_path, monkeypatch):
+    _tiny_timm(monkeypatch)
+    compiled = []
+
+    def compile_spy(model, *args, **kwargs):
+        def call(x):
+            compiled.append(x.shape)
+            return model(x)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    candidate = _peer_candidates(tmp_path)["timm train channels_last, torch.compile"]
+    assert candidate.task == "training"
+    step = candidate.build(2)  # one warm-up step
+    step()
+    assert compiled == [(2, 3, 75, 75)] * 2  # every step, through the compiled model
+    # Our own compiled step is the engine's --compile, which the bench times on CUDA only
+    # (on the CPU it is slower than eager: BENCHMARKS.md).
+    names = [c for c in _peer_candidates(tmp_path) if c.startswith("xception train")]
+    assert not [n for n in names if "compile" in n]
+
+
+def test_the_keras_peer_runs_keras_xception_in_a_process_of_its_own(tmp_path):
+    """Keras' Xception on the torch backend, run in a child process: in the bench's process, one
+    call of it stopped timm's eager model page-faulting (1.5x faster), which would have made the
+    peers' speeds depend on which others ran."""
+    import os
+
+    from xception import bench
+
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("keras was imported on another backend")
+    candidates = _peer_candidates(tmp_path)
+    # Its GFLOP count is the paper's model's (ours matches Keras layer for layer).
+    assert (candidates["keras Xception (torch backend)"].gflop_per_image
+            == candidates["xception eager NCHW"].gflop_per_image)  # fmt: skip
+    peer = bench._KerasChild(75, 2, 10)
+    process = peer._process
+    assert process.is_alive() and process.pid != os.getpid()
+    first, second = peer.step(), peer.step()
+    assert first.shape == (2, 10) and torch.isfinite(first).all()
+    assert torch.equal(first, second)  # the same batch every step, in inference mode
+    assert torch.allclose(first.sum(dim=1), torch.ones(2), atol=1e-5)  # Keras' softmax top
+    del peer
+    process.join(10)
+    assert not process.is_alive()  # it ends with its pipe
+    with pytest.raises(RuntimeError, match="Keras peer: ValueError: .*71"):
+        bench._KerasChild(32, 1, 10)  # Keras' own error, from the child, in one line
+
+
+def test_keras_on_another_backend_leaves_its_peer_out_with_a_reason(monkeypatch, caplog):
+    import types
+
+    from xception import bench
+
+    fake = types.SimpleNamespace(backend=types.SimpleNamespace(backend=lambda: "jax"))
+    monkeypatch.setitem(__import__("sys").modules, "keras", fake)
+    with caplog.at_level("INFO", logger="xception.bench"):
+        assert bench._keras_usable() is False
+    assert "set KERAS_BACKEND=torch" in caplog.text
+    fake.backend.backend = lambda: "torch"
+    assert bench._keras_usable() is True

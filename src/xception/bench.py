@@ -1,6 +1,7 @@
 """Side-by-side throughput: our Xception in every form (eager NCHW and channels_last, folded,
-`optimize()`, torch.compile, ONNX Runtime fp32 and int8) against torchvision's Inception V3 and,
-when timm is installed, timm's `legacy_xception` (eager and through ONNX Runtime).
+`optimize()`, torch.compile, ONNX Runtime fp32 and int8) against torchvision's Inception V3 and
+every peer installed: timm's `legacy_xception` (eager, torch.compile, through ONNX Runtime and
+OpenVINO) and `keras.applications.Xception` on Keras' torch backend.
 
 All candidates run in one process. After warm-up, repeats are interleaved (one pass of every
 candidate per round), so a slow spell on a shared machine hits them all alike; the reported
@@ -18,17 +19,21 @@ Nothing here prints: `run_bench` returns a `BenchReport`; the command line forma
 from __future__ import annotations
 
 import gc
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +113,13 @@ class Comparison:
         return None if self.target is None else self.lower_ratio >= self.target
 
 
+PEERS = ("timm ", "keras ")  # the candidates that are other implementations of Xception
+
+
+def _fastest(results: Iterable[Measurement]) -> Measurement | None:
+    return max(results, key=lambda r: r.images_per_s, default=None)
+
+
 @dataclass
 class BenchReport:
     machine: dict
@@ -163,9 +175,13 @@ class BenchReport:
           session; target 1.05x at batch 8,
         - fastest fp32 PyTorch inference (no ONNX) against timm eager channels_last; 1.5x,
         - our channels_last training step (on CUDA: our fastest) against timm's; 1.3x,
-        - int8 (ONNX Runtime) against our fastest fp32 path; 1.6x.
+        - int8 (ONNX Runtime) against our fastest fp32 path; 1.6x,
+        - our fastest fp32 path (inference or training step) against the fastest fp32 peer,
+          whichever it is (timm eager, compiled, on ONNX Runtime or OpenVINO; Keras); no target,
+        - on the CPU, our fastest bfloat16 inference against the fastest bfloat16 peer.
 
-        "Fastest" is the best median. Candidates that failed or ran no rounds are left out.
+        "Fastest" is the best median. Candidates that failed or ran no rounds are left out, and
+        so is timm's graph on our ONNX Runtime runner (that runner is ours, not the peer's).
         The targets are the CPU's at batch 8. On CUDA the eager candidates run under bfloat16
         autocast, so there the comparisons take every candidate and set no target.
         """
@@ -177,9 +193,12 @@ class BenchReport:
             group = {r.name: r for r in ok if (r.task, r.batch) == (task, batch)}
             ours = [r for r in group.values()
                     if r.name.startswith("xception ") and (r.fp32 or not cpu)]  # fmt: skip
-            fastest = max(ours, key=lambda r: r.images_per_s, default=None)
-            pytorch = max((r for r in ours if "onnxruntime" not in r.name),
-                          key=lambda r: r.images_per_s, default=None)  # fmt: skip
+            fastest = _fastest(ours)
+            pytorch = _fastest(r for r in ours if "onnxruntime" not in r.name)
+            peers = [r for r in group.values() if r.name.startswith(PEERS)
+                     and "(our runner)" not in r.name]  # fmt: skip
+            peer = _fastest(r for r in peers if r.fp32 or not cpu)
+            work = "inference" if task == "inference" else "training step"
             pairs = [
                 (f"fastest{fp32} inference vs timm in ONNX Runtime", fastest,
                  group.get("timm onnxruntime fp32 (plain session)"), 1.05),
@@ -192,7 +211,13 @@ class BenchReport:
                  group.get("timm train channels_last"), 1.3),
                 ("int8 vs our fastest fp32 inference", group.get("xception onnxruntime int8"),
                  fastest, 1.6),
+                (f"fastest{fp32} {work} vs the fastest{fp32} peer", fastest, peer, None),
             ]  # fmt: skip
+            if cpu:  # on CUDA every candidate is bfloat16: the row above
+                bf16 = [r for r in group.values() if "int8" not in r.name and not r.fp32]
+                pairs.append((f"fastest bf16 {work} vs the fastest bf16 peer",
+                              _fastest(r for r in bf16 if r.name.startswith("xception ")),
+                              _fastest(r for r in peers if r in bf16), None))  # fmt: skip
             for what, a, b, target in pairs:
                 if a is None or b is None or a is b:
                     continue
@@ -237,6 +262,42 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _distribution_version(name: str) -> str | None:
+    """An installed package's version, read from its metadata (no import)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _installed(package: str) -> bool:
+    """Whether `package` can be imported, without importing it (keras picks its backend then)."""
+    return importlib.util.find_spec(package) is not None
+
+
+def _keras():
+    """keras, on the torch backend: chosen for it when keras is not yet imported and no backend
+    is set (keras' own default is TensorFlow, which the bench does not need)."""
+    if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
+        os.environ["KERAS_BACKEND"] = "torch"
+    import keras
+
+    return keras
+
+
+def _keras_usable() -> bool:
+    """keras is installed and runs (or will run) on the torch backend. Another backend, set by
+    the user, leaves the Keras peer out with a log line rather than a failed row."""
+    if "keras" not in sys.modules and not _installed("keras"):
+        return False
+    backend = (sys.modules["keras"].backend.backend() if "keras" in sys.modules
+               else os.environ.get("KERAS_BACKEND") or "torch")  # fmt: skip
+    if backend != "torch":
+        log.info("keras runs on the %s backend here: the Keras peer is left out "
+                 "(set KERAS_BACKEND=torch to time it)", backend)  # fmt: skip
+    return backend == "torch"
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": deploy.cpu_model(),
@@ -248,6 +309,8 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),
         "timm": _version("timm"),
+        "openvino": _distribution_version("openvino"),
+        "keras": _distribution_version("keras"),
         "device": str(device),
     }
     if device.type == "cuda":
@@ -325,17 +388,20 @@ def _inference_step(fn: Callable, x: torch.Tensor, device: torch.device) -> Step
 
 def _training_step(
     model: nn.Module, x: torch.Tensor, num_classes: int, device, bf16: bool | None = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = False, compiled: bool = False,
 ) -> Step:  # fmt: skip
     """One SGD step on `x`, under bfloat16 autocast when `bf16` (default: on CUDA only);
     `cuda_graphs`: the model compiled and replayed as CUDA graphs (the engine's `compile` on
-    one GPU)."""
+    one GPU); `compiled`: a plain torch.compile of the model (a peer compiled by its user)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     target = torch.randint(0, num_classes, (x.shape[0],), device=device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
-    net = deploy.compile_training(model, cuda_graphs=True) if cuda_graphs else model
+    if cuda_graphs:
+        net = deploy.compile_training(model, cuda_graphs=True)
+    else:
+        net = torch.compile(model) if compiled else model
 
     def step():
         if cuda_graphs:
@@ -351,6 +417,80 @@ def _training_step(
 
     step()
     return step
+
+
+class _KerasChild:
+    """The Keras peer, run in a child process that times nothing itself: each step sends it a
+    request and waits for the logits.
+
+    Not in the bench's process, because running a Keras model there changes how glibc treats
+    that process's freed memory: after one batch-8 call of Keras' Xception, timm's eager model
+    went from about 234,000 page faults per call to none, and 1.5x faster. The peers would be
+    timed under conditions that depend on which others ran. The child's pipe round trip is
+    well under a millisecond against seconds per step."""
+
+    def __init__(self, size: int, batch: int, num_classes: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of our heap
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_keras_child_main, daemon=True, args=(
+            child, size, batch, num_classes, torch.get_num_threads()))  # fmt: skip
+        self._process.start()
+        child.close()
+        self._receive()  # "ready": the model is built and warmed up
+
+    def _receive(self):
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise RuntimeError(f"the Keras peer's process died (exit code "
+                               f"{self._process.exitcode})") from None  # fmt: skip
+        if isinstance(message, BaseException):
+            raise message
+        return message
+
+    def step(self) -> torch.Tensor:
+        self._conn.send("step")
+        return torch.from_numpy(self._receive())
+
+    def __del__(self) -> None:  # the child ends when its pipe closes
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+            self._process.join(5)
+
+
+def _keras_child_main(conn, size: int, batch: int, num_classes: int, threads: int) -> None:
+    """The Keras peer's process: build keras.applications.Xception (random weights: the speed
+    does not depend on them) on the CPU, warm it up, then run one batch per request."""
+    try:
+        torch.set_num_threads(threads)
+        keras = _keras()
+        keras.utils.set_random_seed(0)
+        with keras.device("cpu"):
+            model = keras.applications.Xception(weights=None, classes=num_classes,
+                                                input_shape=(size, size, 3))  # fmt: skip
+        g = torch.Generator().manual_seed(batch)
+        x = torch.randn(batch, 3, size, size, generator=g).permute(0, 2, 3, 1).contiguous()
+
+        def run():
+            with torch.inference_mode(), keras.device("cpu"):
+                return keras.ops.convert_to_numpy(model(x, training=False))
+
+        run()
+        run()
+        conn.send("ready")
+    except Exception as err:  # reported by the parent, as a failed candidate
+        conn.send(RuntimeError(f"Keras peer: {type(err).__name__}: {err}"))
+        return
+    while True:
+        try:
+            conn.recv()
+        except EOFError:
+            return
+        conn.send(run())
 
 
 def _gflop(model: nn.Module, size: int) -> float:
@@ -400,6 +540,24 @@ def _candidates(
         model = ours().eval().to(memory_format=cl)
         return _inference_step(torch.compile(model), x_for(batch, cl), device)
 
+    def compiled_peer(make: Callable[[], nn.Module]) -> Callable[[int], Step]:
+        """A peer as its users compile it: torch.compile, channels_last, and on the CPU with
+        inductor's freezing (the flag must be set while Dynamo traces, at the first calls)."""
+
+        def build(batch: int) -> Step:
+            model = make().eval().to(memory_format=cl)
+            net = torch.compile(model)
+            amp = torch.autocast(device.type, torch.bfloat16, enabled=not cpu)
+
+            def fn(x):
+                with amp:
+                    return net(x)
+
+            with torch._inductor.config.patch(freezing=cpu):
+                return _inference_step(fn, x_for(batch, cl), device)
+
+        return build
+
     onnx_files: dict[str, Path] = {}
 
     def onnx_file(key: str, make: Callable[[], nn.Module]) -> Path:
@@ -433,6 +591,42 @@ def _candidates(
 
         return build
 
+    def openvino_peer(key: str, make: Callable[[], nn.Module], precision: str):
+        """The peer's ONNX graph on OpenVINO's CPU plugin, in its fastest mode measured here:
+        the throughput hint (a stream per core) and one image per asynchronous request. The
+        precision is explicit: on a CPU with bfloat16 units OpenVINO's default is bfloat16."""
+
+        def build(batch: int) -> Step:
+            import openvino
+
+            config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "THROUGHPUT",
+                      "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # fmt: skip
+            net = openvino.Core().compile_model(str(onnx_file(key, make)), "CPU", config)
+            queue = openvino.AsyncInferQueue(net)
+            outputs: dict[int, np.ndarray] = {}
+
+            def keep(request, index):
+                outputs[index] = request.get_output_tensor(0).data.copy()
+
+            queue.set_callback(keep)
+
+            def fn(x):
+                images = x.numpy()
+                outputs.clear()
+                for i in range(len(images)):
+                    queue.start_async({0: images[i : i + 1]}, userdata=i)
+                queue.wait_all()
+                return torch.from_numpy(np.concatenate([outputs[i] for i in range(len(images))]))
+
+            return _inference_step(fn, x_for(batch), device)
+
+        return build
+
+    def keras_peer(batch: int) -> Step:
+        """keras.applications.Xception on Keras' torch backend, in a process of its own (see
+        `_KerasChild`)."""
+        return _KerasChild(size, batch, num_classes).step
+
     def int8(batch: int) -> Step:
         path = workdir / "xception-int8.onnx"
         if not path.exists():
@@ -443,11 +637,11 @@ def _candidates(
         return _inference_step(deploy.OnnxModel(path), x_for(batch), device)
 
     def training(make: Callable[[], nn.Module], memory_format, bf16: bool | None = None,
-                 cuda_graphs: bool = False) -> Callable[[int], Step]:  # fmt: skip
+                 cuda_graphs: bool = False, compiled: bool = False) -> Callable[[int], Step]:  # fmt: skip
         def build(batch: int) -> Step:
             model = make().to(memory_format=memory_format)
             return _training_step(model, x_for(batch, memory_format), num_classes, device, bf16,
-                                  cuda_graphs)  # fmt: skip
+                                  cuda_graphs, compiled)  # fmt: skip
 
         return build
 
@@ -518,8 +712,12 @@ def _candidates(
             _Candidate("timm eager NCHW", inf, eager(timm_xception, torch.contiguous_format),
                        gf_timm),
             _Candidate("timm eager channels_last", inf, eager(timm_xception, cl), gf_timm),
+            _Candidate("timm torch.compile channels_last", inf, compiled_peer(timm_xception),
+                       gf_timm),
             _Candidate("timm train channels_last", tr, training(timm_xception, cl),
                        3 * gf_timm),
+            _Candidate("timm train channels_last, torch.compile", tr,
+                       training(timm_xception, cl, compiled=True), 3 * gf_timm),
         ]  # fmt: skip
         if cpu and _version("onnxruntime"):
             out += [
@@ -530,6 +728,14 @@ def _candidates(
                 _Candidate("timm onnxruntime fp32 (our runner)", inf,
                            onnxruntime("timm", timm_xception), gf_timm),
             ]  # fmt: skip
+        if cpu and _installed("openvino") and _version("onnxruntime"):  # the export's check
+            out.append(_Candidate("timm openvino fp32", inf,
+                                  openvino_peer("timm", timm_xception, "f32"), gf_timm))  # fmt: skip
+            if deploy.cpu_native_bf16():  # OpenVINO's own default on such a CPU
+                out.append(_Candidate("timm openvino bf16", inf,
+                                      openvino_peer("timm", timm_xception, "bf16"), gf_timm))  # fmt: skip
+    if cpu and _keras_usable():
+        out.append(_Candidate("keras Xception (torch backend)", inf, keras_peer, gf))
     return out
 
 

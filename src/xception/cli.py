@@ -539,7 +539,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="only candidates whose name contains one of these texts (each text "
                         "must match one)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, help="torch, ONNX Runtime and OpenVINO threads (default: torch's)"
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -556,7 +558,8 @@ def _fmt_bench(report) -> str:
     header = [*report.HEADER, ""]
     m = report.machine
     head = (f"{m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} threads), torch "
-            f"{m['torch']}, onnxruntime {m['onnxruntime']}, timm {m['timm']}; "
+            f"{m['torch']}, onnxruntime {m['onnxruntime']}, timm {m['timm']}, openvino "
+            f"{m['openvino']}, keras {m['keras']}; "
             f"{report.settings['size']}x{report.settings['size']}, medians of "
             f"{report.settings['repeats']} interleaved rounds; "
             f"{report.settings['matmul_dtype']} matmul "
