@@ -458,13 +458,32 @@ def test_the_openvino_peer_runs_every_image_in_the_precision_it_names(tmp_path, 
     """OpenVINO's default precision on a CPU with bfloat16 units is bfloat16: the fp32 row
     must ask for f32, and one request per image must give back every image, in order."""
     pytest.importorskip("openvino")
+    import openvino
+
     from xception import deploy
 
     peer = _tiny_timm(monkeypatch)
     candidates = _peer_candidates(tmp_path)
     with torch.no_grad():
         expected = peer(_bench_input(3))
-    got = candidates["timm openvino fp32"].build(3)()
+    compiled = []
+
+    class Core(openvino.Core):  # records how each model was compiled
+        def compile_model(self, *args, **kwargs):
+            net = super().compile_model(*args, **kwargs)
+            compiled.append((net.get_property("INFERENCE_NUM_THREADS"),
+                             str(net.get_property("INFERENCE_PRECISION_HINT"))))  # fmt: skip
+            return net
+
+    monkeypatch.setattr(openvino, "Core", Core)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = candidates["timm openvino fp32"].build(3)()
+    finally:
+        torch.set_num_threads(before)
+    # On the bench's threads (--threads), as every other candidate.
+    assert compiled == [(1, "<Type: 'float32'>")]
     assert got.shape == (3, 10)
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)  # bf16 would be 1e-4 off here
     if deploy.cpu_native_bf16():

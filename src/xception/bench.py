@@ -516,16 +516,23 @@ def _candidates(
         x = torch.randn(batch, 3, size, size, generator=g).to(device)
         return x.contiguous(memory_format=memory_format)
 
-    def eager(make: Callable[[], nn.Module], memory_format) -> Callable[[int], Step]:
+    def eager(make: Callable[[], nn.Module], memory_format,
+              compiled: bool = False) -> Callable[[int], Step]:  # fmt: skip
+        """The model as its users run it (under bfloat16 autocast on CUDA). `compiled`: through
+        torch.compile, on the CPU with inductor's freezing, whose flag must be set while Dynamo
+        traces (at the warm-up calls): how a peer's user compiles it for inference."""
+
         def build(batch: int) -> Step:
             model = make().eval().to(memory_format=memory_format)
+            net = torch.compile(model) if compiled else model
             amp = torch.autocast(device.type, torch.bfloat16, enabled=not cpu)
 
             def fn(x):
                 with amp:
-                    return model(x)
+                    return net(x)
 
-            return _inference_step(fn, x_for(batch, memory_format), device)
+            with torch._inductor.config.patch(freezing=compiled and cpu):
+                return _inference_step(fn, x_for(batch, memory_format), device)
 
         return build
 
@@ -539,24 +546,6 @@ def _candidates(
     def compiled(batch: int) -> Step:
         model = ours().eval().to(memory_format=cl)
         return _inference_step(torch.compile(model), x_for(batch, cl), device)
-
-    def compiled_peer(make: Callable[[], nn.Module]) -> Callable[[int], Step]:
-        """A peer as its users compile it: torch.compile, channels_last, and on the CPU with
-        inductor's freezing (the flag must be set while Dynamo traces, at the first calls)."""
-
-        def build(batch: int) -> Step:
-            model = make().eval().to(memory_format=cl)
-            net = torch.compile(model)
-            amp = torch.autocast(device.type, torch.bfloat16, enabled=not cpu)
-
-            def fn(x):
-                with amp:
-                    return net(x)
-
-            with torch._inductor.config.patch(freezing=cpu):
-                return _inference_step(fn, x_for(batch, cl), device)
-
-        return build
 
     onnx_files: dict[str, Path] = {}
 
@@ -712,8 +701,8 @@ def _candidates(
             _Candidate("timm eager NCHW", inf, eager(timm_xception, torch.contiguous_format),
                        gf_timm),
             _Candidate("timm eager channels_last", inf, eager(timm_xception, cl), gf_timm),
-            _Candidate("timm torch.compile channels_last", inf, compiled_peer(timm_xception),
-                       gf_timm),
+            _Candidate("timm torch.compile channels_last", inf,
+                       eager(timm_xception, cl, compiled=True), gf_timm),
             _Candidate("timm train channels_last", tr, training(timm_xception, cl),
                        3 * gf_timm),
             _Candidate("timm train channels_last, torch.compile", tr,
