@@ -259,6 +259,17 @@ def test_optimize_sliced_matches_eager(model, backend):
     assert whole.plan(x.shape) == ((tuple(whole.model.block_names), 5),)
 
 
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_optimize_plans_inputs_whose_maps_shrink_to_one_pixel(model, backend):
+    """At 32x32 the exit flow's maps are 1x1. Planning the slices measured them on a replica
+    left in training mode, whose batch norms refuse one value per channel: every batch of two
+    or more failed with 'Expected more than 1 value per channel when training'."""
+    fast = deploy.optimize(model, backend=backend, slice_mib=0.01)
+    x = torch.randn(3, 3, 32, 32)
+    assert fast.plan(x.shape)[0][1] == 1  # planned on the replica, and sliced
+    torch.testing.assert_close(fast(x), eager(model, x), atol=1e-4, rtol=0)
+
+
 def test_optimize_raises_malloc_thresholds_on_the_cpu_only(model, monkeypatch):
     """So that the slices' activations are reused from glibc's heap, not trimmed and faulted
     back in on each call (tests/test_runtime.py measures the faults)."""

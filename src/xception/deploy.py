@@ -195,7 +195,9 @@ def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int
     """
     dtype = next(model.parameters()).dtype
     with torch.device("meta"):
-        replica = Xception(model.config).to(dtype)
+        # In eval mode, as the model runs: a new model trains, and a training batch norm
+        # refuses one image whose map has shrunk to 1x1 (full-size Xception below 48 px).
+        replica = Xception(model.config).to(dtype).eval()
     if replica.block_names != model.block_names:
         raise ValueError(f"the model's blocks {model.block_names} are not those its config "
                          f"builds ({replica.block_names}): build it with xception.create_model "
