@@ -31,7 +31,8 @@ def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
     assert main(["bench", "--quick", "--json", str(out), "--markdown", str(md)]) == 0
     text = capsys.readouterr().out
     header = next(line for line in text.splitlines() if line.startswith("task"))
-    for column in ("batch", "candidate", "img/s", "ms/batch", "GFLOP/s", "of matmul"):
+    for column in ("batch", "candidate", "img/s", "ms/batch", "GFLOP/s", "of matmul",
+                   "page faults"):  # fmt: skip
         assert column in header
     for name in ("xception eager NCHW", "xception eager channels_last",
                  "xception folded channels_last", "xception optimize(backend='eager')",
@@ -58,6 +59,7 @@ def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
         assert r["ms_per_batch"] == pytest.approx(1000 * statistics.median(r["round_seconds"]))
         assert r["images_per_s"] > 0 and r["best_images_per_s"] >= r["images_per_s"]
         assert r["ms_per_batch"] == pytest.approx(1000 * r["batch"] / r["images_per_s"])
+        assert isinstance(r["page_faults"], int) and r["page_faults"] >= 0
         assert r["gflop_per_s"] == pytest.approx(r["images_per_s"] * r["gflop_per_image"])
         assert r["fraction_of_matmul"] == pytest.approx(
             r["gflop_per_s"] / data["matmul_gflop_per_s"]
@@ -243,6 +245,40 @@ def test_targets_summary_takes_the_median_of_each_runs_lower_ratio():
     assert cells[3:] == ["1.400 (1.400)", "1.500 (1.200)", "1.100 (1.100)", "1.200",
                          ">= 1.30: not met"]  # fmt: skip
     assert table[3].endswith("| 1.200 | - |")  # no target on it
+
+
+def test_page_faults_per_step_are_the_steps_own(monkeypatch):
+    """Each result holds the median page faults of its timed steps: a step that writes into
+    memory fresh from the kernel counts one per page, one that reuses its memory none, and a
+    peer in another process (Keras) reports the faults it counted there."""
+    import mmap
+
+    from xception import bench
+
+    pages = 2048
+
+    def fresh() -> None:  # an anonymous mapping: every page faults on its first write
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            for i in range(pages):
+                m[i * mmap.PAGESIZE] = 1
+
+    kept = torch.zeros(pages * mmap.PAGESIZE // 4)
+
+    class Elsewhere:
+        page_faults = 12345
+
+        def __call__(self) -> None:
+            fresh()  # faults here, but the step reports the other process's count
+
+    steps = {"fresh": fresh, "reused": lambda: kept.fill_(1.0), "elsewhere": Elsewhere()}
+    group = [bench._Candidate(name, "inference", lambda batch, s=step: s, 1.0)
+             for name, step in steps.items()]  # fmt: skip
+    results = {r.name: r for r in bench._measure(group, 1, 8, 3, 100.0, 0.0, lambda m: None)}
+    if bench.page_faults() is None:
+        pytest.skip("this system does not count page faults")
+    assert pages <= results["fresh"].page_faults < pages + 200
+    assert results["reused"].page_faults < 50
+    assert results["elsewhere"].page_faults == 12345
 
 
 def test_run_bench_filters_candidates_and_skips_training():
@@ -558,8 +594,9 @@ def test_the_keras_peer_runs_keras_xception_in_a_process_of_its_own(tmp_path):
     peer = bench._KerasChild(75, 2, 10)
     process = peer._process
     assert process.is_alive() and process.pid != os.getpid()
-    first, second = peer.step(), peer.step()
+    first, second = peer(), peer()
     assert first.shape == (2, 10) and torch.isfinite(first).all()
+    assert isinstance(peer.page_faults, int) and peer.page_faults >= 0  # the child's own count
     assert torch.equal(first, second)  # the same batch every step, in inference mode
     assert torch.allclose(first.sum(dim=1), torch.ones(2), atol=1e-5)  # Keras' softmax top
     del peer

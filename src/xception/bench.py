@@ -52,6 +52,7 @@ __all__ = [
     "machine_info",
     "markdown_table",
     "matmul_rate",
+    "page_faults",
     "run_bench",
     "save_json",
 ]
@@ -75,6 +76,10 @@ class Measurement:
     fraction_of_matmul: float | None = None
     rounds: int = 0
     round_seconds: list[float] = field(default_factory=list)  # one step per round, in order
+    # Minor page faults per timed step (median): memory the step got fresh from the kernel,
+    # zeroed page by page. On the 2-core machine they decided several rankings (timm eager:
+    # about 234,000 per batch-8 call, 1.5x slower). None where the system does not count them.
+    page_faults: int | None = None
     error: str | None = None
 
     @property
@@ -137,7 +142,7 @@ class BenchReport:
         }
 
     HEADER = ("task", "batch", "candidate", "img/s", "best img/s", "ms/batch", "GFLOP/s",
-              "of matmul")  # fmt: skip
+              "of matmul", "page faults")  # fmt: skip
 
     def rows(self) -> list[list[str]]:
         """One formatted row per result, under `HEADER` (plus the error, empty if none)."""
@@ -148,7 +153,7 @@ class BenchReport:
         return [[r.task, str(r.batch), r.name, num(r.images_per_s, ".2f"),
                  num(r.best_images_per_s, ".2f"), num(r.ms_per_batch, ".1f"),
                  num(r.gflop_per_s, ".1f"), num(r.fraction_of_matmul, ".0%"),
-                 f"error: {r.error}" if r.error else ""]
+                 num(r.page_faults, ","), f"error: {r.error}" if r.error else ""]
                 for r in self.results]  # fmt: skip
 
     def to_markdown(self) -> str:
@@ -420,8 +425,9 @@ def _training_step(
 
 
 class _KerasChild:
-    """The Keras peer, run in a child process that times nothing itself: each step sends it a
-    request and waits for the logits.
+    """The Keras peer, run in a child process that times nothing itself: each call sends it a
+    request and waits for the logits (and the page faults the child took for them, in
+    `page_faults`: the bench's process does not see them).
 
     Not in the bench's process, because running a Keras model there changes how glibc treats
     that process's freed memory: after one batch-8 call of Keras' Xception, timm's eager model
@@ -438,6 +444,7 @@ class _KerasChild:
             child, size, batch, num_classes, torch.get_num_threads()))  # fmt: skip
         self._process.start()
         child.close()
+        self.page_faults: int | None = None  # the child's, in its last call
         self._receive()  # "ready": the model is built and warmed up
 
     def _receive(self):
@@ -451,9 +458,10 @@ class _KerasChild:
             raise message
         return message
 
-    def step(self) -> torch.Tensor:
+    def __call__(self) -> torch.Tensor:
         self._conn.send("step")
-        return torch.from_numpy(self._receive())
+        logits, self.page_faults = self._receive()
+        return torch.from_numpy(logits)
 
     def __del__(self) -> None:  # the child ends when its pipe closes
         conn = getattr(self, "_conn", None)
@@ -490,7 +498,20 @@ def _keras_child_main(conn, size: int, batch: int, num_classes: int, threads: in
             conn.recv()
         except EOFError:
             return
-        conn.send(run())
+        before = page_faults()
+        logits = run()
+        after = page_faults()
+        conn.send((logits, None if before is None else after - before))
+
+
+def page_faults() -> int | None:
+    """Minor page faults this process has taken so far (None where the system does not count
+    them: no `resource` module on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _gflop(model: nn.Module, size: int) -> float:
@@ -614,7 +635,7 @@ def _candidates(
     def keras_peer(batch: int) -> Step:
         """keras.applications.Xception on Keras' torch backend, in a process of its own (see
         `_KerasChild`)."""
-        return _KerasChild(size, batch, num_classes).step
+        return _KerasChild(size, batch, num_classes)
 
     def int8(batch: int) -> Step:
         path = workdir / "xception-int8.onnx"
@@ -829,18 +850,27 @@ def _measure(
             log.warning("%s failed: %s", c.name, err)
             results[c.name].error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[int | None]] = {name: [] for name in steps}
     for round_ in range(repeats):
         note(f"{group[0].task if group else ''} batch {batch}: round {round_ + 1}/{repeats}")
         for name, step in steps.items():
             time.sleep(pause)
+            before = page_faults()
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
+            after = page_faults()
+            if hasattr(step, "page_faults"):  # a peer in a process of its own counts them there
+                faults[name].append(step.page_faults)
+            else:
+                faults[name].append(None if before is None else after - before)
     for name, ts in times.items():
         r = results[name]
         median = statistics.median(ts)
         r.rounds = len(ts)
         r.round_seconds = list(ts)
+        if None not in faults[name]:
+            r.page_faults = round(statistics.median(faults[name]))
         r.ms_per_batch = 1000 * median
         r.images_per_s = batch / median
         r.best_images_per_s = batch / min(ts)
