@@ -323,7 +323,7 @@ def test_export_takes_timms_model(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     peer = timm.create_model("legacy_xception", num_classes=10)
-    assert deploy._program_min_size(peer) == 33  # its total stride, 32, plus one
+    assert deploy._program_min_size(peer) == 39  # its stem pads nothing, as the paper's
     report = deploy.export(peer, tmp_path / "timm.onnx", "onnx", input_size=75,
                            check_batches=(1, 3))  # fmt: skip
     assert report.max_abs_error < 1e-4
@@ -470,6 +470,23 @@ def test_exported_program_with_a_dynamic_size_runs_at_other_sizes(tmp_path):
             assert (program(x) - model(x)).abs().max() < 1e-4
     with pytest.raises(ValueError, match=r"traced at 17x17 pixels or more"):
         deploy.export(model, tmp_path / "e.pt2", "exported-program", input_size=16,
+                      dynamic_size=True)  # fmt: skip
+
+
+def test_the_papers_model_exports_as_a_program_with_a_dynamic_size(tmp_path):
+    """The paper's stem pads nothing, so at 33-38 pixels (its total stride plus one, and the
+    next few) the exit flow's maps are still 1x1: a range starting there was refused by
+    torch.export ("Constraints violated") at every traced size. It starts at 39."""
+    model = small_model(padding="symmetric")
+    assert deploy._program_min_size(model) == 39
+    report = deploy.export(model, tmp_path / "p.pt2", "exported-program", input_size=64,
+                           dynamic_size=True, check_batches=(1,))  # fmt: skip
+    program = deploy.load_exported(report.path, "exported-program")
+    for size in (39, 57, 100):
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(program(x), eager(model, x), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"traced at 39x39 pixels or more"):
+        deploy.export(model, tmp_path / "q.pt2", "exported-program", input_size=38,
                       dynamic_size=True)  # fmt: skip
 
 

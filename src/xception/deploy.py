@@ -615,15 +615,51 @@ def _traceable_pools(model: nn.Module) -> nn.Module:
 
 
 def _program_min_size(model: nn.Module) -> int:
-    """The smallest input a torch.export program with dynamic height and width can take: above
-    the model's total stride, so that no feature map is pinned at size 1 (torch.export
-    specialises those, and then refuses the dynamic range). The stride comes from the model's
-    `feature_info`: ours names it "stride", timm's "reduction"; 32 where neither says."""
+    """The smallest input a torch.export program with dynamic height and width can take: the
+    smallest at which no feature map is a single pixel high or wide (torch.export specialises
+    sizes of 1, and then refuses the dynamic range).
+
+    Found on a shape-only replica on the meta device, trying sizes upwards from the model's
+    total stride plus one: the paper's model, whose stem pads nothing, needs 39, not 33. The
+    stride comes from `feature_info` (ours names it "stride", timm's "reduction"; 32 where
+    neither says); where the replica cannot run, the stride rule alone answers.
+    """
     info = getattr(model, "feature_info", None)
     entries = info if isinstance(info, list | tuple) else []
     strides = [f.get("stride", f.get("reduction")) for f in entries if isinstance(f, dict)]
     strides = [s for s in strides if isinstance(s, int)]
-    return (max(strides) if strides else 32) + 1
+    stride = max(strides) if strides else 32
+    try:
+        if isinstance(model, Xception):  # built from its config: no copy of its weights
+            with torch.device("meta"):
+                replica = Xception(model.config)
+        else:
+            replica = copy.deepcopy(model).to("meta")
+    except Exception:  # not copyable or not movable: the stride rule
+        return stride + 1
+    replica.eval()
+    smallest: list[int] = []
+
+    def record(module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim == 4:
+            smallest.append(min(output.shape[-2:]))
+
+    # The maps that follow the input's size (a global pool's 1x1 output does not).
+    for module in replica.modules():
+        if isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d | SamePadMaxPool2d):
+            module.register_forward_hook(record)
+    convs = (m for m in replica.modules() if isinstance(m, nn.Conv2d))
+    in_chans = next((m.in_channels for m in convs), 3)
+    for size in range(stride + 1, 2 * stride + 2):
+        smallest.clear()
+        try:
+            with torch.no_grad():
+                replica(torch.zeros(1, in_chans, size, size, device="meta"))
+        except Exception:
+            return stride + 1
+        if min(smallest, default=size) >= 2:
+            return size
+    return stride + 1
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool) -> None:
@@ -708,8 +744,10 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     torch.jit.save(traced, str(path))
 
 
-def _export_program(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool) -> None:
-    shapes = _dynamic_shapes(dynamic_size, _program_min_size(model))
+def _export_program(
+    model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool, least: int
+) -> None:
+    shapes = _dynamic_shapes(dynamic_size, least)
     program = torch.export.export(model, (x,), dynamic_shapes=shapes)
     torch.export.save(program, str(path))
 
@@ -768,8 +806,8 @@ def export(
     least = _program_min_size(model)
     if dynamic_size and format == "exported-program" and min(h, w) < least:
         raise ValueError(f"input_size={input_size}: a torch.export program with a dynamic size "
-                         f"is traced at {least}x{least} pixels or more (the model's total stride "
-                         "plus one): give a larger --size")  # fmt: skip
+                         f"is traced at {least}x{least} pixels or more (the smallest size at "
+                         "which no feature map is 1 pixel wide): give a larger --size")  # fmt: skip
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_SUFFIXES[format],
                                     dir=path.parent)  # fmt: skip
     os.close(fd)
@@ -783,7 +821,7 @@ def export(
             elif format == "torchscript":
                 _export_torchscript(traced, example, tmp)
             else:
-                _export_program(traced, example, tmp, dynamic_size)
+                _export_program(traced, example, tmp, dynamic_size, least)
         except (RuntimeError, torch._dynamo.exc.UserError) as err:  # tracer failures
             # The ONNX exporter wraps torch.export's error in a banner of next steps: the
             # cause underneath is what names the problem.
