@@ -127,6 +127,22 @@ def test_compiled_models_each_get_their_own_graphs_and_free_them(model):
     assert not any(sys.modules.get(g.__name__) is g for g in generated)
 
 
+def test_every_input_shape_gets_its_own_compiled_graph(model):
+    """A server sees many batch sizes. On one code object Dynamo's recompile limit (8) sent
+    every shape after the eighth back to eager, silently but for a log line; here the limit
+    is 1, so the second shape would run uncompiled."""
+    fast = deploy.optimize(model, slice_mib=None)
+    inputs = [torch.randn(batch, 3, SIZE, SIZE) for batch in (1, 3)]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        outs = [fast(x) for x in inputs]
+        with torch.no_grad():
+            fast.model.block1.conv1.conv.weight.mul_(2)
+        for x, out in zip(inputs, outs, strict=True):
+            torch.testing.assert_close(out, eager(model, x), atol=1e-4, rtol=0)
+            assert torch.equal(fast(x), out)  # compiled and frozen, not run eagerly
+    assert len(fast._codes) == 2
+
+
 def test_optimize_bfloat16_on_the_cpu(model):
     """bfloat16 on the CPU (fast where the CPU has AVX512-BF16): a bfloat16 model, outputs
     within bfloat16 rounding of float32's, same top class for clear winners."""

@@ -285,10 +285,11 @@ def _own_forward(sliced: _Sliced) -> Callable[[torch.Tensor, Plan], torch.Tensor
     Dynamo keeps compiled graphs per code object, at most `recompile_limit` (8) of them. Frozen
     graphs hold their model's weights as constants and are guarded on that model, so on the
     shared `_Sliced.forward` the ninth model optimized in a process would silently run
-    uncompiled, and every earlier model's graphs (and weights) would stay alive with the class.
-    Dynamo also keeps each compiled graph in the globals of the function it compiled, so those
-    are a copy of this module's too. A copy of both gives each model its own cache, which
-    `InferenceModel` resets when it is freed.
+    uncompiled, and every earlier model's graphs (and weights) would stay alive with the class;
+    the same holds for a model's ninth input shape. Dynamo also keeps each compiled graph in
+    the globals of the function it compiled, so those are a copy of this module's too. A copy
+    of both gives each model and input shape its own cache, which `InferenceModel` resets when
+    it is freed.
     """
     fn = _Sliced.forward
     code = fn.__code__.replace()  # equal, not identical
@@ -347,21 +348,21 @@ class InferenceModel(nn.Module):
         self.device, self.dtype, self.backend = device, dtype, backend
         self.slice_mib, self.cuda_graphs = slice_mib, cuda_graphs
         self._sliced = _Sliced(model)
-        self._compiled = None
+        # The compiled forward of each input shape, each on a code object of its own (see
+        # `_own_forward`): on one code object Dynamo's recompile limit (8) sent every shape
+        # after the eighth back to eager, with one warning in the log.
+        self._compiled: dict[tuple[int, ...], Callable] = {}
+        self._codes: list[types.CodeType] = []
         self._generated: list = []  # inductor's modules for our graphs (`_release_compiled`)
         if backend == "compile":
-            forward = _own_forward(self._sliced)
             # Static shapes: a graph per input shape (and plan), no symbolic-shape reasoning.
             # On the CPU the graph's wrapper is C++ too: the Python wrapper's op calls (about
             # 420 per batch-8 pass, 351 of them convs) cost 3-5% (benchmarks/BENCHMARKS.md).
             # On CUDA a batch-8 pass is a few ms of hundreds of kernel launches: replayed as one
             # CUDA graph it is launch-free (inductor's cudagraph trees; benchmarks/BENCHMARKS.md).
-            options = {"freezing": True, "cpp_wrapper": device.type == "cpu",
-                       "triton.cudagraphs": cuda_graphs, **NO_HARNESS}  # fmt: skip
-            self._compiled = torch.compile(forward, dynamic=False, options=options)
-            release = weakref.finalize(
-                self, _release_compiled, forward.__func__.__code__, self._generated
-            )
+            self._options = {"freezing": True, "cpp_wrapper": device.type == "cpu",
+                             "triton.cudagraphs": cuda_graphs, **NO_HARNESS}  # fmt: skip
+            release = weakref.finalize(self, _release_compiled, self._codes, self._generated)
             release.atexit = False  # at exit the process frees it all anyway
         if device.type == "cpu":
             runtime.raise_malloc_thresholds()
@@ -401,7 +402,7 @@ class InferenceModel(nn.Module):
         with torch.inference_mode():
             if self.backend == "jit":
                 return self._jit(x, plan)
-            if self._compiled is not None:
+            if self.backend == "compile":
                 return self._run_compiled(x, plan)
             return self._sliced(x, plan)
 
@@ -414,8 +415,14 @@ class InferenceModel(nn.Module):
         # ReLU or add: 1.04x slower at batch 8 on 2 Zen 4 cores (benchmarks/BENCHMARKS.md).
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new call: earlier outputs may go
+        compiled = self._compiled.get(tuple(x.shape))
+        if compiled is None:
+            forward = _own_forward(self._sliced)
+            self._codes.append(forward.__func__.__code__)
+            new = torch.compile(forward, dynamic=False, options=self._options)
+            compiled = self._compiled.setdefault(tuple(x.shape), new)  # one, if threads race
         with torch._inductor.config.patch(freezing=True):
-            out = self._compiled(x, plan)
+            out = compiled(x, plan)
         self._generated.extend(cache[before:])  # a new shape compiled: its modules
         # A CUDA graph's output lives in its memory pool and the next replay writes over it.
         return out.clone() if self.cuda_graphs else out
@@ -430,14 +437,15 @@ def _inductor_modules() -> list:
     return modules if isinstance(modules, list) else []
 
 
-def _release_compiled(code, generated: list) -> None:
+def _release_compiled(codes: list, generated: list) -> None:
     """Free what compiling an `InferenceModel` left behind in the process, once it is gone.
 
     Dynamo's cache hangs off the code object, out of the garbage collector's sight, and
     inductor keeps every module it generates in `PyCodeCache.modules` and `sys.modules` for
     the life of the process: with frozen weights that is about 110 MB per full-size model.
     """
-    torch._dynamo.reset_code(code)
+    for code in codes:
+        torch._dynamo.reset_code(code)
     ours = {id(module) for module in generated}
     cache = _inductor_modules()
     cache[:] = [module for module in cache if id(module) not in ours]
