@@ -415,6 +415,41 @@ def test_int8_within_stated_bound(model, onnx_file, tmp_path):
     assert deploy.top1_agreement(model, int8, images[2:]) > 0.9
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_takes_batches_of_different_sizes(onnx_file, tmp_path, method):
+    """ONNX Runtime's histogram calibrators stack every batch they are given: a set of 3 + 1
+    images failed with numpy's 'inhomogeneous shape'. They get one image at a time."""
+    gen = torch.Generator().manual_seed(2)
+    images = [torch.randn(3, 3, SIZE, SIZE, generator=gen), torch.randn(1, 3, SIZE, SIZE)]
+    path = tmp_path / f"{method}.onnx"
+    assert deploy.quantize_onnx(onnx_file, path, images, method=method) == 4
+    assert deploy.OnnxModel(path)(images[0]).shape == (3, 10)
+
+
+def test_onnx_paths_refuse_integer_pixels(onnx_file, tmp_path):
+    """uint8 pixels ran as 0..255 floats through ONNX Runtime (wrong logits, no word) and
+    calibrated an int8 model on raw pixel ranges."""
+    pixels = torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8"):
+        deploy.OnnxModel(onnx_file)(pixels)
+    with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8"):
+        deploy.quantize_onnx(onnx_file, tmp_path / "q.onnx", [pixels])
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_top1_agreement_runs_modules_in_eval_mode_and_restores_them(model):
+    """A model fresh from create_model() trains: batch norm on the batch's statistics gave a
+    wrong agreement (about 0.17 here) and overwrote the running statistics."""
+    reference = small_model().train()
+    reference.block7.train(False)  # a mixed state, restored exactly
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    modes = [m.training for m in reference.modules()]
+    x = [torch.randn(6, 3, SIZE, SIZE)]
+    assert deploy.top1_agreement(reference, model, x) == 1.0  # the same weights, in eval mode
+    assert [m.training for m in reference.modules()] == modes
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+
+
 def test_export_cli_int8_with_calibration_images(tmp_path, capsys):
     from PIL import Image
 
@@ -539,6 +574,9 @@ def test_dynamic_size_export_works_where_torch_cannot_trace_strided_pools(tmp_pa
 def test_optimize_names_bad_inputs_and_settings_in_its_own_words():
     model = create_model("xception-compact", num_classes=3, width=0.25, middle_blocks=1)
     fast = deploy.optimize(model, backend="eager")
+    # The batch as given, not the one-image replica the slice planner checks first.
+    with pytest.raises(ValueError, match=r"got \(2, 4, 32, 32\)"):
+        fast(torch.randn(2, 4, 32, 32))
     with pytest.raises(ValueError, match=r"expected a batch of shape \(N, 3, H, W\)"):
         fast(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8"):

@@ -393,8 +393,9 @@ class InferenceModel(nn.Module):
         return self._traced[key](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or not x.is_floating_point():  # the model's own words: before
-            self.model.check_input(x)  # channels_last asks for rank 4, or uint8 pixels are cast
+        # The model's own words, about the batch as given: before channels_last asks for rank
+        # 4, uint8 pixels are cast, or the slice planner checks a one-image replica.
+        self.model.check_input(x)
         x = x.to(self.device, self.dtype, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         plan = self.plan(x.shape)
@@ -930,6 +931,7 @@ class OnnxModel:
         return [(i, min(i + step, batch)) for i in range(0, batch, step)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check_float_images(x)
         x = x.detach().float().cpu().contiguous().numpy()
         slices = self.slices(x.shape[0])
         if len(slices) == 1:
@@ -975,17 +977,37 @@ class QuantizationReport:
     top1_agreement: float | None
 
 
-class _Batches:
-    """ONNX Runtime's CalibrationDataReader protocol over an iterable of NCHW tensors."""
+def _check_float_images(x) -> None:
+    """Refuse integer pixels, which a float model would take as 0..255 values and get wrong."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not (x.is_floating_point() if isinstance(x, torch.Tensor)
+                                  else np.issubdtype(dtype, np.floating)):  # fmt: skip
+        raise ValueError(f"expected floating-point images, got {dtype}: convert and normalise "
+                         "them as the model expects (Keras' ImageNet weights: "
+                         "x.float() / 127.5 - 1)")  # fmt: skip
 
-    def __init__(self, name: str, batches: Iterable[torch.Tensor]) -> None:
+
+class _Batches:
+    """ONNX Runtime's CalibrationDataReader protocol over an iterable of NCHW tensors.
+
+    `per_image`: hand them over one image at a time. ONNX Runtime's histogram calibrators
+    (entropy, percentile) stack what each call returns into one array, which fails on batches
+    of different sizes (a set of 8 + 2 images) with a numpy error that names none of it."""
+
+    def __init__(self, name: str, batches: Iterable[torch.Tensor], per_image: bool = False):
         self.name, self.count = name, 0
         self._it = iter(batches)
+        self._per_image = per_image
+        self._pending: list[torch.Tensor] = []
 
     def get_next(self) -> dict | None:
-        batch = next(self._it, None)
-        if batch is None:
-            return None
+        if not self._pending:
+            batch = next(self._it, None)
+            if batch is None:
+                return None
+            _check_float_images(batch)
+            self._pending = list(batch.split(1)) if self._per_image else [batch]
+        batch = self._pending.pop(0)
         self.count += batch.shape[0]
         return {self.name: batch.float().contiguous().numpy()}
 
@@ -1039,6 +1061,7 @@ def quantize_onnx(
         raise ValueError(f"calibration batches must be (N, {', '.join(map(str, want))}) like the "
                          f"model's input, got {tuple(first.shape)}: preprocess the images as for "
                          "the model (its input size; grey for a 1-channel model)")  # fmt: skip
+    _check_float_images(first)
     calibration = itertools.chain([first], calibration)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         prepared = Path(tmpdir) / "prepared.onnx"
@@ -1050,7 +1073,7 @@ def quantize_onnx(
             nodes = onnx.load(str(prepared), load_external_data=False).graph.node
             convs = [n.name for n in nodes if n.op_type == "Conv"]
             exclude = convs[:1] + [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
-        reader = _Batches(name, calibration)
+        reader = _Batches(name, calibration, per_image=method != "minmax")
         out = Path(tmpdir) / "int8.onnx"
         quantize_static(
             str(prepared), str(out), reader, quant_format=formats[quant_format],
@@ -1070,17 +1093,27 @@ def top1_agreement(
     batches: Iterable[torch.Tensor],
 ) -> float:
     """Fraction of images on which the two models' top-1 classes agree (both must output
-    class scores, N x classes)."""
+    class scores, N x classes). PyTorch modules among them run in eval mode (batch norm on its
+    running statistics, which stay as they were) and are put back in their mode after."""
+    modules = [m for m in (reference, candidate) if isinstance(m, nn.Module)]
+    modes = [[sub.training for sub in m.modules()] for m in modules]
     same = total = 0
-    with torch.no_grad():
-        for x in batches:
-            ra, rb = reference(x), candidate(x)
-            if ra.ndim != 2 or rb.ndim != 2:
-                raise ValueError(f"top-1 agreement needs class scores (N, classes), got "
-                                 f"{tuple(ra.shape)}: the model has no classifier")  # fmt: skip
-            a, b = ra.argmax(1), rb.argmax(1)
-            same += int((a == b).sum())
-            total += x.shape[0]
+    try:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            for x in batches:
+                ra, rb = reference(x), candidate(x)
+                if ra.ndim != 2 or rb.ndim != 2:
+                    raise ValueError(f"top-1 agreement needs class scores (N, classes), got "
+                                     f"{tuple(ra.shape)}: the model has no classifier")  # fmt: skip
+                a, b = ra.argmax(1), rb.argmax(1)
+                same += int((a == b).sum())
+                total += x.shape[0]
+    finally:
+        for m, flags in zip(modules, modes, strict=True):
+            for sub, flag in zip(m.modules(), flags, strict=True):
+                sub.training = flag
     if total == 0:
         raise ValueError("no images to compare: the held-out set is empty")
     return same / total
