@@ -332,6 +332,21 @@ def test_export_round_trips_with_dynamic_batch(model, fmt, tmp_path):
     assert (torch.as_tensor(run(x)) - eager(model, x)).abs().max().item() < 1e-4
 
 
+def test_optimized_models_give_ordinary_tensors_and_export(model, tmp_path):
+    """optimize() returned inference tensors, which refuse in-place changes and autograd where
+    the eager model's output under no_grad allows both; and exporting an optimized model failed
+    in every format deep in the tracer ('unhashable type: non-nested SymInt')."""
+    fast = deploy.optimize(model, backend="eager")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    out = fast(x)
+    assert not out.is_inference()
+    out[:, 0] = 0  # the caller's to change
+    report = deploy.export(fast, tmp_path / "fast.onnx", "onnx", input_size=SIZE,
+                           check_batches=(1,))  # fmt: skip
+    run = deploy.load_exported(report.path, "onnx")
+    torch.testing.assert_close(run(x), eager(model, x), atol=1e-4, rtol=0)
+
+
 def test_export_takes_timms_model(tmp_path):
     """The bench exports timm's `legacy_xception` for its ONNX Runtime and OpenVINO peers.
     timm's `feature_info` names the stride "reduction" where ours says "stride": every export

@@ -402,10 +402,16 @@ class InferenceModel(nn.Module):
         # Freezing only applies without autograd; inference never needs it.
         with torch.inference_mode():
             if self.backend == "jit":
-                return self._jit(x, plan)
-            if self.backend == "compile":
-                return self._run_compiled(x, plan)
-            return self._sliced(x, plan)
+                out = self._jit(x, plan)
+            elif self.backend == "compile":
+                out = self._run_compiled(x, plan)
+            else:
+                out = self._sliced(x, plan)
+        # Copied outside inference mode: a tensor the caller may change in place or use with
+        # autograd, as the eager model's output under no_grad (an inference tensor allows
+        # neither); and a CUDA graph's output leaves the graph's pool, which the next replay
+        # writes over. A copy of the logits (N x classes) costs microseconds.
+        return out.clone()
 
     def _run_compiled(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         cache = _inductor_modules()
@@ -425,8 +431,7 @@ class InferenceModel(nn.Module):
         with torch._inductor.config.patch(freezing=True):
             out = compiled(x, plan)
         self._generated.extend(cache[before:])  # a new shape compiled: its modules
-        # A CUDA graph's output lives in its memory pool and the next replay writes over it.
-        return out.clone() if self.cuda_graphs else out
+        return out
 
 
 def _inductor_modules() -> list:
@@ -798,6 +803,8 @@ def export(
     """
     path = Path(path)
     _check_target(path, format)
+    if isinstance(model, InferenceModel):  # its folded model, not the runner's graphs
+        model = model.model
     _check_traceable(model, dynamic_size)
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     if min(h, w) < 1:
