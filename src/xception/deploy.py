@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from . import runtime
 from .checkpoint import check_output_file, publish
 from .layers import ConvBNAct, SamePadMaxPool2d
-from .model import Xception, XceptionBlock
+from .model import Xception, XceptionBlock, check_float_images
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,7 @@ def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int
     run nor hooked, so other threads may run it meanwhile (`InferenceModel` plans a new input
     shape on its first call, while calls of other shapes may be running).
     """
-    dtype = next(model.parameters()).dtype
-    with torch.device("meta"):
-        # In eval mode, as the model runs: a new model trains, and a training batch norm
-        # refuses one image whose map has shrunk to 1x1 (full-size Xception below 48 px).
-        replica = Xception(model.config).to(dtype).eval()
+    replica = _meta_replica(model)
     if replica.block_names != model.block_names:
         raise ValueError(f"the model's blocks {model.block_names} are not those its config "
                          f"builds ({replica.block_names}): build it with xception.create_model "
@@ -211,9 +207,22 @@ def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int
         for module in getattr(replica, name).modules():
             if not list(module.children()):  # leaves: convs, activations, pools
                 module.register_forward_hook(record)
-    x = torch.zeros(1, *shape[1:], device="meta", dtype=dtype)
+    x = torch.zeros(1, *shape[1:], device="meta", dtype=next(model.parameters()).dtype)
     replica.forward_features(x.contiguous(memory_format=torch.channels_last))
     return sizes
+
+
+def _meta_replica(model: nn.Module) -> nn.Module:
+    """`model`'s shapes without its memory: a copy on the meta device, in eval mode as the
+    model runs (a new model trains, and a training batch norm refuses one image whose map has
+    shrunk to 1x1: full-size Xception below 48 px). Ours is rebuilt from its config, with no
+    copy of its weights; another model is copied and moved."""
+    if isinstance(model, Xception):
+        with torch.device("meta"):
+            replica = Xception(model.config).to(next(model.parameters()).dtype)
+    else:
+        replica = copy.deepcopy(model).to("meta")
+    return replica.eval()
 
 
 def _check_slice_mib(slice_mib: float | None) -> None:
@@ -644,14 +653,9 @@ def _program_min_size(model: nn.Module) -> int:
     strides = [s for s in strides if isinstance(s, int)]
     stride = max(strides) if strides else 32
     try:
-        if isinstance(model, Xception):  # built from its config: no copy of its weights
-            with torch.device("meta"):
-                replica = Xception(model.config)
-        else:
-            replica = copy.deepcopy(model).to("meta")
+        replica = _meta_replica(model)
     except Exception:  # not copyable or not movable: the stride rule
         return stride + 1
-    replica.eval()
     smallest: list[int] = []
 
     def record(module, inputs, output) -> None:
@@ -759,7 +763,7 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
 
 
 def _export_program(
-    model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool, least: int
+    model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool, least: int | None
 ) -> None:
     shapes = _dynamic_shapes(dynamic_size, least)
     program = torch.export.export(model, (x,), dynamic_shapes=shapes)
@@ -819,8 +823,10 @@ def export(
     elif type(model).__name__ == "Inception3" and min(h, w) < 75:  # torchvision's
         raise ValueError(f"input_size={input_size}: torchvision's Inception V3 needs at least "
                          "75x75 pixels")  # fmt: skip
-    least = _program_min_size(model)
-    if dynamic_size and format == "exported-program" and min(h, w) < least:
+    # Only a program with a dynamic size has a smallest input: sizes are searched for it.
+    program_dynamic = dynamic_size and format == "exported-program"
+    least = _program_min_size(model) if program_dynamic else None
+    if program_dynamic and min(h, w) < least:
         raise ValueError(f"input_size={input_size}: a torch.export program with a dynamic size "
                          f"is traced at {least}x{least} pixels or more (the smallest size at "
                          "which no feature map is 1 pixel wide): give a larger --size")  # fmt: skip
@@ -938,7 +944,7 @@ class OnnxModel:
         return [(i, min(i + step, batch)) for i in range(0, batch, step)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        _check_float_images(x)
+        check_float_images(x)
         x = x.detach().float().cpu().contiguous().numpy()
         slices = self.slices(x.shape[0])
         if len(slices) == 1:
@@ -984,16 +990,6 @@ class QuantizationReport:
     top1_agreement: float | None
 
 
-def _check_float_images(x) -> None:
-    """Refuse integer pixels, which a float model would take as 0..255 values and get wrong."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is not None and not (x.is_floating_point() if isinstance(x, torch.Tensor)
-                                  else np.issubdtype(dtype, np.floating)):  # fmt: skip
-        raise ValueError(f"expected floating-point images, got {dtype}: convert and normalise "
-                         "them as the model expects (Keras' ImageNet weights: "
-                         "x.float() / 127.5 - 1)")  # fmt: skip
-
-
 class _Batches:
     """ONNX Runtime's CalibrationDataReader protocol over an iterable of NCHW tensors.
 
@@ -1012,7 +1008,7 @@ class _Batches:
             batch = next(self._it, None)
             if batch is None:
                 return None
-            _check_float_images(batch)
+            check_float_images(batch)
             self._pending = list(batch.split(1)) if self._per_image else [batch]
         batch = self._pending.pop(0)
         self.count += batch.shape[0]
@@ -1068,7 +1064,7 @@ def quantize_onnx(
         raise ValueError(f"calibration batches must be (N, {', '.join(map(str, want))}) like the "
                          f"model's input, got {tuple(first.shape)}: preprocess the images as for "
                          "the model (its input size; grey for a 1-channel model)")  # fmt: skip
-    _check_float_images(first)
+    check_float_images(first)
     calibration = itertools.chain([first], calibration)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         prepared = Path(tmpdir) / "prepared.onnx"

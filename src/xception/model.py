@@ -36,9 +36,19 @@ __all__ = [
     "XceptionConfig",
     "XceptionBlock",
     "check_fits_in_memory",
+    "check_float_images",
     "count_macs",
     "summary",
 ]
+
+
+def check_float_images(x: torch.Tensor) -> None:
+    """Refuse integer pixels, which a float model would take as 0..255 values and get wrong."""
+    if not x.is_floating_point():
+        raise ValueError(
+            f"expected floating-point images, got {x.dtype}: convert and normalise them as "
+            "the weights expect (Keras' ImageNet weights: x.float() / 127.5 - 1)"
+        )
 
 
 @dataclass(frozen=True)
@@ -340,11 +350,7 @@ class BlockNet(nn.Module):
             raise ValueError(
                 f"expected a batch of shape (N, {c}, H, W), got {tuple(x.shape)}: {fix}"
             )
-        if not x.is_floating_point():
-            raise ValueError(
-                f"expected floating-point images, got {x.dtype}: convert and normalise them as "
-                "the weights expect (Keras' ImageNet weights: x.float() / 127.5 - 1)"
-            )
+        check_float_images(x)
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(
                 f"input {tuple(x.shape[-2:])} is smaller than this model's minimum "
