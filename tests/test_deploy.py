@@ -332,6 +332,20 @@ def test_export_round_trips_with_dynamic_batch(model, fmt, tmp_path):
     assert (torch.as_tensor(run(x)) - eager(model, x)).abs().max().item() < 1e-4
 
 
+def test_torchscript_file_names_its_traced_size(model, tmp_path):
+    """A traced file holds the traced size's padding as constants: at another size it failed
+    deep inside with "pad must be non-negative" or a shape mismatch. The file itself now checks
+    and names the size it takes, for any loader."""
+    path = tmp_path / "model.pt"
+    deploy.export(model, path, "torchscript", input_size=SIZE, check_batches=(1,))
+    loaded = torch.jit.load(str(path))
+    assert loaded(torch.randn(3, 3, SIZE, SIZE)).shape == (3, 10)  # any batch
+    for shape in [(1, 3, SIZE + 1, SIZE), (1, 3, SIZE, SIZE - 8), (1, 1, SIZE, SIZE)]:
+        with pytest.raises(torch.jit.Error, match=f"traced for batches of 3-channel {SIZE}x{SIZE} "
+                           rf"images .* got a tensor of shape \[{', '.join(map(str, shape))}\]"):  # fmt: skip
+            loaded(torch.randn(shape))
+
+
 def test_optimized_models_give_ordinary_tensors_and_export(model, tmp_path):
     """optimize() returned inference tensors, which refuse in-place changes and autograd where
     the eager model's output under no_grad allows both; and exporting an optimized model failed

@@ -750,6 +750,30 @@ def _fold_pads_into_maxpools(path: Path) -> None:
         onnx.save(model, str(path))
 
 
+class _TracedSize(nn.Module):
+    """A traced model behind a scripted check of the input's channels and size: the trace
+    holds TensorFlow's padding and the residual shapes for the traced size as constants, so at
+    any other size it failed deep inside with "pad must be non-negative" or a shape mismatch.
+    The check is in the file itself, for every loader (C++ included)."""
+
+    def __init__(self, traced: nn.Module, channels: int, height: int, width: int):
+        super().__init__()
+        self.traced = traced
+        self.channels, self.height, self.width = channels, height, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.height or (
+                x.shape[3] != self.width):  # fmt: skip
+            traced = f"{self.channels}-channel {self.height}x{self.width}"
+            raise RuntimeError(
+                f"this TorchScript file was traced for batches of {traced} images and runs at "
+                f"that size only, got a tensor of shape {list(x.shape)}: resize the images, or "
+                "export again at their size (xception export --size), or to ONNX or .pt2 with "
+                "--dynamic-size"
+            )
+        return self.traced(x)
+
+
 def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     import warnings
 
@@ -759,7 +783,8 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         traced = torch.jit.trace(model, x, check_trace=False)
-    torch.jit.save(traced, str(path))
+        guarded = torch.jit.script(_TracedSize(traced, *x.shape[1:]))
+    torch.jit.save(guarded, str(path))
 
 
 def _export_program(
