@@ -147,7 +147,7 @@ def test_said_once_per_process(monkeypatch, caplog):
     monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
     monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: libc)
-    with caplog.at_level("INFO", logger="xception.runtime"):
+    with caplog.at_level("DEBUG", logger="xception.runtime"):
         assert runtime.keep_freed_memory() and runtime.keep_freed_memory()
     assert calls == [(runtime._M_MMAP_MAX, 0), (runtime._M_TRIM_THRESHOLD, runtime._NEVER_TRIM)]
     assert sum("keeps freed memory" in r.message for r in caplog.records) == 1

@@ -16,6 +16,16 @@ def test_list_models_has_the_presets():
 def test_unknown_model_lists_close_matches():
     with pytest.raises(ValueError, match=r"unknown model 'xcepton'.*did you mean xception"):
         create_model("xcepton")
+    # No close match: both ways to list the names (the hint was Python-only, for CLI users too).
+    with pytest.raises(
+        ValueError, match=r"unknown model 'qq': .*list_models\(\) \(`xception models`"
+    ):
+        create_model("qq")
+    # A weights file given as the model: where it goes instead.
+    for name in ("mine.safetensors", "runs/best.pt", "w.h5"):
+        with pytest.raises(ValueError, match="that is a weights file, not a model name; give it as "
+                           r"weights \(--weights in the CLI;"):  # fmt: skip
+            create_model(name)
 
 
 def test_unknown_override_lists_valid_fields():

@@ -74,8 +74,8 @@ def keep_freed_memory() -> bool:
             log.warning("keep_freed_memory: glibc refused mallopt(%d, %d)", param, value)
             return False
     _kept = True
-    # Neutral wording: the CLI's eval and predict call this too, where no switch turns it off.
-    log.info(
+    # Debug, not info: the CLI's predict and eval call it on every run, where it is noise.
+    log.debug(
         "glibc keeps freed memory for reuse in this process from now on (no page faults "
         "when tensors are allocated again)"
     )

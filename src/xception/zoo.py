@@ -63,10 +63,19 @@ def list_models(pattern: str | None = None) -> list[str]:
     return sorted(n for n in PRESETS if pattern is None or pattern.lower() in n)
 
 
+# weights.py's formats, named here (zoo imports weights lazily)
+_WEIGHT_SUFFIXES = (".h5", ".hdf5", ".keras", ".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
 def _check_name(name: str) -> None:
     if name not in PRESETS:
+        if Path(name).suffix.lower() in _WEIGHT_SUFFIXES or "/" in name:
+            raise ValueError(f"unknown model {name!r}: that is a weights file, not a model name; "
+                             "give it as weights (--weights in the CLI; a safetensors file from "
+                             "`xception convert` restores its own model)")  # fmt: skip
         close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}?" if close else "see xception.list_models()"
+        hint = (f"did you mean {', '.join(close)}?" if close else
+                "the names are in xception.list_models() (`xception models` in the CLI)")  # fmt: skip
         raise ValueError(f"unknown model {name!r}: {hint}")
 
 
