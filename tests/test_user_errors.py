@@ -90,6 +90,27 @@ def test_an_unwritable_folder_is_named(files, tmp_path, capsys, monkeypatch):
     assert not list(target.iterdir())
 
 
+def test_devices_pipes_and_pseudo_filesystems_are_refused(files, tmp_path, capsys):
+    """Outputs are renamed into place: that would swap a pipe, a device or /dev/stdout (a link
+    to an open descriptor) for a regular file, /dev/null itself when run as root. And access()
+    says yes to root in /proc, where no file can be created: it failed after the work."""
+    import xception.checkpoint as C
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to("/proc/self/fd/1")
+    evaluate = ["eval", "--checkpoint", files / "tiny.safetensors", "--data", files / "four"]
+    for target in (pipe, stdout):
+        one_line_error(capsys, [*evaluate, "--json", target], "it is not a regular file")
+        with pytest.raises(ValueError, match="not a regular file"):
+            C.check_output_file(target)
+    assert stdout.is_symlink() and pipe.exists() and not pipe.is_file()
+    one_line_error(capsys, [*evaluate, "--json", "/proc/result.json"], "folder /proc is not "
+                   "writable")  # fmt: skip
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".xception-probe")]
+
+
 def test_an_os_error_is_one_line_too(files, tmp_path, capsys, monkeypatch):
     """The backstop: a write that fails anyway (a full disk, a filesystem gone read-only)."""
     import xception.checkpoint as C

@@ -81,6 +81,18 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def _names_a_descriptor(path: Path) -> bool:
+    """Whether `path` is a symbolic link, or a chain of them, through /proc or /dev/fd (as
+    /dev/stdout is): the end of the chain may be any file the process has open."""
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        if not path.is_symlink():
+            return False
+        path = path.parent / os.readlink(path)
+        if str(path).startswith(("/proc/", "/dev/fd/")):
+            return True
+    return False
+
+
 def check_output_file(path: str | Path, *, create_parents: bool = True) -> Path:
     """Refuse, before any work is done, an output file that could not be written: a folder in
     its place, a file where a parent folder should be, a parent folder that is missing (unless
@@ -90,6 +102,12 @@ def check_output_file(path: str | Path, *, create_parents: bool = True) -> Path:
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file name inside it, e.g. "
                          f"{path / ('result' + (path.suffix or '.json'))}")  # fmt: skip
+    # Results are renamed into place, which would swap a device or pipe (or /dev/stdout, a link
+    # to an open descriptor) for a regular file: as root, /dev/null itself.
+    if _names_a_descriptor(path) or (path.exists() and not path.is_file()):
+        raise ValueError(f"cannot write {path}: it is not a regular file (a device, a pipe or an "
+                         "open descriptor such as /dev/stdout), and results are written whole "
+                         "and renamed into place: give a file name")  # fmt: skip
     parent = path.parent
     while not parent.exists() and create_parents and parent != parent.parent:
         parent = parent.parent
@@ -99,9 +117,17 @@ def check_output_file(path: str | Path, *, create_parents: bool = True) -> Path:
         )
     if not parent.is_dir():
         raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+    unwritable = f"cannot write {path}: folder {parent} is not writable"
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {path}: folder {parent} is not writable "
-                              "(read-only or not yours): choose another place")  # fmt: skip
+        raise PermissionError(f"{unwritable} (read-only or not yours): choose another place")
+    # access() says yes to root anywhere, /proc and read-only mounts included: try for real.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".xception-probe-", dir=parent)
+    except OSError as err:
+        raise PermissionError(f"{unwritable} ({err.strerror.lower()}): choose another "
+                              "place") from err  # fmt: skip
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 
