@@ -3,7 +3,10 @@ JSON; the pieces (matmul rate, candidate filter, errors) behave."""
 
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -580,7 +583,6 @@ def test_the_keras_peer_runs_keras_xception_in_a_process_of_its_own(tmp_path):
     """Keras' Xception on the torch backend, run in a child process: in the bench's process, one
     call of it stopped timm's eager model page-faulting (1.5x faster), which would have made the
     peers' speeds depend on which others ran."""
-    import os
 
     from xception import bench
 
@@ -593,17 +595,38 @@ def test_the_keras_peer_runs_keras_xception_in_a_process_of_its_own(tmp_path):
             == candidates["xception eager NCHW"].gflop_per_image)  # fmt: skip
     peer = bench._KerasChild(75, 2, 10)
     process = peer._process
-    assert process.is_alive() and process.pid != os.getpid()
+    assert process.poll() is None and process.pid != os.getpid()
     first, second = peer(), peer()
     assert first.shape == (2, 10) and torch.isfinite(first).all()
     assert isinstance(peer.page_faults, int) and peer.page_faults >= 0  # the child's own count
     assert torch.equal(first, second)  # the same batch every step, in inference mode
     assert torch.allclose(first.sum(dim=1), torch.ones(2), atol=1e-5)  # Keras' softmax top
     del peer
-    process.join(10)
-    assert not process.is_alive()  # it ends with its pipe
+    assert process.wait(10) == 0  # it ends with its socket
     with pytest.raises(RuntimeError, match="Keras peer: ValueError: .*71"):
         bench._KerasChild(32, 1, 10)  # Keras' own error, from the child, in one line
+
+
+def test_the_keras_peer_does_not_rerun_the_callers_script(tmp_path):
+    """multiprocessing's spawn re-ran the caller's main script in the Keras child: a script
+    calling the bench without an `if __name__ == "__main__":` guard ran its whole bench a
+    second time in the child, which then failed on its own nested child."""
+    pytest.importorskip("keras")
+    log = tmp_path / "runs.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import os\n"
+        "from xception import bench\n"
+        f"open({str(log)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "peer = bench._KerasChild(75, 1, 10)\n"
+        "print(tuple(peer().shape))\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(1, 10)"
+    assert len(log.read_text().split()) == 1  # the script ran once: in its own process only
 
 
 def test_keras_on_another_backend_leaves_its_peer_out_with_a_reason(monkeypatch, caplog):

@@ -436,14 +436,26 @@ class _KerasChild:
     well under a millisecond against seconds per step."""
 
     def __init__(self, size: int, batch: int, num_classes: int) -> None:
-        import multiprocessing
+        import socket
+        import subprocess
+        from multiprocessing.connection import Connection
 
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of our heap
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_keras_child_main, daemon=True, args=(
-            child, size, batch, num_classes, torch.get_num_threads()))  # fmt: skip
-        self._process.start()
-        child.close()
+        # A fresh interpreter (no fork of our heap) started as a plain subprocess, not with
+        # multiprocessing's spawn: that re-runs the caller's main script in the child, so a
+        # script calling run_bench() without an `if __name__ == "__main__":` guard ran its
+        # whole bench again in the child before failing.
+        ours, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[1])  # importable as the parent has it
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (package_root, os.environ.get("PYTHONPATH")) if p))  # fmt: skip
+        args = [theirs.fileno(), size, batch, num_classes, torch.get_num_threads()]
+        code = "import sys; from xception.bench import _keras_child_main as m; m(*map(int, sys.argv[1:]))"
+        try:
+            self._process = subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                                             pass_fds=(theirs.fileno(),), env=env)  # fmt: skip
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
         self.page_faults: int | None = None  # the child's, in its last call
         self._receive()  # "ready": the model is built and warmed up
 
@@ -451,9 +463,11 @@ class _KerasChild:
         try:
             message = self._conn.recv()
         except EOFError:
-            self._process.join(5)
-            raise RuntimeError(f"the Keras peer's process died (exit code "
-                               f"{self._process.exitcode})") from None  # fmt: skip
+            try:
+                code = self._process.wait(5)
+            except Exception:  # still running: subprocess.TimeoutExpired
+                code = None
+            raise RuntimeError(f"the Keras peer's process died (exit code {code})") from None
         if isinstance(message, BaseException):
             raise message
         return message
@@ -463,16 +477,28 @@ class _KerasChild:
         logits, self.page_faults = self._receive()
         return torch.from_numpy(logits)
 
-    def __del__(self) -> None:  # the child ends when its pipe closes
+    def __del__(self) -> None:  # the child ends when its socket closes
         conn = getattr(self, "_conn", None)
         if conn is not None:
             conn.close()
-            self._process.join(5)
+            try:
+                self._process.wait(5)
+            except Exception:  # subprocess.TimeoutExpired: do not leave it behind
+                self._process.kill()
 
 
-def _keras_child_main(conn, size: int, batch: int, num_classes: int, threads: int) -> None:
+def _keras_child_main(fd: int, size: int, batch: int, num_classes: int, threads: int) -> None:
     """The Keras peer's process: build keras.applications.Xception (random weights: the speed
-    does not depend on them) on the CPU, warm it up, then run one batch per request."""
+    does not depend on them) on the CPU, warm it up, then run one batch per request on the
+    socket `fd`."""
+    from multiprocessing.connection import Connection
+
+    def leave(code: int) -> None:  # without torch's and Keras' teardown: 9 s, against the
+        sys.stdout.flush()  # parent's 5 s wait
+        sys.stderr.flush()
+        os._exit(code)
+
+    conn = Connection(fd)
     try:
         torch.set_num_threads(threads)
         keras = _keras()
@@ -492,12 +518,12 @@ def _keras_child_main(conn, size: int, batch: int, num_classes: int, threads: in
         conn.send("ready")
     except Exception as err:  # reported by the parent, as a failed candidate
         conn.send(RuntimeError(f"Keras peer: {type(err).__name__}: {err}"))
-        return
+        leave(1)
     while True:
         try:
             conn.recv()
-        except EOFError:
-            return
+        except EOFError:  # the bench is done
+            leave(0)
         before = page_faults()
         logits = run()
         after = page_faults()
