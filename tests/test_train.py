@@ -543,3 +543,117 @@ def test_cpu_runs_keep_freed_memory_unless_switched_off(tmp_path, toy, monkeypat
     fit(recipe, out=str(tmp_path / "on"))  # the default on a CPU
     assert calls == [1]
     assert yaml.safe_load((tmp_path / "on" / "config.yaml").read_text())["keep_freed_memory"]
+
+
+def test_resume_auto_without_a_checkpoint_is_a_plain_new_run(tmp_path, caplog):
+    """Job scripts pass --resume auto on every launch: the first one trained on bare defaults
+    (no recipe) and warned, falsely, that the settings given were not applied."""
+    from xception.cli import _train_config, build_parser
+
+    out = tmp_path / "run"
+    args = build_parser().parse_args(["train", "--out", str(out), "--resume", "auto",
+                                      "--batch-size", "64", "--lr", "0.2"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="xception"):
+        cfg, given = _train_config(args)
+    assert cfg.recipe == "fashion-mnist" and (cfg.batch_size, cfg.lr) == (64, 0.2)
+    assert cfg.ema_decay == make_config("fashion-mnist").ema_decay is not None
+    assert "not applied" not in caplog.text
+    # With a checkpoint there, the run's own settings stay, and a recipe's are named too.
+    (out / "checkpoints" / "step-000000001").mkdir(parents=True)
+    recipe = tmp_path / "my.yaml"
+    recipe.write_text("recipe: fashion-mnist\nlr: 0.5\nepochs: 3\n")
+    args = build_parser().parse_args(["train", "--out", str(out), "--resume", "auto",
+                                      "--recipe", str(recipe)])  # fmt: skip
+    with caplog.at_level("WARNING", logger="xception"):
+        cfg, given = _train_config(args)
+    assert f"recipe {recipe} (only its epochs applied) given here not applied" in caplog.text
+
+
+def test_run_folder_safety_on_resume_and_concurrent_runs(tmp_path, toy, capsys):
+    """Three ways a run folder lost work: resuming an older checkpoint in its own folder (its
+    new checkpoints were pruned at once, behind the newer ones); a second run into the same
+    folder at the same time (both finished, their files mixed); and a fine-tuned run whose
+    --weights file had gone (its resume failed, though the checkpoint holds every weight)."""
+    from xception import checkpoint as C
+    from xception.zoo import create_model
+
+    base = create_model("xception-compact", num_classes=10, in_chans=1, **TINY_MODEL)
+    pre = tmp_path / "pre.safetensors"
+    from xception.weights import save_safetensors
+
+    save_safetensors(base, pre)
+    recipe = tiny_recipe(tmp_path, toy, epochs=2, keep_last=5)
+    run = tmp_path / "run"
+    fit(recipe, out=str(run), weights=str(pre))
+    pre.unlink()  # the fine-tuned run's starting weights are gone: a resume must not need them
+    again = fit(recipe, out=str(run), resume="auto", epochs=3)
+    assert [r["epoch"] for r in again["history"]] == [1, 2, 3]
+    older = list_checkpoints(run / "checkpoints")[0]
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    before = sorted(os.listdir(run / "checkpoints"))
+    _one_line_error(capsys, ["train", "--resume", str(older), "--out", str(run), "--epochs", "4"],
+                    f"{older} is older than {newest.name} in the same run")  # fmt: skip
+    assert sorted(os.listdir(run / "checkpoints")) == before
+    # A second run while the folder's lock is held: refused, naming the holder.
+    lock = C.lock_run_folder(run)
+    try:
+        with pytest.raises(ValueError, match=f"{run} is in use by another training run "
+                           rf"\(process {os.getpid()}\)"):  # fmt: skip
+            fit(recipe, out=str(run), resume="auto", epochs=4)
+    finally:
+        lock.close()
+    assert sorted(os.listdir(run / "checkpoints")) == before
+    # Saves cut short by a kill leave `.*.tmp` folders: the next save's pruning removes them.
+    (run / "checkpoints" / ".step-000000099.abc.tmp").mkdir()
+    fit(recipe, out=str(run), resume="auto", epochs=4)
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def test_weights_that_stop_being_finite_are_never_saved_or_exported(tmp_path, toy, monkeypatch):
+    """With batch statistics in training mode the loss stayed finite while the running
+    variances overflowed: the run finished, its checkpoints were called good and its exported
+    weights were refused by eval."""
+    from xception import train
+
+    real = train._Run._step
+
+    def overflowing(self, x, y, meter):
+        ok = real(self, x, y, meter)
+        if self.step >= 3:
+            self.batch_norms[0].running_var.fill_(float("inf"))
+        return ok
+
+    monkeypatch.setattr(train._Run, "_step", overflowing)
+    recipe = tiny_recipe(tmp_path, toy, epochs=2, checkpoint_every=2, keep_last=100)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="weights no longer finite at epoch 1, step 4 "
+                       r"\(weights \S+running_var") as err:  # fmt: skip
+        fit(recipe, out=str(run))
+    saved = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in saved] == ["step-000000002"] and str(saved[0]) in str(err.value)
+    assert not (run / "model.safetensors").exists()
+
+
+def test_best_is_saved_before_the_step_and_a_change_of_ranks_is_named(tmp_path, toy, monkeypatch,
+                                                                     caplog):  # fmt: skip
+    """A kill between the epoch's two saves lost the best checkpoint for good: the step's was
+    written first, and its state already counted the epoch as the best. And a checkpoint of N
+    ranks resumed by another count continued differently, without a word."""
+    from xception import checkpoint as C
+
+    names = []
+    real = C.save_checkpoint
+    monkeypatch.setattr(C, "save_checkpoint", lambda root, name, *a, **k: (
+        names.append(name), real(root, name, *a, **k))[1])  # fmt: skip
+    recipe = tiny_recipe(tmp_path, toy, epochs=1)
+    run = tmp_path / "run"
+    fit(recipe, out=str(run))
+    assert names == ["best-step-000000016", "step-000000016"]
+    latest = list_checkpoints(run / "checkpoints")[-1]
+    state = torch.load(latest / "state.pt", weights_only=True)
+    assert state["world"] == 1
+    state["world"] = 2  # as written by two ranks
+    torch.save(state, latest / "state.pt")
+    with caplog.at_level("WARNING", logger="xception"):
+        fit(recipe, out=str(run), resume="auto", epochs=2)
+    assert "was written by 2 process(es), resumed by 1" in caplog.text

@@ -260,8 +260,36 @@ def find_latest(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def lock_run_folder(folder: str | Path):
+    """Hold `folder`'s lock file for as long as the returned file stays open (the process's
+    life at most): a second training run into the same folder is refused instead of mixing
+    its checkpoints and results with the first's. None where the system has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    path = Path(folder) / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"{folder} is in use by another training run (process {holder}): wait "
+                         "for it to finish, or choose another --out") from None  # fmt: skip
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def prune(root: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` regular checkpoints and all but the newest best."""
+    """Delete all but the newest `keep_last` regular checkpoints and all but the newest best,
+    and what saves cut short by a kill left behind (their `.*.tmp` folders)."""
+    for stale in Path(root).glob(".*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     regular = list_checkpoints(root)
     for p in regular[: max(0, len(regular) - keep_last)]:
         shutil.rmtree(p, ignore_errors=True)

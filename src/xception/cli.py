@@ -690,16 +690,27 @@ def _train_config(args: argparse.Namespace):
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if args.no_progress:
         overrides["progress"] = False
-    if args.resume:
-        from .train import RESUMABLE
+    # `--resume auto` where no checkpoint is yet starts a new run, as plain `train` does: with
+    # the default recipe, and everything given applied (job scripts pass it on every launch).
+    resuming = bool(args.resume)
+    if args.resume == "auto" and args.out:
+        from .checkpoint import find_latest
+
+        resuming = find_latest(os.path.join(args.out, "checkpoints")) is not None
+    if resuming:
+        from .train import RESUMABLE, load_recipe
 
         fixed = sorted(k for k in overrides if k not in RESUMABLE)
         if model_args:
             fixed.append("model_args")
+        if args.recipe:  # a recipe's own settings are not applied either
+            applied = sorted(k for k in load_recipe(args.recipe) if k in RESUMABLE)
+            fixed.append(f"recipe {args.recipe}" + (
+                f" (only its {', '.join(applied)} applied)" if applied else ""))  # fmt: skip
         if fixed:
             log.warning("--resume continues the run as it was configured: %s given here not "
                         "applied (start a new run to change them)", ", ".join(fixed))  # fmt: skip
-    recipe = args.recipe or (None if args.resume else "fashion-mnist")
+    recipe = args.recipe or (None if resuming else "fashion-mnist")
     # make_config drops None overrides (unset arguments); a null from --set or --config is a
     # value the user gave (ema_decay=null turns EMA off), applied after it.
     nulls = {k: None for k, v in overrides.items() if v is None}

@@ -575,6 +575,15 @@ class _Run:
                     f"there would replace its checkpoints and results. Resume in the "
                     f"checkpoint's own run (--out {own}), or in a new folder to fork it"
                 )
+            newest = C.find_latest(self.ckpt_dir)
+            if self.resume_from["state"]["step"] < (C.checkpoint_step(newest) or 0):
+                # Pruning keeps the highest steps: the resumed run's own saves went first.
+                raise ValueError(
+                    f"{self.resume_from['path']} is older than {newest.name} in the same run: "
+                    "resumed there, the run's new checkpoints would be pruned as soon as "
+                    "written. Resume it in a new folder to fork the run (--out NEW_FOLDER), or "
+                    "continue from the newest (--resume auto)"
+                )
 
     def _info(self, msg: str, *args) -> None:
         """Progress news, once per run: from rank 0 only under torchrun."""
@@ -662,7 +671,11 @@ class _Run:
             kw.update(in_chans=self.channels, **cfg.model_args)
         if cfg.drop_rate:
             kw["drop_rate"] = cfg.drop_rate
-        model = create_model(cfg.model, weights=cfg.weights, **kw)
+        if self.resume_from is None:
+            model = create_model(cfg.model, weights=cfg.weights, **kw)
+        else:  # every weight is in the checkpoint: its --weights file may be gone by now
+            saved = self.resume_from["state"]["meta"].get("model_config")
+            model = create_model(cfg.model, **(saved or kw))
         self.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model.to(self.device)
         if cfg.channels_last:
@@ -718,6 +731,13 @@ class _Run:
         self.partial = dict(state.get("partial", {}))
         self.best = state.get("best")
         self._info("resumed from %s (epoch %d, step %d)", ckpt["path"], self.epoch, self.step)
+        saved_world = state.get("world", self.world)  # not recorded before this field
+        if saved_world != self.world and self.rank == 0:
+            log.warning("%s was written by %d process(es), resumed by %d: each one's share of "
+                        "the batch changes, and the batch-norm statistics that follow it, so the "
+                        "run does not continue exactly as it would have; resume with %d to "
+                        "continue it exactly", ckpt["path"], saved_world, self.world,
+                        saved_world)  # fmt: skip
 
     # checkpoints and outputs --------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -732,6 +752,7 @@ class _Run:
         # All ranks' part of the epoch so far (a collective call: every rank saves together);
         # rank 0 carries it on after a resume, the others start from zero.
         meter = meter.reduce() if meter is not None else None
+        self._check_finite()
         if self.rank == 0:
             state = dict(
                 config=self.cfg.to_dict(), meta=self._meta(), epoch=self.epoch,
@@ -742,7 +763,7 @@ class _Run:
                 partial={"sums": meter.sums, "counts": meter.counts, "seconds": self._seconds(),
                          "wall_s": time.perf_counter() - self.start_wall}
                 if meter is not None else {},
-                ema_updates=self.ema.updates if self.ema else 0,
+                ema_updates=self.ema.updates if self.ema else 0, world=self.world,
             )  # fmt: skip
             ema = self.ema.module.state_dict() if self.ema else None
             sd = {k: v for k, v in self.model.state_dict().items()}
@@ -751,6 +772,25 @@ class _Run:
         if self.distributed:
             dist.barrier()
         return path
+
+    def _check_finite(self) -> None:
+        """Raise TrainingError when a weight or a batch-norm statistic is NaN or infinite:
+        with batch statistics in training mode the loss can stay finite while the running
+        variances overflow, and such weights were checkpointed as good and exported."""
+        modules = {"weights": self.model, "EMA weights": self.ema.module if self.ema else None}
+        bad = [f"{name} {k}" for name, module in modules.items() if module is not None
+               for k, v in module.state_dict().items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]  # fmt: skip
+        # Every rank decides together (each rank's batch-norm statistics are its own).
+        if reduce_sums([float(len(bad))], self.device)[0] if self.distributed else len(bad):
+            last = C.find_latest(self.ckpt_dir)
+            where = f"{bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}" if bad \
+                else "on another rank"  # fmt: skip
+            raise TrainingError(
+                f"weights no longer finite at epoch {self.epoch + 1}, step {self.step} ({where}): "
+                f"training stopped; last good checkpoint: {last or 'none'}. Lower lr, set "
+                "grad_clip, or check the data"
+            )
 
     def _seconds(self) -> float:
         return self.partial_seconds + (time.perf_counter() - self.epoch_start)
@@ -778,6 +818,7 @@ class _Run:
         from safetensors.torch import save_file
 
         weights = self.out / "model.safetensors"
+        self._check_finite()
         if self.rank == 0:
             src = self.ema.module if self.ema else self.model
             sd = {k: v.detach().cpu().contiguous().clone() for k, v in src.state_dict().items()}
@@ -815,11 +856,20 @@ class _Run:
 
     # the loop -----------------------------------------------------------------------------------
     def run(self) -> dict:
+        self._lock = None
+        try:
+            return self._run()
+        finally:  # not left to the garbage collector: a traceback kept would keep the lock
+            if self._lock is not None:
+                self._lock.close()
+
+    def _run(self) -> dict:
         self.best: dict | None = None
         self._setup()
         cfg = self.cfg
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = C.lock_run_folder(self.out)
             self._write_outputs()
         self.tb = self._tensorboard() if self.rank == 0 and cfg.tensorboard else None
         done = self.partial.get("wall_s") or (self.history[-1]["wall_s"] if self.history else 0)
@@ -839,9 +889,12 @@ class _Run:
                 if improved:
                     self.best = row
                 self.epoch, self.batch_in_epoch, self.partial = self.epoch + 1, 0, {}
-                self._save(f"step-{self.step:09d}")
+                # Best first: a run stopped between the two saves resumes from the step before
+                # and saves both again. The other way round it resumed from this step, already
+                # counted as the best, and never wrote the best checkpoint.
                 if improved:
                     self._save(f"best-step-{self.step:09d}")
+                self._save(f"step-{self.step:09d}")
                 self._write_outputs()
                 if self.tb is not None:
                     for k, v in row.items():
