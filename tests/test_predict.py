@@ -362,3 +362,14 @@ def test_an_interrupted_predict_prints_the_rows_classified_so_far(
     assert len(rows) == 5
     if fmt != "csv":
         assert "stopped after 5 of 13 files" in err
+
+
+def test_a_grey_model_without_weights_metadata_classifies_grey_images(tmp_path):
+    """Without metadata, predict fell back to three-channel mean and std for a one-channel
+    model and failed in Normalize on the grey image it had made."""
+    model = create_model("xception-compact", num_classes=4, in_chans=1).eval()
+    assert getattr(model, "weights_meta", None) is None
+    image = tmp_path / "rgb.png"
+    Image.fromarray(np.full((40, 40, 3), 200, dtype=np.uint8)).save(image)
+    (row,) = list(predict(model, [image], topk=2))
+    assert row.error is None and len(row.top) == 2

@@ -392,3 +392,53 @@ def test_inception_compact_weights_keep_their_metadata_through_predict_and_conve
     assert main(["convert", str(path), str(out), "--model", "inception-v3-compact"]) == 0
     assert "3 classes, preprocessing: 28 px, class names included" in capsys.readouterr().out
     assert create_model("inception-v3-compact", weights=out).weights_meta == meta
+
+
+def test_damaged_pth_files_and_nan_weights_are_refused_in_one_line(tmp_path):
+    """Garbage or cut-short pre-zip pickles failed inside torch's unpickler with KeyError or
+    IndexError (a traceback from the CLI); and the Inception models loaded NaN weights
+    silently, where Xception refuses them by name."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save(create_model("xception-compact", num_classes=10).state_dict(), legacy,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    data = legacy.read_bytes()
+    for name, content in [("text.pth", b"hello"), ("cut.pth", data[: len(data) // 1000])]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(WeightsError, match=f"{name}: not a readable PyTorch file .*cut short"):
+            load_file(tmp_path / name)
+    for name in ("inception-v3-compact", "xception-compact"):
+        sd = create_model(name, num_classes=10).state_dict()
+        next(v for k, v in sd.items() if k.endswith(".weight")).view(-1)[0] = float("nan")
+        path = tmp_path / f"{name}-nan.pth"
+        torch.save(sd, path)
+        with pytest.raises(WeightsError, match="holds 1 NaN or infinite values"):
+            create_model(name, weights=path)
+
+
+def test_inception_weights_follow_the_new_head_rule(tmp_path, caplog):
+    """A num_classes other than the file's asks for a new head: the backbone loads and a
+    warning says so. The Inception models refused such files, so fine-tuning them on another
+    class count failed."""
+    source = create_model("inception-v3-compact", num_classes=10)
+    path = tmp_path / "ten.pth"
+    torch.save(source.state_dict(), path)
+    with caplog.at_level(logging.WARNING):
+        five = create_model("inception-v3-compact", weights=path, num_classes=5)
+    assert "classifier not loaded (its class count differs)" in caplog.text
+    assert five.fc.out_features == 5
+    body = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    assert all(torch.equal(v, five.state_dict()[k]) for k, v in body.items())
+    caplog.clear()
+    headless = create_model("inception-v3-compact", weights=path, num_classes=0)
+    assert headless.fc is None
+    xception_file = tmp_path / "x.pth"
+    torch.save(create_model("xception-compact", num_classes=10).state_dict(), xception_file)
+    create_model("xception-compact", weights=xception_file, num_classes=0)
+    assert "freshly initialised head" not in caplog.text  # no head was asked for: nothing to warn
+    with pytest.raises(WeightsError, match="not inception-v3-compact weights for this config"):
+        create_model("inception-v3-compact", weights=path, num_classes=5, width=0.25)  # body
+
+
+def test_an_overflowing_width_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="more parameters than a tensor can hold.*lower width"):
+        create_model("xception", width=1e9)

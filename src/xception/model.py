@@ -310,12 +310,19 @@ def check_fits_in_memory(cls: type[nn.Module], config, repeats: str | None = Non
     memory = _physical_memory()
     if memory is None or torch.empty(()).device.type == "meta":
         return
-    if repeats is None:
-        params = _parameter_count(cls, config)
-    else:
-        one, two = (_parameter_count(cls, dataclasses.replace(config, **{repeats: n}))
-                    for n in (1, 2))  # fmt: skip
-        params = one + (getattr(config, repeats) - 1) * (two - one)
+    try:
+        if repeats is None:
+            params = _parameter_count(cls, config)
+        else:
+            one, two = (_parameter_count(cls, dataclasses.replace(config, **{repeats: n}))
+                        for n in (1, 2))  # fmt: skip
+            params = one + (getattr(config, repeats) - 1) * (two - one)
+    except RuntimeError as err:  # width=1e9: one weight's size overflows even on meta
+        if "overflow" not in str(err):
+            raise
+        raise ValueError("this model would have more parameters than a tensor can hold (a "
+                         "weight's size overflows): lower width, the channel counts or the "
+                         "number of blocks") from None  # fmt: skip
     if params * 4 > memory:
         raise ValueError(
             f"this model would have {params:,} parameters ({params * 4 / 2**30:,.0f} GiB in "

@@ -116,7 +116,9 @@ def _meta_for(model: nn.Module) -> Weights:
     if meta is not None:
         return meta
     log.warning("the model carries no weights metadata: using Keras' preprocessing at 299x299")
-    return Weights(name="unknown", format="xception", num_classes=_num_classes(model))
+    channels = _in_chans(model)  # a grey model's images are grey: one mean and one std
+    return Weights(name="unknown", format="xception", num_classes=_num_classes(model),
+                   mean=(0.5,) * channels, std=(0.5,) * channels)  # fmt: skip
 
 
 def _num_classes(model: nn.Module) -> int:

@@ -165,8 +165,14 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
                 f"{_unsupported_global(str(err))}. Nothing from it was run. Convert it in a "
                 "trusted environment to safetensors, or re-save a plain state dict of tensors"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise WeightsError(f"{path}: not a readable PyTorch file ({err})") from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+            # A garbage or cut-short pre-zip pickle fails inside the unpickler as KeyError or
+            # IndexError: an interrupted download of an old .pth does.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            if isinstance(err, KeyError | IndexError) or not first:
+                first = f"{type(err).__name__} {first}".strip()
+            raise WeightsError(f"{path}: not a readable PyTorch file ({first}): the file is "
+                               "damaged or cut short; download or copy it again") from None  # fmt: skip
         return _unwrap(obj, path)
     raise WeightsError(
         f"{path}: unknown weights format {suffix!r}: use .h5 (Keras), .safetensors, or "
@@ -339,6 +345,17 @@ def key_mismatch(model_keys: Iterable[str], file_keys: Iterable[str]) -> str | N
     return "; ".join(parts) or None
 
 
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """WeightsError naming the first tensor that holds NaN or infinite values."""
+    for key, value in sd.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise WeightsError(
+                f"{source}: {key} holds {bad:,} NaN or infinite values: the file is damaged, or "
+                "the run that wrote it diverged. Use another copy or an earlier checkpoint"
+            )
+
+
 def load_into(
     model: nn.Module, weights: Mapping, *, source: str = "weights", require_head: bool = False
 ) -> dict[str, list[str]]:
@@ -378,14 +395,10 @@ def load_into(
             f"{source}: classifier {key} has shape {have} in the file, the model has {want}: "
             "set num_classes to match the file, or load without the top"
         )
-    for key, value in sd.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise WeightsError(
-                f"{source}: {key} holds {bad:,} NaN or infinite values: the file is damaged, or "
-                "the run that wrote it diverged. Use another copy or an earlier checkpoint"
-            )
-    if missing_head or skipped:
+    check_finite(sd, source)
+    if skipped and not missing_head and model.config.num_classes == 0:
+        log.info("%s: classifier left out (the model has none: num_classes=0)", source)
+    elif missing_head or skipped:
         log.warning(
             "%s: classifier not loaded (%s); the model keeps a freshly initialised head for "
             "%d classes", source, "absent from the file" if missing_head and not skipped

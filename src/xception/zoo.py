@@ -117,7 +117,8 @@ def _inception_v3(num_classes: int, **overrides) -> nn.Module:
     )
 
 
-def _inception_v3_compact(num_classes: int, opened, **overrides) -> nn.Module:
+def _inception_v3_compact(num_classes: int, opened, new_head: bool = False,
+                          **overrides) -> nn.Module:  # fmt: skip
     from .inception import InceptionConfig, InceptionV3Compact
 
     fields = _check_fields("inception-v3-compact", InceptionConfig, overrides)
@@ -126,7 +127,7 @@ def _inception_v3_compact(num_classes: int, opened, **overrides) -> nn.Module:
     model = InceptionV3Compact(InceptionConfig(num_classes=num_classes, **config))
     model.weights_meta = None
     if opened is not None:
-        _load_state(model, opened, "inception-v3-compact")
+        _load_state(model, opened, "inception-v3-compact", new_head)
         model.weights_meta = opened.meta  # class names and preprocessing, as for Xception
     return model
 
@@ -154,14 +155,28 @@ def _check_saved_config(name: str, opened) -> None:
     )
 
 
-def _load_state(model: nn.Module, opened, name: str) -> None:
+def _load_state(model: nn.Module, opened, name: str, new_head: bool = False) -> None:
     """Load `opened` into `model` exactly, or raise WeightsError in one line: which tensor
-    names do not match (`weights.key_mismatch`), or the first tensor of the wrong shape."""
-    from .weights import WeightsError, key_mismatch
+    names do not match (`weights.key_mismatch`), the first tensor of the wrong shape, or one
+    holding NaN or infinite values. With `new_head` (the caller asked for another class count)
+    a classifier of another shape is left out with a warning, as for Xception."""
+    from .weights import WeightsError, check_finite, key_mismatch
 
     # BN's step counters are bookkeeping that `save_safetensors` leaves out: never required.
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     data = {k: v for k, v in opened.data.items() if not k.endswith("num_batches_tracked")}
+    heads = [
+        {k: tuple(v.shape) for k, v in sd.items() if k.startswith("fc.")} for sd in (own, data)
+    ]
+    if new_head and heads[0] != heads[1]:
+        data = {k: v for k, v in data.items() if not k.startswith("fc.")}
+        own = {k: v for k, v in own.items() if not k.startswith("fc.")}
+        classes = model.fc.out_features if model.fc is not None else 0
+        if classes:
+            log.warning("%s: classifier not loaded (its class count differs); the model keeps "
+                        "a freshly initialised head for %d classes", opened.source, classes)  # fmt: skip
+        else:
+            log.info("%s: classifier left out (the model has none: num_classes=0)", opened.source)
     if mismatch := key_mismatch(own, data):
         raise WeightsError(f"{opened.source}: not {name} weights ({mismatch}): use weights "
                            f"saved from {name}, or the --model they were made for")  # fmt: skip
@@ -172,6 +187,7 @@ def _load_state(model: nn.Module, opened, name: str) -> None:
                 f"{tuple(data[key].shape)}, the model's {tuple(tensor.shape)}): check "
                 "--num-classes and the config the weights were made with"
             )
+    check_finite(data, opened.source)
     model.load_state_dict(data, strict=False)  # every other key checked just above
 
 
@@ -210,11 +226,11 @@ def create_model(
         if opened is not None:
             if opened.format == "keras":
                 raise W.WeightsError(f"{weights}: Keras Inception V3 files are not supported")
-            _load_state(model, opened, "inception-v3")
+            _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
         model.weights_meta = opened.meta if opened is not None else None
         return model
     if name == "inception-v3-compact":
-        return _inception_v3_compact(num_classes, opened, **overrides)
+        return _inception_v3_compact(num_classes, opened, not wants_file_head, **overrides)
     if opened is not None:
         _check_saved_config(name, opened)
         for key, value in opened.config.items():
