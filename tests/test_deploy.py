@@ -543,6 +543,7 @@ def test_exported_program_with_a_dynamic_size_runs_at_other_sizes(tmp_path):
                          middle_blocks=1).eval()  # fmt: skip
     report = deploy.export(model, tmp_path / "d.pt2", "exported-program", input_size=32,
                            dynamic_size=True)  # fmt: skip
+    assert report.min_size == 17  # the CLI said "any size": it names the smallest now
     program = deploy.load_exported(report.path, "exported-program")
     for h, w in ((17, 17), (40, 33)):
         x = torch.randn(2, 3, h, w)
@@ -551,6 +552,17 @@ def test_exported_program_with_a_dynamic_size_runs_at_other_sizes(tmp_path):
     with pytest.raises(ValueError, match=r"traced at 17x17 pixels or more"):
         deploy.export(model, tmp_path / "e.pt2", "exported-program", input_size=16,
                       dynamic_size=True)  # fmt: skip
+
+
+def test_the_cli_names_the_smallest_size_a_dynamic_export_takes(tmp_path, capsys):
+    from xception.cli import main
+
+    args = ["--model", "xception-compact", "--size", "32", "--dynamic-size", "--set",
+            "padding=symmetric", "--set", "width=0.25", "--set", "middle_blocks=1"]  # fmt: skip
+    assert main(["export", str(tmp_path / "d.pt2"), *args]) == 0
+    assert "input any size from 17x17, checked at 32x32" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "d.onnx"), *args]) == 0  # the eager model's minimum
+    assert "input any size from 1x1, checked at 32x32" in capsys.readouterr().out
 
 
 def test_the_papers_model_exports_as_a_program_with_a_dynamic_size(tmp_path):

@@ -278,6 +278,13 @@ def test_cli_experiment_rejects_bad_values(capsys, tmp_path):
 
     assert main(["experiment", "residual", "--seeds", "0"]) == 2
     assert "--seeds 0: use a positive number" in capsys.readouterr().err
+    # A huge count planned silently for minutes; /proc gave a bare errno.
+    assert main(["experiment", "residual", "--seeds", "1000000", "--out", str(tmp_path)]) == 2
+    assert "--seeds 1000000: each seed trains every variant once; use at most 1000" in (
+        capsys.readouterr().err)  # fmt: skip
+    assert main(["experiment", "residual", "--quick", "--out", "/proc/exp"]) == 2
+    err = capsys.readouterr().err
+    assert "folder /proc is not writable" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "file").write_text("kept")
     assert main(["experiment", "residual", "--quick", "--out", str(tmp_path / "file")]) == 2
     assert "is a file: pass a folder" in capsys.readouterr().err
@@ -478,3 +485,23 @@ def test_vs_inception_baseline_gets_the_settings_both_models_have():
     assert inception.overrides == {"drop_rate": 0.5, "bn_eps": 1e-5, "width": 0.16}
     assert create_model(inception.model, num_classes=10, in_chans=1,
                         **inception.overrides).config.drop_rate == 0.5  # fmt: skip
+
+
+def test_a_suite_dropped_from_the_report_is_named(tmp_path, caplog):
+    """The report covers the suites complete at the run's scale: a second run at another scale
+    rewrote it without the others, and said nothing."""
+    from xception.experiments import _warn_of_dropped_suites
+
+    path = tmp_path / "results.json"
+    before = dict(scale=dict(name="quick", seeds=2, epochs=1, train_size=64),
+                  suites=dict(residual={}, order={}))  # fmt: skip
+    path.write_text(json.dumps(before))
+    with caplog.at_level("WARNING"):
+        _warn_of_dropped_suites(path, dict(suites=dict(residual={})))
+    assert ("the report now leaves out order, reported there before at another scale (name "
+            "quick, seeds 2, epochs 1, train_size 64)") in caplog.text  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _warn_of_dropped_suites(path, dict(suites=dict(residual={}, order={})))
+        _warn_of_dropped_suites(tmp_path / "none.json", dict(suites={}))  # no earlier report
+    assert caplog.text == ""

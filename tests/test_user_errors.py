@@ -71,6 +71,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(files, tmp_p
     one_line_error(capsys, [*bench, "--json", a_file / "b.json"], "not a folder")
     one_line_error(capsys, [*bench, "--json", "b.json", "--markdown", a_file / "b.md"],
                    "not a folder")  # fmt: skip
+    one_line_error(capsys, [*bench, "--markdown", tmp_path], f"e.g. {tmp_path / 'result.md'}")
     assert a_file.read_text() == "keep me"
 
 

@@ -93,7 +93,9 @@ def _names_a_descriptor(path: Path) -> bool:
     return False
 
 
-def check_output_file(path: str | Path, *, create_parents: bool = True) -> Path:
+def check_output_file(
+    path: str | Path, *, create_parents: bool = True, example_suffix: str = ".json"
+) -> Path:
     """Refuse, before any work is done, an output file that could not be written: a folder in
     its place, a file where a parent folder should be, a parent folder that is missing (unless
     `create_parents`: `atomic_write` creates it) or not writable (read-only filesystems
@@ -101,7 +103,7 @@ def check_output_file(path: str | Path, *, create_parents: bool = True) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file name inside it, e.g. "
-                         f"{path / ('result' + (path.suffix or '.json'))}")  # fmt: skip
+                         f"{path / ('result' + (path.suffix or example_suffix))}")  # fmt: skip
     # Results are renamed into place, which would swap a device or pipe (or /dev/stdout, a link
     # to an open descriptor) for a regular file: as root, /dev/null itself.
     if _names_a_descriptor(path) or (path.exists() and not path.is_file()):

@@ -320,6 +320,9 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
                         "GPU) and rewrite the report")  # fmt: skip
 
 
+MAX_SEEDS = 1000  # a training run per seed and variant: 1000 is days even at --quick
+
+
 @command("experiment", "rerun the paper's ablations on Fashion-MNIST, with verdicts",
          _experiment_args)  # fmt: skip
 def _run_experiment(args: argparse.Namespace) -> int:
@@ -335,6 +338,9 @@ def _run_experiment(args: argparse.Namespace) -> int:
     for name, value in knobs.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: use a positive number")
+    if args.seeds is not None and args.seeds > MAX_SEEDS:  # it planned silently for minutes
+        raise UserError(f"--seeds {args.seeds}: each seed trains every variant once; use at most "
+                        f"{MAX_SEEDS}")  # fmt: skip
     changes = {k: v for k, v in knobs.items() if v is not None}
     model = _parse_overrides(args.set)
     if model:
@@ -489,7 +495,8 @@ def _run_export(args: argparse.Namespace) -> int:
     if not args.int8:
         report = deploy.export(model, args.output, args.format, input_size=size,
                                dynamic_size=args.dynamic_size)  # fmt: skip
-        shape = "any size, checked at " if args.dynamic_size else ""
+        least = f" from {report.min_size}x{report.min_size}" if report.min_size else ""
+        shape = f"any size{least}, checked at " if args.dynamic_size else ""
         print(f"wrote {report.path} ({report.format}, input {shape}{size}x{size}, dynamic batch): "
               f"max abs error vs PyTorch {report.max_abs_error:.2e} on batches "
               f"{', '.join(map(str, report.checked_batches))}")  # fmt: skip
@@ -538,7 +545,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", metavar="TEXT",
                    help="only candidates whose name contains one of these texts (each text "
                         "must match one)")  # fmt: skip
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="auto (CUDA when present), cpu, cuda or cuda:N (default: cpu)")  # fmt: skip
     p.add_argument(
         "--threads", type=int, help="torch, ONNX Runtime and OpenVINO threads (default: torch's)"
     )
@@ -581,9 +589,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, save_json
     from .checkpoint import atomic_write, check_output_file
 
-    for out in (args.json, args.markdown):  # before minutes of benchmarking, not after
-        if out:
-            check_output_file(out)
+    for out, suffix in ((args.json, ".json"), (args.markdown, ".md")):  # before the minutes
+        if out:  # of benchmarking, not after
+            check_output_file(out, example_suffix=suffix)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: use a positive number of threads")
     if args.train_batch is not None and args.train_batch < 0:

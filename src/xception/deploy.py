@@ -556,6 +556,9 @@ class ExportReport:
     input_size: tuple[int, int]
     checked_batches: tuple[int, ...]
     max_abs_error: float
+    # With a dynamic size: the smallest height and width the file takes (a .pt2 program is
+    # guarded from the traced range's start; ONNX goes down to the model's own minimum).
+    min_size: int | None = None
 
 
 def _check_target(path: Path, fmt: str) -> None:
@@ -890,7 +893,8 @@ def export(
     finally:
         tmp.unlink(missing_ok=True)
     log.info("exported %s to %s: max abs error %.3g", format, path, worst)
-    return ExportReport(path, format, (h, w), tuple(check_batches), worst)
+    smallest = (least or getattr(model, "min_input_size", None)) if dynamic_size else None
+    return ExportReport(path, format, (h, w), tuple(check_batches), worst, smallest)
 
 
 # ---------------------------------------------------------------------------------------------

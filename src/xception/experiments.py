@@ -52,7 +52,7 @@ import filelock
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -618,6 +618,7 @@ def run_experiments(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file: pass a folder for the runs and the report "
                          "(it is created if missing)")  # fmt: skip
+    check_output_file(out / "REPORT.md")  # a folder that cannot be made (/proc/x) or written
     for suite in suites:
         field_ = SUITE_FIELDS.get(suite)
         if field_ in scale.model:
@@ -814,9 +815,28 @@ def aggregate(store: Store, scale: Scale, data: dict) -> dict:
     return dict(scale=dataclasses.asdict(scale), data=data, seed_noise=pooled, suites=suites)
 
 
+def _warn_of_dropped_suites(path: Path, results: dict) -> None:
+    """The report covers the suites complete at this run's scale: a suite the folder's last
+    report held at another scale (other seeds, epochs, settings) drops out of it. Say which,
+    where it used to go unsaid; its runs stay in the store."""
+    try:
+        before = json.loads(path.read_text())
+        dropped = sorted(set(before["suites"]) - set(results["suites"]))
+    except (OSError, ValueError, KeyError, TypeError):  # no earlier report, or not ours
+        return
+    if dropped:
+        old = before.get("scale") or {}
+        scale = ", ".join(f"{k} {old[k]}" for k in ("name", "seeds", "epochs", "train_size")
+                          if k in old)  # fmt: skip
+        log.warning("%s: the report now leaves out %s, reported there before at another scale "
+                    "(%s); its runs are kept: rerun it at this scale, or use another --out for "
+                    "each scale", path.parent, ", ".join(dropped), scale)  # fmt: skip
+
+
 def write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
     """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md."""
     results = aggregate(store, scale, data)
+    _warn_of_dropped_suites(out / "results.json", results)
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
