@@ -505,3 +505,16 @@ def test_a_suite_dropped_from_the_report_is_named(tmp_path, caplog):
         _warn_of_dropped_suites(path, dict(suites=dict(residual={}, order={})))
         _warn_of_dropped_suites(tmp_path / "none.json", dict(suites={}))  # no earlier report
     assert caplog.text == ""
+
+
+def test_speeds_are_measured_with_glibc_keeping_freed_memory(monkeypatch):
+    """Speeds measured after CPU training ran with it, speeds measured again did not: the
+    two were compared in one report."""
+    import xception.experiments as experiments
+    from xception import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(experiments, "measure_speed", lambda *a, **k: 12.5)
+    speed = experiments._speed(torch.nn.Identity(), dict(size=8, in_chans=1), TINY)
+    assert speed["images_per_s"] == 12.5 and calls == [1]

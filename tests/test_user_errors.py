@@ -122,7 +122,7 @@ def test_an_os_error_is_one_line_too(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(C, "atomic_write", full)
     argv = ["eval", "--checkpoint", files / "tiny.safetensors", "--data", files / "four",
             "--json", tmp_path / "r.json"]  # fmt: skip
-    one_line_error(capsys, argv, "No space left on device")
+    one_line_error(capsys, argv, "No space left on device while writing the output: free space")
 
 
 def test_weights_of_another_architecture_are_one_line(files, capsys):

@@ -442,3 +442,16 @@ def test_inception_weights_follow_the_new_head_rule(tmp_path, caplog):
 def test_an_overflowing_width_is_refused_in_one_line():
     with pytest.raises(ValueError, match="more parameters than a tensor can hold.*lower width"):
         create_model("xception", width=1e9)
+
+
+def test_name_map_errors_name_the_file_and_the_fix():
+    """A Keras file with residual shortcuts loaded into a model without them said how many
+    shortcuts each had, but neither which file nor what to do."""
+    from xception.weights import load_into
+
+    conv = {"kernel": np.zeros((1, 1, 8, 8), dtype=np.float32)}
+    layers = {"conv2d": conv, "conv2d_1": conv}  # two unnamed shortcut convs, as Keras saves
+    model = create_model("xception-compact", num_classes=10, residual=False)
+    with pytest.raises(WeightsError, match=r"^k\.h5: the file has 2 unnamed shortcut convs .* "
+                       r"shortcuts \(none\): use the preset the file was saved from"):  # fmt: skip
+        load_into(model, layers, source="k.h5")

@@ -8,6 +8,7 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -948,7 +949,10 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except (UserError, ValueError, WeightsError, ImageError, OSError) as err:
         # OSError: files that cannot be read or written (permissions, a full disk, ...).
-        print(f"xception {args.command}: error: {err}", file=sys.stderr)
+        text = str(err)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC and not err.filename:
+            text += " while writing the output: free space, or choose another place"
+        print(f"xception {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"xception {args.command}: interrupted", file=sys.stderr)

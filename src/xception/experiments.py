@@ -571,9 +571,13 @@ def _build(variant: Variant, data: dict) -> nn.Module:
 
 
 def _speed(model: nn.Module, data: dict, scale: Scale) -> dict:
-    """A model's measured CPU inference speed and where it was measured."""
-    from . import deploy
+    """A model's measured CPU inference speed and where it was measured, always with glibc
+    keeping freed memory: speeds measured after CPU training ran with it (fit() sets it for
+    the process), those measured again (`remeasure_speed`) or after GPU training did not, and
+    the two were set side by side in one report."""
+    from . import deploy, runtime
 
+    runtime.keep_freed_memory()  # the process is the experiment's, as it is fit()'s
     ips = measure_speed(model, data["size"], data["in_chans"], batch=scale.speed_batch,
                         repeats=scale.speed_repeats)  # fmt: skip
     return dict(images_per_s=ips,

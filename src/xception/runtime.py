@@ -11,9 +11,9 @@ gradient, so it pays this on each step.
 `keep_freed_memory()` tells glibc to serve every block from its heap and never trim it, so
 freed memory is reused without faults. The cost is that the process keeps its peak memory
 until it exits. The training engine calls it for CPU runs (`TrainConfig.keep_freed_memory`),
-and so do `xception eval` and `xception predict`; `xception bench` does not (it compares models
-in the process as users get it), nor does any other library function: the process is the
-caller's.
+and so do `xception eval`, `xception predict` and the experiments' speed measurements;
+`xception bench` does not (it compares models in the process as users get it), nor does any
+other library function: the process is the caller's.
 
 `raise_malloc_thresholds()` is a mild form, within glibc's own rules, that `deploy.optimize`
 uses on the CPU: it keeps at most 64 MiB of free heap, where `keep_freed_memory()` keeps all.

@@ -258,7 +258,9 @@ def keras_to_state_dict(
     if len(unnamed_convs) != len(blocks) or len(unnamed_bns) != len(blocks):
         raise WeightsError(
             f"the file has {len(unnamed_convs)} unnamed shortcut convs and {len(unnamed_bns)} "
-            f"unnamed batch norms; the model has {len(blocks)} shortcuts ({', '.join(blocks)})"
+            f"unnamed batch norms; the model has {len(blocks)} shortcuts "
+            f"({', '.join(blocks) or 'none'}): use the preset the file was saved from (--model; "
+            "Keras' Xception is xception, with residual connections)"
         )
     for block, kernel, bn in zip(blocks, unnamed_convs, unnamed_bns, strict=True):
         sd[f"{block}.shortcut.conv.weight"] = kernel
@@ -365,7 +367,10 @@ def load_into(
     warning, leaving the model's fresh head, unless `require_head` is set (checked after the
     backbone, so a backbone that does not fit is what the error names). Returns the lists of
     skipped keys ('head') and of model keys the file did not provide ('missing_head')."""
-    sd = to_state_dict(weights, model)
+    try:
+        sd = to_state_dict(weights, model)
+    except WeightsError as err:  # the name maps' errors, with the file they are about
+        raise WeightsError(f"{source}: {err}") from None
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     head_prefixes = ("fc.",)
     skipped: dict[str, torch.Tensor] = {}
