@@ -867,9 +867,20 @@ class _Run:
         self.best: dict | None = None
         self._setup()
         cfg = self.cfg
+        refused = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._lock = C.lock_run_folder(self.out)
+            try:
+                self._lock = C.lock_run_folder(self.out)
+            except ValueError as err:
+                refused = err
+        # All ranks stop together: the others would wait in their next collective call.
+        if self.distributed and reduce_sums([float(refused is not None)], self.device)[0]:
+            refused = refused or ValueError(f"{self.out} is in use by another training run "
+                                            "(named on rank 0)")  # fmt: skip
+        if refused is not None:
+            raise refused
+        if self.rank == 0:
             self._write_outputs()
         self.tb = self._tensorboard() if self.rank == 0 and cfg.tensorboard else None
         done = self.partial.get("wall_s") or (self.history[-1]["wall_s"] if self.history else 0)
