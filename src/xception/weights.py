@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from .checkpoint import default_mode
+from .checkpoint import atomic_write, default_mode
 from .data import eval_transform
 
 log = logging.getLogger(__name__)
@@ -523,23 +523,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xception"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers see old or new, never
-    half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_mode())  # as open() would, not mkstemp's private 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _file_hashes(path: Path) -> tuple[str, str]:
     md5, sha256 = hashlib.md5(), hashlib.sha256()
     with open(path, "rb") as f:
@@ -559,7 +542,7 @@ def _write_sidecar(target: Path, w: Weights, md5: str, sha256: str, stat: os.sta
     (same size or not) no longer matches its record and is hashed again before use."""
     record = {"name": w.name, "url": url, "md5": md5, "sha256": sha256, "size": stat.st_size,
               "mtime_ns": stat.st_mtime_ns}  # fmt: skip
-    _atomic_write_bytes(_sidecar(target), json.dumps(record, indent=1).encode())
+    atomic_write(_sidecar(target), json.dumps(record, indent=1).encode())
 
 
 def _recorded(target: Path, w: Weights) -> bool:
@@ -838,7 +821,7 @@ def save_safetensors(model: nn.Module, path: str | Path, meta: Weights | None = 
     config = getattr(model, "config", None)
     metadata = safetensors_metadata(config.to_dict() if config is not None else None, meta)
     path = Path(path)
-    _atomic_write_bytes(path, save(sd, metadata=metadata))
+    atomic_write(path, save(sd, metadata=metadata))
     return path
 
 
