@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 DATA   ?=
+# Test processes: the suite keeps about one core busy on average, so two halve its time on 2 cores.
+TEST_WORKERS ?= 2
 export KERAS_BACKEND := torch
 
 .PHONY: setup test demo lint bench clean data
@@ -35,7 +37,7 @@ data:
 
 test: setup
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 demo: setup
 	$(BIN)/xception demo $(if $(DATA),--data $(DATA))
