@@ -2,6 +2,7 @@
 within 1e-4 at batch sizes other than the traced one; int8 stays within its stated bound; user
 errors are clear; `xception export` and the onnxruntime predict backend work end to end."""
 
+import re
 import sys
 import threading
 
@@ -554,6 +555,12 @@ def test_exported_program_with_a_dynamic_size_runs_at_other_sizes(tmp_path, caps
         x = torch.randn(2, 3, h, w)
         with torch.no_grad():
             assert (program(x) - model(x)).abs().max() < 1e-4
+    # Outside its shapes the program said only "Guard failed: x.size()[2] >= 17".
+    for bad in ((1, 3, 16, 40), (1, 1, 32, 32), (3, 32, 32)):
+        with pytest.raises(ValueError, match=re.escape(
+                f"d.pt2 takes input of batch 1 to 4096, channels 3, height 17 or more, width 17 "
+                f"or more, got a tensor of shape {list(bad)}: give input of that shape")):  # fmt: skip
+            program(torch.randn(*bad))
     with pytest.raises(ValueError, match=r"traced at 17x17 pixels or more"):
         deploy.export(model, tmp_path / "e.pt2", "exported-program", input_size=16,
                       dynamic_size=True)  # fmt: skip

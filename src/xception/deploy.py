@@ -798,6 +798,54 @@ def _export_program(
     torch.export.save(program, str(path))
 
 
+class _ProgramInputCheck:
+    """A forward pre-hook on an exported program's module checking the input against the shapes
+    the program was exported for. Outside them the program failed with torch's bare guard, such
+    as "AssertionError: Guard failed: x.size()[2] >= 17"; this names the shapes and the fix.
+    A hook, so that the caller still gets the program's own GraphModule."""
+
+    _DIMS = ("batch", "channels", "height", "width")
+
+    def __init__(self, program: torch.export.ExportedProgram, name: str):
+        self.name = name
+        first = program.graph_signature.user_inputs[0]
+        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == first)
+        self.ranges: list[tuple[int, int | None]] = []
+        for dim in node.meta["val"].shape:
+            if isinstance(dim, torch.SymInt):
+                import sympy  # torch's own dependency; its unbounded end is no sympy.Integer
+
+                bounds = program.range_constraints[dim.node.expr]
+                upper = int(bounds.upper) if isinstance(bounds.upper, sympy.Integer) else None
+                self.ranges.append((int(bounds.lower), upper))
+            else:
+                self.ranges.append((int(dim), int(dim)))
+
+    def _takes(self) -> str:
+        def one(name: str, lo: int, hi: int | None) -> str:
+            if lo == hi:
+                return f"{name} {lo}"
+            return f"{name} {lo} or more" if hi is None else f"{name} {lo} to {hi}"
+
+        names = self._DIMS if len(self.ranges) == 4 else [f"dim {i}" for i in range(99)]
+        return ", ".join(one(n, lo, hi) for n, (lo, hi) in zip(names, self.ranges, strict=False))
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            return  # keyword or odd calls: the program's own checks apply
+        fits = x.dim() == len(self.ranges) and all(
+            lo <= size and (hi is None or size <= hi)
+            for size, (lo, hi) in zip(x.shape, self.ranges, strict=True)
+        )
+        if not fits:
+            raise ValueError(
+                f"{self.name} takes input of {self._takes()}, got a tensor of shape "
+                f"{list(x.shape)}: give input of that shape, or export again at the images' "
+                "size (xception export --size N, or --dynamic-size)"
+            )
+
+
 def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable running an exported model on a tensor (ONNX through ONNX Runtime)."""
     path = Path(path)
@@ -810,10 +858,13 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
     try:
         if fmt == "torchscript":
             return torch.jit.load(str(path)).eval()
-        return torch.export.load(str(path)).module()
+        program = torch.export.load(str(path))
     except Exception as err:  # a zip, pickle or format error, whichever the loader met first
         raise ValueError(f"{path}: not a {fmt} file ({_first_line(err)}): give a file written "
                          f"by `xception export --format {fmt}`") from err  # fmt: skip
+    module = program.module()
+    module.register_forward_pre_hook(_ProgramInputCheck(program, path.name))
+    return module
 
 
 def export(
