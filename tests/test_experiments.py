@@ -272,6 +272,16 @@ def test_tiny_suites_end_to_end_then_reused(tmp_path, monkeypatch):
     fourth = run_experiments(["residual"], out, TINY)
     assert (fourth["trained"], fourth["reused"]) == (1, 3)
 
+    # A suite no longer complete drops out of the report, and so do its plots, which showed
+    # runs no report refers to any more (they stayed, looking current).
+    two = [p for p in out.glob("runs/*.json")
+           if json.loads(p.read_text())["config"]["model_config"]["segments"] == 2]  # fmt: skip
+    two[0].unlink()
+    fifth = run_experiments(["residual"], out, TINY)
+    assert fifth["trained"] == 0 and sorted(fifth["suites"]) == ["residual"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["residual.png"]
+    assert "segments" not in (out / "REPORT.md").read_text()
+
 
 def test_cli_experiment_rejects_bad_values(capsys, tmp_path):
     from xception.cli import main
@@ -490,20 +500,22 @@ def test_vs_inception_baseline_gets_the_settings_both_models_have():
 def test_a_suite_dropped_from_the_report_is_named(tmp_path, caplog):
     """The report covers the suites complete at the run's scale: a second run at another scale
     rewrote it without the others, and said nothing."""
-    from xception.experiments import _warn_of_dropped_suites
+    from xception.experiments import _dropped_suites
 
     path = tmp_path / "results.json"
     before = dict(scale=dict(name="quick", seeds=2, epochs=1, train_size=64),
-                  suites=dict(residual={}, order={}))  # fmt: skip
+                  suites=dict(residual={}, order={}, segments={}))  # fmt: skip
     path.write_text(json.dumps(before))
     with caplog.at_level("WARNING"):
-        _warn_of_dropped_suites(path, dict(suites=dict(residual={})))
-    assert ("the report now leaves out order, reported there before at another scale (name "
-            "quick, seeds 2, epochs 1, train_size 64)") in caplog.text  # fmt: skip
+        stale = _dropped_suites(path, dict(suites=dict(residual={})))
+    assert ("the report now leaves out order, segments, reported there before (name quick, "
+            "seeds 2, epochs 1, train_size 64) but not complete at this run's scale; their plots "
+            "are removed and their runs kept") in caplog.text  # fmt: skip
+    assert sorted(stale) == ["order.png", "segments-spectrum.png", "segments.png"]
     caplog.clear()
     with caplog.at_level("WARNING"):
-        _warn_of_dropped_suites(path, dict(suites=dict(residual={}, order={})))
-        _warn_of_dropped_suites(tmp_path / "none.json", dict(suites={}))  # no earlier report
+        assert _dropped_suites(path, dict(suites=dict(residual={}, order={}, segments={}))) == []
+        assert _dropped_suites(tmp_path / "none.json", dict(suites={})) == []  # no report
     assert caplog.text == ""
 
 

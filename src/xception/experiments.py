@@ -819,28 +819,40 @@ def aggregate(store: Store, scale: Scale, data: dict) -> dict:
     return dict(scale=dataclasses.asdict(scale), data=data, seed_noise=pooled, suites=suites)
 
 
-def _warn_of_dropped_suites(path: Path, results: dict) -> None:
+def _plot_names(suites) -> dict[str, str]:
+    """The plot files `write_outputs` draws for these suites, by key."""
+    names = {suite: f"{suite}.png" for suite in suites}
+    if "segments" in names:
+        names["spectrum"] = "segments-spectrum.png"
+    return names
+
+
+def _dropped_suites(path: Path, results: dict) -> list[str]:
     """The report covers the suites complete at this run's scale: a suite the folder's last
-    report held at another scale (other seeds, epochs, settings) drops out of it. Say which,
-    where it used to go unsaid; its runs stay in the store."""
+    report held (at another scale: other seeds, epochs, settings; or with runs since removed)
+    drops out of it. Say which, where it used to go unsaid; its runs stay in the store.
+    Returns the file names of the plots drawn for them, which no report shows any more."""
     try:
         before = json.loads(path.read_text())
         dropped = sorted(set(before["suites"]) - set(results["suites"]))
     except (OSError, ValueError, KeyError, TypeError):  # no earlier report, or not ours
-        return
-    if dropped:
-        old = before.get("scale") or {}
-        scale = ", ".join(f"{k} {old[k]}" for k in ("name", "seeds", "epochs", "train_size")
-                          if k in old)  # fmt: skip
-        log.warning("%s: the report now leaves out %s, reported there before at another scale "
-                    "(%s); its runs are kept: rerun it at this scale, or use another --out for "
-                    "each scale", path.parent, ", ".join(dropped), scale)  # fmt: skip
+        return []
+    if not dropped:
+        return []
+    old = before.get("scale") or {}
+    scale = ", ".join(f"{k} {old[k]}" for k in ("name", "seeds", "epochs", "train_size")
+                      if k in old)  # fmt: skip
+    log.warning("%s: the report now leaves out %s, reported there before (%s) but not complete "
+                "at this run's scale; their plots are removed and their runs kept: rerun them "
+                "at this scale, or use another --out for each scale", path.parent,
+                ", ".join(dropped), scale)  # fmt: skip
+    return list(_plot_names(dropped).values())
 
 
 def write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
     """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md."""
     results = aggregate(store, scale, data)
-    _warn_of_dropped_suites(out / "results.json", results)
+    stale = _dropped_suites(out / "results.json", results)
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -854,16 +866,16 @@ def write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
                              row["params"], row["macs"], f"{row['images_per_s']:.1f}",
                              f"{row['train_seconds']:.1f}"])  # fmt: skip
     atomic_write(out / "results.csv", buf.getvalue().encode())
-    plots = {}
+    plots = _plot_names(results["suites"])
     for suite, res in results["suites"].items():
-        plots[suite] = f"{suite}.png"
         _plot_curves(out / plots[suite], suite, res, scale, data["title"])
-    if "segments" in results["suites"]:
-        plots["spectrum"] = "segments-spectrum.png"
+    if "spectrum" in plots:
         _plot_spectrum(out / plots["spectrum"], results["suites"]["segments"], scale,
                        data["title"])  # fmt: skip
     results["plots"] = plots
     atomic_write(out / "REPORT.md", render_report(results).encode())
+    for name in set(stale) - set(plots.values()):  # drawn at another scale, shown nowhere now
+        (out / name).unlink(missing_ok=True)
     return results
 
 
