@@ -249,6 +249,34 @@ def test_ddp_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, to
 
 
 @pytest.mark.slow
+def test_ddp_ranks_all_stop_when_the_run_folder_is_in_use(tmp_path, toy):
+    """Only rank 0 takes the run folder's lock: the other ranks used to go on to their next
+    collective call and wait there for its timeout (30 minutes) after rank 0 was refused."""
+    import xception.checkpoint as C
+
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, batch_size=32, train_subset=64)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    lock = C.lock_run_folder(busy)
+    try:
+        ddp = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", "-m", "xception.cli", "train", "--recipe", str(recipe), "--out", str(busy)],
+            capture_output=True, text=True, timeout=150,
+        )  # fmt: skip
+    finally:
+        lock.close()
+    assert ddp.returncode != 0
+    refusal = f"{busy} is in use by another training run (process {os.getpid()})"
+    assert ddp.stderr.count(refusal) == 1, ddp.stderr[-3000:]  # named by rank 0
+    assert ddp.stderr.count(f"{busy} is in use by another training run (named on rank 0)") == 1
+    # Both ranks stop with the CLI's usage-error status, neither by the collective's timeout.
+    assert re.findall(r"exitcode\s*: (\d+) \(pid", ddp.stderr) == ["2", "2"], ddp.stderr[-3000:]
+    assert "Traceback" not in ddp.stderr.split("failed (exitcode")[0]  # torchrun's own follows
+    assert sorted(p.name for p in busy.iterdir()) == [".lock"]  # nothing written
+
+
+@pytest.mark.slow
 def test_ddp_resume_from_mid_epoch_reports_the_uninterrupted_metrics(tmp_path, toy):
     """The epoch's running sums in a checkpoint are all ranks' (rank 0 used to save its own, and
     every rank restored them): the resumed epoch's train loss is the uninterrupted one's."""
