@@ -273,3 +273,56 @@ def test_a_model_larger_than_the_machine_is_refused_before_it_takes_memory(monke
     # Models built on the meta device (as the count itself does) are not checked.
     with torch.device("meta"):
         assert Xception(XceptionConfig(width=50.0)).fc.weight.is_meta
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("stem_stride", 2.0), ("stem_stride", 1.0), ("output_stride", 16.0), ("segments", [4]),
+     ("segments", {}), ("segments", 0), ("segments", "Depthwise"), ("segments", True)],
+)  # fmt: skip
+def test_float_strides_and_bad_segments_are_refused_by_the_config(field, value):
+    """stem_stride=2.0 passed `in (1, 2)` and failed in conv2d's forward with a TypeError;
+    segments=[4] (YAML's list) failed as an unhashable config inside the memory check."""
+    with pytest.raises(ValueError, match=f"{field}=.* is not valid"):
+        XceptionConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"{field}=.* is not valid"):
+        Xception(width=0.125, middle_blocks=1, **{field: value})
+
+
+def test_grey_batch_without_its_channel_axis_is_told_to_add_it():
+    model = Xception(width=0.125, middle_blocks=1, in_chans=1, stem_stride=1, stem_padding="same")
+    with pytest.raises(ValueError, match=r"got \(8, 28, 28\): add the channel dimension, "
+                       r"x\.unsqueeze\(1\)"):  # fmt: skip
+        model(torch.zeros(8, 28, 28))
+
+
+def test_count_macs_feeds_the_models_own_channel_count():
+    grey = Xception(width=0.125, middle_blocks=1, in_chans=1, num_classes=3)
+    rgb = Xception(width=0.125, middle_blocks=1, num_classes=3)
+    assert count_macs(grey, (32, 32)) == count_macs(grey, (32, 32), 1)
+    assert count_macs(rgb, (32, 32)) - count_macs(grey, (32, 32)) == 15 * 15 * 8 * 9 * 2
+    assert count_macs(InceptionV3Compact(width=0.125, in_chans=1), (16, 16)) > 0
+
+
+def test_reset_classifier_on_a_model_without_pooling_says_to_pass_pooling():
+    model = Xception(width=0.125, middle_blocks=1, num_classes=0, pooling=None)
+    with pytest.raises(ValueError, match=r"reset_classifier\(10\): .*pooling='avg'"):
+        model.reset_classifier(10)
+    assert model.config.pooling is None and model.fc is None  # left as it was
+    model.reset_classifier(10, pooling="avg")
+    assert model.eval()(torch.randn(1, 3, 40, 40)).shape == (1, 10)
+
+
+def test_models_rebuild_from_a_config_dict_as_checkpoints_store_it():
+    import json
+
+    cfg = XceptionConfig(width=0.125, middle_blocks=1, fc_layers=(16,), num_classes=4)
+    saved = json.loads(json.dumps(cfg.to_dict()))  # lists, as JSON/YAML give them back
+    model = Xception(saved)
+    assert model.config == cfg
+    assert Xception(saved, num_classes=2).config == cfg.replace(num_classes=2)
+    model.load_state_dict(Xception(cfg).state_dict())
+    icfg = InceptionConfig(width=0.125, blocks=(1, 1, 1))
+    assert InceptionV3Compact(json.loads(json.dumps(icfg.to_dict()))).config == icfg
+    with pytest.raises(TypeError, match=r"config must be XceptionConfig\(\.\.\.\) or a dict"):
+        Xception(icfg)

@@ -57,3 +57,34 @@ def test_inception_v3_baseline_behind_the_same_factory():
         assert model(torch.randn(1, 3, 299, 299)).shape == (1, 10)
     with pytest.raises(ValueError, match="inception-v3 accepts only"):
         create_model("inception-v3", residual=False)
+
+
+def test_inception_v3_without_classes_returns_pooled_features():
+    """num_classes=0 built torchvision's Linear(2048, 0): every output row was empty."""
+    model = create_model("inception-v3", num_classes=0).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 75, 75)).shape == (2, 2048)
+    assert model.fc.out_features == 0  # what predict and the CLI read the class count from
+    assert not any(k.startswith("fc.") for k in model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [(dict(num_classes=-1), "num_classes=-1 is not valid"),
+     (dict(num_classes=True), "num_classes=True is not valid"),
+     (dict(drop_rate=1.0), r"drop_rate=1.0 is not valid: use a probability in \[0, 1\)"),
+     (dict(drop_rate="half"), "drop_rate='half' is not valid")],
+)  # fmt: skip
+def test_inception_v3_bad_values_are_named_before_torchvision_sees_them(kw, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("inception-v3", **kw)
+
+
+def test_timm_pretrained_flag_says_to_use_weights():
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) pretrained .* pass weights='imagenet'"
+    ):
+        create_model("xception", pretrained=True)
+    for name in ("inception-v3", "inception-v3-compact", "xception-compact"):
+        with pytest.raises(ValueError, match=f"pass weights= a weights file for {name}"):
+            create_model(name, pretrained=True)

@@ -198,9 +198,7 @@ class InceptionV3Compact(BlockNet):
 
     def __init__(self, config: InceptionConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = config or InceptionConfig()
-        if overrides:
-            cfg = cfg.replace(**overrides)
+        cfg = InceptionConfig.of(config, overrides)
         check_fits_in_memory(InceptionV3Compact, cfg)
         self.config = cfg
         self.min_input_size = 1

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -108,6 +109,19 @@ class ModelConfig:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def of(cls, config, overrides: dict):
+        """`config` (an instance, a dict of its fields as `to_dict` and checkpoints give it, or
+        None for the defaults) with `overrides` applied."""
+        if isinstance(config, Mapping):
+            config = cls(**config)
+        elif config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(f"config must be {cls.__name__}(...) or a dict of its fields, "
+                            f"got {type(config).__name__}")  # fmt: skip
+        return config.replace(**overrides) if overrides else config
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -160,7 +174,8 @@ class XceptionConfig(ModelConfig):
             raise bad("order", f"use one of {ORDERS}")
         if not isinstance(self.middle_blocks, int) or self.middle_blocks < 0:
             raise bad("middle_blocks", "use a non-negative integer (the paper uses 8)")
-        if self.stem_stride not in (1, 2):
+        # `in` takes 2.0 for 2: a float stride then failed in the first conv's forward.
+        if not isinstance(self.stem_stride, int) or self.stem_stride not in (1, 2):
             raise bad("stem_stride", "use 2 (the paper) or 1 (small images)")
         if self.stem_padding not in ("valid", "same"):
             raise bad("stem_padding", "use 'valid' (the paper) or 'same'")
@@ -170,8 +185,15 @@ class XceptionConfig(ModelConfig):
             raise bad("pooling", "use 'avg', 'max' or None")
         if self.pooling is None and (self.num_classes or self.fc_layers):
             raise bad("pooling", "None returns feature maps: set num_classes=0 and fc_layers=()")
-        if self.output_stride not in (8, 16, 32):
+        if not isinstance(self.output_stride, int) or self.output_stride not in (8, 16, 32):
             raise bad("output_stride", "use 32, 16 or 8")
+        # Checked here, not only where a block is built: a list (YAML's [1, 2]) failed as an
+        # unhashable config in the memory check, and model_config() returned it unchecked.
+        seg = self.segments
+        if not (seg == "depthwise" if isinstance(seg, str)
+                else isinstance(seg, int) and not isinstance(seg, bool) and seg >= 1):  # fmt: skip
+            raise bad("segments", "use a positive integer (1 = regular conv) or 'depthwise' "
+                      "(one segment per channel)")  # fmt: skip
         if any(not isinstance(c, int) or c < 1 for c in self.fc_layers):
             raise bad("fc_layers", "use a tuple of positive widths, e.g. (4096, 4096)")
         for name, n in (("stem_channels", 2), ("entry_channels", 3), ("head_channels", 2)):
@@ -350,6 +372,8 @@ class BlockNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != c:
             if x.ndim == 3 and x.shape[0] == c:
                 fix = "add the batch dimension, x.unsqueeze(0)"
+            elif x.ndim == 3 and c == 1:  # a batch of grey images without their channel axis
+                fix = "add the channel dimension, x.unsqueeze(1)"
             elif x.ndim == 4 and x.shape[-1] == c:
                 fix = "that looks channels-last (N, H, W, C): x.permute(0, 3, 1, 2)"
             else:
@@ -409,9 +433,7 @@ class Xception(BlockNet):
 
     def __init__(self, config: XceptionConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = config or XceptionConfig()
-        if overrides:
-            cfg = cfg.replace(**overrides)
+        cfg = XceptionConfig.of(config, overrides)
         check_fits_in_memory(Xception, cfg, repeats="middle_blocks")
         self.config = cfg
         self.min_input_size = min_input_size(cfg)
@@ -508,14 +530,24 @@ class Xception(BlockNet):
 
     def reset_classifier(self, num_classes: int, pooling: str | None = "keep") -> None:
         """A fresh classifier for `num_classes` classes (0 = none); hidden FC layers are kept."""
-        pooling = self.config.pooling if pooling == "keep" else pooling
+        if pooling == "keep":
+            pooling = self.config.pooling
+            # The config's own message would say num_classes=0, not how to get a classifier.
+            if pooling is None and isinstance(num_classes, int) and num_classes > 0:
+                raise ValueError(
+                    f"reset_classifier({num_classes}): this model has no global pooling "
+                    "(pooling=None): pass pooling='avg' (or 'max') for a classifier"
+                )
         self.config = self.config.replace(num_classes=num_classes, pooling=pooling)
         self.global_pool = self._make_pool(pooling)
         self._new_classifier(self.head_features, num_classes)
 
 
-def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> int:
-    """Multiply-accumulates of one forward pass on one image, counted over convs and Linears."""
+def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int | None = None) -> int:
+    """Multiply-accumulates of one forward pass on one image, counted over convs and Linears.
+    `in_chans` defaults to the model's own (`config.in_chans`; 3 for a model without config)."""
+    if in_chans is None:
+        in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     total = 0
 
     def conv_hook(m: nn.Conv2d, _inp, out: torch.Tensor) -> None:

@@ -86,9 +86,18 @@ def _check_fields(name: str, config_class: type, overrides: dict) -> set[str]:
     if unknown:
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for {name}: valid options are "
-            f"{', '.join(sorted(fields))}"
+            f"{', '.join(sorted(fields))}{_pretrained_hint(name, unknown)}"
         )
     return fields
+
+
+def _pretrained_hint(name: str, unknown) -> str:
+    """timm's `pretrained=True` is our `weights=`, which is not a config field: say so."""
+    if "pretrained" not in unknown:
+        return ""
+    if name == "xception":  # the only preset with official (Keras ImageNet) weights
+        return "; for pretrained weights pass weights='imagenet' (or a weights file) instead"
+    return f"; for pretrained weights pass weights= a weights file for {name} instead"
 
 
 def model_config(name: str, **overrides) -> XceptionConfig:
@@ -105,16 +114,38 @@ def model_config(name: str, **overrides) -> XceptionConfig:
 def _inception_v3(num_classes: int, **overrides) -> nn.Module:
     from torchvision.models import inception_v3
 
-    allowed = {"drop_rate": "dropout"}
-    unknown = sorted(set(overrides) - set(allowed) - {"in_chans"})
+    unknown = sorted(set(overrides) - {"drop_rate", "in_chans"})
     if unknown or overrides.get("in_chans", 3) != 3:
         raise ValueError(
             f"inception-v3 accepts only num_classes and drop_rate (got {', '.join(unknown) or 'in_chans'})"
+            + _pretrained_hint("inception-v3", unknown)
         )
-    kw = {allowed[k]: v for k, v in overrides.items() if k in allowed}
-    return inception_v3(
-        weights=None, aux_logits=False, init_weights=True, num_classes=num_classes, **kw
+    # Checked as XceptionConfig checks them: torchvision took -1 or True for num_classes deep
+    # inside nn.Linear, and drop_rate=1.0 (every feature dropped) silently.
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes={num_classes!r} is not valid: use a non-negative integer "
+                         "(0 = no classifier)")  # fmt: skip
+    drop = overrides.get("drop_rate", 0.5)  # torchvision's default
+    try:  # YAML 1.1 reads 1e-1 as text, as XceptionConfig knows
+        drop = float(drop) if isinstance(drop, str) else drop
+    except ValueError:
+        pass
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 1:
+        raise ValueError(f"drop_rate={drop!r} is not valid: use a probability in [0, 1)")
+    kw = {"dropout": drop}
+    model = inception_v3(
+        weights=None, aux_logits=False, init_weights=True, num_classes=max(num_classes, 1), **kw
     )
+    if num_classes == 0:  # pooled features out, as Xception's num_classes=0 gives
+        model.fc = _NoClassifier()
+    return model
+
+
+class _NoClassifier(nn.Identity):
+    """torchvision Inception V3's `fc` for num_classes=0 (its Linear(2048, 0) returned empty
+    rows); `out_features` 0 tells code reading the class count from `fc` that there are none."""
+
+    out_features = 0
 
 
 def _inception_v3_compact(num_classes: int, opened, new_head: bool = False,
@@ -171,7 +202,7 @@ def _load_state(model: nn.Module, opened, name: str, new_head: bool = False) -> 
     if new_head and heads[0] != heads[1]:
         data = {k: v for k, v in data.items() if not k.startswith("fc.")}
         own = {k: v for k, v in own.items() if not k.startswith("fc.")}
-        classes = model.fc.out_features if model.fc is not None else 0
+        classes = getattr(model.fc, "out_features", 0)  # None or no classifier: 0
         if classes:
             log.warning("%s: classifier not loaded (its class count differs); the model keeps "
                         "a freshly initialised head for %d classes", opened.source, classes)  # fmt: skip
