@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 
 from xception.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_MEAN_STD,
     DataError,
     load_idx,
     make_datasets,
@@ -235,3 +238,86 @@ def test_augment_settings_apply_to_every_kind_of_data_or_are_refused(tmp_path):
     idx = make_idx_dataset(tmp_path / "toy")
     with pytest.raises(DataError, match="augment='imagenet' .* IDX images take augment='small'"):
         make_datasets(idx, image_size=16, augment="imagenet")
+
+
+def test_a_damaged_gzip_is_named_and_an_unpacked_one_is_read_whatever_its_name(tmp_path):
+    from xception.data import idx_count
+
+    root = make_idx_dataset(tmp_path / "toy")
+    labels = root / "train-labels-idx1-ubyte.gz"
+    good = labels.read_bytes()
+    # A gzip header, then a deflate block of the invalid type 3: zlib.error, no OSError.
+    labels.write_bytes(good[:10] + b"\x07" + b"\0" * 16)
+    for read in (lambda: read_idx(labels), lambda: idx_count(root, "train")):
+        with pytest.raises(DataError, match="damaged gzip file.*download it again"):
+            read()
+    # What a browser saves when it unpacks a download and keeps the name.
+    labels.write_bytes(gzip.decompress(good))
+    assert len(read_idx(labels)) == idx_count(root, "train") == 256
+
+
+def test_a_folder_of_the_test_split_alone_is_idx_data(tmp_path):
+    root = make_idx_dataset(tmp_path / "toy")
+    for f in root.glob("train-*"):
+        f.unlink()
+    assert len(make_eval_dataset(root, image_size=16)) == 64  # was 'no class folders'
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz not found"):
+        make_datasets(root, image_size=16)
+
+
+def test_idx_data_with_more_than_ten_classes_gets_a_class_per_label(tmp_path):
+    """EMNIST and other IDX data: the labels say how many classes there are (it was refused as
+    'damaged'); the test split takes the training split's classes."""
+    root = make_idx_dataset(tmp_path / "toy")
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.arange(256) % 20)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.arange(64) % 7)
+    train, val = make_datasets(root, image_size=16)
+    assert train.classes == val.classes == tuple(str(k) for k in range(20))
+    assert load_idx(root, "test").classes == tuple(str(k) for k in range(10))  # digits, as before
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+def test_zalandos_idx_files_keep_their_class_names_in_a_folder_of_any_name(tmp_path):
+    """Fashion-MNIST in a folder whose name does not say 'fashion' (`make demo DATA=./data`) was
+    labelled as digits, with MNIST's normalisation."""
+    assert "fashion" not in str(tmp_path).lower()
+    for f in FASHION_MNIST_DIR.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    test = load_idx(tmp_path, "test")
+    assert test.classes == FASHION_MNIST_CLASSES
+    assert test.mean.flatten().tolist() == pytest.approx([FASHION_MNIST_MEAN_STD[0][0] * 255])
+
+
+def test_a_held_out_split_always_leaves_something_to_train_on(tmp_path):
+    _image_folder(tmp_path / "one", classes=("cat",), per_class=1)
+    with pytest.raises(DataError, match="1 sample.* would leave nothing to train on"):
+        make_datasets(tmp_path / "one", image_size=16)  # was an empty training set
+    _image_folder(tmp_path / "few", per_class=2)
+    with pytest.raises(DataError, match="4 sample.* val_fraction=0.9 would leave nothing"):
+        make_datasets(tmp_path / "few", image_size=16, val_fraction=0.9)
+
+
+def test_hidden_files_in_class_folders_are_not_images(tmp_path, caplog):
+    root = _image_folder(tmp_path / "d")
+    for name in ("cat", "dog"):  # macOS's '._' metadata twins, and a hidden folder
+        for i in range(3):
+            (root / name / f"._{i}.png").write_bytes(b"\0\5\x16\7" + b"\0" * 60)
+    (root / "cat" / ".thumbs").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "cat" / ".thumbs" / "0.png")
+    with caplog.at_level(logging.WARNING):
+        samples, _ = scan_folder(root)
+    assert len(samples) == 6 and "unreadable" not in caplog.text
+
+
+def test_a_transparent_colour_is_composited_on_white_like_an_alpha_channel(tmp_path):
+    """A grey or RGB PNG with a tRNS colour (what PNG optimisers make of on/off alpha) showed
+    its transparent pixels in their stored colour, black here, instead of white."""
+    from xception.data import load_image
+
+    for mode, black in (("RGB", (0, 0, 0)), ("L", 0)):
+        im = Image.new(mode, (8, 8), black)
+        im.paste((200, 0, 0) if mode == "RGB" else 200, (4, 0, 8, 8))
+        im.save(tmp_path / f"{mode}.png", transparency=black)
+        rgb = np.asarray(load_image(tmp_path / f"{mode}.png"))
+        assert rgb[0, 0].tolist() == [255, 255, 255]
+        assert rgb[0, 7].tolist() == ([200, 0, 0] if mode == "RGB" else [200] * 3)

@@ -247,3 +247,56 @@ def test_eval_of_a_grey_model_on_image_files_and_of_an_empty_split(tmp_path):
     (lists / "train.csv").write_text("path,labels\n")
     with pytest.raises(ValueError, match="has train.csv but no val.csv: pass --data"):
         evaluate_file(tmp_path / "w.safetensors", lists, model="xception-compact")
+
+
+def test_multilabel_precision_at_1_does_not_take_a_nan_score_for_the_best():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :3]
+
+    class Data(torch.utils.data.Dataset):
+        multilabel = True
+        scores = torch.tensor([[float("nan"), 0.1, 0.2], [0.3, 0.3, 0.1]])
+        labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.scores[i].view(3, 1, 1), self.labels[i]
+
+        collate = staticmethod(torch.utils.data.default_collate)
+
+    out = evaluate_model(Fixed(), Data(), multilabel=True)
+    # argmax took the NaN for the top class (a hit); the tie at the top is half a hit.
+    assert out["top1"] == pytest.approx((0 + 50) / 2)
+
+
+def test_eval_of_a_diverged_model_is_valid_json(tmp_path, caplog):
+    model = create_model("xception-compact", num_classes=3).eval()
+    with torch.no_grad():  # finite weights whose outputs overflow: inf logits, a NaN loss
+        model.fc.weight.fill_(3e38)
+        model.fc.bias.fill_(3.4e38)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=1, size=28)
+    result = evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")
+    json.dumps(result, allow_nan=False)  # was a bare NaN, which JSON readers (jq) refuse
+    assert result["loss"] is None and "not finite (loss)" in caplog.text
+
+
+def test_a_plain_weights_file_of_a_full_size_preset_is_evaluated_at_299_px(tmp_path, monkeypatch):
+    """Only the compact presets are 28 px models: the paper's ablations (nonresidual, mid-relu,
+    fc, ...) were evaluated at 28 px, where Xception's 32x downsampling leaves nothing."""
+    from xception import zoo
+
+    real = zoo.create_model
+    small = dict(width=0.125, middle_blocks=1, fc_layers=())  # the layout, not the size, is tested
+    monkeypatch.setattr(zoo, "create_model", lambda name, **kw: real(name, **small, **kw))
+    from xception.evaluate import load_for_eval
+
+    for name in ("xception-nonresidual", "xception-compact-nonresidual"):
+        save_file(
+            zoo.create_model(name, num_classes=3).state_dict(), str(tmp_path / "w.safetensors")
+        )
+        _, info = load_for_eval(tmp_path / "w.safetensors", model=name)
+        assert info["image_size"] == (28 if "compact" in name else 299)

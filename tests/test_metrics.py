@@ -94,3 +94,44 @@ def test_topk_rejects_ks_that_are_not_positive_integers(ks):
 
 def test_topk_on_an_empty_batch_counts_nothing():
     assert topk_correct(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)) == {1: 0, 5: 0}
+
+
+def test_topk_and_map_never_rank_nan_above_a_number():
+    """torch.topk ranks NaN first: a diverged output counted as a hit, and a NaN score on a
+    relevant label as a perfect AP."""
+    nan = float("nan")
+    logits = torch.tensor([[nan, 1.0, 2.0, 3.0], [0.5, nan, 0.1, 0.2]])
+    assert topk_correct(logits, torch.tensor([0, 1]), (1, 3, 4)) == {1: 0, 3: 0, 4: 2}
+    ap = average_precision_at_k(logits, torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0]]), 100)
+    assert ap.tolist() == pytest.approx([1 / 4, 1 / 4])  # ranked last of 4
+
+
+def test_ties_score_their_expectation_whatever_the_device_or_class_order():
+    """A tie is scored as the mean over its orders: a model that gives every class the same
+    score is at chance, not at whatever order topk happened to return (which differs between
+    CPU and GPU, and favoured some classes over others)."""
+    flat = torch.zeros(4, 4)
+    assert topk_correct(flat, torch.arange(4), (1, 2, 4)) == {1: 1.0, 2: 2.0, 4: 4.0}
+    # Target tied with one other class for 2nd place: in the top 2 half the time.
+    assert topk_correct(torch.tensor([[3.0, 1.0, 1.0, 0.0]]), torch.tensor([2]), (1, 2, 3)) == {
+        1: 0.0, 2: 0.5, 3: 1.0
+    }  # fmt: skip
+    # AP over the 24 orders of 4 tied classes, one relevant: mean of 1, 1/2, 1/3, 1/4.
+    one = torch.tensor([[0, 0, 0, 1], [1, 0, 0, 0]])
+    ap = average_precision_at_k(flat[:2], one, 100)
+    assert ap.tolist() == pytest.approx([(1 + 1 / 2 + 1 / 3 + 1 / 4) / 4] * 2)
+    # Two relevant in a tie of 3 after one relevant class: orders (r r n), (r n r), (n r r).
+    scores = torch.tensor([[5.0, 1.0, 1.0, 1.0]])
+    target = torch.tensor([[1, 1, 0, 1]])
+    by_order = [(1 + 2 / 2 + 3 / 3) / 3, (1 + 2 / 2 + 3 / 4) / 3, (1 + 2 / 3 + 3 / 4) / 3]
+    assert average_precision_at_k(scores, target, 100).item() == pytest.approx(sum(by_order) / 3)
+    assert average_precision_at_k(scores.flip(1), target.flip(1), 100).item() == pytest.approx(
+        sum(by_order) / 3
+    )
+
+
+def test_topk_refuses_class_indices_the_logits_do_not_have():
+    with pytest.raises(ValueError, match="class indices go from 0 to 7, but the logits have 5"):
+        topk_correct(torch.randn(2, 5), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="class indices go from -1"):
+        topk_correct(torch.randn(2, 5), torch.tensor([-1, 2]))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import logging
 import math
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +87,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         else:
             top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
+    if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        # A palette's transparent entries, or a grey/RGB PNG's transparent colour (tRNS: what
+        # PNG optimisers turn an RGBA image with on/off alpha into): on white, like RGBA.
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
         im = im.convert("RGBA")
@@ -201,15 +205,36 @@ def sample_keys(seed: int, epoch: int, indices) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _idx_error(path: Path, err: Exception) -> DataError:
+    if isinstance(err, EOFError | zlib.error | gzip.BadGzipFile):
+        return DataError(f"{path}: damaged gzip file, it cannot be decompressed ({err}); "
+                         "download it again")  # fmt: skip
+    return DataError(f"{path}: not a readable IDX file ({err})")
+
+
+def open_idx(path: Path):
+    """An IDX file opened for reading its bytes, through gzip if its first bytes say so (not
+    its name: a browser may have unpacked a download and kept its '.gz')."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == GZIP_MAGIC
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (the MNIST format), plain or gzipped, as a numpy array of its stored type."""
+    """An IDX file (the MNIST format), plain or gzipped, as a numpy array of its stored type.
+
+    Gzip is told by the file's first bytes, not its name: a browser may have unpacked a
+    download and kept its '.gz'."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: not a readable IDX file ({err})") from None
+        raw = path.read_bytes()
+        if raw[:2] == GZIP_MAGIC:
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:
+        raise _idx_error(path, err) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]
@@ -231,12 +256,11 @@ def idx_count(root: str | Path, split: str) -> int:
     """How many images an IDX folder's `split` ('train' or 'test') holds, from its label file's
     header alone."""
     path = _find_idx(Path(root), IDX_FILES[split][1])
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
+        with open_idx(path) as f:
             head = f.read(8)
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: not a readable IDX file ({err})") from None
+    except (OSError, EOFError, zlib.error) as err:
+        raise _idx_error(path, err) from None
     if len(head) < 8 or head[:2] != b"\0\0" or head[3] != 1:
         raise DataError(f"{path}: not an IDX label file (bad magic number)")
     return struct.unpack(">I", head[4:8])[0]
@@ -259,6 +283,28 @@ def _find_idx(root: Path, stem: str) -> Path:
 def is_idx_dir(root: str | Path) -> bool:
     root = Path(root)
     return root.is_dir() and any(root.glob("train-images*idx3-ubyte*"))
+
+
+def _holds_idx(root: Path) -> bool:
+    """IDX files of either split: a folder holding only the test split is still IDX data (to
+    evaluate on, or to be told that training needs the train files), not a class folder."""
+    return is_idx_dir(root) or (root.is_dir() and any(root.glob("t10k-images*idx3-ubyte*")))
+
+
+# sha256 of Fashion-MNIST's label arrays (train, test): the data is known by its content
+# wherever it lies, not only in a folder whose name says 'fashion'.
+FASHION_MNIST_LABELS_SHA256 = frozenset({
+    "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7",
+    "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",
+})  # fmt: skip
+
+
+def _is_fashion_mnist(root: Path, labels: np.ndarray) -> bool:
+    if "fashion" in str(root).lower():
+        return True
+    return hashlib.sha256(np.ascontiguousarray(labels, np.uint8).tobytes()).hexdigest() in (
+        FASHION_MNIST_LABELS_SHA256
+    )
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
@@ -355,15 +401,21 @@ def load_idx(
     if images.dtype != np.uint8:
         raise DataError(f"{images_file}: {images.dtype} pixels; IDX images of unsigned bytes "
                         "(0-255) are expected")  # fmt: skip
+    fashion = labels.dtype == np.uint8 and _is_fashion_mnist(root, labels)
     if classes is None:
-        classes = FASHION_MNIST_CLASSES if "fashion" in str(root).lower() else MNIST_CLASSES
+        classes = FASHION_MNIST_CLASSES if fashion else MNIST_CLASSES
+        if len(labels) and labels.min() >= 0 and labels.max() >= len(classes):
+            # Other IDX data (EMNIST: 26 or 47 classes): as many classes as its labels name.
+            classes = tuple(str(k) for k in range(int(labels.max()) + 1))
+            log.info("%s: labels 0 to %d: %d classes, named by index", labels_file,
+                     len(classes) - 1, len(classes))  # fmt: skip
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DataError(
             f"{labels_file}: labels go from {labels.min()} to {labels.max()}, but there are "
             f"{len(classes)} classes ({classes[0]} ... {classes[-1]}): the file is damaged, or "
             "the data is not what the model was trained on"
         )
-    default = FASHION_MNIST_MEAN_STD if "fashion" in str(root).lower() else MNIST_MEAN_STD
+    default = FASHION_MNIST_MEAN_STD if fashion else MNIST_MEAN_STD
     kw.setdefault("mean", default[0])
     kw.setdefault("std", default[1])
     return TensorImageDataset(
@@ -495,8 +547,11 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     paths, targets = [], []
     for k, name in enumerate(classes):
         folder = root / name
+        # Hidden files and folders are skipped, as `predict` does: macOS leaves a '._x.jpg' of
+        # metadata beside every image it copies to a foreign disk, which is no image.
         files = sorted(
             p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         ) if folder.is_dir() else []  # fmt: skip
         if not files and name in found:
             raise DataError(f"class folder {folder} has no images: add images or remove it")
@@ -571,8 +626,12 @@ def split_samples(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     """(train, held-out) index lists: a seeded permutation, `fraction` of it held out."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"val_fraction={fraction}: use a fraction in (0, 1) to hold out data")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = max(1, round(n * fraction))
+    if k >= n:
+        raise DataError(f"{n} sample(s) with val_fraction={fraction} would leave nothing to train "
+                        "on: add data, lower the fraction, or give the validation data "
+                        "separately (a val/ folder, or val.csv)")  # fmt: skip
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[k:]), sorted(perm[:k])
 
 
@@ -625,14 +684,14 @@ def make_datasets(
     Without a validation part, `val_fraction` of the training data is held out with `seed`.
     Both datasets carry `classes` and `multilabel`; in-memory ones also `channels`."""
     root = resolve_data(data)
-    if root.is_dir() and is_idx_dir(root):
+    if _holds_idx(root):
         if augment == "imagenet":
             raise DataError(f"{root}: augment='imagenet' (random-resized crops) works on image "
                             "files; IDX images take augment='small' or 'none'")  # fmt: skip
         kw = dict(size=image_size, seed=seed)
         train = load_idx(root, "train", augment="none" if augment == "none" else "small",
                          padding=padding, **kw)  # fmt: skip
-        return train, load_idx(root, "test", **kw)
+        return train, load_idx(root, "test", classes=train.classes, **kw)
     if root.is_file() or (root / "train.csv").is_file():
         train_list = root if root.is_file() else root / "train.csv"
         samples, classes = read_label_list(train_list)
@@ -670,7 +729,7 @@ def make_eval_dataset(
     folders), or a multi-label list (`val.csv` in a folder, or the given CSV file). Image files
     are read as RGB, or as grey for a model with `in_chans=1`."""
     root = resolve_data(data)
-    if root.is_dir() and is_idx_dir(root):
+    if _holds_idx(root):
         return load_idx(root, "test", size=image_size, classes=classes, **norm)
     if in_chans not in (1, 3):
         raise DataError(f"the model takes {in_chans} input channels: image files are read as "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -90,8 +91,8 @@ def evaluate_model(
                 meter.update(
                     f"map{map_k}", average_precision_at_k(logits, y, map_k).sum().item() * 100, n
                 )
-                top = logits.argmax(1, keepdim=True)
-                meter.update("top1", y.gather(1, top).sum().item() * 100, n)
+                # Precision@1 is AP@1 (ties and NaN scored as there, not by argmax's pick).
+                meter.update("top1", average_precision_at_k(logits, y, 1).sum().item() * 100, n)
             else:
                 if loss == "sigmoid":
                     onehot = F.one_hot(y, logits.shape[1]).float()
@@ -168,7 +169,8 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         fc = sd.get("fc.weight")
         num_classes = int(fc.shape[0]) if fc is not None else 1000
         net = create_model(model or "xception", num_classes=num_classes, weights=path)
-        size = 299 if (model or "xception") in ("xception", "inception-v3") else 28
+        # The paper's size for every full-size preset (its ablations too); 28 px for compact ones.
+        size = 28 if "compact" in (model or "xception") else 299
         chans = getattr(getattr(net, "config", None), "in_chans", 3)
         info = dict(classes=None, image_size=size, mean=(0.5,) * chans, std=(0.5,) * chans,
                     multilabel=False, loss="softmax", source=str(path))  # fmt: skip
@@ -272,6 +274,10 @@ def evaluate_file(
     if unreadable * 2 > scored + unreadable:
         raise ValueError(f"{data}: {unreadable} of {scored + unreadable} images are unreadable; "
                          "check the files (the log names them)")  # fmt: skip
+    broken = sorted(k for k, v in result.items() if not math.isfinite(v))
+    if broken:  # JSON has no NaN: null, and a warning saying why
+        log.warning("the model's outputs are not finite (%s): a diverged or overflowing model; "
+                    "these metrics are reported as null", ", ".join(broken))  # fmt: skip
     return {
         "checkpoint": info["source"],
         "data": str(data),
@@ -279,6 +285,6 @@ def evaluate_file(
         **({"unreadable": unreadable} if unreadable else {}),
         "image_size": size,
         "multilabel": multilabel,
-        **{k: round(v, 4) for k, v in result.items()},
+        **{k: round(v, 4) if math.isfinite(v) else None for k, v in result.items()},
         "seconds": round(elapsed, 2),
     }

@@ -13,10 +13,13 @@ import torch.distributed as dist
 __all__ = ["Meter", "average_precision_at_k", "map_at_k", "reduce_sums", "topk_correct"]
 
 
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
     """Number of samples whose class is among the k highest logits, for each k.
 
-    k larger than the number of classes counts every sample as correct."""
+    k larger than the number of classes counts every sample as correct. Ties are scored by
+    their expectation over tie orders (a class tied with 2 others for the last place counts
+    1/3), so the count depends neither on the device nor on the order of the classes, and a
+    model that scores every class the same is at chance. NaN ranks below every number."""
     if logits.ndim != 2 or target.ndim != 1 or len(logits) != len(target):
         raise ValueError(
             f"expected logits (N, K) and class indices (N,), got {tuple(logits.shape)} and "
@@ -24,10 +27,28 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[
         )
     if not isinstance(ks, tuple | list) or not ks or not all(_is_k(k) for k in ks):
         raise ValueError(f"ks={ks!r} is not valid: use positive integers, e.g. (1, 5)")
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices
-    hit = top == target[:, None]
-    return {k: int(hit[:, : min(k, kmax)].any(1).sum()) for k in ks}
+    if not len(target):
+        return {k: 0 for k in ks}
+    num_classes = logits.shape[1]
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"class indices go from {low} to {high}, but the logits have "
+                         f"{num_classes} classes: the targets do not fit the model")  # fmt: skip
+    scores = _rankable(logits)
+    mine = scores.gather(1, target[:, None].long())
+    above = (scores > mine).sum(1)
+    tied = (scores == mine).sum(1)  # the target's own class included
+    # Of a tie group straddling place k, each member is in the top k in (k - above) of its
+    # `tied` places on average.
+    return {k: float(((k - above) / tied).clamp(0, 1).sum()) for k in ks}
+
+
+def _rankable(scores: torch.Tensor) -> torch.Tensor:
+    """Float scores with NaN as -inf: a NaN never outranks a number (torch.topk and sort rank
+    NaN first), and NaNs tie with each other."""
+    if scores.dtype != torch.float64:
+        scores = scores.float()
+    return scores.masked_fill(scores.isnan(), float("-inf"))
 
 
 def average_precision_at_k(
@@ -37,7 +58,8 @@ def average_precision_at_k(
 
     Rank the classes by score; AP@k = sum over ranks i <= k of precision@i * rel(i), divided by
     min(k, number of relevant labels). Samples without any label get AP 0 (they count as misses,
-    as in the JFT FastEval14k protocol the paper reports MAP@100 on)."""
+    as in the JFT FastEval14k protocol the paper reports MAP@100 on). Tied scores get the mean
+    AP over their orders, and NaN ranks below every number, as in `topk_correct`."""
     if scores.shape != target.shape or scores.ndim != 2:
         raise ValueError(f"scores {tuple(scores.shape)} and multi-hot targets "
                          f"{tuple(target.shape)} must both be (N, K)")  # fmt: skip
@@ -45,13 +67,28 @@ def average_precision_at_k(
         raise ValueError(f"k={k!r} is not valid: use a positive integer (100 for MAP@100)")
     if not ((target == 0) | (target == 1)).all():
         raise ValueError("multi-hot targets must be 0 or 1: soft or smoothed labels have no AP")
-    k = min(k, scores.shape[1])
-    order = scores.topk(k, dim=1).indices
+    num_classes = scores.shape[1]
+    k = min(k, num_classes)
+    # Ties are scored by their expectation over the orders they may take (so the score depends
+    # neither on the device nor on class order): position i of a tie group of g classes, r of
+    # them relevant, with h relevant ones ranked above the group, adds
+    # E[rel(i) * hits(i)] / i = (r/g * (h + 1) + (j - 1) * r(r-1) / (g(g-1))) / i,
+    # j being i's place in the group. Without ties that is rel(i) * precision@i.
+    values, order = _rankable(scores).sort(dim=1, descending=True)
     rel = target.gather(1, order).float()
-    precision = rel.cumsum(1) / torch.arange(1, k + 1, device=scores.device)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    group = starts.long().cumsum(1) - 1  # each place's tie group, numbered from 0
+    size = torch.zeros_like(rel).scatter_add_(1, group, torch.ones_like(rel))
+    hits = torch.zeros_like(rel).scatter_add_(1, group, rel)
+    before = (hits.cumsum(1) - hits).gather(1, group)  # relevant classes above the group
+    first = (size.cumsum(1) - size).gather(1, group)  # the group's first place, from 0
+    g, r = size.gather(1, group), hits.gather(1, group)
+    place = torch.arange(num_classes, device=scores.device, dtype=rel.dtype).expand_as(rel)
+    pairs = torch.where(g > 1, r * (r - 1) / (g * (g - 1)).clamp(min=1), 0.0)
+    gain = (r / g * (before + 1) + (place - first) * pairs) / (place + 1)
     n_rel = target.float().sum(1).clamp(max=k)
-    ap = (precision * rel).sum(1) / n_rel.clamp(min=1)
-    return ap
+    return gain[:, :k].sum(1) / n_rel.clamp(min=1)
 
 
 def _is_k(k) -> bool:
