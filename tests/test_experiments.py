@@ -359,6 +359,17 @@ def test_the_data_content_is_part_of_a_runs_key(tmp_path):
         return run_key(run_config(variant, TINY, 0, dataset_info(root)))
 
     assert dataset_info(a)["sha256"] == dataset_info(b)["sha256"]
+    # Unpacked files that kept their '.gz' names (a browser's doing), read as the data loader
+    # reads them: the same data, the same key. They failed with BadGzipFile; a damaged gzip
+    # gave a zlib traceback.
+    c = make_idx_dataset(tmp_path / "c", n_train=200, n_test=100, size=28)
+    for f in c.glob("*.gz"):
+        f.write_bytes(gzip.decompress(f.read_bytes()))
+    assert dataset_info(c)["sha256"] == dataset_info(a)["sha256"]
+    labels = b / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:10] + b"\xff" * 40)
+    with pytest.raises(ValueError, match=f"{labels}: damaged gzip file.*download it again"):
+        dataset_info(b)
     before = key(a)
     write_idx(a / "t10k-labels-idx1-ubyte.gz", np.zeros(100))  # other labels, same path
     assert key(a) != before
