@@ -145,25 +145,31 @@ def test_eval_on_a_plain_weights_file(tmp_path):
         evaluate_file(tmp_path / "w.safetensors", tmp_path / "imgs")
 
 
-def test_multilabel_evaluation_reports_map_at_100():
+def _evaluate_scores(scores, labels) -> dict:
+    """Multi-label evaluation of a model whose scores are given: each "image" (C, 1, 1) holds
+    its own scores, which the model passes through."""
+
     class Fixed(torch.nn.Module):
         def forward(self, x):
-            return x.flatten(1)[:, :3]
+            return x.flatten(1)
 
     class Data(torch.utils.data.Dataset):
         multilabel = True
-        scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1]])
-        labels = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
 
         def __len__(self):
-            return 2
+            return len(scores)
 
         def __getitem__(self, i):
-            return self.scores[i].view(3, 1, 1), self.labels[i]
+            return scores[i].view(-1, 1, 1), labels[i]
 
         collate = staticmethod(torch.utils.data.default_collate)
 
-    out = evaluate_model(Fixed(), Data(), multilabel=True)
+    return evaluate_model(Fixed(), Data(), multilabel=True)
+
+
+def test_multilabel_evaluation_reports_map_at_100():
+    out = _evaluate_scores(torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1]]),
+                           torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))  # fmt: skip
     # sample 0: its label ranks 2nd -> AP 1/2; sample 1: ranks 1 and 3 -> (1 + 2/3) / 2
     assert out["map100"] == pytest.approx(100 * (0.5 + (1 + 2 / 3) / 2) / 2)
     assert out["top1"] == pytest.approx(50.0) and out["n"] == 2
@@ -250,24 +256,8 @@ def test_eval_of_a_grey_model_on_image_files_and_of_an_empty_split(tmp_path):
 
 
 def test_multilabel_precision_at_1_does_not_take_a_nan_score_for_the_best():
-    class Fixed(torch.nn.Module):
-        def forward(self, x):
-            return x.flatten(1)[:, :3]
-
-    class Data(torch.utils.data.Dataset):
-        multilabel = True
-        scores = torch.tensor([[float("nan"), 0.1, 0.2], [0.3, 0.3, 0.1]])
-        labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            return self.scores[i].view(3, 1, 1), self.labels[i]
-
-        collate = staticmethod(torch.utils.data.default_collate)
-
-    out = evaluate_model(Fixed(), Data(), multilabel=True)
+    out = _evaluate_scores(torch.tensor([[float("nan"), 0.1, 0.2], [0.3, 0.3, 0.1]]),
+                           torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))  # fmt: skip
     # argmax took the NaN for the top class (a hit); the tie at the top is half a hit.
     assert out["top1"] == pytest.approx((0 + 50) / 2)
 

@@ -827,8 +827,10 @@ class _ProgramInputCheck:
                 return f"{name} {lo}"
             return f"{name} {lo} or more" if hi is None else f"{name} {lo} to {hi}"
 
-        names = self._DIMS if len(self.ranges) == 4 else [f"dim {i}" for i in range(99)]
-        return ", ".join(one(n, lo, hi) for n, (lo, hi) in zip(names, self.ranges, strict=False))
+        names = (
+            self._DIMS if len(self.ranges) == 4 else [f"dim {i}" for i in range(len(self.ranges))]
+        )
+        return ", ".join(one(n, lo, hi) for n, (lo, hi) in zip(names, self.ranges, strict=True))
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0] if args else None

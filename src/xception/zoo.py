@@ -120,22 +120,13 @@ def _inception_v3(num_classes: int, **overrides) -> nn.Module:
             f"inception-v3 accepts only num_classes and drop_rate (got {', '.join(unknown) or 'in_chans'})"
             + _pretrained_hint("inception-v3", unknown)
         )
-    # Checked as XceptionConfig checks them: torchvision took -1 or True for num_classes deep
-    # inside nn.Linear, and drop_rate=1.0 (every feature dropped) silently.
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes={num_classes!r} is not valid: use a non-negative integer "
-                         "(0 = no classifier)")  # fmt: skip
-    drop = overrides.get("drop_rate", 0.5)  # torchvision's default
-    try:  # YAML 1.1 reads 1e-1 as text, as XceptionConfig knows
-        drop = float(drop) if isinstance(drop, str) else drop
-    except ValueError:
-        pass
-    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 1:
-        raise ValueError(f"drop_rate={drop!r} is not valid: use a probability in [0, 1)")
-    kw = {"dropout": drop}
-    model = inception_v3(
-        weights=None, aux_logits=False, init_weights=True, num_classes=max(num_classes, 1), **kw
-    )
+    from .inception import InceptionConfig
+
+    # Checked by the model configs' shared checks: torchvision took -1 or True for num_classes
+    # deep inside nn.Linear, and drop_rate=1.0 (every feature dropped) silently.
+    cfg = InceptionConfig(num_classes=num_classes, drop_rate=overrides.get("drop_rate", 0.5))
+    model = inception_v3(weights=None, aux_logits=False, init_weights=True,
+                         num_classes=max(cfg.num_classes, 1), dropout=cfg.drop_rate)  # fmt: skip
     if num_classes == 0:  # pooled features out, as Xception's num_classes=0 gives
         model.fc = _NoClassifier()
     return model
