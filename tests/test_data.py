@@ -58,6 +58,17 @@ def test_idx_roundtrip_and_truncation(tmp_path):
         read_idx(tmp_path / "cut")
 
 
+def test_non_square_idx_images_are_resized_to_the_asked_size(tmp_path):
+    # 12x16 images asked at 16: their width already matched, so they stayed 12x16 and a batch
+    # of them did not fit a model made for 16x16.
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 255, (4, 12, 16)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(4))
+    x, _ = load_idx(tmp_path, "test", size=16).__getitems__([0, 1])
+    assert x.shape == (2, 1, 16, 16)
+    assert load_idx(tmp_path, "test", size=None).__getitems__([0])[0].shape == (1, 1, 12, 16)
+
+
 def test_idx_dataset_splits_and_normalises(tmp_path):
     root = make_idx_dataset(tmp_path / "toy")
     train, val = make_datasets(root, image_size=16)
@@ -307,6 +318,21 @@ def test_hidden_files_in_class_folders_are_not_images(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         samples, _ = scan_folder(root)
     assert len(samples) == 6 and "unreadable" not in caplog.text
+
+
+def test_linked_folders_inside_class_folders_are_followed_once(tmp_path):
+    # A class folder assembled from links to other disks; a link back up the tree is no loop.
+    root = _image_folder(tmp_path / "d")
+    elsewhere = _image_folder(tmp_path / "other", classes=("more",), per_class=2)
+    (root / "cat" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)
+    (root / "cat" / "up").symlink_to(root, target_is_directory=True)
+    Image.new("L", (4, 4)).save(root / "dog" / "grey.pgm")  # a suffix `predict` took already
+    samples, classes = scan_folder(root)
+    names = [p.relative_to(root).as_posix() for p, _ in samples]
+    assert names == ["cat/0.png", "cat/1.png", "cat/2.png", "cat/linked/0.png",
+                     "cat/linked/1.png", "dog/0.png", "dog/1.png", "dog/2.png",
+                     "dog/grey.pgm"]  # fmt: skip
+    assert [k for _, k in samples] == [0] * 5 + [1] * 4
 
 
 def test_a_transparent_colour_is_composited_on_white_like_an_alpha_channel(tmp_path):

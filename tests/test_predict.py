@@ -112,6 +112,21 @@ def test_folder_search_finds_images_recursively_and_skips_the_rest(folder):
     assert find_images([root / "notes.txt"]) == [root / "notes.txt"]  # named files are tried
 
 
+def test_folder_search_follows_links_elsewhere_and_finds_each_image_once(tmp_path):
+    # Links to folders elsewhere are followed, as in class folders; links inside the tree and
+    # up it are not, so that nothing is predicted twice and no link makes a loop.
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    for folder in (root / "sub", elsewhere):
+        folder.mkdir(parents=True)
+    shutil.copy(SKIMAGE_DATA / "coffee.png", root / "sub" / "coffee.png")
+    shutil.copy(SKIMAGE_DATA / "camera.png", elsewhere / "camera.png")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "again").symlink_to(root / "sub", target_is_directory=True)
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)
+    names = [p.relative_to(root).as_posix() for p in find_images([root])]
+    assert names == ["linked/camera.png", "sub/coffee.png"]
+
+
 def test_json_one_row_per_file_with_error_rows(folder, tiny, capsys, monkeypatch):
     from xception import runtime
 

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import logging
 import math
+import os
 import struct
 import warnings
 import zlib
@@ -179,7 +180,11 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+# What a folder search picks up (class folders, `predict` on a folder); named files are tried
+# whatever their name.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
 # Normalisation (mean, std) per preset family: the paper's models see x / 127.5 - 1.
 KERAS_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FASHION_MNIST_MEAN_STD = ((0.2860,), (0.3530,))
@@ -334,7 +339,8 @@ class TensorImageDataset(torch.utils.data.Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
         self.augment, self.padding, self.hflip = augment, padding, hflip
-        self.size = size if size and size != images.shape[-1] else None
+        square = images.shape[-2] == images.shape[-1]
+        self.size = size if size and (size != images.shape[-1] or not square) else None
         self.seed, self.epoch = seed, 0
         self.multilabel = targets.ndim == 2
         self.channels = images.shape[1]
@@ -531,6 +537,41 @@ def _check_readable(paths: list[Path], where: str) -> list[bool]:
     return ok
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under `folder` (by suffix, `IMAGE_SUFFIXES`), recursively and sorted.
+
+    Hidden files and folders are skipped: macOS leaves a '._x.jpg' of metadata beside every
+    image it copies to a foreign disk, which is no image. Symbolic links to folders elsewhere
+    are followed (a class folder assembled from links to other disks); a link into the tree
+    itself, up to a folder that holds it, or to a folder already followed is not, so no image
+    is found twice and no link makes a loop."""
+    followed = [os.path.realpath(folder)]
+    found = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        keep = []
+        for name in dirs:
+            if name.startswith("."):
+                continue
+            if os.path.islink(os.path.join(top, name)):
+                target = os.path.realpath(os.path.join(top, name))
+                if any(_within(target, f) or _within(f, target) for f in followed):
+                    continue
+                followed.append(target)
+            keep.append(name)
+        dirs[:] = keep
+        found += [
+            Path(top, name) for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+            and os.path.isfile(os.path.join(top, name))
+        ]  # fmt: skip
+    return sorted(found)
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether the real path `path` is `folder` or under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     """(samples, classes) of a folder with one sub-folder of images per class."""
     root = Path(root)
@@ -547,12 +588,7 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     paths, targets = [], []
     for k, name in enumerate(classes):
         folder = root / name
-        # Hidden files and folders are skipped, as `predict` does: macOS leaves a '._x.jpg' of
-        # metadata beside every image it copies to a foreign disk, which is no image.
-        files = sorted(
-            p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        ) if folder.is_dir() else []  # fmt: skip
+        files = image_files(folder) if folder.is_dir() else []
         if not files and name in found:
             raise DataError(f"class folder {folder} has no images: add images or remove it")
         paths += files

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import deploy
-from .data import ImageError, load_image
+from .data import IMAGE_SUFFIXES, ImageError, image_files, load_image
 from .model import Xception
 from .weights import Weights
 
@@ -29,10 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "IMAGE_EXTENSIONS", "Prediction", "Ranked", "find_images", "predict"]
 
-# What a folder search picks up; files named on the command line are tried whatever their name.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-)
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # what a folder search picks up (`data.image_files`)
 
 Runner = Callable[[torch.Tensor], torch.Tensor]  # prepared NCHW batch -> logits
 
@@ -92,20 +89,12 @@ class Prediction:
 
 
 def find_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, plus the image files under each folder (recursively, sorted, hidden
-    files and folders skipped)."""
+    """Files as given, plus the image files under each folder (`data.image_files`: recursive,
+    sorted, hidden files and folders skipped, links to folders followed)."""
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(
-                sorted(
-                    f
-                    for f in path.rglob("*")
-                    if f.suffix.lower() in IMAGE_EXTENSIONS
-                    and f.is_file()
-                    and not any(part.startswith(".") for part in f.relative_to(path).parts)
-                )
-            )
+            found.extend(image_files(path))
         else:
             found.append(path)  # a missing file becomes its own error row
     return found
