@@ -452,6 +452,26 @@ def test_multilabel_training_reports_map(tmp_path):
     assert result["classes"] == ["a", "b", "x", "y"]
 
 
+def test_multilabel_training_top1_scores_ties_as_eval_does(tmp_path, monkeypatch):
+    # Every image is labelled "a" and one of "x", "y"; a model scoring the three classes the
+    # same has precision@1 2/3 whichever order its ties take. Argmax picked class 0, "a": 100%.
+    from xception.model import BlockNet
+
+    def constant(self, x, pre_logits=False):
+        return torch.zeros(len(x), self.fc.out_features) + 0 * self.fc(self.global_pool(x)).sum()
+
+    monkeypatch.setattr(BlockNet, "forward_head", constant)
+    root = tmp_path / "jft"
+    _image_folder(root / "img", classes=("a", "b"), per_class=6, size=16)
+    rows = [f"img/{c}/{i}.png,a {'x' if i % 2 else 'y'}" for c in "ab" for i in range(6)]
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    result = fit("jft", model="xception-compact", model_args=TINY_MODEL, data=str(root),
+                 image_size=16, epochs=1, batch_size=4, workers=0, threads=1, progress=False,
+                 checkpoint_every=0, val_fraction=0.25, out=str(tmp_path / "run"))  # fmt: skip
+    assert result["classes"] == ["a", "x", "y"]
+    assert result["history"][0]["train_top1"] == pytest.approx(200 / 3)
+
+
 @pytest.mark.slow
 def test_short_fashion_mnist_run_beats_chance_by_far(tmp_path):
     small = dict(stem_channels=[16, 16], entry_channels=[32, 64, 96], middle_blocks=1,

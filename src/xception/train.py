@@ -59,7 +59,7 @@ from . import runtime
 from .data import sample_keys
 from .deploy import compile_training
 from .evaluate import autocast, evaluate_model, resolve_device
-from .metrics import Meter, reduce_sums, topk_correct
+from .metrics import Meter, average_precision_at_k, reduce_sums, topk_correct
 
 __all__ = [
     "Interrupted",
@@ -1045,9 +1045,9 @@ class _Run:
             with torch.no_grad():
                 n = len(xs)
                 meter.update("loss", loss.item() * n, n)
-                if self.multilabel:
-                    top = logits.argmax(1, keepdim=True)
-                    meter.update("top1", ys.gather(1, top).sum().item() * 100, n)
+                if self.multilabel:  # precision@1 as `eval` scores it: ties, NaN last
+                    hits = average_precision_at_k(logits.float(), ys, 1).sum().item()
+                    meter.update("top1", hits * 100, n)
                 else:
                     meter.update("top1", topk_correct(logits.float(), ys, (1,))[1] * 100, n)
         if cfg.accum_steps > 1:
