@@ -192,3 +192,57 @@ def test_demo_without_the_dataset_is_one_line_before_anything_else(capsys, tmp_p
     assert captured.out == "" and not out.exists()
     assert "data folder not found" in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        # Malformed YAML in --set was a yaml.parser.ParserError traceback.
+        (["info", "xception-compact", "--set", "fc_layers=[64,"],
+         "--set 'fc_layers=[64,': the value is not valid YAML (expected the node content"),
+        (["experiment", "residual", "--quick", "--set", "width=a: b: c"], "not valid YAML"),
+        (["train", "--out", "unused", "--set", "lr=[0.1"], "--set 'lr=[0.1': the value is not"),
+        # A key that has a flag of its own was a TypeError from create_model ("multiple values").
+        (["info", "xception-compact", "--set", "num_classes=5"],
+         "--set num_classes: give it as --num-classes"),
+        (["export", "unused.onnx", "--model", "xception-compact", "--set", "weights=imagenet"],
+         "--set weights: give it as --weights"),
+        (["info", "xception", "--set", " =3"], "expected key=value"),
+        # Zero or negative segment counts were said not to divide the channels.
+        (["experiment", "segments", "--quick", "--segments", "0,2"],
+         "--segments 0,2: segment counts are positive integers"),
+        (["experiment", "segments", "--quick", "--segments=-4"], "are positive integers"),
+    ],
+)  # fmt: skip
+def test_bad_overrides_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", [["--epochs", "0"], ["--threads", "-1"],
+                                  ["--train-subset", "0"]])  # fmt: skip
+def test_demo_refuses_bad_numbers_before_printing_anything(capsys, monkeypatch, tmp_path, flag):
+    """They used to be refused after the demo had printed its header (and built the paper's
+    23-million-parameter model to count them)."""
+    import xception.data
+
+    monkeypatch.setattr(xception.data, "resolve_data", lambda data: data)  # any dataset
+    assert main(["demo", "--out", str(tmp_path / "run"), *flag]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "", captured.out
+    assert f"{flag[0][2:].replace('-', '_')}={flag[1]} is not valid" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_an_output_named_with_a_trailing_slash_is_refused_before_the_work(capsys, tmp_path):
+    """`--json results/` (a folder not made yet) wrote the result to a file named `results`."""
+    argv = ["eval", "--checkpoint", str(tmp_path / "none"), "--data", str(tmp_path / "none"),
+            "--json", f"{tmp_path / 'results'}/"]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "give a file name, e.g. " in captured.err
+    assert not (tmp_path / "results").exists()

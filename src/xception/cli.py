@@ -42,16 +42,26 @@ def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    """`--set key=value` pairs, values parsed as YAML scalars/lists (e.g. fc_layers=[64,64])."""
+def _parse_overrides(pairs: list[str], flags: dict[str, str] | None = None) -> dict:
+    """`--set key=value` pairs, values parsed as YAML scalars/lists (e.g. fc_layers=[64,64]).
+    `flags` maps keys that the command takes as flags of their own to those flags: a key set
+    twice used to be a TypeError from create_model."""
     import yaml
 
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise UserError(f"--set {pair!r}: expected key=value, e.g. --set residual=false")
-        out[key.strip()] = yaml.safe_load(value)
+        if flags and key in flags:
+            raise UserError(f"--set {key}: give it as {flags[key]}, not through --set")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).strip().split("\n")[0]
+            raise UserError(f"--set {pair!r}: the value is not valid YAML ({problem}): write "
+                            "it as YAML, e.g. --set fc_layers=[64,64]") from None  # fmt: skip
     return out
 
 
@@ -111,7 +121,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
     if args.size < 1:
         raise UserError(f"--size {args.size}: give the input size in pixels")
-    overrides = _parse_overrides(args.set)
+    overrides = _parse_overrides(args.set, {"num_classes": "--num-classes"})
     model = create_model(args.model, num_classes=args.num_classes, **overrides)
     # Too small an input is refused before anything is printed: one line, not two.
     model.check_input(torch.empty(1, model.config.in_chans, args.size, args.size, device="meta"))
@@ -353,6 +363,9 @@ def _run_experiment(args: argparse.Namespace) -> int:
             changes["segments"] = tuple(sorted({int(k) for k in args.segments.split(",")}))
         except ValueError:
             raise UserError(f"--segments {args.segments}: use integers, e.g. 1,2,4,8") from None
+        if changes["segments"][0] < 1:  # not "does not divide the channels", as it said
+            raise UserError(f"--segments {args.segments}: segment counts are positive "
+                            "integers, e.g. 1,2,4,8")  # fmt: skip
     if set(changes) - {"seeds"}:  # a scale of the user's own: say so in the report
         changes["name"] = f"{scale.name}, customised"
     scale = dataclasses.replace(scale, **changes)
@@ -490,7 +503,8 @@ def _run_export(args: argparse.Namespace) -> int:
                         "1 image (a few hundred is best)")  # fmt: skip
     if args.size is not None and args.size < 1:
         raise UserError(f"--size {args.size}: give the input size in pixels")
-    model = create_model(args.model, weights=args.weights, **_parse_overrides(args.set))
+    overrides = _parse_overrides(args.set, {"weights": "--weights"})
+    model = create_model(args.model, weights=args.weights, **overrides)
     meta = getattr(model, "weights_meta", None)
     size = args.size or (meta.input_size if meta is not None else 299)
     if not args.int8:
@@ -854,12 +868,13 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"{out} already holds a run: continue it with xception train --out {out} "
                         "--resume auto, or choose another --out")  # fmt: skip
     resolve_data(args.data)  # a missing dataset is one line, before anything is printed
+    # So are bad flags (--epochs 0): they used to be refused after the header below.
+    cfg = make_config("fashion-mnist", data=args.data, out=out, epochs=args.epochs,
+                      train_subset=args.train_subset, threads=args.threads)  # fmt: skip
     paper = create_model("xception")
     n = sum(p.numel() for p in paper.parameters() if p.requires_grad)
     print(f"Xception (Chollet, CVPR 2017), the paper's model: {n:,} trainable parameters")
     del paper
-    cfg = make_config("fashion-mnist", data=args.data, out=out, epochs=args.epochs,
-                      train_subset=args.train_subset, threads=args.threads)  # fmt: skip
     full = make_config("fashion-mnist").epochs
     print(f"training {cfg.model} on Fashion-MNIST for {cfg.epochs} epoch"
           f"{'s' if cfg.epochs != 1 else ''} (recipe "
