@@ -207,3 +207,31 @@ def test_a_checkpoint_left_moved_aside_by_a_crash_is_found_and_loads(tmp_path):
     C.save_checkpoint(tmp_path, "step-000000004", sd, state)  # once it is back, it wins
     assert C.find_latest(tmp_path) == path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002", "step-000000004"]
+
+
+def test_a_long_but_legal_file_name_is_written(tmp_path):
+    """A 250-byte name fits the filesystem, but its temporary name (the name, mkstemp's 8
+    characters and .tmp) did not: the write failed after the work, with ENAMETOOLONG."""
+    target = tmp_path / ("r" * 245 + ".json")
+    assert C.check_output_file(target) == target
+    C.atomic_write(target, "{}\n")
+    assert target.read_text() == "{}\n"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_file_name_too_long_for_the_filesystem_is_refused_naming_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"its name is 305 bytes, more than the \d+ this "
+                       "filesystem allows: choose a shorter name"):  # fmt: skip
+        C.check_output_file(tmp_path / ("r" * 300 + ".json"))
+
+
+@pytest.mark.parametrize("sub", ["out/", "a/b/"])
+def test_an_output_ending_in_a_slash_is_a_folder_not_a_file_of_that_name(tmp_path, sub):
+    """`--json out/` passed the check and wrote a file named `out`."""
+    given = str(tmp_path / sub.rstrip("/")) + "/"
+    with pytest.raises(ValueError, match=r"ends with /.*give a file name, e\.g\. .*result\.json"):
+        C.check_output_file(given)
+    assert list(tmp_path.iterdir()) == []
+    os.makedirs(given)  # once it exists it is a folder, as before
+    with pytest.raises(ValueError, match="is a folder: give a file name inside it"):
+        C.check_output_file(given)

@@ -333,6 +333,14 @@ def test_export_round_trips_with_dynamic_batch(model, fmt, tmp_path):
     assert (torch.as_tensor(run(x)) - eager(model, x)).abs().max().item() < 1e-4
 
 
+def test_export_to_a_long_but_legal_file_name(model, tmp_path):
+    """A 250-byte name fits the filesystem; the temporary file named after all of it did not,
+    and the export failed after tracing with "File name too long"."""
+    path = tmp_path / ("m" * 247 + ".pt")
+    deploy.export(model, path, "torchscript", input_size=SIZE, check_batches=(1,))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_torchscript_file_names_its_traced_size(model, tmp_path):
     """A traced file holds the traced size's padding as constants: at another size it failed
     deep inside with "pad must be non-negative" or a shape mismatch. The file itself now checks

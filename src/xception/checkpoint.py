@@ -100,10 +100,21 @@ def check_output_file(
     its place, a file where a parent folder should be, a parent folder that is missing (unless
     `create_parents`: `atomic_write` creates it) or not writable (read-only filesystems
     included). Raises ValueError, FileNotFoundError or PermissionError naming the fix."""
+    given = os.fspath(path)
     path = Path(path)
+    example = "result" + (path.suffix or example_suffix)
+    # Path() drops a trailing slash: `--json out/` would have written a file named `out`.
+    if given.endswith(tuple(filter(None, (os.sep, os.altsep)))) and not path.is_dir():
+        raise ValueError(f"{given} names a folder (it ends with {given[-1]}), and there is no "
+                         f"such folder: give a file name, e.g. {path / example}")  # fmt: skip
+    name_max = _name_max(path.parent)
+    if len(os.fsencode(path.name)) > name_max:
+        raise ValueError(f"cannot write {path}: its name is {len(os.fsencode(path.name))} bytes, "
+                         f"more than the {name_max} this filesystem allows: choose a shorter "
+                         "name")  # fmt: skip
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file name inside it, e.g. "
-                         f"{path / ('result' + (path.suffix or example_suffix))}")  # fmt: skip
+                         f"{path / example}")  # fmt: skip
     # Results are renamed into place, which would swap a device or pipe (or /dev/stdout, a link
     # to an open descriptor) for a regular file: as root, /dev/null itself.
     if _names_a_descriptor(path) or (path.exists() and not path.is_file()):
@@ -133,12 +144,25 @@ def check_output_file(
     return path
 
 
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that the filesystem holding `folder` (or its nearest
+    existing parent) allows."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer
+        return 255
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` to `path` via a temporary file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The name cut short: with mkstemp's 8 characters and the suffix, a temporary name of a
+    # long but legal file name (250 bytes) went past the filesystem's limit.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)

@@ -911,7 +911,9 @@ def export(
         raise ValueError(f"input_size={input_size}: a torch.export program with a dynamic size "
                          f"is traced at {least}x{least} pixels or more (the smallest size at "
                          "which no feature map is 1 pixel wide): give a larger --size")  # fmt: skip
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_SUFFIXES[format],
+    # The name cut short, as `checkpoint.atomic_write` does: a long but legal name (250 bytes)
+    # plus mkstemp's characters and the suffix went past the filesystem's limit.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=_SUFFIXES[format],
                                     dir=path.parent)  # fmt: skip
     os.close(fd)
     tmp = Path(tmp_name)
