@@ -131,3 +131,36 @@ def test_same_pool_without_a_padded_copy_equals_padding_with_minus_inf(kernel, s
         ) and layers._ceil_mode_pads_after(w, kernel, stride, left, right)
     assert fast_sizes > 10  # the copy-free path really ran
     assert layers._ceil_mode_pads_after(74, 3, 2, 0, 1)  # Xception's block-2 pool at 299x299
+
+
+def test_init_weights_takes_layers_without_bias_or_affine_parameters():
+    """A Linear(bias=False) or a BatchNorm2d(affine=False) used to crash `init_weights` with an
+    AttributeError (zeros_ of None)."""
+    from xception.layers import init_weights
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.Flatten(),
+                          nn.Linear(4, 2, bias=False), nn.BatchNorm2d(2), nn.Linear(2, 2))  # fmt: skip
+    init_weights(model)
+    assert model[3].bias is None and model[1].weight is None
+    assert torch.equal(model[4].weight, torch.ones(2)) and torch.equal(
+        model[5].bias, torch.zeros(2)
+    )
+
+
+@pytest.mark.parametrize("kernel", [2, 4])
+def test_even_kernels_keep_the_same_size_padding_like_tensorflow(kernel):
+    """'same' with an even window pads one more after than before; the stride-1 pool and the
+    separable conv padded (k-1)//2 on both sides and lost a row and a column."""
+    x = -1 - torch.rand(1, 4, 9, 10)
+    top, bottom = tf_same_padding(9, kernel, 1)
+    left, right = tf_same_padding(10, kernel, 1)
+    padded = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+    assert torch.equal(SamePadMaxPool2d(kernel, 1, "keras")(x), F.max_pool2d(padded, kernel, 1))
+    for order in ("depthwise_first", "pointwise_first"):
+        m = SeparableConv2d(4, 6, kernel, order=order)
+        assert m(x).shape == (1, 6, 9, 10)
+    m = SeparableConv2d(4, 6, kernel)
+    zero_padded = F.pad(x, (left, right, top, bottom))
+    expected = m.pointwise(F.conv2d(zero_padded, m.spatial.weight, groups=4))
+    assert torch.allclose(m(x), expected, atol=1e-6)
+    assert SeparableConv2d(4, 6, 3).spatial.padding == (1, 1)  # odd kernels as before

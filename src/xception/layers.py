@@ -99,12 +99,14 @@ class SeparableConv2d(nn.Module):
         self.order = order
         spatial_channels = in_channels if order == "depthwise_first" else out_channels
         groups = resolve_segments(segments, spatial_channels)
-        # Stride is always 1 in Xception ('same' padding is then symmetric, d on each side).
+        # Stride is always 1 in Xception: 'same' padding is symmetric for odd kernels (d on
+        # each side); an even kernel needs one more after, which only 'same' gives (a symmetric
+        # (k-1)//2 shrank the output by a pixel per layer).
         spatial = nn.Conv2d(
             spatial_channels,
             spatial_channels,
             kernel_size,
-            padding=dilation * (kernel_size - 1) // 2,
+            padding=dilation * (kernel_size - 1) // 2 if kernel_size % 2 else "same",
             dilation=dilation,
             groups=groups,
             bias=False,
@@ -146,7 +148,9 @@ class SamePadMaxPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.kernel_size, self.stride
-        if self.mode == "symmetric" or s == 1:
+        # Stride 1 with an odd window: TensorFlow's 'same' is symmetric. An even one pads one
+        # more after than before, as below (it lost a row and a column here).
+        if self.mode == "symmetric" or (s == 1 and k % 2):
             return F.max_pool2d(x, k, s, padding=(k - 1) // 2)
         top, bottom = tf_same_padding(x.shape[-2], k, s)
         left, right = tf_same_padding(x.shape[-1], k, s)
@@ -183,15 +187,20 @@ def _ceil_mode_pads_after(size: int, k: int, s: int, before: int, after: int) ->
 
 def init_weights(model: nn.Module) -> None:
     """He-normal convs (fan-out), unit/zero batch norms, Glorot-uniform Linears with zero bias."""
+    # A layer may have no bias (bias=False) or no affine parameters (affine=False): they used
+    # to crash the initialisation (zeros_ of None).
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class ConvBNAct(nn.Sequential):
