@@ -51,8 +51,9 @@ GLIBC = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
 
 
 def _child(script: str, *args: str) -> subprocess.CompletedProcess:
-    # glibc as shipped in the child, whatever this shell's GLIBC_TUNABLES say.
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    # glibc as shipped in the child, whatever this shell's GLIBC_TUNABLES or MALLOC_* say.
+    env = {k: v for k, v in os.environ.items()
+           if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}  # fmt: skip
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                           timeout=120, env=env)  # fmt: skip
 
@@ -180,6 +181,8 @@ def test_allocator_state_names_what_changed_it(monkeypatch):
     monkeypatch.setattr(runtime, "_kept", False)
     monkeypatch.setattr(runtime, "_raised", False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name in runtime._MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
     assert runtime.allocator_state() == "glibc 2.36, as shipped"
     monkeypatch.setattr(runtime, "_raised", True)
     assert runtime.allocator_state() == "glibc 2.36, raise_malloc_thresholds()"
@@ -190,3 +193,22 @@ def test_allocator_state_names_what_changed_it(monkeypatch):
     )
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("musl", "1.2"))
     assert runtime.allocator_state() == "not glibc"
+
+
+@GLIBC
+def test_allocator_state_names_glibcs_malloc_environment_variables():
+    """`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` (glibc's older names for its tunables)
+    keep freed memory as keep_freed_memory() does; the benchmark records said "as shipped"."""
+    script = (
+        "import torch\nfrom xception import runtime\nx = torch.ones(64 * 2**18)\ndel x\n"
+        "print(runtime.allocator_state())"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}  # fmt: skip
+    env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2000000000")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    state = run.stdout.strip()
+    assert not state.endswith("as shipped"), state
+    assert state.endswith(", MALLOC_MMAP_MAX_=0 + MALLOC_TRIM_THRESHOLD_=2000000000"), state

@@ -49,6 +49,12 @@ _NEVER_TRIM = 2**31 - 1  # mallopt takes a C int: trim only beyond 2 GiB of free
 # with 64-bit longs), and so the largest freed block that still raises it
 _MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
 
+# The environment variables glibc still reads as aliases of its malloc tunables
+# (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` keeps freed memory as keep_freed_memory() does)
+_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_CHECK_", "MALLOC_MMAP_MAX_",
+               "MALLOC_MMAP_THRESHOLD_", "MALLOC_PERTURB_", "MALLOC_TOP_PAD_",
+               "MALLOC_TRIM_THRESHOLD_")  # fmt: skip
+
 _kept = False
 _raised = False
 
@@ -138,4 +144,7 @@ def allocator_state() -> str:
     tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if "malloc" in t]
     if tunables:
         changes.append("GLIBC_TUNABLES=" + ":".join(tunables))
+    # These change the allocator as much as the tunables do: a record that said "as shipped"
+    # under them compared two different allocators as one.
+    changes += [f"{name}={os.environ[name]}" for name in _MALLOC_ENV if os.environ.get(name)]
     return f"glibc {version}, " + (" + ".join(changes) if changes else "as shipped")
