@@ -44,6 +44,33 @@ def test_rng_state_restores_every_generator():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
+def test_rng_state_of_more_gpus_than_this_machine_has_resumes(monkeypatch):
+    """A checkpoint saved with 2 GPUs in view, resumed on a machine with 1: set_rng_state_all
+    asked for the missing device."""
+    state = C.rng_state()
+    state["cuda"] = [torch.full((16,), k, dtype=torch.uint8) for k in (1, 2)]
+    set_states = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: set_states.append((d, s[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [
+        torch.cuda.set_rng_state(s, d) for d, s in enumerate(states)])  # fmt: skip
+    C.restore_rng_state(state)
+    assert set_states == [(0, 1)]
+
+
+def test_default_mode_reads_the_umask_without_changing_it(monkeypatch):
+    """Setting the umask to 0 to read it let a file another thread created meanwhile get
+    every permission bit; on Linux it is read from /proc instead."""
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the umask was changed"))
+        assert C.default_mode() == 0o640 and C.default_mode(directory=True) == 0o750
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
 @pytest.mark.parametrize("victim", ["state.pt", "model.safetensors"])
 def test_cut_checkpoint_is_a_one_line_error(tmp_path, victim):
     sd, state = _state()

@@ -69,9 +69,23 @@ def default_mode(directory: bool = False) -> int:
     """The permission bits a plain open() or mkdir() would give under this process's umask.
     mkstemp and mkdtemp create private (0600 / 0700) files, which would leave results that other
     users, or a web server, cannot read once renamed into place."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc, since 4.7):
+    setting it to 0 and back, the only portable way to read it, opens a window in which a file
+    another thread creates gets every permission bit."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return mask
 
 
 def publish(tmp: str | Path, path: str | Path) -> None:
@@ -415,4 +429,7 @@ def restore_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving process saw; a machine with fewer GPUs takes the first
+        # ones (set_rng_state_all asked for devices that are not there).
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
