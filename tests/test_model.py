@@ -234,6 +234,18 @@ def test_macs_and_summary():
     assert rows[-1]["shape"] == (1000,)
 
 
+def test_summary_and_macs_take_any_size_without_running_the_model():
+    """They ran the model: `xception info --size 100000` printed its config, then failed for
+    want of 320 GB. They now work out shapes on a meta copy, trainable flags included."""
+    model = Xception(width=0.25, middle_blocks=1)
+    model.block1.requires_grad_(False)
+    model.register_forward_pre_hook(lambda *_: pytest.fail("the model itself ran"))
+    rows = summary(model, (100_000, 100_000))
+    assert rows[0]["params"] == 0 and rows[-2]["shape"][1:] == (3125, 3125)
+    assert count_macs(model, (100_000, 100_000)) > 1e4 * count_macs(model, (299, 299))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
 def test_summary_of_a_too_small_input_leaves_the_model_in_training_mode():
     model = Xception(width=0.25, middle_blocks=1).train()
     with pytest.raises(ValueError, match="smaller than this model's minimum"):

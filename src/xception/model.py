@@ -10,6 +10,7 @@ The model knows nothing of files, training or the command line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -559,43 +560,48 @@ def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int | No
         nonlocal total
         total += m.in_features * m.out_features
 
-    hooks = [
-        m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            p = next(model.parameters())
-            model(torch.zeros(1, in_chans, *input_size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    replica = meta_copy(model)
+    for m in replica.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        replica(torch.zeros(1, in_chans, *input_size, device="meta", dtype=dtype))
     return total
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the meta device, in eval mode: its shapes without its memory or
+    arithmetic (so `summary` and `count_macs` take any input size at once, and never run or
+    hook the model itself). Its weights are not copied: each is stood for by a meta tensor of
+    its shape, dtype and requires_grad. The caller's forward hooks are left behind: a hook that
+    records features, say, has no business with a shape computation."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    replica = copy.deepcopy(model, memo).eval()
+    for m in replica.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    return replica
 
 
 def summary(model: Xception, input_size: tuple[int, int]) -> list[dict]:
     """One row per block: name, output shape (C, H, W), trainable parameters."""
     rows = []
-    p = next(model.parameters())
-    x = torch.zeros(1, model.config.in_chans, *input_size, device=p.device, dtype=p.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model.check_input(x)
-            for name in model.block_names:
-                block = getattr(model, name)
-                x = block(x)
-                params = sum(q.numel() for q in block.parameters() if q.requires_grad)
-                rows.append(dict(name=name, shape=tuple(x.shape[1:]), params=params))
-            head = [m for m in (model.fc_hidden, model.fc) if m is not None]
-            x = model.forward_head(x)
-            params = sum(q.numel() for m in head for q in m.parameters() if q.requires_grad)
-            rows.append(dict(name="head", shape=tuple(x.shape[1:]), params=params))
-    finally:
-        model.train(was_training)
+    replica = meta_copy(model)  # trainable flags and all, whatever the size
+    x = torch.zeros(1, model.config.in_chans, *input_size, device="meta",
+                    dtype=next(model.parameters()).dtype)  # fmt: skip
+    with torch.no_grad():
+        replica.check_input(x)
+        for name in replica.block_names:
+            block = getattr(replica, name)
+            x = block(x)
+            params = sum(q.numel() for q in block.parameters() if q.requires_grad)
+            rows.append(dict(name=name, shape=tuple(x.shape[1:]), params=params))
+        head = [m for m in (replica.fc_hidden, replica.fc) if m is not None]
+        x = replica.forward_head(x)
+        params = sum(q.numel() for m in head for q in m.parameters() if q.requires_grad)
+        rows.append(dict(name="head", shape=tuple(x.shape[1:]), params=params))
     return rows
