@@ -128,6 +128,31 @@ def test_an_interrupt_under_ddp_is_reported_by_rank_0_only(capsys, monkeypatch, 
     assert capsys.readouterr().err == ""
 
 
+def test_ctrl_c_while_torch_loads_is_one_line(capsys, monkeypatch):
+    """`import xception.cli` loaded torch (seconds) through the package's own imports, before
+    main() could catch Ctrl-C: a KeyboardInterrupt traceback. The package now loads its
+    modules on first use, and main() covers the loading."""
+    import subprocess
+    import sys
+
+    import xception.cli
+
+    script = (
+        "import sys, xception, xception.cli; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+    assert xception.create_model and xception.train.fit  # names and modules, on first use
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xception.cli, "build_parser", interrupted)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "xception: interrupted\n"
+
+
 def test_demo_names_its_own_command_and_flags(capsys, monkeypatch, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "step-000000008").mkdir(parents=True)

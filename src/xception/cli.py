@@ -943,17 +943,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # torch and friends load here, for a few seconds (some options list what the modules
+    # offer, and `import xception` leaves them for later): Ctrl-C is no traceback either.
+    try:
+        args = build_parser().parse_args(argv)
+        from .data import ImageError
+        from .weights import WeightsError
+    except KeyboardInterrupt:
+        print("xception: interrupted", file=sys.stderr)
+        return 130
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:  # torch and friends load here, for a few seconds: Ctrl-C is no traceback either
-        from .data import ImageError
-        from .weights import WeightsError
-    except KeyboardInterrupt:
-        print(f"xception {args.command}: interrupted", file=sys.stderr)
-        return 130
     try:
         return int(args.run(args) or 0)
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
