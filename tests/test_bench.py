@@ -644,3 +644,121 @@ def test_keras_on_another_backend_leaves_its_peer_out_with_a_reason(monkeypatch,
     assert "set KERAS_BACKEND=torch" in caplog.text
     fake.backend.backend = lambda: "torch"
     assert bench._keras_usable() is True
+
+
+def _tiny_step(fail_on_call: int | None = None, err: Exception | None = None):
+    """A candidate's builder whose step fails on its `fail_on_call`-th call with `err` (no
+    warm-up here: call 1 is the first timed round)."""
+
+    def build(batch):
+        calls = []
+
+        def step():
+            calls.append(1)
+            if len(calls) == fail_on_call:
+                raise err or RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return step
+
+    return build
+
+
+def test_a_candidate_failing_in_a_timed_round_is_an_error_row(tmp_path, capsys, monkeypatch):
+    """A step that failed after its warm-up (out of memory, the Keras peer's process gone)
+    sank the whole bench with a traceback: no table, no JSON, the others' rounds lost."""
+    from xception import bench
+
+    group = [bench._Candidate("xception good", "inference", _tiny_step(), 1e-6),
+             bench._Candidate("xception flaky", "inference", _tiny_step(2), 1e-6),
+             bench._Candidate("timm good", "inference", _tiny_step(), 1e-6)]  # fmt: skip
+    monkeypatch.setattr(bench, "_candidates", lambda **kwargs: group)
+    out = tmp_path / "b.json"
+    argv = ["bench", "--quick", "--batch", "8", "--train-batch", "0", "--repeats", "3",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "1 candidate(s) failed: xception flaky" in captured.err
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    flaky = rows["xception flaky"]
+    assert flaky["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert flaky["rounds"] == 1 and flaky["images_per_s"] is None  # no figure from one round
+    for name in ("xception good", "timm good"):  # the others ran every round
+        assert rows[name]["error"] is None and rows[name]["rounds"] == 3
+    assert "error: RuntimeError: CUDA out of memory" in captured.out
+
+
+def test_a_candidate_failing_without_a_message_is_an_error_row():
+    """A bare `assert` in a library raises AssertionError(''): its row's first line was
+    taken from an empty list, and the IndexError sank the bench."""
+    from xception import bench
+
+    def broken(batch):
+        raise AssertionError()
+
+    group = [bench._Candidate("xception broken", "inference", broken, 1e-6),
+             bench._Candidate("xception flaky", "inference", _tiny_step(1, KeyError()), 1e-6),
+             bench._Candidate("xception good", "inference", _tiny_step(), 1e-6)]  # fmt: skip
+    results = {r.name: r for r in bench._measure(group, 1, 8, 2, 100.0, 0.0, lambda m: None)}
+    assert results["xception broken"].error == "AssertionError"
+    assert results["xception flaky"].error == "KeyError"
+    assert results["xception good"].error is None and results["xception good"].rounds == 2
+
+
+def test_an_only_text_naming_training_steps_needs_a_training_batch(tmp_path, capsys):
+    """`--only train --train-batch 0` timed nothing, wrote an empty table and exited 0; with
+    another text beside it, the training text was dropped without a word."""
+    with pytest.raises(ValueError, match=r"^'train channels_last' names only training steps, "
+                       r"and none is timed without a training batch"):  # fmt: skip
+        run_bench(quick=True, size=32, batches=(1,), train_batch=None, repeats=1,
+                  only=("xception eager NCHW", "train channels_last"))  # fmt: skip
+    out = tmp_path / "b.json"
+    argv = ["bench", "--quick", "--only", "train", "--train-batch", "0", "--json", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'train' names only training steps" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    # The candidates a text may name are those timed: without training, none of the steps.
+    with pytest.raises(ValueError, match="the candidates here are") as info:
+        run_bench(quick=True, size=32, batches=(1,), train_batch=None, repeats=1, only="zzz")
+    assert "train" not in str(info.value)
+
+
+def test_speed_targets_are_held_only_for_the_papers_model_at_299():
+    """A --quick run (a quarter-width model at 64 pixels) or another --size at batch 8 printed
+    '>= 1.60: met' as if the targets, set for the paper's model at 299x299, had been met."""
+    results = _ours_at_batch_8(bf16=[0.4] * 3)
+
+    def targets(settings):
+        report = BenchReport(machine={"device": "cpu"}, settings=settings,
+                             matmul_gflop_per_s=200.0, results=results)  # fmt: skip
+        return {c.what: c.target for c in report.comparisons()}
+
+    assert targets(dict(size=299, quick=False))["int8 vs our fastest fp32 inference"] == 1.6
+    for settings in (dict(size=64, quick=True), dict(size=299, quick=True),
+                     dict(size=224, quick=False)):  # fmt: skip
+        assert set(targets(settings).values()) == {None}, settings
+
+
+def test_json_and_markdown_in_one_file_is_refused(tmp_path, capsys, monkeypatch):
+    """The Markdown table was written over the JSON report, which was lost, with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--quick", "--only", "eager NCHW", "--train-batch", "0", "--json",
+            "b.out", "--markdown", str(tmp_path / "b.out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--json and --markdown both name" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.out").exists()  # refused before the benchmark
+
+
+def test_a_quick_size_below_the_models_minimum_names_the_smallest(tmp_path, capsys):
+    """`xception bench --quick --size 6` failed with the model's advice for images: 'resize the
+    images, or use a compact preset', neither of which a bench can do."""
+    with pytest.raises(ValueError, match=r"^size=6 is too small for the quick model: use at "
+                       r"least 7$"):  # fmt: skip
+        run_bench(quick=True, size=6, batches=(1,), train_batch=None, repeats=1)
+    assert main(["bench", "--quick", "--size", "6", "--json", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "use at least 7" in err and "resize" not in err
+    report = run_bench(quick=True, size=7, batches=(1,), train_batch=None, repeats=1,
+                       only="eager NCHW")  # fmt: skip
+    assert report.results[0].error is None and report.results[0].images_per_s > 0

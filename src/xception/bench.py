@@ -187,10 +187,13 @@ class BenchReport:
 
         "Fastest" is the best median. Candidates that failed or ran no rounds are left out, and
         so is timm's graph on our ONNX Runtime runner (that runner is ours, not the peer's).
-        The targets are the CPU's at batch 8. On CUDA the eager candidates run under bfloat16
-        autocast, so there the comparisons take every candidate and set no target.
+        The targets are the CPU's at batch 8, for the paper's model at 299x299: a `quick` run
+        (a quarter-width model) or another `size` sets none. On CUDA the eager candidates run
+        under bfloat16 autocast, so there the comparisons take every candidate and set no target.
         """
         cpu = str(self.machine.get("device", "cpu")).startswith("cpu")
+        # A tiny model's ratios say nothing of the paper's model, which the targets are set for.
+        targeted = cpu and not self.settings.get("quick") and self.settings.get("size", 299) == 299
         fp32 = " fp32" if cpu else ""
         ok = [r for r in self.results if r.error is None and r.round_seconds]
         out = []
@@ -229,7 +232,7 @@ class BenchReport:
                 rounds = [tb / ta for ta, tb in zip(a.round_seconds, b.round_seconds, strict=True)]
                 out.append(Comparison(
                     what, task, batch, a.name, b.name, a.images_per_s / b.images_per_s,
-                    statistics.median(rounds), rounds, target if cpu and batch == 8 else None,
+                    statistics.median(rounds), rounds, target if targeted and batch == 8 else None,
                 ))  # fmt: skip
         return out
 
@@ -794,8 +797,8 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Measure every candidate (when `only` is given: those whose name contains it, or any of
-    several; each must match at least one, or ValueError) at each batch size in `batches`
-    (inference) and at `train_batch` (training steps; None skips training).
+    several; each must match at least one candidate that is timed, or ValueError) at each batch
+    size in `batches` (inference) and at `train_batch` (training steps; None skips training).
 
     `quick`: the 0.25-width, one-middle-block model and no compiled or peer candidates, for a
     smoke test in seconds. `progress(message)` is called as candidates are built and timed.
@@ -813,6 +816,12 @@ def run_bench(
     batches = tuple(dict.fromkeys(batches))  # each once: a repeat would be compared only once
     note = progress or (lambda message: log.info("%s", message))
     model_kwargs = dict(num_classes=num_classes, **(QUICK_MODEL if quick else {}))
+    if quick:  # the model's own message told the bench to resize its images
+        with torch.device("meta"):
+            smallest = create_model("xception", **model_kwargs).min_input_size
+        if size < smallest:
+            raise ValueError(f"size={size} is too small for the quick model: use at least "
+                             f"{smallest}")  # fmt: skip
     # Every candidate compiles without inductor's benchmark harness (see deploy.NO_HARNESS):
     # our `--only` argument holds candidate names, quotes and all.
     from torch._inductor import config as inductor_config
@@ -821,12 +830,22 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="xception-bench-") as tmp, no_harness:
         candidates = _candidates(size=size, quick=quick, device=device, workdir=Path(tmp),
                                  model_kwargs=model_kwargs)  # fmt: skip
+        # Training steps are timed only with a training batch: the others are no candidates.
+        untimed = [c for c in candidates if c.task == "training" and not train_batch]
+        candidates = [c for c in candidates if c not in untimed]
         if only:
             wanted = (only,) if isinstance(only, str) else tuple(only)
             names = sorted({c.name for c in candidates})
             # Each text must name something: a stale name among several (a script's list, a
             # peer not installed) would otherwise drop its candidate and the comparisons on it.
             unmatched = [w for w in wanted if not any(w in name for name in names)]
+            training = [w for w in unmatched if any(w in c.name for c in untimed)]
+            if training:  # it ran nothing, wrote an empty table and exited 0
+                raise ValueError(f"{' and '.join(map(repr, training))} "
+                                 f"name{'s' if len(training) == 1 else ''} only training steps, "
+                                 "and none is timed without a training batch (train_batch=None, "
+                                 "--train-batch 0): give a training batch size, or leave the "
+                                 "text out")  # fmt: skip
             if unmatched:
                 raise ValueError(f"no candidate name contains {' or '.join(map(repr, unmatched))}: "
                                  f"the candidates here are {', '.join(names)}")  # fmt: skip
@@ -852,6 +871,8 @@ def run_bench(
             plan.append(("training", train_batch))
         for task, batch in plan:
             group = [c for c in candidates if c.task == task]
+            if not group:  # --only kept none of this task's candidates
+                continue
             # A pause before each timed step lets the previous runtime's spinning worker
             # threads (ONNX Runtime, OpenMP) go idle, so they do not steal the cores; measured
             # to matter (eager times doubled without it).
@@ -868,22 +889,31 @@ def _measure(
     steps: dict[str, Step] = {}
     results = {c.name: Measurement(c.name, c.task, batch, size, gflop_per_image=c.gflop_per_image)
                for c in group}  # fmt: skip
+
+    def fail(name: str, err: Exception) -> None:  # one failing candidate must not sink the others
+        log.warning("%s failed: %s", name, err)
+        results[name].error = _error_text(err)
+
     for c in group:
         note(f"{c.task} batch {batch}: warming up {c.name}")
         try:
             steps[c.name] = c.build(batch)
-        except Exception as err:  # one failing candidate must not sink the others
-            log.warning("%s failed: %s", c.name, err)
-            results[c.name].error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        except Exception as err:
+            fail(c.name, err)
     times: dict[str, list[float]] = {name: [] for name in steps}
     faults: dict[str, list[int | None]] = {name: [] for name in steps}
     for round_ in range(repeats):
         note(f"{group[0].task if group else ''} batch {batch}: round {round_ + 1}/{repeats}")
-        for name, step in steps.items():
+        for name, step in list(steps.items()):
             time.sleep(pause)
             before = page_faults()
             start = time.perf_counter()
-            step()
+            try:
+                step()
+            except Exception as err:  # e.g. out of memory, or the Keras peer's process died:
+                fail(name, err)  # its row holds the error, the others' rounds go on
+                del steps[name]
+                continue
             times[name].append(time.perf_counter() - start)
             after = page_faults()
             if hasattr(step, "page_faults"):  # a peer in a process of its own counts them there
@@ -892,9 +922,11 @@ def _measure(
                 faults[name].append(None if before is None else after - before)
     for name, ts in times.items():
         r = results[name]
-        median = statistics.median(ts)
         r.rounds = len(ts)
         r.round_seconds = list(ts)
+        if r.error is not None:  # failed in a timed round: no figures from the rounds before
+            continue
+        median = statistics.median(ts)
         if None not in faults[name]:
             r.page_faults = round(statistics.median(faults[name]))
         r.ms_per_batch = 1000 * median
@@ -905,6 +937,13 @@ def _measure(
     steps.clear()
     gc.collect()
     return list(results.values())
+
+
+def _error_text(err: BaseException) -> str:
+    """One line for a failed candidate's row: the exception's type and its first line (a bare
+    `assert` in a library raises one with no message at all)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def save_json(report: BenchReport, path: str | Path) -> Path:

@@ -607,6 +607,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     for out, suffix in ((args.json, ".json"), (args.markdown, ".md")):  # before the minutes
         if out:  # of benchmarking, not after
             check_output_file(out, example_suffix=suffix)
+    if args.markdown and os.path.realpath(args.markdown) == os.path.realpath(args.json):
+        # The Markdown table was written over the JSON, which was lost.
+        raise UserError(f"--json and --markdown both name {args.markdown}: give each its own "
+                        "file, e.g. bench.json and bench.md")  # fmt: skip
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: use a positive number of threads")
     if args.train_batch is not None and args.train_batch < 0:
