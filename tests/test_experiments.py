@@ -541,3 +541,51 @@ def test_speeds_are_measured_with_glibc_keeping_freed_memory(monkeypatch):
     monkeypatch.setattr(experiments, "measure_speed", lambda *a, **k: 12.5)
     speed = experiments._speed(torch.nn.Identity(), dict(size=8, in_chans=1), TINY)
     assert speed["images_per_s"] == 12.5 and calls == [1]
+
+
+def test_a_bad_model_setting_is_not_blamed_on_the_segment_counts(tmp_path, capsys):
+    """`xception experiment segments --set foo=1` (or width=-1) said 'segments=1 does not divide
+    the channels': the first segment count took the blame for the setting's own error."""
+    import dataclasses
+
+    from xception.cli import main
+
+    for model, message in ((dict(foo=1), r"unknown option\(s\) foo for xception-compact"),
+                           (dict(width=-1), r"width=-1 is not valid")):  # fmt: skip
+        scale = dataclasses.replace(TINY, model=model)
+        with pytest.raises(ValueError, match=message):
+            suite_plan("segments", scale, in_chans=1, num_classes=10)
+    argv = ["experiment", "segments", "--quick", "--set", "foo=1", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown option(s) foo" in err and "does not divide" not in err
+    assert not (tmp_path / "x" / "runs").exists()
+
+
+def test_segment_counts_that_do_not_fit_name_the_counts_that_do():
+    """`xception experiment all --set width=0.5` failed on the full scale's own count 16 with
+    'use powers of two up to the narrowest layer': the counts were never the user's, and the
+    message did not say which fit or how to give them."""
+    import dataclasses
+
+    scale = dataclasses.replace(SCALES["full"], model={"width": 0.5})
+    with pytest.raises(ValueError, match=r"^segments=16 does not divide .* e\.g\. --segments "
+                       r"1,2,4,8$"):  # fmt: skip
+        suite_plan("segments", scale, in_chans=1, num_classes=10)
+    none_fit = dataclasses.replace(SCALES["quick"], segments=(3, 5))  # then the powers that do
+    with pytest.raises(ValueError, match=r"^segments=3 .* e\.g\. --segments 1,2,4,8$"):
+        suite_plan("segments", none_fit, in_chans=1, num_classes=10)
+    assert [v.overrides["segments"] for v in suite_plan("segments", SCALES["full"])[0]] == [
+        1, 2, 4, 8, 16, "depthwise"]  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["seeds", "speed_repeats"])
+def test_a_scale_with_a_count_below_one_is_refused_before_any_work(tmp_path, field):
+    """seeds=0 hashed the data, then failed with 'min() arg is an empty sequence';
+    speed_repeats=0 failed only after training the first run."""
+    import dataclasses
+
+    scale = dataclasses.replace(TINY, **{field: 0})
+    with pytest.raises(ValueError, match=rf"^scale 'tiny': {field}=0: use a positive integer$"):
+        run_experiments(["order"], tmp_path / "exp", scale)
+    assert not (tmp_path / "exp").exists()

@@ -163,21 +163,39 @@ def _spectrum(scale: Scale, in_chans: int, num_classes: int) -> list[int]:
     """Segment counts from 1 up, each dividing every spatial conv's channel count."""
     from .zoo import create_model
 
-    candidates = scale.segments or tuple(2**i for i in range(12))
-    valid = []
-    for k in candidates:
+    def fits(k) -> bool:
         try:
-            create_model(BASE_MODEL, num_classes=num_classes, in_chans=in_chans,
-                         **{**scale.model, "segments": k})  # fmt: skip
+            with torch.device("meta"):  # only the channel counts are checked: nothing allocated
+                create_model(BASE_MODEL, num_classes=num_classes, in_chans=in_chans,
+                             **{**scale.model, "segments": k})  # fmt: skip
         except ValueError:
-            if scale.segments is not None:
-                raise ValueError(
-                    f"segments={k} does not divide the channels of {BASE_MODEL} at scale "
-                    f"{scale.name!r}: use powers of two up to the narrowest layer"
-                ) from None
-            break
-        valid.append(k)
-    return valid
+            return False
+        return True
+
+    # The model as set, first: a bad setting of it (an unknown --set key, width=-1) fails here
+    # with its own message, not as the first segment count's "does not divide" below.
+    with torch.device("meta"):
+        create_model(BASE_MODEL, num_classes=num_classes, in_chans=in_chans, **scale.model)
+    if scale.segments is None:
+        valid = []
+        for k in (2**i for i in range(12)):
+            if not fits(k):
+                break
+            valid.append(k)
+        return valid
+    bad = [k for k in scale.segments if not fits(k)]
+    if bad:
+        # The full scale's own list (up to 16) asked of a narrower --set width: name the
+        # counts that fit, which the user never had to spell out before.
+        ok = [k for k in scale.segments if k not in bad] or _spectrum(
+            dataclasses.replace(scale, segments=None), in_chans, num_classes
+        )
+        raise ValueError(
+            f"segments={bad[0]} does not divide the channels of {BASE_MODEL} at scale "
+            f"{scale.name!r}: use counts that divide its narrowest layer, e.g. --segments "
+            f"{','.join(map(str, ok))}"
+        )
+    return list(scale.segments)
 
 
 def _param_count(model: nn.Module) -> int:
@@ -644,6 +662,13 @@ def run_experiments(
     if fixed:
         raise ValueError(f"{', '.join(fixed)}: fixed by the data (1-channel images, 10 classes), "
                          "not a model setting here")  # fmt: skip
+    # seeds=0 failed after hashing the data ("min() arg is an empty sequence"), speed_repeats=0
+    # after training the first run.
+    for name in ("seeds", "epochs", "train_size", "val_size", "batch_size", "speed_batch",
+                 "speed_repeats"):  # fmt: skip
+        value = getattr(scale, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"scale {scale.name!r}: {name}={value!r}: use a positive integer")
     if scale.train_size < scale.batch_size:
         raise ValueError(f"{scale.train_size} training images are fewer than one batch of "
                          f"{scale.batch_size}: use at least {scale.batch_size}")  # fmt: skip
