@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 import math
+import operator
 import os
 import platform
 import re
@@ -32,7 +33,7 @@ from torch.nn import functional as F
 from . import runtime
 from .checkpoint import check_output_file, publish
 from .layers import ConvBNAct, SamePadMaxPool2d
-from .model import Xception, XceptionBlock, check_float_images
+from .model import Xception, XceptionBlock, check_float_images, meta_copy
 
 log = logging.getLogger(__name__)
 
@@ -187,17 +188,14 @@ Plan = tuple[tuple[tuple[str, ...], int], ...]  # (block names, images per slice
 def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int]:
     """Bytes of the biggest tensor each top-level block makes for one image of `shape`.
 
-    Measured with forward hooks on a replica of `model` built from its config on the meta
-    device (shapes only: no memory, no arithmetic): exact for every config (strides, dilation,
-    padding, widths) without re-deriving the architecture's arithmetic. `model` itself is never
-    run nor hooked, so other threads may run it meanwhile (`InferenceModel` plans a new input
-    shape on its first call, while calls of other shapes may be running).
+    Measured with forward hooks on a copy of `model` on the meta device (`model.meta_copy`:
+    shapes only, no memory, no arithmetic): exact for every config (strides, dilation, padding,
+    widths) and for blocks changed after building, without re-deriving the architecture's
+    arithmetic. `model` itself is never run nor hooked, so other threads may run it meanwhile
+    (`InferenceModel` plans a new input shape on its first call, while calls of other shapes
+    may be running).
     """
-    replica = _meta_replica(model)
-    if replica.block_names != model.block_names:
-        raise ValueError(f"the model's blocks {model.block_names} are not those its config "
-                         f"builds ({replica.block_names}): build it with xception.create_model "
-                         "and leave its blocks as they are")  # fmt: skip
+    replica = meta_copy(model)
     sizes: dict[str, int] = {}
     for name in replica.block_names:
 
@@ -210,19 +208,6 @@ def _block_activations(model: Xception, shape: tuple[int, ...]) -> dict[str, int
     x = torch.zeros(1, *shape[1:], device="meta", dtype=next(model.parameters()).dtype)
     replica.forward_features(x.contiguous(memory_format=torch.channels_last))
     return sizes
-
-
-def _meta_replica(model: nn.Module) -> nn.Module:
-    """`model`'s shapes without its memory: a copy on the meta device, in eval mode as the
-    model runs (a new model trains, and a training batch norm refuses one image whose map has
-    shrunk to 1x1: full-size Xception below 48 px). Ours is rebuilt from its config, with no
-    copy of its weights; another model is copied and moved."""
-    if isinstance(model, Xception):
-        with torch.device("meta"):
-            replica = Xception(model.config).to(next(model.parameters()).dtype)
-    else:
-        replica = copy.deepcopy(model).to("meta")
-    return replica.eval()
 
 
 def _check_slice_mib(slice_mib: float | None) -> None:
@@ -419,8 +404,10 @@ class InferenceModel(nn.Module):
         # Copied outside inference mode: a tensor the caller may change in place or use with
         # autograd, as the eager model's output under no_grad (an inference tensor allows
         # neither); and a CUDA graph's output leaves the graph's pool, which the next replay
-        # writes over. A copy of the logits (N x classes) costs microseconds.
-        return out.clone()
+        # writes over. A copy of the logits (N x classes) costs microseconds. Contiguous, as the
+        # model's own output: feature maps (pooling=None) came back channels_last, on which
+        # `.view(n, -1)` failed.
+        return out.clone(memory_format=torch.contiguous_format)
 
     def _run_compiled(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         cache = _inductor_modules()
@@ -508,6 +495,7 @@ def optimize(
     `device` defaults to the model's; `dtype` to float32 on the CPU and bfloat16 on CUDA. In
     float32 the outputs equal the eval-mode model's within 1e-4.
     """
+    _check_has_weights(model)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -559,6 +547,17 @@ class ExportReport:
     # With a dynamic size: the smallest height and width the file takes (a .pt2 program is
     # guarded from the traced range's start; ONNX goes down to the model's own minimum).
     min_size: int | None = None
+
+
+def _check_has_weights(model: nn.Module) -> None:
+    """Refuse a model built on the meta device: it has shapes but no weights, so it "ran" to
+    outputs without values (`optimize`) or failed deep in a copy ("Cannot copy out of meta
+    tensor")."""
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ValueError("the model is on the meta device (shapes without weights): load its "
+                         "weights first, e.g. model.to_empty(device='cpu') then "
+                         "model.load_state_dict(...), or build it with "
+                         "xception.create_model(..., weights=...)")  # fmt: skip
 
 
 def _check_target(path: Path, fmt: str) -> None:
@@ -656,7 +655,7 @@ def _program_min_size(model: nn.Module) -> int:
     strides = [s for s in strides if isinstance(s, int)]
     stride = max(strides) if strides else 32
     try:
-        replica = _meta_replica(model)
+        replica = meta_copy(model)
     except Exception:  # not copyable or not movable: the stride rule
         return stride + 1
     smallest: list[int] = []
@@ -765,6 +764,12 @@ class _TracedSize(nn.Module):
         self.channels, self.height, self.width = channels, height, width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:  # uint8 or half failed inside the trace, with no word
+            raise RuntimeError(
+                "this TorchScript file takes float32 images, got a tensor of another dtype: "
+                "convert it with x.float() (integer pixels normalised as the weights expect, "
+                "e.g. x.float() / 127.5 - 1 for Keras' ImageNet weights)"
+            )
         if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.height or (
                 x.shape[3] != self.width):  # fmt: skip
             traced = f"{self.channels}-channel {self.height}x{self.width}"
@@ -810,6 +815,7 @@ class _ProgramInputCheck:
         self.name = name
         first = program.graph_signature.user_inputs[0]
         node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == first)
+        self.dtype: torch.dtype = node.meta["val"].dtype
         self.ranges: list[tuple[int, int | None]] = []
         for dim in node.meta["val"].shape:
             if isinstance(dim, torch.SymInt):
@@ -836,6 +842,11 @@ class _ProgramInputCheck:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
             return  # keyword or odd calls: the program's own checks apply
+        if x.dtype != self.dtype:  # torch said only "expected scalar type Byte but found Float"
+            if self.dtype.is_floating_point:
+                check_float_images(x)  # integer pixels: convert and normalise
+            raise ValueError(f"{self.name} takes {self.dtype} input, got a tensor of {x.dtype}: "
+                             f"convert it with x.to({self.dtype})")  # fmt: skip
         fits = x.dim() == len(self.ranges) and all(
             lo <= size and (hi is None or size <= hi)
             for size, (lo, hi) in zip(x.shape, self.ranges, strict=True)
@@ -869,6 +880,22 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
     return module
 
 
+def _input_size(input_size: tuple[int, int] | int) -> tuple[int, int]:
+    """(height, width) from one size or a pair; anything else is refused by name (a float, a
+    1-tuple or True used to fail inside the tracer or in tuple unpacking)."""
+    sizes = (input_size, input_size) if not isinstance(input_size, tuple | list) else input_size
+    try:
+        if len(sizes) != 2 or any(isinstance(s, bool) for s in sizes):
+            raise TypeError
+        h, w = (operator.index(s) for s in sizes)  # whole numbers, numpy's included
+    except TypeError:
+        h = w = 0
+    if min(h, w) < 1:
+        raise ValueError(f"input_size={input_size!r}: give the image height and width in pixels, "
+                         "as one whole number or a pair, e.g. 299 or (299, 299)")  # fmt: skip
+    return h, w
+
+
 def export(
     model: nn.Module,
     path: str | Path,
@@ -890,10 +917,22 @@ def export(
     _check_target(path, format)
     if isinstance(model, InferenceModel):  # its folded model, not the runner's graphs
         model = model.model
+    _check_has_weights(model)
+    if dynamic_size and format == "torchscript":
+        # The trace holds the traced size's padding and shapes: the file checks its input
+        # against that size, and a report of "any size" was wrong.
+        raise ValueError("dynamic_size=True cannot be exported to TorchScript: a traced file "
+                         "runs at the traced size only. Export to ONNX (.onnx) or a torch.export "
+                         "program (.pt2) for a dynamic size, or export at a fixed size")  # fmt: skip
     _check_traceable(model, dynamic_size)
-    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
-    if min(h, w) < 1:
-        raise ValueError(f"input_size={input_size}: give the image height and width in pixels")
+    h, w = _input_size(input_size)
+    batches = tuple(check_batches) if isinstance(check_batches, tuple | list) else ()
+    if not batches or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
+                          for n in batches):  # fmt: skip
+        # Batch 0 failed in the comparison (max() of nothing); none at all reported an error
+        # of 0 for a file that was never compared.
+        raise ValueError(f"check_batches={check_batches!r}: give one or more batch sizes of at "
+                         "least 1 image, e.g. (1, 3)")  # fmt: skip
     model = copy.deepcopy(model).float().cpu().eval()
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     gen = torch.Generator().manual_seed(seed)
@@ -1010,6 +1049,9 @@ class OnnxModel:
         self.slice_images = slice_images
         self.session = onnx_session(self.path, threads=self.threads)
         self.input_name = self.session.get_inputs()[0].name
+        # Fixed sizes as numbers, symbolic ones (the batch, a dynamic size) as None.
+        self.input_shape = tuple(d if isinstance(d, int) else None
+                                 for d in self.session.get_inputs()[0].shape)  # fmt: skip
         self._single = None
         self._pool = None
         if split_batch and self.threads > 1:
@@ -1027,8 +1069,23 @@ class OnnxModel:
         step = min(self.slice_images, -(-batch // self.threads))
         return [(i, min(i + step, batch)) for i in range(0, batch, step)]
 
+    def _check_shape(self, x: torch.Tensor) -> None:
+        """Input of another size or rank failed inside ONNX Runtime, with its three-line
+        INVALID_ARGUMENT: name the shape the file takes, and the fix."""
+        want = self.input_shape
+        if x.ndim == len(want) and all(
+            d is None or d == n for d, n in zip(want, x.shape, strict=True)
+        ):
+            return
+        shape = ", ".join("N" if i == 0 and d is None else "?" if d is None else str(d)
+                          for i, d in enumerate(want))  # fmt: skip
+        raise ValueError(f"{self.path.name} takes input of shape ({shape}), got "
+                         f"{tuple(x.shape)}: give input of that shape, or export again at the "
+                         "images' size (xception export --size N, or --dynamic-size)")  # fmt: skip
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         check_float_images(x)
+        self._check_shape(x)
         x = x.detach().float().cpu().contiguous().numpy()
         slices = self.slices(x.shape[0])
         if len(slices) == 1:
@@ -1045,6 +1102,9 @@ class OnnxRuntimeRunner:
     size runs on an `OnnxModel`. Used by `xception predict --backend onnxruntime`."""
 
     def __init__(self, model: nn.Module) -> None:
+        if isinstance(model, InferenceModel):  # its folded model: compiled graphs do not copy
+            model = model.model
+        _check_has_weights(model)
         self.model = copy.deepcopy(model).float().cpu().eval()
         self._dir = tempfile.TemporaryDirectory(prefix="xception-onnx-")
         self._models: dict[tuple[int, int], OnnxModel] = {}
@@ -1079,12 +1139,15 @@ class _Batches:
 
     `per_image`: hand them over one image at a time. ONNX Runtime's histogram calibrators
     (entropy, percentile) stack what each call returns into one array, which fails on batches
-    of different sizes (a set of 8 + 2 images) with a numpy error that names none of it."""
+    of different sizes (a set of 8 + 2 images) with a numpy error that names none of it.
+    `check` is called on each batch before ONNX Runtime sees it."""
 
-    def __init__(self, name: str, batches: Iterable[torch.Tensor], per_image: bool = False):
+    def __init__(self, name: str, batches: Iterable[torch.Tensor], per_image: bool = False,
+                 check: Callable[[torch.Tensor], None] = check_float_images):  # fmt: skip
         self.name, self.count = name, 0
         self._it = iter(batches)
         self._per_image = per_image
+        self._check = check
         self._pending: list[torch.Tensor] = []
 
     def get_next(self) -> dict | None:
@@ -1092,7 +1155,7 @@ class _Batches:
             batch = next(self._it, None)
             if batch is None:
                 return None
-            check_float_images(batch)
+            self._check(batch)
             self._pending = list(batch.split(1)) if self._per_image else [batch]
         batch = self._pending.pop(0)
         self.count += batch.shape[0]
@@ -1136,19 +1199,27 @@ def quantize_onnx(
 
     graph_input = onnx.load(str(fp32_path), load_external_data=False).graph.input[0]
     name = graph_input.name
-    calibration = iter(calibration)
+    # Empty batches (the end of a split, say) hold nothing to calibrate on, and the histogram
+    # calibrators failed on them with numpy's "inhomogeneous shape".
+    calibration = (b for b in calibration if not (b.ndim == 4 and b.shape[0] == 0))
     first = next(calibration, None)
     if first is None:
         raise ValueError("no calibration images: give at least one batch of images")
     dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]  # 0 when symbolic
     want = tuple(d or "?" for d in dims[1:])
-    if first.ndim != 4 or any(
-        d and d != got for d, got in zip(dims[1:], first.shape[1:], strict=True)
-    ):
-        raise ValueError(f"calibration batches must be (N, {', '.join(map(str, want))}) like the "
-                         f"model's input, got {tuple(first.shape)}: preprocess the images as for "
-                         "the model (its input size; grey for a 1-channel model)")  # fmt: skip
-    check_float_images(first)
+
+    def check(batch: torch.Tensor) -> None:
+        # Every batch, not just the first: a later one of another size failed inside ONNX
+        # Runtime's calibration with its own three-line INVALID_ARGUMENT.
+        if batch.ndim != 4 or any(
+            d and d != got for d, got in zip(dims[1:], batch.shape[1:], strict=True)
+        ):
+            raise ValueError(f"calibration batches must be (N, {', '.join(map(str, want))}) like "
+                             f"the model's input, got {tuple(batch.shape)}: preprocess the images "
+                             "as for the model (its input size; grey for a 1-channel model)")  # fmt: skip
+        check_float_images(batch)
+
+    check(first)  # before the work of preparing the graph
     calibration = itertools.chain([first], calibration)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         prepared = Path(tmpdir) / "prepared.onnx"
@@ -1160,7 +1231,7 @@ def quantize_onnx(
             nodes = onnx.load(str(prepared), load_external_data=False).graph.node
             convs = [n.name for n in nodes if n.op_type == "Conv"]
             exclude = convs[:1] + [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
-        reader = _Batches(name, calibration, per_image=method != "minmax")
+        reader = _Batches(name, calibration, per_image=method != "minmax", check=check)
         out = Path(tmpdir) / "int8.onnx"
         quantize_static(
             str(prepared), str(out), reader, quant_format=formats[quant_format],
@@ -1221,6 +1292,9 @@ def quantize_model(
     there are none)."""
     path = Path(path)
     _check_target(path, "onnx")
+    if isinstance(model, InferenceModel):  # its folded model: compiled graphs do not copy
+        model = model.model
+    _check_has_weights(model)
     model = copy.deepcopy(model).float().cpu().eval()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         fp32 = Path(tmpdir) / "fp32.onnx"
