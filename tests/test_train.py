@@ -439,14 +439,22 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, toy):
     load_checkpoint(saved[-1])  # the last good checkpoint is intact
 
 
-def test_multilabel_training_reports_map(tmp_path):
+def _multilabel_run(tmp_path, first_label: str | None, per_class: int, batch_size: int) -> dict:
+    """One epoch of the `jft` recipe on images of folders a and b, each labelled with its
+    folder's name (or `first_label`) and one of x and y."""
     root = tmp_path / "jft"
-    _image_folder(root / "img", classes=("a", "b"), per_class=12, size=16)
-    rows = [f"img/{c}/{i}.png,{c} {'x' if i % 2 else 'y'}" for c in "ab" for i in range(12)]
+    _image_folder(root / "img", classes=("a", "b"), per_class=per_class, size=16)
+    rows = [f"img/{c}/{i}.png,{first_label or c} {'x' if i % 2 else 'y'}"
+            for c in "ab" for i in range(per_class)]  # fmt: skip
     (root / "train.csv").write_text("\n".join(rows) + "\n")
-    result = fit("jft", model="xception-compact", model_args=TINY_MODEL, data=str(root),
-                 image_size=16, epochs=1, batch_size=8, workers=0, threads=1, progress=False,
-                 checkpoint_every=0, val_fraction=0.25, out=str(tmp_path / "run"))  # fmt: skip
+    return fit("jft", model="xception-compact", model_args=TINY_MODEL, data=str(root),
+               image_size=16, epochs=1, batch_size=batch_size, workers=0, threads=1,
+               progress=False, checkpoint_every=0, val_fraction=0.25,
+               out=str(tmp_path / "run"))  # fmt: skip
+
+
+def test_multilabel_training_reports_map(tmp_path):
+    result = _multilabel_run(tmp_path, None, per_class=12, batch_size=8)
     final = result["final"]
     assert 0 <= final["val_map100"] <= 100 and final["epoch"] == 1
     assert result["classes"] == ["a", "b", "x", "y"]
@@ -461,13 +469,7 @@ def test_multilabel_training_top1_scores_ties_as_eval_does(tmp_path, monkeypatch
         return torch.zeros(len(x), self.fc.out_features) + 0 * self.fc(self.global_pool(x)).sum()
 
     monkeypatch.setattr(BlockNet, "forward_head", constant)
-    root = tmp_path / "jft"
-    _image_folder(root / "img", classes=("a", "b"), per_class=6, size=16)
-    rows = [f"img/{c}/{i}.png,a {'x' if i % 2 else 'y'}" for c in "ab" for i in range(6)]
-    (root / "train.csv").write_text("\n".join(rows) + "\n")
-    result = fit("jft", model="xception-compact", model_args=TINY_MODEL, data=str(root),
-                 image_size=16, epochs=1, batch_size=4, workers=0, threads=1, progress=False,
-                 checkpoint_every=0, val_fraction=0.25, out=str(tmp_path / "run"))  # fmt: skip
+    result = _multilabel_run(tmp_path, "a", per_class=6, batch_size=4)
     assert result["classes"] == ["a", "x", "y"]
     assert result["history"][0]["train_top1"] == pytest.approx(200 / 3)
 
