@@ -50,12 +50,13 @@ GLIBC = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
                            reason="the setting exists in glibc only")  # fmt: skip
 
 
-def _child(script: str, *args: str) -> subprocess.CompletedProcess:
-    # glibc as shipped in the child, whatever this shell's GLIBC_TUNABLES or MALLOC_* say.
-    env = {k: v for k, v in os.environ.items()
-           if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}  # fmt: skip
+def _child(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    # glibc as shipped in the child, whatever this shell's GLIBC_TUNABLES or MALLOC_* say,
+    # with `env` on top.
+    shipped = {k: v for k, v in os.environ.items()
+               if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}  # fmt: skip
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
+                          timeout=120, env={**shipped, **env})  # fmt: skip
 
 
 @GLIBC
@@ -203,11 +204,7 @@ def test_allocator_state_names_glibcs_malloc_environment_variables():
         "import torch\nfrom xception import runtime\nx = torch.ones(64 * 2**18)\ndel x\n"
         "print(runtime.allocator_state())"
     )
-    env = {k: v for k, v in os.environ.items()
-           if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}  # fmt: skip
-    env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2000000000")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, env=env)  # fmt: skip
+    run = _child(script, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2000000000")
     assert run.returncode == 0, run.stderr
     state = run.stdout.strip()
     assert not state.endswith("as shipped"), state

@@ -40,8 +40,8 @@ from torch import nn
 
 from . import deploy, runtime
 from .checkpoint import atomic_write
-from .model import count_macs
-from .zoo import create_model
+from .model import count_macs, min_input_size
+from .zoo import create_model, model_config
 
 log = logging.getLogger(__name__)
 
@@ -817,8 +817,7 @@ def run_bench(
     note = progress or (lambda message: log.info("%s", message))
     model_kwargs = dict(num_classes=num_classes, **(QUICK_MODEL if quick else {}))
     if quick:  # the model's own message told the bench to resize its images
-        with torch.device("meta"):
-            smallest = create_model("xception", **model_kwargs).min_input_size
+        smallest = min_input_size(model_config("xception", **model_kwargs))
         if size < smallest:
             raise ValueError(f"size={size} is too small for the quick model: use at least "
                              f"{smallest}")  # fmt: skip

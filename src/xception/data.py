@@ -6,6 +6,7 @@ with (see `weights.py`), and so training and evaluation can never silently disag
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -213,19 +214,21 @@ def sample_keys(seed: int, epoch: int, indices) -> np.ndarray:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _idx_error(path: Path, err: Exception) -> DataError:
-    if isinstance(err, EOFError | zlib.error | gzip.BadGzipFile):
-        return DataError(f"{path}: damaged gzip file, it cannot be decompressed ({err}); "
-                         "download it again")  # fmt: skip
-    return DataError(f"{path}: not a readable IDX file ({err})")
-
-
+@contextlib.contextmanager
 def open_idx(path: Path):
     """An IDX file opened for reading its bytes, through gzip if its first bytes say so (not
-    its name: a browser may have unpacked a download and kept its '.gz')."""
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == GZIP_MAGIC
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+    its name: a browser may have unpacked a download and kept its '.gz'). A file that cannot
+    be read or decompressed, then or while it is read, is a DataError naming the fix."""
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == GZIP_MAGIC
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
+            yield f
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: damaged gzip file, it cannot be decompressed ({err}); "
+                        "download it again") from None  # fmt: skip
+    except OSError as err:
+        raise DataError(f"{path}: not a readable IDX file ({err})") from None
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -234,12 +237,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     Gzip is told by the file's first bytes, not its name: a browser may have unpacked a
     download and kept its '.gz'."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == GZIP_MAGIC:
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as err:
-        raise _idx_error(path, err) from None
+    with open_idx(path) as f:
+        raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]
@@ -261,11 +260,8 @@ def idx_count(root: str | Path, split: str) -> int:
     """How many images an IDX folder's `split` ('train' or 'test') holds, from its label file's
     header alone."""
     path = _find_idx(Path(root), IDX_FILES[split][1])
-    try:
-        with open_idx(path) as f:
-            head = f.read(8)
-    except (OSError, EOFError, zlib.error) as err:
-        raise _idx_error(path, err) from None
+    with open_idx(path) as f:
+        head = f.read(8)
     if len(head) < 8 or head[:2] != b"\0\0" or head[3] != 1:
         raise DataError(f"{path}: not an IDX label file (bad magic number)")
     return struct.unpack(">I", head[4:8])[0]

@@ -560,6 +560,15 @@ def _check_has_weights(model: nn.Module) -> None:
                          "xception.create_model(..., weights=...)")  # fmt: skip
 
 
+def _eager_model(model: nn.Module) -> nn.Module:
+    """The module to trace or copy for export and ONNX Runtime: an `InferenceModel`'s folded
+    model, not its runner (compiled graphs cannot be copied), and one with weights."""
+    if isinstance(model, InferenceModel):
+        model = model.model
+    _check_has_weights(model)
+    return model
+
+
 def _check_target(path: Path, fmt: str) -> None:
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
@@ -915,9 +924,7 @@ def export(
     """
     path = Path(path)
     _check_target(path, format)
-    if isinstance(model, InferenceModel):  # its folded model, not the runner's graphs
-        model = model.model
-    _check_has_weights(model)
+    model = _eager_model(model)
     if dynamic_size and format == "torchscript":
         # The trace holds the traced size's padding and shapes: the file checks its input
         # against that size, and a report of "any size" was wrong.
@@ -1102,9 +1109,7 @@ class OnnxRuntimeRunner:
     size runs on an `OnnxModel`. Used by `xception predict --backend onnxruntime`."""
 
     def __init__(self, model: nn.Module) -> None:
-        if isinstance(model, InferenceModel):  # its folded model: compiled graphs do not copy
-            model = model.model
-        _check_has_weights(model)
+        model = _eager_model(model)
         self.model = copy.deepcopy(model).float().cpu().eval()
         self._dir = tempfile.TemporaryDirectory(prefix="xception-onnx-")
         self._models: dict[tuple[int, int], OnnxModel] = {}
@@ -1292,9 +1297,7 @@ def quantize_model(
     there are none)."""
     path = Path(path)
     _check_target(path, "onnx")
-    if isinstance(model, InferenceModel):  # its folded model: compiled graphs do not copy
-        model = model.model
-    _check_has_weights(model)
+    model = _eager_model(model)
     model = copy.deepcopy(model).float().cpu().eval()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         fp32 = Path(tmpdir) / "fp32.onnx"

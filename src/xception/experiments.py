@@ -43,7 +43,6 @@ import math
 import shutil
 import statistics
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -501,15 +500,7 @@ _NOT_IDENTITY = ("out", "resume", "progress", "workers", "device", "threads", "c
 
 def dataset_info(data: str | Path) -> dict:
     """What the runs need to know of the data: experiments use IDX data (Fashion-MNIST, MNIST)."""
-    from .data import (
-        IDX_FILES,
-        _find_idx,
-        _idx_error,
-        idx_count,
-        is_idx_dir,
-        open_idx,
-        resolve_data,
-    )
+    from .data import IDX_FILES, _find_idx, idx_count, is_idx_dir, open_idx, resolve_data
     from .train import make_config
 
     root = resolve_data(data)
@@ -525,12 +516,9 @@ def dataset_info(data: str | Path) -> dict:
     for split in ("train", "test"):
         for stem in IDX_FILES[split]:
             path = _find_idx(root, stem)
-            try:
-                with open_idx(path) as f:
-                    while chunk := f.read(1 << 20):
-                        digest.update(chunk)
-            except (OSError, EOFError, zlib.error) as err:
-                raise _idx_error(path, err) from None
+            with open_idx(path) as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
     return dict(
         name=str(data),
         title="Fashion-MNIST" if str(data) == "fashion-mnist" else root.name,
