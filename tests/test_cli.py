@@ -237,6 +237,8 @@ def test_demo_without_the_dataset_is_one_line_before_anything_else(capsys, tmp_p
         (["experiment", "segments", "--quick", "--segments", "0,2"],
          "--segments 0,2: segment counts are positive integers"),
         (["experiment", "segments", "--quick", "--segments=-4"], "are positive integers"),
+        # An empty list ran the default spectrum, as if --segments had not been given.
+        (["experiment", "segments", "--quick", "--segments="], "--segments : use integers"),
     ],
 )  # fmt: skip
 def test_bad_overrides_are_one_line(capsys, tmp_path, monkeypatch, argv, message):

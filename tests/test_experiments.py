@@ -390,6 +390,21 @@ def test_a_suite_not_asked_for_may_have_no_plan_at_this_scale(tmp_path):
     assert results["suites"] == {}
 
 
+@pytest.mark.parametrize("text", [b"[1, 2]", b"null", b"\xff\xfe{", b'"key"'])
+def test_a_run_file_that_is_no_record_is_trained_again(tmp_path, caplog, text):
+    """Valid JSON that is not an object (or bytes that are not UTF-8) was an AttributeError or
+    UnicodeDecodeError that ended the whole experiment; it is a damaged file like any other."""
+    from xception.experiments import Store
+
+    store = Store(tmp_path)
+    store.dir.mkdir()
+    store.path("abc").write_bytes(text)
+    assert store.get("abc") is None
+    assert "unreadable" in caplog.text and "trained again" in caplog.text
+    store.put({"key": "abc", "top1": 0.5})
+    assert store.get("abc") == {"key": "abc", "top1": 0.5}
+
+
 def test_parallel_processes_share_runs_through_claims(tmp_path):
     """A run claimed by another process is skipped, waited for at the end, and trained here when
     that process lets go of it without finishing it."""

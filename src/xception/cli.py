@@ -356,7 +356,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     model = _parse_overrides(args.set)
     if model:
         changes["model"] = {**scale.model, **model}
-    if args.segments:
+    if args.segments is not None:  # "" is a mistake to name, not the default spectrum
         if args.suite not in ("segments", "all"):
             raise UserError(f"--segments applies to the segments suite, not {args.suite}")
         try:  # each count once, in order: a repeat would be a second row of the same runs

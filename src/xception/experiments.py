@@ -479,7 +479,9 @@ class Store:
             return None
         try:
             record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not a run's record")
+        except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
             # Writes are atomic, so this is a file damaged or edited by hand: train it again.
             log.warning("%s is unreadable (%s): the run will be trained again", path, err)
             return None
