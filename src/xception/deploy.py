@@ -592,7 +592,7 @@ def _check_traceable(model: nn.Module, dynamic_size: bool) -> None:
 
 
 def _dynamic_shapes(dynamic_size: bool, min_size: int = 8) -> tuple[dict, ...]:
-    shapes = {0: torch.export.Dim("batch", min=1, max=4096)}
+    shapes = {0: torch.export.Dim("batch", min=1)}
     if dynamic_size:
         shapes |= {2: torch.export.Dim("height", min=min_size),
                    3: torch.export.Dim("width", min=min_size)}  # fmt: skip
@@ -1267,9 +1267,15 @@ def top1_agreement(
         with torch.no_grad():
             for x in batches:
                 ra, rb = reference(x), candidate(x)
-                if ra.ndim != 2 or rb.ndim != 2:
-                    raise ValueError(f"top-1 agreement needs class scores (N, classes), got "
-                                     f"{tuple(ra.shape)}: the model has no classifier")  # fmt: skip
+                for name, out in (("reference", ra), ("candidate", rb)):
+                    if out.ndim != 2 or out.shape[0] != x.shape[0]:
+                        raise ValueError(f"top-1 agreement needs class scores (N, classes) for "
+                                         f"{x.shape[0]} images, the {name} gave "
+                                         f"{tuple(out.shape)}: it has no classifier")  # fmt: skip
+                if ra.shape[1] != rb.shape[1]:  # argmax would compare unrelated class indices
+                    raise ValueError(f"the reference scores {ra.shape[1]} classes and the "
+                                     f"candidate {rb.shape[1]}: compare models of the same "
+                                     "classes (the same num_classes and weights)")  # fmt: skip
                 a, b = ra.argmax(1), rb.argmax(1)
                 same += int((a == b).sum())
                 total += x.shape[0]
