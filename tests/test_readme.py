@@ -98,6 +98,21 @@ def test_every_flag_anywhere_in_the_docs_is_an_option_of_some_command():
             assert flag in options, f"{doc.name}: no command has {flag}"
 
 
+def test_every_set_key_in_the_docs_is_a_config_field():
+    """`--set keep_freed_memory=false`, `--set padding=symmetric`: a training or model field."""
+    import dataclasses
+
+    from xception import XceptionConfig
+    from xception.train import TrainConfig
+
+    fields = {f.name for c in (TrainConfig, XceptionConfig) for f in dataclasses.fields(c)}
+    text = " ".join(doc.read_text() for doc in DOCS)
+    keys = [k for k in re.findall(r"--set ([a-z_]+)[.=]", text) if k != "key"]  # key=value
+    assert len(keys) >= 5
+    for key in keys:
+        assert key in fields, f"--set {key}: no such training or model setting"
+
+
 def test_the_flags_listed_in_prose_for_train_and_eval_exist():
     """README lists more options by name ("train, for one, also takes `--config`, ...")."""
     text = " ".join(_prose(ROOT / "README.md").split())
