@@ -388,3 +388,31 @@ def test_a_grey_model_without_weights_metadata_classifies_grey_images(tmp_path):
     Image.fromarray(np.full((40, 40, 3), 200, dtype=np.uint8)).save(image)
     (row,) = list(predict(model, [image], topk=2))
     assert row.error is None and len(row.top) == 2
+
+
+def test_the_api_takes_one_path_or_folders_as_the_command_does(folder, tiny):
+    """predict(model, "cat.jpg") read the string letter by letter (a row per character: "no
+    such file"), and a folder was one error row ("Is a directory") where the command, whose
+    rows the README says the API yields, searches it."""
+    root, bad = folder
+    model = create_model("xception-compact", weights=tiny)
+    [row] = predict(model, str(root / "china.jpg"), topk=1)
+    assert row.path == str(root / "china.jpg") and row.error is None and len(row.top) == 1
+    [row] = predict(model, root / "flower.jpg", topk=1)
+    assert row.error is None
+    rows = list(predict(model, [root], topk=1))
+    assert [r.path for r in rows] == [str(p) for p in find_images([root])] and len(rows) == 13
+    assert {Path(r.path).name for r in rows if r.error} == set(bad)
+
+
+def test_a_model_that_cannot_classify_is_refused_before_any_output(tmp_path, capsys):
+    """A model without a classifier is refused when predict is called, not at the first row:
+    the command printed a CSV header on stdout (a bogus labels.csv) before its error."""
+    model = create_model("xception-compact", num_classes=0, width=0.25, middle_blocks=1)
+    with pytest.raises(ValueError, match="no classifier"):
+        predict(model, [SKLEARN_IMAGES / "china.jpg"])  # called, never iterated
+    path = save_safetensors(model, tmp_path / "notop.safetensors")
+    status, out, err = _run(capsys, SKLEARN_IMAGES / "china.jpg", "--weights", path,
+                            "--format", "csv")  # fmt: skip
+    assert status == 2 and "no classifier" in err
+    assert out == ""

@@ -455,3 +455,123 @@ def test_name_map_errors_name_the_file_and_the_fix():
     with pytest.raises(WeightsError, match=r"^k\.h5: the file has 2 unnamed shortcut convs .* "
                        r"shortcuts \(none\): use the preset the file was saved from"):  # fmt: skip
         load_into(model, layers, source="k.h5")
+
+
+def test_keras3_weights_files_and_keras_archives_load_like_the_legacy_file(keras_top, tmp_path):
+    """Keras 3 writes `save_weights` files (and the weights in a `.keras` archive) in a layout
+    of its own, the only one its public API writes: they were refused with advice that, in any
+    recent Keras, writes the same layout again, and a `.keras` file was opened as HDF5. Its
+    layers are numbered by class (batch_normalization_10 is listed before _2), which decides
+    where the unnamed shortcut layers go."""
+    kmodel, h5 = keras_top
+    legacy = create_model("xception", weights=h5).state_dict()
+    kmodel.save_weights(tmp_path / "k.weights.h5")
+    kmodel.save(tmp_path / "k.keras")
+    for name in ("k.weights.h5", "k.keras"):
+        model = create_model("xception", weights=tmp_path / name)
+        assert model.weights_meta.categories[:2] == ("tench", "goldfish")
+        loaded = model.state_dict()
+        assert loaded.keys() == legacy.keys()
+        assert all(torch.equal(loaded[k], v) for k, v in legacy.items()), name
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes((tmp_path / "k.keras").read_bytes()[:5000])
+    with pytest.raises(WeightsError, match=r"cut\.keras: not a readable Keras archive .*"
+                                           r"copy it again"):  # fmt: skip
+        load_file(cut)
+
+
+def test_timm_aligned_xception_is_named_as_another_architecture(tmp_path):
+    """timm's xception41/65/71 files got 'check the model name and its options (middle_blocks,
+    ...)': no option makes DeepLab's aligned Xception fit."""
+    import timm
+
+    path = tmp_path / "xception41.pth"
+    torch.save(timm.create_model("xception41", pretrained=False, num_classes=0).state_dict(), path)
+    with pytest.raises(WeightsError, match=r"xception41\.pth: timm's aligned Xception .* another "
+                                           r"architecture.*legacy_xception"):  # fmt: skip
+        create_model("xception", weights=path)
+
+
+def test_state_dicts_of_compiled_models_load(tmp_path):
+    """A torch.compile'd model's state_dict() names every tensor `_orig_mod.*` (under DDP:
+    `module._orig_mod.*`): such files did not fit, tensor by tensor."""
+    from safetensors.torch import save_file
+
+    model = create_model("xception-compact", num_classes=10)
+    compiled = torch.compile(model)  # compiles lazily: nothing runs here
+    sd = compiled.state_dict()
+    assert next(iter(sd)).startswith("_orig_mod.")
+    torch.save(sd, tmp_path / "compiled.pth")
+    save_file(dict(sd), str(tmp_path / "compiled.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pth")
+    for name in ("compiled.pth", "compiled.safetensors", "ddp.pth"):
+        again = create_model("xception-compact", weights=tmp_path / name)
+        assert torch.equal(again.fc.weight, model.fc.weight), name
+
+
+def test_inception_models_drop_the_class_names_of_a_head_they_did_not_load(tmp_path):
+    """The classifier rule says a new head drops the weights' class names; the Inception models
+    kept them, so a converted file named 5 classes with 3 names."""
+    from xception.weights import Weights, save_safetensors
+
+    meta = Weights(name="abc", format="xception", num_classes=3, categories=("a", "b", "c"),
+                   input_size=28)  # fmt: skip
+    for name in ("inception-v3-compact", "inception-v3"):
+        path = tmp_path / f"{name}.safetensors"
+        save_safetensors(create_model(name, num_classes=3), path, meta)
+        assert create_model(name, weights=path).weights_meta == meta  # its own head: its names
+        for classes in (5, 0):
+            got = create_model(name, weights=path, num_classes=classes).weights_meta
+            assert got == meta.replace(num_classes=classes, categories=None), (name, classes)
+
+
+def test_xception_weights_for_an_inception_model_are_named_before_any_download(
+    keras_top, monkeypatch
+):
+    """`xception predict --model inception-v3` (weights: imagenet) downloaded 88 MB of Keras
+    Xception weights, then called them 'Keras Inception V3 files'."""
+    from xception import weights as W
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(W, "download", no_download)
+    for name in ("inception-v3", "inception-v3-compact"):
+        with pytest.raises(WeightsError, match=rf"weights 'imagenet' are Xception's .* do not "
+                                               rf"fit {name}: use the xception model"):  # fmt: skip
+            create_model(name, weights="imagenet")
+        with pytest.raises(WeightsError, match=rf"Keras files are read as Xception's layers "
+                                               rf"only, and {name} is not Xception"):  # fmt: skip
+            create_model(name, weights=keras_top[1])
+
+
+def test_a_grey_timm_file_makes_a_grey_model_with_grey_preprocessing(tmp_path, capsys):
+    """A timm legacy_xception made with in_chans=1 could not be used from the command line
+    (its error said to check in_chans, which `predict` and `convert` cannot set), and with
+    in_chans=1 given in Python its metadata normalised three channels: predict stopped in
+    Normalize with a RuntimeError."""
+    import json
+
+    import timm
+    from PIL import Image
+
+    from xception.cli import main
+    from xception.predict import predict
+
+    tmodel = timm.create_model("legacy_xception", pretrained=False, in_chans=1, num_classes=10)
+    path = tmp_path / "grey.pth"
+    torch.save(tmodel.state_dict(), path)
+    model = create_model("xception", weights=path).eval()
+    assert model.config.in_chans == 1 and model.config.padding == "symmetric"
+    meta = model.weights_meta
+    assert (meta.mean, meta.std, meta.interpolation) == ((0.5,), (0.5,), "bicubic")
+    x = torch.randn(2, 1, 96, 96)
+    with torch.no_grad():
+        assert (model(x) - tmodel.eval()(x)).abs().max() < TOL
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 40, 3), np.uint8)).save(image)
+    [row] = predict(model, [image], topk=3)
+    assert row.error is None and len(row.top) == 3
+    assert main(["predict", str(image), "--weights", str(path), "--format", "json",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)[0]["error"] is None

@@ -225,19 +225,16 @@ def _run_predict(args: argparse.Namespace) -> int:
     model = create_model(args.model, weights=args.weights, progress=not args.no_progress)
     num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features
     topk = min(args.topk, num_classes)
+    # Checks the model and builds the backend: a model that cannot classify is refused before
+    # anything is printed (a CSV header on stdout would be a bogus file).
+    rows = predict(model, files, topk=args.topk, batch_size=args.batch_size,
+                   backend=args.backend, progress=not args.no_progress)  # fmt: skip
     # CSV rows are printed as they come; a table or JSON needs every row, so an interruption
     # or a failure part-way prints the rows classified so far before it stops the command.
     stream = _csv_rows(topk) if args.format == "csv" else None
     results = []
     try:
-        for r in predict(
-            model,
-            files,
-            topk=args.topk,
-            batch_size=args.batch_size,
-            backend=args.backend,
-            progress=not args.no_progress,
-        ):
+        for r in rows:
             results.append(r)
             if stream is not None:
                 stream(r)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,20 +137,21 @@ def _reason(path: Path, err: Exception) -> str:
 
 def predict(
     model: nn.Module,
-    paths: Sequence[str | Path],
+    paths: str | Path | Iterable[str | Path],
     *,
     topk: int = 5,
     batch_size: int = 8,
     backend: str = "torch",
     progress: bool = False,
 ) -> Iterator[Prediction]:
-    """Classify image files in batches, yielding one `Prediction` per path, in order.
+    """Classify image files in batches, yielding one `Prediction` per file, in order: `paths`
+    (one path, or several) as `xception predict` takes them, folders searched for images
+    (`find_images`), so the rows are the command's.
 
     Images are prepared with `model.weights_meta.transforms()` and labelled with its categories
     (class indices where it has none). `backend` names an entry of `BACKENDS`. `progress` shows
-    a tqdm bar on stderr."""
-    from tqdm import tqdm
-
+    a tqdm bar on stderr. The arguments and the model are checked, and the backend built, when
+    this is called, before the first row is asked for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available: use one of {', '.join(BACKENDS)}")
     if topk < 1 or batch_size < 1:
@@ -163,18 +164,26 @@ def predict(
         )
     in_chans = _in_chans(model)
     meta = _meta_for(model)
-    transform = meta.transforms()
     categories = meta.categories
     if categories is not None and len(categories) != num_classes:
         # e.g. reset_classifier() after loading: the names belong to the old head
         log.warning("the weights' %d class names do not fit the model's %d classes: "
                     "labelling by index", len(categories), num_classes)  # fmt: skip
         categories = None
-    k = min(topk, num_classes)
+    # One path is one file or folder: a string is not a sequence of one-letter paths.
+    files = find_images([paths] if isinstance(paths, str | Path) else paths)
     run = BACKENDS[backend](model)
+    return _rows(run, files, meta.transforms(), categories, in_chans,
+                 min(topk, num_classes), batch_size, progress)  # fmt: skip
+
+
+def _rows(run: Runner, paths: list[Path], transform: Callable, categories, in_chans: int,
+          k: int, batch_size: int, progress: bool) -> Iterator[Prediction]:  # fmt: skip
+    from tqdm import tqdm
+
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
-            chunk = [Path(p) for p in paths[start : start + batch_size]]
+            chunk = paths[start : start + batch_size]
             results: list[Prediction] = []
             tensors, slots = [], []
             for path in chunk:

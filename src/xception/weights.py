@@ -76,14 +76,18 @@ def _text(value) -> str:
 
 
 def read_keras_h5(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """Layers of a Keras HDF5 weights file in the legacy layout, in file order:
-    {layer_name: {short_weight_name: array}} with 'kernel:0' and 'layer/kernel' both read as
-    'kernel'. Full-model files (a `model_weights` group) are read too."""
+    """Layers of a Keras weights file: {layer_name: {short_weight_name: array}}.
+
+    Reads the legacy HDF5 layout (the official ImageNet files, Keras 2's `save_weights('x.h5')`,
+    full-model `.h5` files with a `model_weights` group), where 'kernel:0' and 'layer/kernel' are
+    both read as 'kernel', and Keras 3's own layout: `save_weights('x.weights.h5')`, and the
+    weights inside a `.keras` archive (`model.save('x.keras')`)."""
     import h5py
 
     path = Path(path)
+    source = _keras_archive_weights(path) if path.suffix.lower() == ".keras" else path
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(source, "r")
     except OSError as err:
         raise WeightsError(
             f"{path}: not a readable HDF5 file ({err}); a Keras weights file (.h5) is expected"
@@ -94,18 +98,33 @@ def read_keras_h5(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
         except WeightsError:
             raise
         except (KeyError, RuntimeError, OSError, ValueError, TypeError, UnicodeError) as err:
-            raise WeightsError(
-                f"{path}: damaged, or not a Keras weights file in the legacy layout ({err})"
-            ) from None
+            raise WeightsError(f"{path}: damaged, or not a Keras weights file ({err})") from None
+
+
+def _keras_archive_weights(path: Path):
+    """The weights file inside a Keras 3 `.keras` archive (a zip), as a file object for h5py."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return io.BytesIO(archive.read("model.weights.h5"))
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError) as err:
+        raise WeightsError(
+            f"{path}: not a readable Keras archive ({err}): a .keras file saved by Keras 3's "
+            "model.save() is expected; copy it again if it was cut short"
+        ) from None
 
 
 def _read_keras_layers(f, path: Path) -> dict[str, dict[str, np.ndarray]]:
     root = f["model_weights"] if "model_weights" in f else f
     if "layer_names" not in root.attrs:
+        if "layers" in root and "vars" in root:
+            return _read_keras3_layers(root["layers"], path)
         raise WeightsError(
-            f"{path}: HDF5 file without 'layer_names': not a Keras weights file in the "
-            "legacy layout (save it with model.save_weights('x.weights.h5') from Keras 2, or "
-            "keras.src.legacy.saving.legacy_h5_format.save_weights_to_hdf5_group)"
+            f"{path}: HDF5 file with neither 'layer_names' (Keras 2) nor 'layers' (Keras 3): "
+            "not a Keras weights file. Save the weights from Keras with "
+            "model.save_weights('x.weights.h5')"
         )
     names = root.attrs["layer_names"]
     if isinstance(names, (str, bytes)):  # a list of names is expected, not one string
@@ -122,8 +141,53 @@ def _read_keras_layers(f, path: Path) -> dict[str, dict[str, np.ndarray]]:
     return layers
 
 
+# Keras 3 stores a layer's variables by position, in the order the layer creates them.
+_KERAS3_VARS = {
+    "batch_normalization": tuple(BN_KERAS), "conv2d": ("kernel", "bias"),
+    "separable_conv2d": ("depthwise_kernel", "pointwise_kernel", "bias"),
+    "dense": ("kernel", "bias"),
+}  # fmt: skip
+
+
+def _read_keras3_layers(group, path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Keras 3's layout: one group per layer, named after its class and numbered in the model's
+    layer order (conv2d, conv2d_1, ...; h5py lists conv2d_10 before conv2d_2, so the numbers
+    are sorted here: Keras' unnamed shortcut layers map by that order), with the layer's own
+    name on its 'vars' group and the variables as datasets 0, 1, ..."""
+
+    def position(key: str) -> tuple[str, int]:
+        m = re.fullmatch(r"(.*?)(?:_(\d+))?", key)
+        return m[1], int(m[2] or 0)
+
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for key in sorted(group, key=position):
+        if "layers" in group[key]:
+            raise WeightsError(
+                f"{path}: the Keras model in this file holds another model ({key}), as when "
+                "Xception is one layer of a Sequential: in Keras, save the Xception model's "
+                "own weights (xception_model.save_weights('x.weights.h5'))"
+            )
+        variables = group[key].get("vars")
+        if variables is None or not len(variables):
+            continue  # activations, pooling, additions
+        if "name" not in variables.attrs:
+            raise WeightsError(
+                f"{path}: a Keras 3 file without layer names (written by an early Keras 3): "
+                "load it in a current Keras and save it again with "
+                "model.save_weights('x.weights.h5')"
+            )
+        kind = position(key)[0]
+        names = _KERAS3_VARS.get(kind, ())
+        arrays = [np.asarray(variables[i]) for i in sorted(variables, key=int)]
+        layers[_text(variables.attrs["name"])] = {
+            (names[i] if i < len(names) else f"{kind}_variable_{i}"): a
+            for i, a in enumerate(arrays)
+        }
+    return layers
+
+
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint-like object, without a DDP `module.` prefix."""
+    """The state dict inside a checkpoint-like object, without wrapper prefixes."""
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
             if key in obj and isinstance(obj[key], Mapping):
@@ -131,9 +195,15 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: no state dict of tensors found in the file")
-    sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return _without_wrappers(dict(obj))
+
+
+def _without_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensor names without what wrapping the model put before them: DDP's `module.`,
+    torch.compile's `_orig_mod.` (a compiled model's state_dict()), or both."""
+    prefix = re.match(r"(?:module\.|_orig_mod\.)*", next(iter(sd), ""))[0]
+    if prefix and all(k.startswith(prefix) for k in sd):
+        sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -153,7 +223,7 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
         from safetensors.torch import load_file as load_safetensors
 
         try:
-            return load_safetensors(str(path))
+            return _without_wrappers(load_safetensors(str(path)))
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
     if suffix in PTH_SUFFIXES:
@@ -329,6 +399,13 @@ def to_state_dict(weights: Mapping, model: nn.Module) -> dict[str, torch.Tensor]
         return keras_to_state_dict(weights, model)
     if fmt == "timm":
         return timm_to_state_dict(weights, model)
+    if any(re.match(r"blocks\.\d+\.stack\.", k) for k in weights):
+        raise WeightsError(
+            "timm's aligned Xception (xception41, xception65, xception71, ...: DeepLab's "
+            "modified Xception, with strided separable convs in place of max pooling) is another "
+            "architecture, which no option of this model reproduces; the paper's model is timm's "
+            "legacy_xception, whose weights load here"
+        )
     return {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
 
 
@@ -727,7 +804,7 @@ class OpenedWeights:
     source: str  # the name or path, for messages
     format: str  # 'keras' | 'timm' | 'xception'
     num_classes: int  # the file's classifier outputs (0: no classifier)
-    config: dict  # config fields the file requires: a port's padding/eps, or our saved config
+    config: dict  # config fields the file requires: a port's padding/eps, in_chans, our config
     meta: Weights | None  # None where nothing is known (a bare state dict of ours)
 
 
@@ -739,17 +816,30 @@ def _classifier_size(data: Mapping, fmt: str) -> int:
     return int(bias.shape[0]) if bias is not None else 0
 
 
-def _file_meta(fmt: str, num_classes: int, path: Path) -> Weights | None:
-    """Metadata for a file without its own: the preprocessing of its layout, and ImageNet's
-    class names when it has 1000 classes (the published files of both layouts are ImageNet)."""
+def _file_meta(fmt: str, num_classes: int, path: Path, channels: int = 3) -> Weights | None:
+    """Metadata for a file without its own: the preprocessing of its layout (one mean and std
+    per input channel), and ImageNet's class names when it has 1000 classes (the published
+    files of both layouts are ImageNet)."""
     base = {"keras": WEIGHTS["imagenet"], "timm": WEIGHTS["timm-imagenet"]}.get(fmt)
     if base is None:
         return None
     return base.replace(
         name=path.name, num_classes=num_classes,
         categories=base.categories if num_classes == len(_IMAGENET) else None,
+        mean=base.mean[:1] * channels, std=base.std[:1] * channels,
         filename=None, md5=None, base_url=None, description=f"{fmt} weights from {path}",
     )  # fmt: skip
+
+
+def _input_channels(data: Mapping, fmt: str) -> int | None:
+    """The input channels of an Xception file's first conv (None where it has none)."""
+    if fmt == "keras":
+        weight = data.get("block1_conv1", {}).get("kernel")
+        axis = 2  # Keras kernels are (h, w, in, out)
+    else:
+        weight = data.get("conv1.weight" if fmt == "timm" else "block1.conv1.conv.weight")
+        axis = 1
+    return int(weight.shape[axis]) if weight is not None and weight.ndim == 4 else None
 
 
 def read_safetensors_metadata(path: str | Path) -> tuple[dict | None, Weights | None]:
@@ -794,8 +884,11 @@ def open_weights(spec: str | Path, *, progress: bool = True) -> OpenedWeights:
         saved, meta = read_safetensors_metadata(path)
         if saved is not None:
             config = {k: v for k, v in saved.items() if k != "num_classes"}
+    channels = _input_channels(data, fmt) or 3
+    if channels != 3:  # e.g. a model of grey images: the file makes the model it fits
+        config.setdefault("in_chans", channels)
     if meta is None:
-        meta = _file_meta(fmt, num_classes, path)
+        meta = _file_meta(fmt, num_classes, path, channels)
     return OpenedWeights(data, str(spec), fmt, num_classes, config, meta)
 
 

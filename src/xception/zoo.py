@@ -149,9 +149,19 @@ def _inception_v3_compact(num_classes: int, opened, new_head: bool = False,
     model = InceptionV3Compact(InceptionConfig(num_classes=num_classes, **config))
     model.weights_meta = None
     if opened is not None:
-        _load_state(model, opened, "inception-v3-compact", new_head)
-        model.weights_meta = opened.meta  # class names and preprocessing, as for Xception
+        head_loaded = _load_state(model, opened, "inception-v3-compact", new_head)
+        model.weights_meta = _meta_for_head(opened, head_loaded, num_classes)
     return model
+
+
+def _meta_for_head(opened, head_loaded: bool, num_classes: int):
+    """The weights' metadata (preprocessing, class names), as `weights.load_weights` sets it
+    for Xception: without class names where the classifier was not loaded (they would name a
+    fresh head's outputs)."""
+    meta = opened.meta
+    if meta is not None and not head_loaded:
+        meta = meta.replace(num_classes=num_classes, categories=None)
+    return meta
 
 
 def _check_saved_config(name: str, opened) -> None:
@@ -177,11 +187,12 @@ def _check_saved_config(name: str, opened) -> None:
     )
 
 
-def _load_state(model: nn.Module, opened, name: str, new_head: bool = False) -> None:
+def _load_state(model: nn.Module, opened, name: str, new_head: bool = False) -> bool:
     """Load `opened` into `model` exactly, or raise WeightsError in one line: which tensor
     names do not match (`weights.key_mismatch`), the first tensor of the wrong shape, or one
     holding NaN or infinite values. With `new_head` (the caller asked for another class count)
-    a classifier of another shape is left out with a warning, as for Xception."""
+    a classifier of another shape is left out with a warning, as for Xception. Returns whether
+    the file's classifier was loaded."""
     from .weights import WeightsError, check_finite, key_mismatch
 
     # BN's step counters are bookkeeping that `save_safetensors` leaves out: never required.
@@ -211,6 +222,7 @@ def _load_state(model: nn.Module, opened, name: str, new_head: bool = False) -> 
             )
     check_finite(data, opened.source)
     model.load_state_dict(data, strict=False)  # every other key checked just above
+    return any(k.startswith("fc.") for k in own)
 
 
 def create_model(
@@ -226,8 +238,9 @@ def create_model(
     `weights` is a name from `xception.weights.WEIGHTS` ("imagenet", "imagenet-notop": the
     official Keras files, downloaded into a verified cache) or a file: Keras .h5, .safetensors,
     or a PyTorch state dict (.pth/.pt; ours, timm's or Cadene's names). A timm/Cadene file
-    selects that port's symmetric padding and BN epsilon, and our safetensors files restore the
-    config they were saved with, unless the fields are given in `overrides`.
+    selects that port's symmetric padding and BN epsilon, a file's first conv sets `in_chans`,
+    and our safetensors files restore the config they were saved with, unless the fields are
+    given in `overrides`.
 
     Classifier rule: leaving `num_classes` out asks for the weights' own classifier: the model
     gets its class count (none for weights without one; 1000 without weights) and it must load,
@@ -239,17 +252,28 @@ def create_model(
     from . import weights as W
 
     _check_name(name)
+    inception = name in ("inception-v3", "inception-v3-compact")
+    if inception and isinstance(weights, str) and weights in W.WEIGHTS:  # before a download
+        raise W.WeightsError(
+            f"weights {weights!r} are Xception's ({W.WEIGHTS[weights].description}) and do not "
+            f"fit {name}: use the xception model (--model xception), or weights saved from {name}"
+        )
     opened = W.open_weights(weights, progress=progress) if weights is not None else None
+    if inception and opened is not None and opened.format == "keras":
+        raise W.WeightsError(
+            f"{weights}: Keras files are read as Xception's layers only, and {name} is not "
+            f"Xception: give weights saved from {name} (.safetensors, .pth), or use --model "
+            "xception for this file"
+        )
     wants_file_head = num_classes is None
     if num_classes is None:
         num_classes = opened.num_classes if opened is not None else 1000
     if name == "inception-v3":
         model = _inception_v3(num_classes, **overrides)
+        model.weights_meta = None
         if opened is not None:
-            if opened.format == "keras":
-                raise W.WeightsError(f"{weights}: Keras Inception V3 files are not supported")
-            _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
-        model.weights_meta = opened.meta if opened is not None else None
+            head_loaded = _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
+            model.weights_meta = _meta_for_head(opened, head_loaded, num_classes)
         return model
     if name == "inception-v3-compact":
         return _inception_v3_compact(num_classes, opened, not wants_file_head, **overrides)
