@@ -245,6 +245,19 @@ def test_convert_refuses_other_outputs_and_names_unknown_weights(tmp_path, capsy
     assert not list(tmp_path.iterdir())
 
 
+def test_convert_takes_the_suffix_in_any_case_as_the_loaders_do(tmp_path, capsys):
+    """`OUT.SAFETENSORS` was refused as "not a .safetensors file", which loads as one."""
+    from xception.cli import main
+    from xception.weights import save_safetensors
+
+    source = tmp_path / "in.safetensors"
+
+    save_safetensors(create_model("xception-compact", num_classes=3), source)
+    out = tmp_path / "OUT.SAFETENSORS"
+    assert main(["convert", str(source), str(out), "--model", "xception-compact"]) == 0
+    assert create_model("xception-compact", weights=out).fc.out_features == 3
+
+
 def test_a_required_classifier_that_does_not_fit_is_an_error(tmp_path):
     from xception.weights import load_into
 

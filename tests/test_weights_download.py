@@ -324,3 +324,17 @@ def test_predict_no_progress_hides_the_download_bar(env, server, capfd):
     assert main(["predict", str(image), "--no-progress", "--format", "csv"]) == 0
     err = capfd.readouterr().err
     assert len(server.requests) == 1 and TOP not in err and "%|" not in err
+
+
+def test_a_mirror_without_the_file_is_named_not_called_offline(env, server, monkeypatch):
+    """A 404 from the mirror said "If this machine is offline", which it was not."""
+    served, server.files = server.files, {}  # a module fixture: restored below
+    try:
+        with pytest.raises(W.WeightsError, match=r"answered HTTP 404 .*the mirror "
+                                                 r"XCEPTION_WEIGHTS_URL='http://127.*' lacks "
+                                                 rf"{TOP}: put it there") as err:  # fmt: skip
+            W.download("imagenet", progress=False)
+        assert "offline" not in str(err.value)
+    finally:
+        server.files = served
+    assert _cache_files(env) == []

@@ -275,7 +275,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     from .weights import save_safetensors
     from .zoo import create_model
 
-    if not args.output.endswith(".safetensors"):
+    if not args.output.lower().endswith(".safetensors"):  # as the loaders read suffixes
         raise UserError(f"{args.output}: the output must be a .safetensors file")
     check_output_file(args.output)
     if args.model == "inception-v3":

@@ -699,6 +699,14 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                     TimeoutError) as err:  # fmt: skip
                 reason = getattr(err, "reason", None) or err
+                if isinstance(err, urllib.error.HTTPError):  # the server is there: no "offline"
+                    mirror = os.environ.get(URL_ENV)
+                    where = (f"the mirror {URL_ENV}={mirror!r} lacks {w.filename}: put it there"
+                             if mirror else "the file has moved")  # fmt: skip
+                    raise WeightsError(
+                        f"cannot download the {w.name!r} weights: {url} answered HTTP {err.code} "
+                        f"({reason}); {where}, or {_place_by_hand(w, target)}"
+                    ) from None
                 if received:
                     raise WeightsError(
                         f"download of {url} broke off after {received:,} bytes ({reason}); "
