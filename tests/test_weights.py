@@ -588,3 +588,19 @@ def test_a_grey_timm_file_makes_a_grey_model_with_grey_preprocessing(tmp_path, c
     assert main(["predict", str(image), "--weights", str(path), "--format", "json",
                  "--no-progress"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)[0]["error"] is None
+
+
+def test_a_pth_file_this_user_cannot_read_is_not_called_damaged(tmp_path, monkeypatch):
+    """It said "damaged or cut short; download or copy it again" (the tests run as root, where
+    file modes do not stop reads, so torch.load's own error is raised here)."""
+    path = tmp_path / "w.pth"
+    torch.save(create_model("xception-compact", num_classes=3).state_dict(), path)
+
+    def refused(f, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(f))
+
+    monkeypatch.setattr(torch, "load", refused)
+    with pytest.raises(WeightsError, match=r"w.pth: cannot be read \(Permission denied\): give "
+                                           "this user read access") as err:  # fmt: skip
+        load_file(path)
+    assert "damaged" not in str(err.value)

@@ -235,6 +235,9 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
                 f"{_unsupported_global(str(err))}. Nothing from it was run. Convert it in a "
                 "trusted environment to safetensors, or re-save a plain state dict of tensors"
             ) from None
+        except PermissionError as err:  # the file is fine: "damaged" would be wrong advice
+            raise WeightsError(f"{path}: cannot be read ({err.strerror}): give this user read "
+                               "access to it, or copy it somewhere readable") from None  # fmt: skip
         except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
             # A garbage or cut-short pre-zip pickle fails inside the unpickler as KeyError or
             # IndexError: an interrupted download of an old .pth does.
