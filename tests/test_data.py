@@ -301,8 +301,9 @@ def test_zalandos_idx_files_keep_their_class_names_in_a_folder_of_any_name(tmp_p
 
 def test_a_held_out_split_always_leaves_something_to_train_on(tmp_path):
     _image_folder(tmp_path / "one", classes=("cat",), per_class=1)
+    (tmp_path / "one.csv").write_text("path,labels\none/cat/0.png,cat\n")
     with pytest.raises(DataError, match="1 sample.* would leave nothing to train on"):
-        make_datasets(tmp_path / "one", image_size=16)  # was an empty training set
+        make_datasets(tmp_path / "one.csv", image_size=16)  # was an empty training set
     _image_folder(tmp_path / "few", per_class=2)
     with pytest.raises(DataError, match="4 sample.* val_fraction=0.9 would leave nothing"):
         make_datasets(tmp_path / "few", image_size=16, val_fraction=0.9)
@@ -347,3 +348,72 @@ def test_a_transparent_colour_is_composited_on_white_like_an_alpha_channel(tmp_p
         rgb = np.asarray(load_image(tmp_path / f"{mode}.png"))
         assert rgb[0, 0].tolist() == [255, 255, 255]
         assert rgb[0, 7].tolist() == ([200, 0, 0] if mode == "RGB" else [200] * 3)
+
+
+def test_a_dark_16_bit_pgm_stays_dark(tmp_path):
+    """Pillow reads a PGM with maxval 65535 in mode I, scaled to 0-65535: one whose values
+    all lie below 256 (a dark frame, a depth map) was taken for 8-bit and shown 257x brighter."""
+    from xception.data import load_image
+
+    for name, value in (("dark", 200), ("bright", 40000)):
+        body = np.full((4, 6), value, ">u2").tobytes()
+        (tmp_path / f"{name}.pgm").write_bytes(b"P5\n6 4\n65535\n" + body)
+        expected = round(value / 65535 * 255)
+        assert np.asarray(load_image(tmp_path / f"{name}.pgm")).max() == expected  # was 200
+    eight = np.full((4, 6), 200, np.uint8).tobytes()  # an 8-bit PGM is unchanged
+    (tmp_path / "eight.pgm").write_bytes(b"P5\n6 4\n255\n" + eight)
+    assert np.asarray(load_image(tmp_path / "eight.pgm")).max() == 200
+
+
+def test_eval_sets_prepare_images_as_the_weights_expect(tmp_path):
+    """timm's legacy_xception weights expect a resize of the shorter side and a centre crop
+    (crop fraction 0.8975, bicubic): the evaluation set used Keras' square resize whatever the
+    weights said, so timm weights were scored on other pixels than timm's validation."""
+    from xception.data import eval_transform, load_image
+
+    root = tmp_path / "d"
+    for k, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        im = Image.new("RGB", (48, 32), (200, 30 * k, 10))
+        im.paste((10, 10, 250), (0, 0, 8, 32))  # a border a centre crop leaves out
+        im.save(root / name / "0.png")
+    ds = make_eval_dataset(root, image_size=16, crop_fraction=0.5, interpolation="bicubic")
+    expected = eval_transform(16, 0.5, "bicubic")(load_image(root / "cat" / "0.png"))
+    assert torch.equal(ds[0][0], expected)
+    assert not torch.equal(ds[0][0], make_eval_dataset(root, image_size=16)[0][0])
+
+
+def test_held_out_evaluation_sets_match_training_and_a_lone_train_folder_is_no_class(tmp_path):
+    _image_folder(tmp_path / "flat", per_class=5)
+    _, val = make_datasets(tmp_path / "flat", image_size=16, val_fraction=0.3, seed=4)
+    held = make_eval_dataset(tmp_path / "flat", image_size=16, classes=("cat", "dog"),
+                             held_out=(0.3, 4))  # fmt: skip
+    assert held.samples == val.samples and held.held_out == (0.3, 4)
+    assert len(make_eval_dataset(tmp_path / "flat", image_size=16)) == 10  # every image
+    _image_folder(tmp_path / "split" / "train", per_class=5)
+    _, val = make_datasets(tmp_path / "split", image_size=16, val_fraction=0.3, seed=4)
+    held = make_eval_dataset(tmp_path / "split", image_size=16, classes=("cat", "dog"),
+                             held_out=(0.3, 4))  # fmt: skip
+    assert held.samples == val.samples
+    # Without a run to say what it held out: 'train' used to be taken for a class folder.
+    with pytest.raises(DataError, match=r"has train/ but no val/: pass --data .*split/train"):
+        make_eval_dataset(tmp_path / "split", image_size=16)
+    _image_folder(tmp_path / "split" / "val", per_class=1)  # a validation part: it is used
+    with_val = make_eval_dataset(tmp_path / "split", image_size=16, held_out=(0.3, 4))
+    assert len(with_val) == 2 and with_val.held_out is None
+
+
+def test_a_single_class_folder_is_refused_naming_the_folder_that_holds_the_classes(tmp_path):
+    """data/ holding images/cat and images/dog trained a one-class model ('images', every
+    image of both classes in it) at 100% validation accuracy, without a word."""
+    _image_folder(tmp_path / "data" / "images", per_class=4)
+    with pytest.raises(DataError, match=r"a single class folder, images: .* two or more classes; "
+                       r"if its sub-folders \(cat, dog\) are the classes, pass --data .*images"):  # fmt: skip
+        make_datasets(tmp_path / "data", image_size=16)
+    train, _ = make_datasets(tmp_path / "data" / "images", image_size=16)
+    assert train.classes == ("cat", "dog")
+    _image_folder(tmp_path / "flat", classes=("cat",), per_class=4)
+    with pytest.raises(DataError, match="put each class's images in a sub-folder of its own"):
+        make_datasets(tmp_path / "flat", image_size=16)
+    # The evaluation set of a model that knows its classes may hold some of them only.
+    assert scan_folder(tmp_path / "flat", ("cat", "dog"))[1] == ("cat", "dog")

@@ -290,3 +290,117 @@ def test_a_plain_weights_file_of_a_full_size_preset_is_evaluated_at_299_px(tmp_p
         )
         _, info = load_for_eval(tmp_path / "w.safetensors", model=name)
         assert info["image_size"] == (28 if "compact" in name else 299)
+
+
+def test_weights_without_a_classifier_are_refused_not_scored_with_a_random_head(tmp_path, capsys):
+    """A file without the top (imagenet-notop, or a fine-tuning backbone) got a fresh random
+    1000-class head; the error then blamed the data ('the model has 1000 outputs')."""
+    from xception.weights import WeightsError
+
+    save_file(create_model("xception-compact", num_classes=0).state_dict(),
+              str(tmp_path / "notop.safetensors"))  # fmt: skip
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=1, size=28)
+    with pytest.raises(WeightsError, match="weights without a classifier .* nothing to score"):
+        evaluate_file(tmp_path / "notop.safetensors", root, model="xception-compact")
+    argv = ["eval", "--checkpoint", str(tmp_path / "notop.safetensors"), "--data", str(root),
+            "--model", "xception-compact"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "without a classifier" in err and "1000" not in err and len(err.splitlines()) == 1
+
+
+def test_eval_prepares_images_as_the_weights_metadata_says(tmp_path, monkeypatch):
+    """The weights' crop fraction and interpolation (timm's: 0.8975, bicubic) were ignored:
+    every file was scored on Keras' square resize."""
+    from PIL import Image
+
+    import xception.data
+    from xception.data import load_image
+    from xception.weights import Weights, save_safetensors
+
+    model = create_model("xception-compact", num_classes=2).eval()
+    meta = Weights(name="crop", format="xception", num_classes=2, categories=("a", "b"),
+                   input_size=24, crop_fraction=0.75, interpolation="bicubic")  # fmt: skip
+    save_safetensors(model, tmp_path / "w.safetensors", meta)
+    root = tmp_path / "imgs"
+    for k, name in enumerate("ab"):
+        (root / name).mkdir(parents=True)
+        im = torch.randint(0, 255, (30, 40, 3), generator=torch.Generator().manual_seed(k))
+        Image.fromarray(im.to(torch.uint8).numpy()).save(root / name / "0.png")
+    made = []
+    real = xception.data.make_eval_dataset
+    monkeypatch.setattr(xception.data, "make_eval_dataset", lambda *a, **k: made.append(
+        real(*a, **k)) or made[-1])  # fmt: skip
+    result = evaluate_file(tmp_path / "w.safetensors", root, device="cpu")
+    assert result["images"] == 2 and result["image_size"] == 24
+    expected = meta.transforms()(load_image(root / "a" / "0.png"))
+    assert torch.equal(made[0][0][0], expected)
+
+
+def test_eval_of_a_run_on_its_own_training_folder_scores_the_held_out_images(tmp_path):
+    """A run on class folders alone validates on a seeded held-out part; `xception eval` on the
+    same folder scored every image, most of them ones the run trained on."""
+    from xception.data import DataError
+
+    flat = _image_folder(tmp_path / "flat", classes=("a", "b"), per_class=10, size=16)
+    result = fit(tiny_recipe(tmp_path, flat, epochs=1, batch_size=8, augment="none",
+                             val_fraction=0.3), out=str(tmp_path / "run"))  # fmt: skip
+    out = evaluate_file(result["out"], flat, device="cpu")
+    assert out["images"] == 6 and "held out in training (val_fraction=0.3" in out["split"]
+    assert out["top1"] == pytest.approx(result["final"]["val_top1"], abs=1e-3)
+    assert out["loss"] == pytest.approx(result["final"]["val_loss"], abs=1e-4)
+    # Other data, or a file that knows nothing of a run: every image, no 'split'.
+    copy = _image_folder(tmp_path / "copy", classes=("a", "b"), per_class=10, size=16)
+    assert "split" not in evaluate_file(result["out"], copy, device="cpu")
+    assert evaluate_file(result["out"], copy, device="cpu")["images"] == 20
+    # A train/ folder alone: the run's held-out part; 'train' is no class folder.
+    split = tmp_path / "split"
+    _image_folder(split / "train", classes=("a", "b"), per_class=10, size=16)
+    run2 = fit(tiny_recipe(tmp_path, split, epochs=1, batch_size=8, augment="none",
+                           val_fraction=0.3), out=str(tmp_path / "run2"))  # fmt: skip
+    assert evaluate_file(run2["out"], split, device="cpu")["images"] == 6
+    save_file(create_model("xception-compact", num_classes=2).state_dict(),
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    with pytest.raises(DataError, match="has train/ but no val/"):  # was '1 classes, but ...'
+        evaluate_file(tmp_path / "w.safetensors", split, model="xception-compact")
+
+
+def test_limit_scores_a_fixed_sample_spread_over_the_classes(tmp_path, monkeypatch):
+    """--limit took the first N images: in class folders, those of the first class alone."""
+    import xception.evaluate as E
+
+    save_file(create_model("xception-compact", num_classes=3).state_dict(),
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=4, size=28)
+    seen = []
+    real = E.evaluate_model
+    monkeypatch.setattr(E, "evaluate_model", lambda net, ds, **k: seen.append(
+        [ds[i][1] for i in range(len(ds))]) or real(net, ds, **k))  # fmt: skip
+    for _ in range(2):
+        out = evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact", limit=4)
+        assert out["images"] == 4
+    assert seen[0] == seen[1] and len(set(seen[0])) > 1  # was [0, 0, 0, 0]
+
+
+def test_weights_names_and_files_that_restore_a_compact_model(tmp_path, monkeypatch):
+    """`xception eval --checkpoint imagenet` said 'not found' (predict, convert and export
+    take the name); a file restoring a compact config under the default preset name was
+    scored at 299 px instead of the compact models' 28."""
+    from xception import weights as W
+    from xception.evaluate import load_for_eval
+    from xception.weights import save_safetensors
+
+    fetched = []
+    save_file(create_model("xception-compact", num_classes=1000).state_dict(),
+              str(tmp_path / "in1k.safetensors"))  # fmt: skip
+    monkeypatch.setattr(W, "download", lambda meta, progress=True: fetched.append(meta.name)
+                        or tmp_path / "in1k.safetensors")  # fmt: skip
+    net, info = load_for_eval("imagenet", model="xception-compact")
+    assert net.fc.out_features == 1000 and info["source"] == "imagenet"
+    assert (info["classes"], info["image_size"], info["crop_fraction"]) == (None, 28, 1.0)
+    with pytest.raises(W.WeightsError, match="without a classifier"):
+        load_for_eval("imagenet-notop", model="xception-compact")
+    assert fetched == ["imagenet"]  # the classifier-less file is refused before its download
+    # A bare state dict converted without metadata: its config says compact.
+    save_safetensors(create_model("xception-compact", num_classes=3), tmp_path / "c.safetensors")
+    assert load_for_eval(tmp_path / "c.safetensors")[1]["image_size"] == 28  # was 299

@@ -793,19 +793,22 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="run folder, checkpoint folder, or weights file (.safetensors/.pth/.h5)",
+        help="run folder, checkpoint folder, weights file (.safetensors/.pth/.h5) or weights "
+        "name (imagenet)",
     )
     p.add_argument(
         "--data",
         required=True,
         help="dataset to evaluate on ('fashion-mnist', a "
-        "folder or a .csv list); folders use val/ when present, IDX the test split",
+        "folder or a .csv list); folders use val/ when present, IDX the test split, and a "
+        "run's own data without a validation part the part it held out",
     )
     p.add_argument("--model", help="preset for a plain weights file (default: xception)")
     p.add_argument("--size", type=int, help="input size (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per forward pass (default: %(default)s)")  # fmt: skip
-    p.add_argument("--limit", type=int, help="evaluate on the first N images only")
+    p.add_argument("--limit", type=int, help="evaluate on N images only (a seeded sample, the "
+                   "same every time)")  # fmt: skip
     p.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA ones")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, "
                    "cuda:N (default: %(default)s)")  # fmt: skip

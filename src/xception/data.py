@@ -65,8 +65,9 @@ def load_image(path: str | Path) -> Image.Image:
                         f"{MAX_IMAGE_PIXELS} (possible decompression bomb); resize it first"
                     )
                 im.load()
+                sixteen = im.format == "PPM" and im.mode == "I"  # exif_transpose drops format
                 im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+                return _to_rgb(im, sixteen)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -77,17 +78,18 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{path}: not a readable image ({err})") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _to_rgb(im: Image.Image, sixteen: bool = False) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit greyscale: scale to 8 bits by the range the format allows (float: [0, 1]
-        # when no value is above 1).
+        # when no value is above 1). `sixteen`: 16-bit data in mode I (Pillow reads a PGM
+        # whose maxval is over 255 so, scaled to 0-65535), also when all of it is dark.
         import numpy as np
 
         arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
         if im.mode == "F" and arr.max() <= 1.0:
             top = 1.0  # a float image in [0, 1], the usual scale of float TIFFs
         else:
-            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            top = 65535.0 if sixteen or im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
         # A palette's transparent entries, or a grey/RGB PNG's transparent colour (tRNS: what
@@ -576,6 +578,16 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise DataError(f"{root}: no class folders; put each class's images in a sub-folder")
+    if classes is None and len(found) == 1:
+        # One class is no classifier (every image scores 100%): most often the folder above the
+        # class folders, e.g. data/ holding images/cat, images/dog.
+        inner = sorted(d.name for d in (root / found[0]).iterdir()
+                       if d.is_dir() and not d.name.startswith("."))  # fmt: skip
+        hint = (f"if its sub-folders ({', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''})"
+                f" are the classes, pass --data {root / found[0]}" if inner
+                else "put each class's images in a sub-folder of its own")  # fmt: skip
+        raise DataError(f"{root}: a single class folder, {found[0]}: a classifier needs two or "
+                        f"more classes; {hint}")  # fmt: skip
     classes = tuple(classes or found)
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -755,11 +767,20 @@ def make_eval_dataset(
     image_size: int,
     classes: tuple[str, ...] | None = None,
     in_chans: int = 3,
+    crop_fraction: float = 1.0,
+    interpolation: str = "bilinear",
+    held_out: tuple[float, int] | None = None,
     **norm,
 ):
     """The dataset to evaluate on: IDX test split, `val/` (or the whole folder of class
     folders), or a multi-label list (`val.csv` in a folder, or the given CSV file). Image files
-    are read as RGB, or as grey for a model with `in_chans=1`."""
+    are read as RGB, or as grey for a model with `in_chans=1`, and prepared as `eval_transform`
+    does with `crop_fraction` and `interpolation` (the weights' own preprocessing).
+
+    `held_out=(val_fraction, seed)`, for a run evaluated on the data it trained on: where that
+    data has no validation part (class folders alone, `train/` alone, a list without val.csv)
+    the dataset is the part training held out, as `make_datasets` split it. The returned
+    dataset's `held_out` says whether that was done."""
     root = resolve_data(data)
     if _holds_idx(root):
         return load_idx(root, "test", size=image_size, classes=classes, **norm)
@@ -767,13 +788,39 @@ def make_eval_dataset(
         raise DataError(f"the model takes {in_chans} input channels: image files are read as "
                         "RGB (3) or grey (1)")  # fmt: skip
     mean, std = norm.get("mean", KERAS_MEAN_STD[0]), norm.get("std", KERAS_MEAN_STD[1])
-    transform = eval_preset("keras", image_size, mean, std)
+    transform = eval_transform(image_size, crop_fraction, interpolation, mean, std)
     kw = dict(substitute=False, grey=in_chans == 1)
+    split = None  # the held-out split, when one is taken
+
+    def held(samples):
+        _, part = split_samples(len(samples), *held_out)
+        return [samples[i] for i in part]
+
     if root.is_file() or (root / "val.csv").is_file():
         samples, classes = read_label_list(root if root.is_file() else root / "val.csv", classes)
-        return FileDataset(samples, classes, transform, multilabel=True, **kw)
-    if (root / "train.csv").is_file():
-        raise DataError(f"{root} has train.csv but no val.csv: pass --data {root / 'train.csv'} "
-                        "to evaluate on the training list, or add val.csv")  # fmt: skip
-    samples, classes = scan_folder(root / "val" if (root / "val").is_dir() else root, classes)
-    return FileDataset(samples, classes, transform, **kw)
+        if held_out and root.is_file():  # a list given alone is split for training
+            samples, split = held(samples), held_out
+        dataset = FileDataset(samples, classes, transform, multilabel=True, **kw)
+    elif (root / "train.csv").is_file():
+        if not held_out:
+            raise DataError(f"{root} has train.csv but no val.csv: pass --data "
+                            f"{root / 'train.csv'} to evaluate on the training list, or add "
+                            "val.csv")  # fmt: skip
+        samples, classes = read_label_list(root / "train.csv", classes)
+        samples, split = held(samples), held_out
+        dataset = FileDataset(samples, classes, transform, multilabel=True, **kw)
+    elif (root / "val").is_dir():
+        samples, classes = scan_folder(root / "val", classes)
+        dataset = FileDataset(samples, classes, transform, **kw)
+    elif (root / "train").is_dir() and not held_out:
+        # 'train' is the training split, not a class (as `make_datasets` reads the folder).
+        raise DataError(f"{root} has train/ but no val/: pass --data {root / 'train'} to "
+                        "evaluate on the training images, or add val/")  # fmt: skip
+    else:
+        samples, classes = scan_folder(root / "train" if (root / "train").is_dir() else root,
+                                       classes)  # fmt: skip
+        if held_out:
+            samples, split = held(samples), held_out
+        dataset = FileDataset(samples, classes, transform, **kw)
+    dataset.held_out = split
+    return dataset

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -116,21 +117,28 @@ def evaluate_model(
 
 
 def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool = True):
-    """A model and its metadata from a run folder, a checkpoint folder, or a weights file.
+    """A model and its metadata from a run folder, a checkpoint folder, a weights file or a
+    weights name (`xception.weights.WEIGHTS`, e.g. 'imagenet').
 
     Returns (model, info) where info has 'classes' (or None), 'image_size', 'mean', 'std',
-    'multilabel', 'loss' and 'source'. Run and checkpoint folders rebuild the exact model they
-    were trained with; a plain weights file needs `model` (a preset name; default 'xception'),
-    and its class count is read from its classifier. `use_ema=False` on a run folder whose
-    final weights are the EMA ones evaluates the raw weights of its newest checkpoint."""
+    'crop_fraction', 'interpolation', 'multilabel', 'loss', 'source' and 'config' (the training
+    config of a run or checkpoint, else None). Run and checkpoint folders rebuild the exact
+    model they were trained with; a plain weights file needs `model` (a preset name; default
+    'xception') unless it stores its config, and must hold a classifier, which is loaded as it
+    is. Weights that carry their preprocessing (Keras', timm's, ours) are evaluated with it.
+    `use_ema=False` on a run folder whose final weights are the EMA ones evaluates the raw
+    weights of its newest checkpoint."""
     from . import checkpoint as C
     from . import weights as W
     from .model import Xception, XceptionConfig
     from .zoo import create_model
 
+    named = isinstance(path, str) and path in W.WEIGHTS  # as `create_model(weights=...)` reads it
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint or weights not found: {path}")
+    if not named and not path.exists():
+        raise FileNotFoundError(f"checkpoint or weights not found: {path} (give a run folder, a "
+                                "checkpoint folder, a weights file, or a weights name: "
+                                f"{', '.join(W.WEIGHTS)})")  # fmt: skip
     if path.is_file() and path.name in ("model.safetensors", "ema.safetensors"):
         # A run's final weights or a checkpoint's: their folder says how the model was built.
         if path.name == "model.safetensors" and (path.parent / "model.json").is_file():
@@ -138,7 +146,8 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         elif (path.parent / "state.pt").is_file():
             path, use_ema = path.parent, path.name == "ema.safetensors"
     card, note = path / "model.json", ""
-    run_weights = path.is_dir() and card.is_file() and (path / "model.safetensors").is_file()
+    run_weights = (not named and path.is_dir() and card.is_file()
+                   and (path / "model.safetensors").is_file())  # fmt: skip
     if run_weights:
         try:
             meta = json.loads(card.read_text())
@@ -146,6 +155,7 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
             raise ValueError(f"{card} is damaged ({err}): it says how the run's model was built; "
                              f"evaluate one of the run's checkpoints instead (a step-N folder "
                              f"in {path / 'checkpoints'})") from None  # fmt: skip
+        config = meta.get("config")
         if not use_ema and "EMA" in str(meta.get("weights", "")):
             # The run's final weights are the EMA ones: the raw ones live in its checkpoints.
             latest = C.find_latest(path / "checkpoints")
@@ -158,26 +168,36 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     if run_weights:
         weights = W.load_file(path / "model.safetensors")
         source = str(path / "model.safetensors")
-    elif path.is_dir() or path.name in ("state.pt",):
+    elif not named and (path.is_dir() or path.name in ("state.pt",)):
         ckpt = C.load_checkpoint(path)
-        meta = ckpt["state"]["meta"]
+        meta, config = ckpt["state"]["meta"], ckpt["state"].get("config")
         weights = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
         source = f"{ckpt['path']} ({'EMA' if weights is ckpt['ema'] else 'raw'} weights{note})"
     else:
-        weights = W.load_file(path)
-        sd = W.to_state_dict(weights, create_model(model or "xception", num_classes=0))
-        fc = sd.get("fc.weight")
-        num_classes = int(fc.shape[0]) if fc is not None else 1000
-        net = create_model(model or "xception", num_classes=num_classes, weights=path)
-        # The paper's size for every full-size preset (its ablations too); 28 px for compact ones.
-        size = 28 if "compact" in (model or "xception") else 299
-        chans = getattr(getattr(net, "config", None), "in_chans", 3)
-        info = dict(classes=None, image_size=size, mean=(0.5,) * chans, std=(0.5,) * chans,
-                    multilabel=False, loss="softmax", source=str(path))  # fmt: skip
+        spec = str(path) if named else path
+        # The weights' own classifier, which must load (a new, random head would be scored);
+        # a name without one is refused before its download.
+        net = None if named and not W.WEIGHTS[spec].num_classes else create_model(
+            model or "xception", weights=spec)  # fmt: skip
+        if not getattr(getattr(net, "fc", None), "out_features", 0):
+            raise W.WeightsError(f"{spec}: weights without a classifier (like imagenet-notop): "
+                                 "there is nothing to score; evaluate weights with their "
+                                 "classifier (imagenet), or train a head on them first "
+                                 f"(xception train --weights {spec})")  # fmt: skip
+        cfg = getattr(net, "config", None)
+        chans = getattr(cfg, "in_chans", 3)
+        # The paper's size for every full-size preset (its ablations too); 28 px for compact
+        # ones, also when a file restores a compact config under the default name.
+        compact = "compact" in (model or "") or getattr(cfg, "stem_stride", 2) == 1
+        info = dict(classes=None, image_size=28 if compact else 299, mean=(0.5,) * chans,
+                    std=(0.5,) * chans, crop_fraction=1.0, interpolation="bilinear",
+                    multilabel=False, loss="softmax", source=str(spec), config=None)  # fmt: skip
         stored = getattr(net, "weights_meta", None)
-        if stored is not None and stored.format == "xception":  # our file: it says its inputs
-            info.update(classes=stored.categories, image_size=stored.input_size,
-                        mean=stored.mean, std=stored.std)  # fmt: skip
+        if stored is not None:  # the preprocessing the weights expect (timm's: a centre crop)
+            info.update(mean=stored.mean, std=stored.std, crop_fraction=stored.crop_fraction,
+                        interpolation=stored.interpolation)  # fmt: skip
+            if stored.format == "xception":  # our file: its classes and input size too
+                info.update(classes=stored.categories, image_size=stored.input_size)
         return net, info
     if meta["model"] == "inception-v3":
         net = create_model("inception-v3", num_classes=len(meta["classes"]))
@@ -185,7 +205,7 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         net = Xception(XceptionConfig(**meta["model_config"]))
     W.load_into(net, weights, source=source, require_head=True)
     info = {k: meta[k] for k in ("classes", "image_size", "mean", "std", "multilabel", "loss")}
-    info["source"] = source
+    info.update(source=source, crop_fraction=1.0, interpolation="bilinear", config=config)
     return net, info
 
 
@@ -207,6 +227,16 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def _same_data(a: str | Path, b: str | Path) -> bool:
+    """Whether two --data values name the same dataset (a name or the same real path)."""
+    from .data import DataError, resolve_data
+
+    try:
+        return os.path.realpath(resolve_data(a)) == os.path.realpath(resolve_data(b))
+    except DataError:  # the run's data is gone (or was given relative to another folder)
+        return False
+
+
 def _num_outputs(net: torch.nn.Module) -> int | None:
     """The classifier's output count, when the model has a Linear classifier."""
     fc = getattr(net, "fc", None)
@@ -225,8 +255,13 @@ def evaluate_file(
     use_ema: bool = True,
     workers: int = 0,
 ) -> dict:
-    """Evaluate a checkpoint/run folder or weights file on `data` (see
-    `data.make_eval_dataset`). Returns a JSON-ready dict of metrics and provenance."""
+    """Evaluate a checkpoint/run folder, weights file or weights name on `data` (see
+    `data.make_eval_dataset`). Returns a JSON-ready dict of metrics and provenance.
+
+    A run evaluated on the data it trained on, where that data has no validation part, is
+    scored on the part training held out ('split' in the result says so), not on images it
+    trained on. `limit` scores a seeded sample of that many images, the same every time, spread
+    over the data (class folders list their images class by class)."""
     from .data import make_eval_dataset
 
     if batch_size < 1:
@@ -239,10 +274,17 @@ def evaluate_file(
     net, info = load_for_eval(path, model=model, use_ema=use_ema)
     size = image_size or info["image_size"]
     in_chans = getattr(getattr(net, "config", None), "in_chans", 3)
+    config = info["config"] or {}
+    held_out = None
+    if config.get("data") is not None and _same_data(config["data"], data):
+        held_out = (config.get("val_fraction", 0.1), config.get("seed", 0))
     dataset = make_eval_dataset(
         data, image_size=size, classes=tuple(info["classes"]) if info["classes"] else None,
         in_chans=in_chans, mean=tuple(info["mean"]), std=tuple(info["std"]),
+        crop_fraction=info["crop_fraction"], interpolation=info["interpolation"],
+        held_out=held_out,
     )  # fmt: skip
+    split = getattr(dataset, "held_out", None)
     channels = getattr(dataset, "channels", in_chans)  # in-memory IDX images are grey
     if channels != in_chans:
         raise ValueError(f"{data}: {channels}-channel images, but the model takes {in_chans}: "
@@ -259,8 +301,10 @@ def evaluate_file(
             "evaluate on data with the model's classes (its weights name none, so folders are "
             "matched to outputs in sorted order)"
         )
-    if limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    if limit is not None and limit < len(dataset):
+        # A seeded sample, not the first images: those of a class folder layout are one class.
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
+        dataset = torch.utils.data.Subset(dataset, sorted(pick.tolist()))
     net.to(dev)
     multilabel = bool(getattr(getattr(dataset, "dataset", dataset), "multilabel", False))
     start = time.perf_counter()
@@ -281,6 +325,11 @@ def evaluate_file(
     return {
         "checkpoint": info["source"],
         "data": str(data),
+        **(
+            {"split": f"held out in training (val_fraction={split[0]}, seed={split[1]})"}
+            if split
+            else {}
+        ),
         "images": scored,
         **({"unreadable": unreadable} if unreadable else {}),
         "image_size": size,
