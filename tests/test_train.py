@@ -213,7 +213,8 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_128_plus_signal(tmp_path, 
     assert proc.returncode == code, err
     assert f"stopped by {sig.name}" in err and "Traceback" not in err
     ckpt = load_checkpoint(run)
-    assert ckpt["state"]["batch_in_epoch"] > 0 and ckpt["state"]["step"] > 0
+    state = ckpt["state"]  # mid-epoch, or at an epoch's end when it came during validation
+    assert state["step"] > 0 and state["step"] == 16 * state["epoch"] + state["batch_in_epoch"]
     assert set(ckpt["model"]) == set(ckpt["ema"])
 
 
@@ -710,3 +711,186 @@ def test_best_is_saved_before_the_step_and_a_change_of_ranks_is_named(tmp_path, 
     with caplog.at_level("WARNING", logger="xception"):
         fit(recipe, out=str(run), resume="auto", epochs=2)
     assert "was written by 2 process(es), resumed by 1" in caplog.text
+
+
+def test_a_resume_keeps_the_runs_process_settings_unless_given(tmp_path, toy):
+    """Without its recipe, a resume took the defaults' threads (all cores: no longer bitwise the
+    uninterrupted run), workers (0) and progress bars instead of the run's own."""
+    from xception.train import _Run, given_keys
+
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, keep_freed_memory=False, train_subset=64)
+    run = tmp_path / "run"
+    fit(recipe, out=str(run))
+
+    def resumed(**given):
+        changes = dict(out=str(run), resume="auto", **given)
+        cfg = make_config(None, **changes)
+        return _Run(cfg, torch.device("cpu"), given_keys(None, changes)).cfg
+
+    cfg = resumed()
+    assert (cfg.threads, cfg.progress, cfg.keep_freed_memory, cfg.epochs) == (1, False, False, 1)
+    cfg = resumed(threads=2, progress=True, workers=1)  # given: applied
+    assert (cfg.threads, cfg.progress, cfg.workers) == (2, True, 1)
+
+
+def test_a_resume_with_fewer_epochs_than_the_run_has_done_is_refused(tmp_path, toy):
+    """It "finished" at once, exported a mid-epoch checkpoint's weights as the final ones, and
+    wrote the fewer epochs into config.yaml."""
+    recipe = tiny_recipe(tmp_path, toy, epochs=2, checkpoint_every=5, keep_last=100,
+                         train_subset=128, ema_decay=None)  # fmt: skip
+    run = tmp_path / "run"
+    fit(recipe, out=str(run))
+    config = (run / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match=r"epochs=1 is fewer than the run has done: \S+"
+                       r"step-000000008 has trained 2 epoch\(s\). Give --epochs 2 or more"):  # fmt: skip
+        fit(None, out=str(run), resume="auto", epochs=1)
+    assert (run / "config.yaml").read_bytes() == config
+    mid = next(p for p in list_checkpoints(run / "checkpoints") if p.name == "step-000000005")
+    with pytest.raises(ValueError, match=r"step-000000005 is 1 step\(s\) into epoch 2"):
+        fit(None, resume=str(mid), out=str(tmp_path / "fork"), epochs=1)
+    assert not (tmp_path / "fork").exists()
+    # As many epochs as done: a finished run, nothing to do.
+    assert len(fit(None, out=str(run), resume="auto", epochs=2)["history"]) == 2
+
+
+def test_a_full_disk_at_the_final_export_is_one_line_and_leaves_no_partial_file(
+    tmp_path, toy, capsys, monkeypatch
+):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, metadata=None):
+        if filename.endswith(".model.safetensors.tmp"):
+            with open(filename, "wb") as f:
+                f.write(b"partial")
+            raise safetensors.SafetensorError("Error while serializing: IoError(No space left)")
+        return real(tensors, filename, metadata=metadata)
+
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, train_subset=64)
+    run = tmp_path / "run"
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    _one_line_error(capsys, ["train", "--recipe", str(recipe), "--out", str(run)],
+                    f"cannot write {run / 'model.safetensors'} (Error while serializing")  # fmt: skip
+    assert (
+        not (run / ".model.safetensors.tmp").exists() and not (run / "model.safetensors").exists()
+    )
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert main(["train", "--out", str(run), "--resume", "auto"]) == 0  # as the message says
+    assert load_file(run / "model.safetensors")
+
+
+def test_inception_v3_gets_the_datas_channels_and_the_model_args(tmp_path, toy, capsys):
+    """It was built for RGB whatever the data (greyscale failed at the first step with a
+    traceback), and model_args were dropped without a word."""
+    out = ["--out", str(tmp_path / "run")]
+    recipe = str(tiny_recipe(tmp_path, toy, model="inception-v3", model_args={}, image_size=80))
+    _one_line_error(capsys, ["train", "--recipe", recipe, *out],
+                    f"model=inception-v3 takes 3-channel (RGB) images, and {toy} has 1: use "
+                    "inception-v3-compact")  # fmt: skip
+    rgb = _image_folder(tmp_path / "rgb", per_class=4, size=16)
+    _one_line_error(capsys, ["train", "--recipe", recipe, "--data", str(rgb), "--batch-size", "4",
+                             "--set", "model_args.width=0.5", *out],
+                    "inception-v3 accepts only num_classes and drop_rate (got width)")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_base_recipe_files_model_args_are_merged_not_dropped(tmp_path):
+    (tmp_path / "base.yaml").write_text("recipe: fashion-mnist\nmodel_args: {width: 0.5, "
+                                        "middle_blocks: 4}\n")  # fmt: skip
+    (tmp_path / "child.yaml").write_text("recipe: base.yaml\nmodel_args: {middle_blocks: 2}\n")
+    assert make_config(tmp_path / "child.yaml").model_args == dict(width=0.5, middle_blocks=2)
+    child = make_config(tmp_path / "child.yaml", model_args=dict(width=0.25))
+    assert child.model_args == dict(width=0.25, middle_blocks=2)
+
+
+def test_a_config_file_naming_its_recipe_starts_from_it(tmp_path):
+    """`--config` with `recipe: imagenet` labelled the run imagenet and trained it on the
+    default recipe's settings (xception-compact, 28 px, lr 0.1)."""
+    from xception.cli import UserError, _train_config, build_parser
+
+    def config(*argv):
+        return _train_config(build_parser().parse_args(["train", "--out", str(tmp_path / "r"),
+                                                        *argv]))[0]  # fmt: skip
+
+    (tmp_path / "c.yaml").write_text("recipe: imagenet\nepochs: 1\n")
+    cfg = config("--config", str(tmp_path / "c.yaml"))
+    assert (cfg.recipe, cfg.model, cfg.lr, cfg.image_size, cfg.epochs) == (
+        "imagenet", "xception", 0.045, 299, 1)  # fmt: skip
+    assert cfg == config("--config", str(tmp_path / "c.yaml"), "--recipe", "imagenet")
+    with pytest.raises(UserError, match="starts from recipe imagenet, and --recipe is "
+                       "fashion-mnist: drop one of them"):  # fmt: skip
+        config("--config", str(tmp_path / "c.yaml"), "--recipe", "fashion-mnist")
+    # A run's own config.yaml reproduces it; a base file is found beside the config file.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "base.yaml").write_text("recipe: jft\nlr: 0.002\n")
+    (tmp_path / "sub" / "c.yaml").write_text("recipe: base.yaml\nepochs: 2\n")
+    cfg = config("--config", str(tmp_path / "sub" / "c.yaml"))
+    assert (cfg.recipe, cfg.optimizer, cfg.lr, cfg.epochs) == ("jft", "rmsprop", 0.002, 2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert config("--config", str(tmp_path / "run.yaml")) == cfg
+
+
+def test_a_folder_with_results_but_no_checkpoint_is_not_trained_over(tmp_path, toy, capsys):
+    """Checkpoints removed to save space once a run was done: a new run there, or a job
+    script's `--resume auto`, replaced the run's config.yaml at once and its weights at the end."""
+    run = tmp_path / "done"
+    run.mkdir()
+    results = {"model.safetensors": b"final weights", "metrics.csv": b"epoch\n1\n",
+               "config.yaml": b"recipe: fashion-mnist\n"}  # fmt: skip
+    for name, data in results.items():
+        (run / name).write_bytes(data)
+    recipe = str(tiny_recipe(tmp_path, toy, epochs=1))
+    message = (
+        f"{run} holds a finished run's results (model.safetensors, metrics.csv) and no checkpoint"
+    )
+    _one_line_error(capsys, ["train", "--recipe", recipe, "--out", str(run)], message)
+    _one_line_error(capsys, ["train", "--recipe", recipe, "--out", str(run), "--resume", "auto"],
+                    message)  # fmt: skip
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == results
+
+
+def test_a_signal_during_validation_stops_at_the_epochs_checkpoint(tmp_path, toy, monkeypatch):
+    """It started the next epoch (its data loader, one step) before it stopped and saved."""
+    from xception import train
+
+    real = train._Run._validate
+
+    def signalled(self):
+        if self.epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(train._Run, "_validate", signalled)
+    recipe = tiny_recipe(tmp_path, toy, epochs=2, train_subset=64)
+    run = tmp_path / "run"
+    with pytest.raises(train.Interrupted) as stop:
+        fit(recipe, out=str(run))
+    assert stop.value.exit_code == 143
+    assert stop.value.checkpoint == run / "checkpoints" / "step-000000002"
+    state = load_checkpoint(stop.value.checkpoint, state_only=True)["state"]
+    assert (state["epoch"], state["batch_in_epoch"], len(state["history"])) == (1, 0, 1)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000000002"]
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1"]
+
+
+def test_a_resume_finds_its_data_where_it_moved_and_refuses_other_data(tmp_path, capsys):
+    """Data copied to a job's local scratch, or moved: `--data` on a resume was "not applied",
+    and the run could never be resumed."""
+    old = make_idx_dataset(tmp_path / "old", n_train=256)
+    recipe = tiny_recipe(tmp_path, old, epochs=1)
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 0
+    moved = tmp_path / "moved"
+    shutil.move(old, moved)
+    resume = ["train", "--out", str(run), "--resume", "auto", "--epochs", "2"]
+    fewer = make_idx_dataset(tmp_path / "fewer", n_train=192)
+    _one_line_error(capsys, [*resume, "--data", str(fewer)],
+                    f"{fewer} has 192 training images, the run had 256")  # fmt: skip
+    other = _image_folder(tmp_path / "other", classes=("cat", "dog"), per_class=5)
+    _one_line_error(capsys, [*resume, "--data", str(other)], f"{other} holds other classes")
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1"]
+    assert main([*resume, "--data", str(moved)]) == 0
+    assert "not applied" not in capsys.readouterr().err
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"] == str(moved)

@@ -649,7 +649,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="recipe name (imagenet, jft, fashion-mnist) or a YAML file (default: fashion-mnist; "
         "with --resume: the checkpoint's own settings)",
     )
-    p.add_argument("--config", help="YAML file of overrides applied on top of the recipe")
+    p.add_argument("--config", help="YAML file of overrides applied on top of the recipe (a "
+                   "`recipe:` key in it names that recipe)")  # fmt: skip
     p.add_argument(
         "--data",
         help="dataset: a folder (train/ val/ class folders, IDX files, "
@@ -695,11 +696,23 @@ def _train_config(args: argparse.Namespace):
     from .train import _read_yaml, given_keys, make_config
 
     overrides: dict = {}
+    recipe_arg = args.recipe
     if args.config:
         if not os.path.isfile(args.config):
             raise UserError(f"--config {args.config}: no such file (a YAML file of config keys)")
         with open(args.config) as f:
             overrides.update(_read_yaml(f.read(), args.config))
+        # A `recipe:` key in it names the base its keys override (a run's config.yaml names its
+        # own): it only labelled the run, which trained on the default recipe's other settings.
+        base = overrides.pop("recipe", None)
+        if base is not None:
+            if str(base).endswith((".yaml", ".yml")):  # beside the file, as in a recipe file
+                base = os.path.join(os.path.dirname(args.config), str(base))
+            if recipe_arg is None:
+                recipe_arg = str(base)
+            elif make_config(recipe_arg).recipe != make_config(base).recipe:
+                raise UserError(f"--config {args.config} starts from recipe {base}, and --recipe "
+                                f"is {recipe_arg}: drop one of them")  # fmt: skip
     model_args = dict(overrides.pop("model_args", None) or {})
     for key, value in _parse_overrides(args.set).items():
         if key.startswith("model_args."):
@@ -727,18 +740,20 @@ def _train_config(args: argparse.Namespace):
         fixed = sorted(k for k in overrides if k not in RESUMABLE)
         if model_args:
             fixed.append("model_args")
-        if args.recipe:  # a recipe's own settings are not applied either
-            applied = sorted(k for k in load_recipe(args.recipe) if k in RESUMABLE)
-            fixed.append(f"recipe {args.recipe}" + (
+        if recipe_arg:  # a recipe's own settings are not applied either
+            applied = sorted(k for k in load_recipe(recipe_arg) if k in RESUMABLE and k != "data")
+            fixed.append(f"recipe {recipe_arg}" + (
                 f" (only its {', '.join(applied)} applied)" if applied else ""))  # fmt: skip
         if fixed:
             log.warning("--resume continues the run as it was configured: %s given here not "
                         "applied (start a new run to change them)", ", ".join(fixed))  # fmt: skip
-    recipe = args.recipe or (None if resuming else "fashion-mnist")
+    recipe = recipe_arg or (None if resuming else "fashion-mnist")
     # make_config drops None overrides (unset arguments); a null from --set or --config is a
     # value the user gave (ema_decay=null turns EMA off), applied after it.
     nulls = {k: None for k, v in overrides.items() if v is None}
     given = given_keys(recipe, overrides) | set(nulls)
+    if resuming and "data" not in overrides:  # a recipe's data is a default: the run's stays
+        given.discard("data")
     cfg = make_config(recipe, **overrides)
     if nulls:
         cfg = cfg.replace(**nulls)
@@ -749,7 +764,28 @@ def _train_config(args: argparse.Namespace):
             raise UserError("under torchrun pass --out DIR, so that all ranks and restarts "
                             "use the same run folder")  # fmt: skip
         cfg = cfg.replace(out=f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _refuse_replacing_results(cfg)
     return cfg, given
+
+
+def _refuse_replacing_results(cfg) -> None:
+    """A folder holding a run's results but no checkpoint (removed to save space once the run
+    was done) took a new run, `--resume auto` included, which replaced its config.yaml at once
+    and its final weights at the end. Python's `fit` (the experiments) still may."""
+    from .checkpoint import find_latest
+
+    if cfg.out is None or find_latest(os.path.join(cfg.out, "checkpoints")) is not None:
+        return
+    if cfg.resume not in (None, "auto"):  # a fork; a checkpoint of this very folder continues it
+        own = os.path.realpath(os.path.join(cfg.resume, os.pardir, os.pardir))
+        if os.path.isdir(cfg.resume) and own == os.path.realpath(cfg.out):
+            return
+    results = [n for n in ("model.safetensors", "model.json", "metrics.csv")
+               if os.path.isfile(os.path.join(cfg.out, n))]  # fmt: skip
+    if results:
+        raise UserError(f"{cfg.out} holds a finished run's results ({', '.join(results)}) and no "
+                        "checkpoint to continue from: a run there would replace them. Choose "
+                        "another --out, or move them away first")  # fmt: skip
 
 
 def _fit(cfg, given: set[str] | None = None, command: str = "train") -> tuple[int, dict | None]:

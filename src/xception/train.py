@@ -228,14 +228,18 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; all others come from the checkpoint (the run's identity).
+# `data` too, for data that moved (a job's local scratch copy): it must hold the run's classes
+# and training images (checked), or a resume could never find it again.
 RESUMABLE = ("epochs", "out", "resume", "progress", "workers", "device", "threads", "compile",
              "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size",
-             "keep_freed_memory")  # fmt: skip
-# Of those, the ones that shape the run's course and output: a resume keeps the checkpoint's
-# unless they are given (resuming a finished run without its recipe used to extend it to the
-# default recipe's epochs, with its checkpoint interval). The rest describe this machine and
-# this process, and come from the current config.
-RUN_SETTINGS = ("epochs", "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size")
+             "keep_freed_memory", "data")  # fmt: skip
+# Of those, the ones a resume keeps from the checkpoint unless they are given: without its
+# recipe a resume used to extend a finished run to the default recipe's epochs, and to take the
+# defaults' threads (all cores: no longer bitwise the uninterrupted run), workers (0: ImageNet
+# decoded in the main process) and progress. The run folder, the checkpoint and the device
+# (resolved before the checkpoint is read: the GPU of this rank on this machine) come from the
+# current config.
+RUN_SETTINGS = tuple(k for k in RESUMABLE if k not in ("out", "resume", "device"))
 
 
 class TrainingError(RuntimeError):
@@ -289,10 +293,10 @@ def load_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
             return data
         if Path(str(base)).suffix in (".yaml", ".yml"):  # another file, beside this one
             merged = load_recipe(path.parent / str(base), (*_seen, path.resolve()))
-            return {**merged, **data, "recipe": merged.get("recipe", str(base))}
+            return {**_over(merged, data), "recipe": merged.get("recipe", str(base))}
         # An unknown name is an error with the closest names (a typo used to train on bare
         # defaults).
-        return {**load_recipe(str(base)), **data}
+        return _over(load_recipe(str(base)), data)
     names = list_recipes()
     if str(name_or_path) not in names:
         close = difflib.get_close_matches(str(name_or_path), names, n=2)
@@ -300,6 +304,15 @@ def load_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ValueError(f"unknown recipe {name_or_path!r}: {hint} (or a .yaml file)")
     text = (resources.files("xception") / "recipes" / f"{name_or_path}.yaml").read_text()
     return {**_read_yaml(text, f"recipe {name_or_path}"), "recipe": str(name_or_path)}
+
+
+def _over(base: dict, changes: dict) -> dict:
+    """`changes` over `base`, model_args merged key by key as `--set model_args.X` merges them: a
+    file's `model_args: {middle_blocks: 2}` used to drop every model_args its base recipe set."""
+    merged = {**base, **changes}
+    if isinstance(base.get("model_args"), dict) and isinstance(changes.get("model_args"), dict):
+        merged["model_args"] = {**base["model_args"], **changes["model_args"]}
+    return merged
 
 
 def _check_keys(keys, where: str) -> None:
@@ -324,15 +337,13 @@ def make_config(config: str | Path | dict | TrainConfig | None = None, **overrid
     elif isinstance(config, dict):
         base = dict(config)
         if "recipe" in base and base["recipe"] in list_recipes():
-            base = {**load_recipe(base["recipe"]), **base}
+            base = _over(load_recipe(base["recipe"]), base)
     else:
         base = load_recipe(config)
     _check_keys(base, f"recipe {config}" if not isinstance(config, dict) else "config")
-    merged = {**base, **overrides}
+    merged = _over(base, overrides)
     if "model_args" in merged and not isinstance(merged["model_args"], dict):
         raise ValueError("model_args must be a mapping of model config fields")
-    if isinstance(base.get("model_args"), dict) and isinstance(overrides.get("model_args"), dict):
-        merged["model_args"] = {**base["model_args"], **overrides["model_args"]}
     return TrainConfig(**merged)
 
 
@@ -647,6 +658,8 @@ class _Run:
             else ((0.5,) * 3, (0.5,) * 3)  # fmt: skip
         self.train_set = _subset(train, cfg.train_subset, cfg.seed)
         self.val_set = _subset(val, cfg.val_subset, cfg.seed + 1)
+        if self.resume_from is not None:
+            self._check_same_data()
         per_rank = cfg.batch_size // self.world
         if cfg.batch_size % self.world or per_rank % cfg.accum_steps:
             raise ValueError(
@@ -666,9 +679,14 @@ class _Run:
             num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
         )  # fmt: skip
 
-        kw = dict(num_classes=len(self.classes))
-        if cfg.model != "inception-v3":
-            kw.update(in_chans=self.channels, **cfg.model_args)
+        if cfg.model == "inception-v3" and self.channels != 3:
+            # Its first convolution takes RGB: the first step failed with a traceback.
+            raise ValueError(f"model=inception-v3 takes 3-channel (RGB) images, and {cfg.data} "
+                             f"has {self.channels}: use inception-v3-compact (any channels, "
+                             "small images) or an xception model")  # fmt: skip
+        # model_args go to every model: inception-v3 refuses those it does not take, by name
+        # (they used to be dropped without a word).
+        kw = dict(num_classes=len(self.classes), in_chans=self.channels, **cfg.model_args)
         if cfg.drop_rate:
             kw["drop_rate"] = cfg.drop_rate
         if self.resume_from is None:
@@ -715,6 +733,22 @@ class _Run:
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
+    def _check_same_data(self) -> None:
+        """A resume's data (moved, perhaps) is the run's: its classes and training images."""
+        state, path = self.resume_from["state"], self.resume_from["path"]
+        saved = state["meta"]["classes"]
+        if list(self.classes) != list(saved):
+            shown = ", ".join(saved[:5]) + (", ..." if len(saved) > 5 else "")
+            raise ValueError(f"{self.cfg.data} holds other classes than the run was trained on "
+                             f"({len(saved)}: {shown}): resume with the run's data, or start a "
+                             f"new run from its weights (--weights {path}/model.safetensors)")  # fmt: skip
+        images = state.get("train_images")  # not recorded before this field
+        if images is not None and images != len(self.train_set):
+            raise ValueError(f"{self.cfg.data} has {len(self.train_set)} training images, the run "
+                             f"had {images}: its batches would not continue the run's. Resume "
+                             "with the run's data, or start a new run from its weights "
+                             f"(--weights {path}/model.safetensors)")  # fmt: skip
+
     def _restore(self, ckpt: dict) -> None:
         state = ckpt["state"]
         _load_exact(self.model, ckpt["model"], ckpt["path"])
@@ -728,6 +762,15 @@ class _Run:
         C.restore_rng_state(state["rng"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.step, self.history = state["step"], list(state["history"])
+        started = self.epoch + (1 if self.batch_in_epoch else 0)
+        if self.cfg.epochs < started:
+            # The run "finished" at once, exported the checkpoint's weights as its final ones
+            # (from the middle of a later epoch) and recorded the fewer epochs in config.yaml.
+            where = (f"is {self.batch_in_epoch} step(s) into epoch {started}" if self.batch_in_epoch
+                     else f"has trained {self.epoch} epoch(s)")  # fmt: skip
+            raise ValueError(f"epochs={self.cfg.epochs} is fewer than the run has done: "
+                             f"{ckpt['path']} {where}. Give --epochs {started} or more, or leave "
+                             "it out to continue as the run was configured")  # fmt: skip
         self.partial = dict(state.get("partial", {}))
         self.best = state.get("best")
         self._info("resumed from %s (epoch %d, step %d)", ckpt["path"], self.epoch, self.step)
@@ -764,6 +807,7 @@ class _Run:
                          "wall_s": time.perf_counter() - self.start_wall}
                 if meter is not None else {},
                 ema_updates=self.ema.updates if self.ema else 0, world=self.world,
+                train_images=len(self.train_set),
             )  # fmt: skip
             ema = self.ema.module.state_dict() if self.ema else None
             sd = {k: v for k, v in self.model.state_dict().items()}
@@ -815,6 +859,7 @@ class _Run:
 
     def _export(self) -> Path:
         """Final weights (EMA when kept) and the model card, in the run folder."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         weights = self.out / "model.safetensors"
@@ -823,11 +868,19 @@ class _Run:
             src = self.ema.module if self.ema else self.model
             sd = {k: v.detach().cpu().contiguous().clone() for k, v in src.state_dict().items()}
             tmp = self.out / ".model.safetensors.tmp"
-            save_file(sd, str(tmp), metadata=self._weights_metadata())
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, C.default_mode())  # safetensors writes 0600: follow the umask
-            os.replace(tmp, weights)
+            try:
+                save_file(sd, str(tmp), metadata=self._weights_metadata())
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                C.publish(tmp, weights)  # safetensors writes 0600: follow the umask
+            except (OSError, RuntimeError, SafetensorError) as err:
+                # A full disk is a SafetensorError: it was a traceback, and left the partial
+                # file behind.
+                tmp.unlink(missing_ok=True)
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise OSError(f"cannot write {weights} ({first}): free space, then `xception "
+                              f"train --out {self.out} --resume auto` writes it (the run is "
+                              "finished and its checkpoints are intact)") from None  # fmt: skip
             card = dict(
                 name=f"{self.cfg.model} trained with recipe {self.cfg.recipe}",
                 **self._meta(), parameters=self.params,
@@ -905,13 +958,21 @@ class _Run:
                 # counted as the best, and never wrote the best checkpoint.
                 if improved:
                     self._save(f"best-step-{self.step:09d}")
-                self._save(f"step-{self.step:09d}")
+                saved = self._save(f"step-{self.step:09d}")
                 self._write_outputs()
                 if self.tb is not None:
                     for k, v in row.items():
                         self.tb.add_scalar(k, v, row["epoch"])
                 self._info("epoch %d/%d: %s", row["epoch"], cfg.epochs,
                          ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "epoch"))  # fmt: skip
+                # A signal during validation or the saves: stop here, at the checkpoint just
+                # written. It used to start the next epoch (its data loader workers, one step)
+                # and save again, past the grace period of a cluster's SIGTERM.
+                stop = signals.signum is not None
+                if self.distributed:
+                    stop = reduce_sums([float(stop)], self.device)[0] > 0
+                if stop and self.epoch < cfg.epochs:
+                    raise Interrupted(signals.signum or signal.SIGTERM, saved)
         weights = self._export()
         if self.tb is not None:
             self.tb.close()
