@@ -416,3 +416,27 @@ def test_a_model_that_cannot_classify_is_refused_before_any_output(tmp_path, cap
                             "--format", "csv")  # fmt: skip
     assert status == 2 and "no classifier" in err
     assert out == ""
+
+
+def test_multi_label_weights_give_a_probability_per_class(tiny, tmp_path):
+    """Weights trained with the sigmoid loss (the jft recipe) were scored with softmax: the
+    ranking is the same, but the printed probabilities were wrong (they summed to 1 over the
+    classes where each class is on its own)."""
+    from xception.weights import read_safetensors_metadata
+
+    model = create_model("xception-compact", weights=tiny).eval()
+    _, meta = read_safetensors_metadata(tiny)
+    sigmoid = tmp_path / "multi.safetensors"
+    save_safetensors(model, sigmoid, meta.replace(loss="sigmoid"))
+    image = SKLEARN_IMAGES / "china.jpg"
+    with torch.no_grad():
+        logits = model(meta.transforms()(load_image(image))[None])[0]
+    for path, expected in ((tiny, logits.softmax(-1)), (sigmoid, logits.sigmoid())):
+        loaded = create_model("xception-compact", weights=path)
+        [row] = predict(loaded, image, topk=4)
+        got = {r.index: r.probability for r in row.top}
+        assert [r.index for r in row.top] == logits.argsort(descending=True).tolist()
+        assert torch.allclose(torch.tensor([got[i] for i in range(4)]), expected, atol=1e-4)
+    assert sum(got.values()) != pytest.approx(1.0, abs=1e-3)  # the sigmoid file's own
+    with pytest.raises(ValueError, match="loss 'hinge' is neither 'softmax' nor 'sigmoid'"):
+        meta.replace(loss="hinge")

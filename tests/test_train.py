@@ -462,6 +462,16 @@ def test_multilabel_training_reports_map(tmp_path):
     final = result["final"]
     assert 0 <= final["val_map100"] <= 100 and final["epoch"] == 1
     assert result["classes"] == ["a", "b", "x", "y"]
+    # The weights file says its scores are one sigmoid per class: predict printed softmax
+    # probabilities for it, and eval of the file alone took it for a softmax model.
+    import shutil
+
+    from xception.evaluate import load_for_eval
+    from xception.weights import read_safetensors_metadata
+
+    assert read_safetensors_metadata(result["weights"])[1].loss == "sigmoid"
+    alone = shutil.copy(result["weights"], tmp_path / "alone.safetensors")
+    assert load_for_eval(alone)[1]["loss"] == "sigmoid"
 
 
 def test_multilabel_training_top1_scores_ties_as_eval_does(tmp_path, monkeypatch):

@@ -196,8 +196,9 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         if stored is not None:  # the preprocessing the weights expect (timm's: a centre crop)
             info.update(mean=stored.mean, std=stored.std, crop_fraction=stored.crop_fraction,
                         interpolation=stored.interpolation)  # fmt: skip
-            if stored.format == "xception":  # our file: its classes and input size too
-                info.update(classes=stored.categories, image_size=stored.input_size)
+            if stored.format == "xception":  # our file: its classes, input size and loss too
+                info.update(classes=stored.categories, image_size=stored.input_size,
+                            loss=stored.loss)  # fmt: skip
         return net, info
     if meta["model"] == "inception-v3":
         net = create_model("inception-v3", num_classes=len(meta["classes"]))

@@ -173,14 +173,15 @@ def predict(
     # One path is one file or folder: a string is not a sequence of one-letter paths.
     files = find_images([paths] if isinstance(paths, str | Path) else paths)
     run = BACKENDS[backend](model)
-    return _rows(run, files, meta.transforms(), categories, in_chans,
-                 min(topk, num_classes), batch_size, progress)  # fmt: skip
+    return _rows(run, files, meta, categories, in_chans, min(topk, num_classes), batch_size,
+                 progress)  # fmt: skip
 
 
-def _rows(run: Runner, paths: list[Path], transform: Callable, categories, in_chans: int,
-          k: int, batch_size: int, progress: bool) -> Iterator[Prediction]:  # fmt: skip
+def _rows(run: Runner, paths: list[Path], meta: Weights, categories, in_chans: int, k: int,
+          batch_size: int, progress: bool) -> Iterator[Prediction]:  # fmt: skip
     from tqdm import tqdm
 
+    transform = meta.transforms()
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
@@ -197,7 +198,8 @@ def _rows(run: Runner, paths: list[Path], transform: Callable, categories, in_ch
                     result.error = _reason(path, err)
                 results.append(result)
             if tensors:
-                probs = run(torch.stack(tensors)).float().softmax(-1)
+                # Softmax, or a sigmoid per class for multi-label weights (the jft recipe's).
+                probs = meta.probabilities(run(torch.stack(tensors)).float())
                 values, indices = probs.topk(k, dim=-1)
                 for result, ps, ids in zip(slots, values.tolist(), indices.tolist(), strict=True):
                     result.top = [

@@ -903,7 +903,7 @@ class _Run:
             name=f"{self.cfg.model} trained with recipe {self.cfg.recipe}", format="xception",
             num_classes=len(meta["classes"]), categories=tuple(meta["classes"]),
             input_size=meta["image_size"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-            description=f"trained on {self.cfg.data} ({meta['loss']} loss)",
+            description=f"trained on {self.cfg.data} ({meta['loss']} loss)", loss=meta["loss"],
         )  # fmt: skip
         return safetensors_metadata(meta["model_config"], card)
 

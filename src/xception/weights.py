@@ -510,7 +510,9 @@ class Weights:
     `base_url` are set for weights that `download` can fetch. Preprocessing (`transforms()`):
     resize the shorter side to input_size / crop_fraction with `interpolation` and centre-crop
     input_size (crop_fraction 1.0: resize to a square, as Keras does), then RGB in [0, 1]
-    normalised by mean and std."""
+    normalised by mean and std. `loss` says how the classifier's scores become
+    probabilities: 'softmax' (one class per image) or 'sigmoid' (multi-label, each class on
+    its own, as the jft recipe trains)."""
 
     name: str
     format: str
@@ -525,6 +527,17 @@ class Weights:
     md5: str | None = None
     base_url: str | None = None
     description: str = ""
+    loss: str = "softmax"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("softmax", "sigmoid"):
+            raise WeightsError(f"weights metadata: loss {self.loss!r} is neither 'softmax' nor "
+                               "'sigmoid'")  # fmt: skip
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The class probabilities of a batch of logits (N, classes), as the weights were
+        trained: softmax over classes, or one sigmoid per class for multi-label weights."""
+        return logits.sigmoid() if self.loss == "sigmoid" else logits.softmax(-1)
 
     @property
     def url(self) -> str | None:
