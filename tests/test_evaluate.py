@@ -231,6 +231,28 @@ def test_eval_counts_only_the_images_it_scored(tmp_path, capsys):
         evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")
 
 
+def test_eval_decodes_in_worker_processes_with_the_same_result(tmp_path, capsys):
+    """`xception eval --workers N`: the engine could, the command had no way to ask (ImageNet's
+    50,000 validation images decoded in the one process)."""
+    from test_data import _png_cut_in_its_pixels
+
+    model = create_model("xception-compact", num_classes=3).eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=3, size=28)
+    _png_cut_in_its_pixels(root / "a" / "cut.png")
+    results = []
+    for workers in ("0", "2"):
+        argv = ["eval", "--checkpoint", str(tmp_path / "w.safetensors"), "--data", str(root),
+                "--model", "xception-compact", "--batch-size", "4", "--workers", workers]  # fmt: skip
+        assert main(argv) == 0
+        results.append({k: v for k, v in json.loads(capsys.readouterr().out).items()
+                        if k != "seconds"})  # fmt: skip
+    assert results[0] == results[1]
+    assert results[0]["images"] == 9 and results[0]["unreadable"] == 1
+    assert main([*argv[:-1], "-1"]) == 2
+    assert "workers=-1: give 0" in capsys.readouterr().err
+
+
 def test_eval_of_a_grey_model_on_image_files_and_of_an_empty_split(tmp_path):
     import numpy as np
     from test_data import write_idx

@@ -848,6 +848,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA ones")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, "
                    "cuda:N (default: %(default)s)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes decoding images beside the model (default: %(default)s, "
+                        "decode in this process; ImageNet-size folders want several)")  # fmt: skip
     p.add_argument("--json", dest="json_out", help="also write the result to this file")
 
 
@@ -866,7 +869,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     runtime.keep_freed_memory()
     result = evaluate_file(args.checkpoint, args.data, model=args.model, batch_size=args.batch_size,
                            device=args.device, image_size=args.size, limit=args.limit,
-                           use_ema=not args.raw)  # fmt: skip
+                           use_ema=not args.raw, workers=args.workers)  # fmt: skip
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

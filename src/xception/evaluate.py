@@ -267,6 +267,8 @@ def evaluate_file(
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: give at least 1 image per batch")
+    if workers < 0:
+        raise ValueError(f"workers={workers}: give 0 (decode in this process) or more")
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size={image_size}: give the input size in pixels")
     if limit is not None and limit < 1:
