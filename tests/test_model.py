@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -338,3 +339,147 @@ def test_models_rebuild_from_a_config_dict_as_checkpoints_store_it():
     assert InceptionV3Compact(json.loads(json.dumps(icfg.to_dict()))).config == icfg
     with pytest.raises(TypeError, match=r"config must be XceptionConfig\(\.\.\.\) or a dict"):
         Xception(icfg)
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_stride_2_same_stem_pads_like_tensorflow(size):
+    """padding='keras' promises TensorFlow's 'same': a 3x3/2 conv on an even size pads (0, 1).
+    A stem_stride=2, stem_padding='same' stem padded (1, 1) at every size, so its outputs
+    differed from Keras' Conv2D(strides=2, padding='same') on even inputs (by 4.3 here)."""
+    import torch.nn.functional as F
+
+    from xception.layers import tf_same_padding
+
+    model = Xception(width=0.125, middle_blocks=1, stem_stride=2, stem_padding="same",
+                     num_classes=0, pooling=None).eval()  # fmt: skip
+    stem = model.block1
+    x = torch.randn(2, 3, size, size + 1)
+    top, bottom = tf_same_padding(size, 3, 2)
+    left, right = tf_same_padding(size + 1, 3, 2)
+    conv = stem.conv1.conv
+    with torch.no_grad():
+        ref = F.conv2d(F.pad(x, (left, right, top, bottom)), conv.weight, stride=2)
+        ref = stem.conv2(stem.conv1.act(stem.conv1.bn(ref)))
+        assert torch.allclose(stem(x), ref, atol=1e-5)
+        # The timm port's symmetric padding stays symmetric.
+        sym = Xception(model.config.replace(padding="symmetric")).eval()
+        sym.load_state_dict(model.state_dict())
+        ref = F.conv2d(x, conv.weight, stride=2, padding=1)
+        assert torch.allclose(sym.block1(x), stem.conv2(stem.conv1.act(stem.conv1.bn(ref))),
+                              atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "batch,hint",
+    [(np.zeros((1, 32, 32, 3), "float32"),
+      r"got a numpy\.ndarray: .*torch\.from_numpy\(x\)\.permute\(0, 3, 1, 2\)\.float\(\)"),
+     ([[0.0]], r"got a list"), (None, r"got a NoneType")],
+    ids=["numpy", "list", "None"],
+)  # fmt: skip
+def test_input_that_is_not_a_tensor_is_named(batch, hint):
+    """A numpy batch (what Keras takes) was told to `.permute`, which numpy lacks, or failed
+    with "'numpy.ndarray' object has no attribute 'is_floating_point'"; a list or None with
+    an AttributeError on `.ndim`."""
+    from xception.model import check_float_images
+
+    model = Xception(width=0.125, middle_blocks=1)
+    for call in (model, model.forward_features, model.feature_maps, check_float_images):
+        with pytest.raises(TypeError, match=r"expected a torch\.Tensor.*" + hint):
+            call(batch)
+
+
+def test_summary_and_count_macs_take_a_size_or_a_pair_and_name_anything_else():
+    """count_macs(model, 299) failed with "Value after * must be an iterable"; timm's
+    (3, 299, 299) was told to "set in_chans", which was not the problem."""
+    model = Xception(width=0.125, middle_blocks=1)
+    assert count_macs(model, 40) == count_macs(model, (40, 40)) == count_macs(model, [40, 40])
+    assert summary(model, 40) == summary(model, (40, 40))
+    for bad in ((3, 40, 40), (40,), 40.0, (40, 0), True, "40"):
+        for call in (count_macs, summary):
+            with pytest.raises(ValueError, match=r"input_size=.*: give the image height and "
+                               r"width.*e\.g\. 299 or \(299, 299\)"):  # fmt: skip
+                call(model, bad)
+
+
+def test_meta_copy_leaves_the_callers_hooks_behind_without_copying_them():
+    """The hooks were deep-copied with the model, then cleared: a hook holding a lock (or
+    anything else deepcopy refuses) made count_macs and summary fail with "cannot pickle
+    '_thread.lock' object", and one holding recorded activations had them copied."""
+    import threading
+
+    from xception.model import meta_copy
+
+    class Recorder:
+        def __init__(self):
+            self.lock, self.maps = threading.Lock(), [torch.zeros(1000)]
+
+        def __call__(self, module, inputs, output):
+            self.maps.append(output)
+
+        def pre(self, module, inputs):
+            self.maps.append(None)
+
+        def backward(self, module, grad_in, grad_out):
+            self.maps.append(None)
+
+    model = Xception(width=0.125, middle_blocks=1, num_classes=3)
+    rec = Recorder()
+    handles = [model.block2.register_forward_hook(rec), model.register_forward_pre_hook(rec.pre),
+               model.block3.register_full_backward_hook(rec.backward),
+               model.block4.register_forward_hook(lambda m, a, k, o: rec.maps.append(0),
+                                                  with_kwargs=True)]  # fmt: skip
+    replica = meta_copy(model)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               for m in replica.modules())  # fmt: skip
+    assert count_macs(model, (40, 40)) > 0 and summary(model, (40, 40))
+    assert len(rec.maps) == 1  # the caller's hooks never ran on the replica
+    model.eval()(torch.randn(1, 3, 40, 40))
+    assert len(rec.maps) == 4  # and still run on the model itself
+    assert len(handles) == 4 and model.block3._backward_hooks
+
+
+def test_reset_classifier_drops_the_old_heads_class_names():
+    """A fresh head kept the weights' class names: after reset_classifier(1000) on ImageNet
+    weights, predict labelled the untrained head's outputs with ImageNet's names, as the
+    classifier rule of create_model (class names dropped with a new head) forbids."""
+    from xception.weights import Weights
+
+    meta = Weights(name="w", format="xception", num_classes=3, categories=("a", "b", "c"),
+                   input_size=64, mean=(0.1, 0.2, 0.3))  # fmt: skip
+    for model in (Xception(width=0.125, middle_blocks=1, num_classes=3),
+                  InceptionV3Compact(width=0.125, num_classes=3)):  # fmt: skip
+        model.weights_meta = meta
+        model.reset_classifier(3)
+        assert model.weights_meta == meta.replace(categories=None)  # preprocessing kept
+        model.reset_classifier(5)
+        assert model.weights_meta.num_classes == 5 and model.weights_meta.categories is None
+    plain = Xception(width=0.125, middle_blocks=1, num_classes=3)
+    plain.reset_classifier(2)  # a model without weights metadata gets none
+    assert getattr(plain, "weights_meta", None) is None
+
+
+def test_numpy_and_torch_integers_are_taken_as_ints():
+    """num_classes = labels.max() + 1 on a numpy array is an np.int64: create_model and
+    reset_classifier refused it with "use a non-negative integer", which it is. They are now
+    plain ints in the config (which goes to JSON in checkpoints and safetensors files)."""
+    import json
+
+    from xception import create_model
+
+    model = create_model("xception", width=0.125, middle_blocks=np.int64(1),
+                         num_classes=np.arange(10).max() + 1)  # fmt: skip
+    assert model.config.num_classes == 10 and type(model.config.num_classes) is int
+    assert type(model.config.middle_blocks) is int
+    json.dumps(model.config.to_dict())
+    model.reset_classifier(torch.tensor(3))
+    assert model.fc.out_features == 3 and type(model.config.num_classes) is int
+    assert type(InceptionConfig(num_classes=np.int32(4)).num_classes) is int
+    inception = InceptionV3Compact(width=0.125, blocks=(1, 1, 1), num_classes=2)
+    inception.reset_classifier(np.int64(4))
+    assert inception.fc.out_features == 4 and type(inception.config.num_classes) is int
+    with pytest.raises(ValueError, match=r"num_classes=.* is not valid"):
+        XceptionConfig(num_classes=np.float64(10.0))
+    with pytest.raises(ValueError, match=r"reset_classifier\(4\): .*pooling='avg'"):
+        Xception(width=0.125, middle_blocks=1, num_classes=0, pooling=None).reset_classifier(
+            np.int64(4)
+        )

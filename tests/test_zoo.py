@@ -88,3 +88,13 @@ def test_timm_pretrained_flag_says_to_use_weights():
     for name in ("inception-v3", "inception-v3-compact", "xception-compact"):
         with pytest.raises(ValueError, match=f"pass weights= a weights file for {name}"):
             create_model(name, pretrained=True)
+
+
+def test_list_models_takes_timms_wildcards():
+    """timm's list_models('*xception*') filters with shell wildcards; here it found nothing
+    (no name contains a '*'), so a timm user was told there were no such models."""
+    assert list_models("*xception*") == list_models("xception") == list_models("XCEPTION")
+    assert list_models("xception-mid*") == ["xception-mid-elu", "xception-mid-relu"]
+    assert list_models("*-compact") == ["inception-v3-compact", "xception-compact"]
+    assert list_models("xception-?ompact") == ["xception-compact"]
+    assert list_models("mid*") == []  # a wildcard pattern matches whole names, as in timm

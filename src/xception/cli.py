@@ -69,7 +69,11 @@ def _parse_overrides(pairs: list[str], flags: dict[str, str] | None = None) -> d
 # models / info (foundation)
 # ---------------------------------------------------------------------------------------------
 def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("filter", nargs="?", help="only names containing this text")
+    p.add_argument(
+        "filter",
+        nargs="?",
+        help="only names containing this text, or matching a wildcard pattern (*xception*)",
+    )
 
 
 @command("models", "list the model presets", _models_args)

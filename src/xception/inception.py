@@ -245,4 +245,4 @@ class InceptionV3Compact(BlockNet):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh classifier for `num_classes` classes (0 = none)."""
         self.config = self.config.replace(num_classes=num_classes)
-        self._new_classifier(self.num_features, num_classes)
+        self._new_classifier(self.num_features, self.config.num_classes)  # an int, numpy's too

@@ -14,12 +14,14 @@ import copy
 import dataclasses
 import functools
 import math
+import operator
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
@@ -29,6 +31,7 @@ from .layers import (
     SamePadMaxPool2d,
     SeparableConv2d,
     init_weights,
+    tf_same_padding,
 )
 
 __all__ = [
@@ -39,18 +42,47 @@ __all__ = [
     "XceptionBlock",
     "check_fits_in_memory",
     "check_float_images",
+    "check_tensor",
     "count_macs",
     "summary",
 ]
 
 
+def check_tensor(x) -> None:
+    """Refuse a batch that is not a tensor (a numpy array, as Keras takes, a list, None) by its
+    type and with the conversion, before an AttributeError deep inside says neither."""
+    if isinstance(x, torch.Tensor):
+        return
+    kind = type(x).__qualname__
+    if type(x).__module__ != "builtins":
+        kind = f"{type(x).__module__}.{kind}"
+    if type(x).__module__ == "numpy":
+        fix = ("convert it with torch.from_numpy(x).float(), or torch.from_numpy(x).permute(0, "
+               "3, 1, 2).float() for a channels-last (N, H, W, C) array as Keras takes it")  # fmt: skip
+    else:
+        fix = "prepare each image with the weights' transforms() and torch.stack them"
+    raise TypeError(f"expected a torch.Tensor batch of images (N, C, H, W), got a {kind}: {fix}")
+
+
 def check_float_images(x: torch.Tensor) -> None:
     """Refuse integer pixels, which a float model would take as 0..255 values and get wrong."""
+    check_tensor(x)
     if not x.is_floating_point():
         raise ValueError(
             f"expected floating-point images, got {x.dtype}: convert and normalise them as "
             "the weights expect (Keras' ImageNet weights: x.float() / 127.5 - 1)"
         )
+
+
+def _as_int(value):
+    """`value` as an int where it is a whole number of another type (numpy's, a torch
+    integer scalar), else `value` unchanged for the checks to refuse by name."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return value
+    try:
+        return operator.index(value)
+    except (TypeError, ValueError, RuntimeError):
+        return value
 
 
 @dataclass(frozen=True)
@@ -79,6 +111,11 @@ class ModelConfig:
                 raise self._bad(f.name, "use True or False")
             if f.type == "int" and isinstance(value, bool):
                 raise self._bad(f.name, "expected an integer, not True/False")
+            if f.type == "int" and not isinstance(value, int):
+                # numpy's and torch's integers (num_classes = labels.max() + 1) become ints,
+                # so that configs compare, hash and go to JSON as ints do.
+                value = _as_int(value)
+                object.__setattr__(self, f.name, value)
             if f.name in self._TUPLES and (
                 not isinstance(value, tuple) or any(isinstance(v, bool) for v in value)
             ):
@@ -287,13 +324,21 @@ class Stem(nn.Module):
     def __init__(self, cfg: XceptionConfig) -> None:
         super().__init__()
         pad = 1 if cfg.stem_padding == "same" else 0
+        # TensorFlow's 'same' at stride 2 pads (0, 1) on even sizes: the strided conv then pads
+        # in forward (a symmetric (1, 1) gave other outputs than Keras' on even inputs).
+        self.tf_same = cfg.padding == "keras" and pad == 1 and cfg.stem_stride == 2
         c1, c2 = (cfg.channels(c) for c in cfg.stem_channels)
         kw = dict(bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
-        self.conv1 = ConvBNAct(cfg.in_chans, c1, 3, cfg.stem_stride, pad, **kw)
+        self.conv1 = ConvBNAct(cfg.in_chans, c1, 3, cfg.stem_stride, 0 if self.tf_same else pad,
+                               **kw)  # fmt: skip
         self.conv2 = ConvBNAct(c1, c2, 3, 1, pad, **kw)
         self.out_channels = c2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tf_same:
+            top, bottom = tf_same_padding(x.shape[-2], 3, 2)
+            left, right = tf_same_padding(x.shape[-1], 3, 2)
+            x = F.pad(x, (left, right, top, bottom))
         return self.conv2(self.conv1(x))
 
 
@@ -369,6 +414,7 @@ class BlockNet(nn.Module):
         return self.config.num_classes
 
     def check_input(self, x: torch.Tensor) -> None:
+        check_tensor(x)
         c = self.config.in_chans
         if x.ndim != 4 or x.shape[1] != c:
             if x.ndim == 3 and x.shape[0] == c:
@@ -416,7 +462,12 @@ class BlockNet(nn.Module):
 
     def _new_classifier(self, in_features: int, num_classes: int) -> None:
         """`fc` becomes a fresh Linear (Xavier-uniform weights, zero bias) on the model's
-        device and in its dtype, or None for `num_classes` 0."""
+        device and in its dtype, or None for `num_classes` 0. The weights' metadata loses its
+        class names, as when create_model gives loaded weights a new head: they named the old
+        head's outputs (predict labelled a fresh 1000-class head with ImageNet's)."""
+        meta = getattr(self, "weights_meta", None)
+        if meta is not None:
+            self.weights_meta = meta.replace(num_classes=num_classes, categories=None)
         self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else None
         if self.fc is not None:
             nn.init.xavier_uniform_(self.fc.weight)
@@ -531,6 +582,7 @@ class Xception(BlockNet):
 
     def reset_classifier(self, num_classes: int, pooling: str | None = "keep") -> None:
         """A fresh classifier for `num_classes` classes (0 = none); hidden FC layers are kept."""
+        num_classes = _as_int(num_classes)
         if pooling == "keep":
             pooling = self.config.pooling
             # The config's own message would say num_classes=0, not how to get a classifier.
@@ -544,9 +596,29 @@ class Xception(BlockNet):
         self._new_classifier(self.head_features, num_classes)
 
 
-def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int | None = None) -> int:
+def _input_size(input_size: tuple[int, int] | int) -> tuple[int, int]:
+    """(height, width) from one size or a pair; anything else is refused by name (299 failed
+    in tuple unpacking, and timm's (3, 299, 299) was taken for a wrong channel count)."""
+    sizes = (input_size, input_size) if not isinstance(input_size, tuple | list) else input_size
+    try:
+        if len(sizes) != 2 or any(isinstance(s, bool) for s in sizes):
+            raise TypeError
+        h, w = (operator.index(s) for s in sizes)  # whole numbers, numpy's included
+    except TypeError:
+        h = w = 0
+    if min(h, w) < 1:
+        raise ValueError(f"input_size={input_size!r}: give the image height and width in pixels, "
+                         "as one whole number or a pair, e.g. 299 or (299, 299)")  # fmt: skip
+    return h, w
+
+
+def count_macs(
+    model: nn.Module, input_size: tuple[int, int] | int, in_chans: int | None = None
+) -> int:
     """Multiply-accumulates of one forward pass on one image, counted over convs and Linears.
-    `in_chans` defaults to the model's own (`config.in_chans`; 3 for a model without config)."""
+    `input_size` is (height, width) or one size for both. `in_chans` defaults to the model's
+    own (`config.in_chans`; 3 for a model without config)."""
+    input_size = _input_size(input_size)
     if in_chans is None:
         in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     total = 0
@@ -570,25 +642,35 @@ def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int | No
     return total
 
 
+# Where nn.Module keeps forward and backward hooks (with their per-hook flags).
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
+               "_backward_pre_hooks")  # fmt: skip
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` on the meta device, in eval mode: its shapes without its memory or
     arithmetic (so `summary` and `count_macs` take any input size at once, and never run or
     hook the model itself). Its weights are not copied: each is stood for by a meta tensor of
-    its shape, dtype and requires_grad. The caller's forward hooks are left behind: a hook that
-    records features, say, has no business with a shape computation."""
-    memo: dict[int, torch.Tensor] = {}
+    its shape, dtype and requires_grad. The caller's forward and backward hooks are left
+    behind, never copied: a hook that records features, say, has no business with a shape
+    computation, and what it holds (recorded maps, a lock) may be big or not copyable."""
+    memo: dict[int, object] = {}
     for t in [*model.parameters(), *model.buffers()]:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    replica = copy.deepcopy(model, memo).eval()
-    for m in replica.modules():
-        m._forward_pre_hooks.clear()
-        m._forward_hooks.clear()
-    return replica
+    for m in model.modules():  # deepcopy takes these empty dicts for the hook dicts
+        for name in _HOOK_DICTS:
+            hooks = getattr(m, name, None)
+            if isinstance(hooks, dict):
+                memo[id(hooks)] = type(hooks)()
+    return copy.deepcopy(model, memo).eval()
 
 
-def summary(model: Xception, input_size: tuple[int, int]) -> list[dict]:
-    """One row per block: name, output shape (C, H, W), trainable parameters."""
+def summary(model: Xception, input_size: tuple[int, int] | int) -> list[dict]:
+    """One row per block: name, output shape (C, H, W), trainable parameters. `input_size` is
+    (height, width) or one size for both."""
+    input_size = _input_size(input_size)
     rows = []
     replica = meta_copy(model)  # trainable flags and all, whatever the size
     x = torch.zeros(1, model.config.in_chans, *input_size, device="meta",

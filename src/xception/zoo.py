@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import logging
 from pathlib import Path
 
@@ -59,8 +60,14 @@ PRESETS: dict[str, tuple[str, dict]] = {
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Names accepted by `create_model`, optionally filtered by a substring (any case)."""
-    return sorted(n for n in PRESETS if pattern is None or pattern.lower() in n)
+    """Names accepted by `create_model`, optionally filtered by a substring (any case), or by
+    shell wildcards matching the whole name as timm's `list_models('*xception*')` does."""
+    if pattern is None:
+        return sorted(PRESETS)
+    pattern = pattern.lower()
+    if any(c in pattern for c in "*?["):
+        return sorted(fnmatch.filter(PRESETS, pattern))
+    return sorted(n for n in PRESETS if pattern in n)
 
 
 # weights.py's formats, named here (zoo imports weights lazily)
