@@ -990,6 +990,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if code and "TORCHELASTIC_RUN_ID" in os.environ:
+        # A torchrun worker stopping on an error leaves at once, its message written: in the
+        # interpreter's teardown after a refused start, gloo's threads aborted it now and then
+        # (SIGABRT, "terminate called without an active exception"), and torchrun reported
+        # that abort as the run's root cause instead of this rank's exit status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     # torch and friends load here, for a few seconds (some options list what the modules
     # offer, and `import xception` leaves them for later): Ctrl-C is no traceback either.
     try:
