@@ -14,6 +14,7 @@ from torch import nn
 from xception import create_model, deploy
 from xception.cli import main
 from xception.layers import SamePadMaxPool2d, SeparableConv2d
+from xception.model import input_size_pair
 
 SIZE = 80  # even sizes make TensorFlow's 'same' pooling asymmetric (block 4 here)
 
@@ -763,8 +764,8 @@ def test_export_refuses_bad_sizes_and_check_batches(model, tmp_path):
     assert not list(tmp_path.iterdir())
     import numpy as np
 
-    assert deploy._input_size(np.int64(SIZE)) == (SIZE, SIZE)
-    assert deploy._input_size([SIZE, SIZE + 8]) == (SIZE, SIZE + 8)
+    assert input_size_pair(np.int64(SIZE)) == (SIZE, SIZE)
+    assert input_size_pair([SIZE, SIZE + 8]) == (SIZE, SIZE + 8)
 
 
 def test_onnx_model_names_the_shape_it_takes(onnx_file):

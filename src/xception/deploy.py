@@ -13,7 +13,6 @@ import functools
 import itertools
 import logging
 import math
-import operator
 import os
 import platform
 import re
@@ -33,7 +32,7 @@ from torch.nn import functional as F
 from . import runtime
 from .checkpoint import check_output_file, publish
 from .layers import ConvBNAct, SamePadMaxPool2d
-from .model import Xception, XceptionBlock, check_float_images, meta_copy
+from .model import Xception, XceptionBlock, check_float_images, input_size_pair, meta_copy
 
 log = logging.getLogger(__name__)
 
@@ -889,22 +888,6 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
     return module
 
 
-def _input_size(input_size: tuple[int, int] | int) -> tuple[int, int]:
-    """(height, width) from one size or a pair; anything else is refused by name (a float, a
-    1-tuple or True used to fail inside the tracer or in tuple unpacking)."""
-    sizes = (input_size, input_size) if not isinstance(input_size, tuple | list) else input_size
-    try:
-        if len(sizes) != 2 or any(isinstance(s, bool) for s in sizes):
-            raise TypeError
-        h, w = (operator.index(s) for s in sizes)  # whole numbers, numpy's included
-    except TypeError:
-        h = w = 0
-    if min(h, w) < 1:
-        raise ValueError(f"input_size={input_size!r}: give the image height and width in pixels, "
-                         "as one whole number or a pair, e.g. 299 or (299, 299)")  # fmt: skip
-    return h, w
-
-
 def export(
     model: nn.Module,
     path: str | Path,
@@ -932,7 +915,7 @@ def export(
                          "runs at the traced size only. Export to ONNX (.onnx) or a torch.export "
                          "program (.pt2) for a dynamic size, or export at a fixed size")  # fmt: skip
     _check_traceable(model, dynamic_size)
-    h, w = _input_size(input_size)
+    h, w = input_size_pair(input_size)
     batches = tuple(check_batches) if isinstance(check_batches, tuple | list) else ()
     if not batches or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
                           for n in batches):  # fmt: skip

@@ -596,9 +596,10 @@ class Xception(BlockNet):
         self._new_classifier(self.head_features, num_classes)
 
 
-def _input_size(input_size: tuple[int, int] | int) -> tuple[int, int]:
-    """(height, width) from one size or a pair; anything else is refused by name (299 failed
-    in tuple unpacking, and timm's (3, 299, 299) was taken for a wrong channel count)."""
+def input_size_pair(input_size: tuple[int, int] | int) -> tuple[int, int]:
+    """(height, width) from one size or a pair, as `count_macs`, `summary` and deploy's export
+    take it; anything else is refused by name (299 failed in tuple unpacking, timm's
+    (3, 299, 299) was taken for a wrong channel count, a float or True failed in the tracer)."""
     sizes = (input_size, input_size) if not isinstance(input_size, tuple | list) else input_size
     try:
         if len(sizes) != 2 or any(isinstance(s, bool) for s in sizes):
@@ -618,7 +619,7 @@ def count_macs(
     """Multiply-accumulates of one forward pass on one image, counted over convs and Linears.
     `input_size` is (height, width) or one size for both. `in_chans` defaults to the model's
     own (`config.in_chans`; 3 for a model without config)."""
-    input_size = _input_size(input_size)
+    input_size = input_size_pair(input_size)
     if in_chans is None:
         in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     total = 0
@@ -670,7 +671,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
 def summary(model: Xception, input_size: tuple[int, int] | int) -> list[dict]:
     """One row per block: name, output shape (C, H, W), trainable parameters. `input_size` is
     (height, width) or one size for both."""
-    input_size = _input_size(input_size)
+    input_size = input_size_pair(input_size)
     rows = []
     replica = meta_copy(model)  # trainable flags and all, whatever the size
     x = torch.zeros(1, model.config.in_chans, *input_size, device="meta",
