@@ -857,6 +857,9 @@ def test_a_folder_with_results_but_no_checkpoint_is_not_trained_over(tmp_path, t
     _one_line_error(capsys, ["train", "--recipe", recipe, "--out", str(run)], message)
     _one_line_error(capsys, ["train", "--recipe", recipe, "--out", str(run), "--resume", "auto"],
                     message)  # fmt: skip
+    # `xception demo --out` replaced them where train refused (found in a fresh-clone walk).
+    _one_line_error(capsys, ["demo", "--data", str(toy), "--out", str(run), "--epochs", "1"],
+                    message)  # fmt: skip
     assert {p.name: p.read_bytes() for p in run.iterdir()} == results
 
 

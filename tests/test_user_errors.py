@@ -192,7 +192,7 @@ def test_export_format_follows_the_file_name(files, tmp_path, capsys):
     assert "torchscript" in capsys.readouterr().out
     torch.jit.load(str(tmp_path / "m.pt"))  # a TorchScript archive, not ONNX named .pt
     one_line_error(capsys, [*export[:1], tmp_path / "t.onnx", *export[1:], "--format",
-                            "torchscript"], "named like a onnx file", "t.pt")  # fmt: skip
+                            "torchscript"], "named like an onnx file", "t.pt")  # fmt: skip
     assert not (tmp_path / "t.onnx").exists()
 
 

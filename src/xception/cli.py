@@ -473,7 +473,8 @@ def _export_format(output: str, given: str | None) -> str:
     if given is None:
         return implied or "onnx"
     if implied is not None and given in _SUFFIXES and implied != given:
-        raise UserError(f"{output} is named like a {implied} file, but --format is {given}: "
+        article = "an" if implied[0] in "aeiou" else "a"
+        raise UserError(f"{output} is named like {article} {implied} file, but --format is {given}: "
                         f"name it {Path(output).with_suffix(_SUFFIXES[given])}, or drop "
                         "--format")  # fmt: skip
     return given
@@ -918,6 +919,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     # So are bad flags (--epochs 0): they used to be refused after the header below.
     cfg = make_config("fashion-mnist", data=args.data, out=out, epochs=args.epochs,
                       train_subset=args.train_subset, threads=args.threads)  # fmt: skip
+    _refuse_replacing_results(cfg)  # as train does: a finished run's results stay
     paper = create_model("xception")
     n = sum(p.numel() for p in paper.parameters() if p.requires_grad)
     print(f"Xception (Chollet, CVPR 2017), the paper's model: {n:,} trainable parameters")
