@@ -440,3 +440,16 @@ def test_multi_label_weights_give_a_probability_per_class(tiny, tmp_path):
     assert sum(got.values()) != pytest.approx(1.0, abs=1e-3)  # the sigmoid file's own
     with pytest.raises(ValueError, match="loss 'hinge' is neither 'softmax' nor 'sigmoid'"):
         meta.replace(loss="hinge")
+
+
+def test_a_compact_model_without_metadata_sees_its_own_image_size(tmp_path, caplog):
+    """A compact model's bare state dict was fed 299 px images (Keras' preprocessing), where
+    it was trained on 28 px: every image came out as one class."""
+    from xception.predict import _meta_for
+
+    compact = create_model("xception-compact", num_classes=4, width=0.25, middle_blocks=1)
+    compact.weights_meta = None
+    assert _meta_for(compact).input_size == 28 and "at 28x28" in caplog.text
+    paper = create_model("xception", num_classes=4, width=0.25, middle_blocks=1)
+    paper.weights_meta = None
+    assert _meta_for(paper).input_size == 299

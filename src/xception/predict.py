@@ -104,10 +104,14 @@ def _meta_for(model: nn.Module) -> Weights:
     meta = getattr(model, "weights_meta", None)
     if meta is not None:
         return meta
-    log.warning("the model carries no weights metadata: using Keras' preprocessing at 299x299")
+    # The paper's 299 px, or 28 px for a compact model (a stem that does not downsample), as
+    # eval decides: a compact model fed 299 px images labelled everything as one class.
+    size = 28 if getattr(getattr(model, "config", None), "stem_stride", 2) == 1 else 299
+    log.warning("the model carries no weights metadata: using Keras' preprocessing at %dx%d",
+                size, size)  # fmt: skip
     channels = _in_chans(model)  # a grey model's images are grey: one mean and one std
     return Weights(name="unknown", format="xception", num_classes=_num_classes(model),
-                   mean=(0.5,) * channels, std=(0.5,) * channels)  # fmt: skip
+                   input_size=size, mean=(0.5,) * channels, std=(0.5,) * channels)  # fmt: skip
 
 
 def _num_classes(model: nn.Module) -> int:
