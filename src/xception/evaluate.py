@@ -130,7 +130,7 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     weights of its newest checkpoint."""
     from . import checkpoint as C
     from . import weights as W
-    from .model import Xception, XceptionConfig
+    from .model import Xception, XceptionConfig, default_image_size
     from .zoo import create_model
 
     named = isinstance(path, str) and path in W.WEIGHTS  # as `create_model(weights=...)` reads it
@@ -188,8 +188,8 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         chans = getattr(cfg, "in_chans", 3)
         # The paper's size for every full-size preset (its ablations too); 28 px for compact
         # ones, also when a file restores a compact config under the default name.
-        compact = "compact" in (model or "") or getattr(cfg, "stem_stride", 2) == 1
-        info = dict(classes=None, image_size=28 if compact else 299, mean=(0.5,) * chans,
+        size = 28 if "compact" in (model or "") else default_image_size(net)
+        info = dict(classes=None, image_size=size, mean=(0.5,) * chans,
                     std=(0.5,) * chans, crop_fraction=1.0, interpolation="bilinear",
                     multilabel=False, loss="softmax", source=str(spec), config=None)  # fmt: skip
         stored = getattr(net, "weights_meta", None)

@@ -596,6 +596,12 @@ class Xception(BlockNet):
         self._new_classifier(self.head_features, num_classes)
 
 
+def default_image_size(model: nn.Module) -> int:
+    """The image size a model without weights metadata is fed: 28 px for a compact model (its
+    stem does not downsample: Fashion-MNIST-sized input), the paper's 299 for every other."""
+    return 28 if getattr(getattr(model, "config", None), "stem_stride", 2) == 1 else 299
+
+
 def input_size_pair(input_size: tuple[int, int] | int) -> tuple[int, int]:
     """(height, width) from one size or a pair, as `count_macs`, `summary` and deploy's export
     take it; anything else is refused by name (299 failed in tuple unpacking, timm's

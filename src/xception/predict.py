@@ -22,7 +22,7 @@ from torch import nn
 
 from . import deploy
 from .data import IMAGE_SUFFIXES, ImageError, image_files, load_image
-from .model import Xception
+from .model import Xception, default_image_size
 from .weights import Weights
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,8 @@ def _meta_for(model: nn.Module) -> Weights:
     meta = getattr(model, "weights_meta", None)
     if meta is not None:
         return meta
-    # The paper's 299 px, or 28 px for a compact model (a stem that does not downsample), as
-    # eval decides: a compact model fed 299 px images labelled everything as one class.
-    size = 28 if getattr(getattr(model, "config", None), "stem_stride", 2) == 1 else 299
+    # As eval decides: a compact model fed 299 px images labelled everything as one class.
+    size = default_image_size(model)
     log.warning("the model carries no weights metadata: using Keras' preprocessing at %dx%d",
                 size, size)  # fmt: skip
     channels = _in_chans(model)  # a grey model's images are grey: one mean and one std

@@ -920,11 +920,16 @@ def load_weights(model: nn.Module, opened: OpenedWeights, *, require_head: bool 
     """`load_into` plus metadata: sets `model.weights_meta` to the weights' `Weights`, without
     class names when the classifier was not loaded (they would name a fresh head's outputs)."""
     report = load_into(model, opened.data, source=opened.source, require_head=require_head)
-    meta = opened.meta
     head_loaded = model.fc is not None and not report["head"] and not report["missing_head"]
+    model.weights_meta = meta_for_head(opened.meta, head_loaded, model.config.num_classes)
+
+
+def meta_for_head(meta: Weights | None, head_loaded: bool, num_classes: int) -> Weights | None:
+    """The weights' metadata for a model they were loaded into: without class names where the
+    classifier was not loaded (they would name a fresh head's outputs)."""
     if meta is not None and not head_loaded:
-        meta = meta.replace(num_classes=model.config.num_classes, categories=None)
-    model.weights_meta = meta
+        meta = meta.replace(num_classes=num_classes, categories=None)
+    return meta
 
 
 def save_safetensors(model: nn.Module, path: str | Path, meta: Weights | None = None) -> Path:

@@ -148,6 +148,7 @@ class _NoClassifier(nn.Identity):
 
 def _inception_v3_compact(num_classes: int, opened, new_head: bool = False,
                           **overrides) -> nn.Module:  # fmt: skip
+    from . import weights as W
     from .inception import InceptionConfig, InceptionV3Compact
 
     fields = _check_fields("inception-v3-compact", InceptionConfig, overrides)
@@ -157,18 +158,8 @@ def _inception_v3_compact(num_classes: int, opened, new_head: bool = False,
     model.weights_meta = None
     if opened is not None:
         head_loaded = _load_state(model, opened, "inception-v3-compact", new_head)
-        model.weights_meta = _meta_for_head(opened, head_loaded, num_classes)
+        model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes)
     return model
-
-
-def _meta_for_head(opened, head_loaded: bool, num_classes: int):
-    """The weights' metadata (preprocessing, class names), as `weights.load_weights` sets it
-    for Xception: without class names where the classifier was not loaded (they would name a
-    fresh head's outputs)."""
-    meta = opened.meta
-    if meta is not None and not head_loaded:
-        meta = meta.replace(num_classes=num_classes, categories=None)
-    return meta
 
 
 def _check_saved_config(name: str, opened) -> None:
@@ -280,7 +271,7 @@ def create_model(
         model.weights_meta = None
         if opened is not None:
             head_loaded = _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
-            model.weights_meta = _meta_for_head(opened, head_loaded, num_classes)
+            model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes)
         return model
     if name == "inception-v3-compact":
         return _inception_v3_compact(num_classes, opened, not wants_file_head, **overrides)
