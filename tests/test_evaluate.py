@@ -371,6 +371,18 @@ def test_eval_of_a_run_on_its_own_training_folder_scores_the_held_out_images(tmp
     assert out["images"] == 6 and "held out in training (val_fraction=0.3" in out["split"]
     assert out["top1"] == pytest.approx(result["final"]["val_top1"], abs=1e-3)
     assert out["loss"] == pytest.approx(result["final"]["val_loss"], abs=1e-4)
+    # One image more reshuffles the seeded split: it held out mostly images the run trained
+    # on, and was scored as held out. The run's count of training images refuses it, from the
+    # run folder and from a checkpoint alike.
+    import shutil
+
+    shutil.copy(flat / "a" / "0.png", flat / "a" / "extra.png")
+    for source in (result["out"], list_checkpoints(tmp_path / "run" / "checkpoints")[-1]):
+        with pytest.raises(DataError, match=r"21 images now, but the run trained on 14 of them "
+                           r".*\(a val/ folder"):  # fmt: skip
+            evaluate_file(source, flat, device="cpu")
+    (flat / "a" / "extra.png").unlink()
+    assert evaluate_file(result["out"], flat, device="cpu")["images"] == 6
     # Other data, or a file that knows nothing of a run: every image, no 'split'.
     copy = _image_folder(tmp_path / "copy", classes=("a", "b"), per_class=10, size=16)
     assert "split" not in evaluate_file(result["out"], copy, device="cpu")

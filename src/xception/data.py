@@ -770,6 +770,7 @@ def make_eval_dataset(
     crop_fraction: float = 1.0,
     interpolation: str = "bilinear",
     held_out: tuple[float, int] | None = None,
+    train_images: int | None = None,
     **norm,
 ):
     """The dataset to evaluate on: IDX test split, `val/` (or the whole folder of class
@@ -780,7 +781,9 @@ def make_eval_dataset(
     `held_out=(val_fraction, seed)`, for a run evaluated on the data it trained on: where that
     data has no validation part (class folders alone, `train/` alone, a list without val.csv)
     the dataset is the part training held out, as `make_datasets` split it. The returned
-    dataset's `held_out` says whether that was done."""
+    dataset's `held_out` says whether that was done. `train_images`, the number the run trained
+    on, when known: data that has gained or lost images since is refused, because its split is
+    another (one image more reshuffles it) and would score images the run trained on."""
     root = resolve_data(data)
     if _holds_idx(root):
         return load_idx(root, "test", size=image_size, classes=classes, **norm)
@@ -793,7 +796,13 @@ def make_eval_dataset(
     split = None  # the held-out split, when one is taken
 
     def held(samples):
-        _, part = split_samples(len(samples), *held_out)
+        keep, part = split_samples(len(samples), *held_out)
+        if train_images is not None and len(keep) != train_images:
+            raise DataError(f"{root}: {len(samples)} images now, but the run trained on "
+                            f"{train_images} of them and held out the rest: with another number "
+                            "the held-out part is another, mostly images the run trained on. "
+                            "Evaluate on the run's data as it was, or on images it did not see "
+                            "(a val/ folder, or val.csv)")  # fmt: skip
         return [samples[i] for i in part]
 
     if root.is_file() or (root / "val.csv").is_file():

@@ -121,8 +121,9 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     weights name (`xception.weights.WEIGHTS`, e.g. 'imagenet').
 
     Returns (model, info) where info has 'classes' (or None), 'image_size', 'mean', 'std',
-    'crop_fraction', 'interpolation', 'multilabel', 'loss', 'source' and 'config' (the training
-    config of a run or checkpoint, else None). Run and checkpoint folders rebuild the exact
+    'crop_fraction', 'interpolation', 'multilabel', 'loss', 'source', 'config' (the training
+    config of a run or checkpoint, else None) and 'train_images' (how many images a run
+    trained on, where it recorded that, else None). Run and checkpoint folders rebuild the exact
     model they were trained with; a plain weights file needs `model` (a preset name; default
     'xception') unless it stores its config, and must hold a classifier, which is loaded as it
     is. Weights that carry their preprocessing (Keras', timm's, ours) are evaluated with it.
@@ -168,9 +169,11 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     if run_weights:
         weights = W.load_file(path / "model.safetensors")
         source = str(path / "model.safetensors")
+        trained_on = (meta.get("data") or {}).get("train_images")
     elif not named and (path.is_dir() or path.name in ("state.pt",)):
         ckpt = C.load_checkpoint(path)
         meta, config = ckpt["state"]["meta"], ckpt["state"].get("config")
+        trained_on = ckpt["state"].get("train_images")  # not recorded before this field
         weights = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
         source = f"{ckpt['path']} ({'EMA' if weights is ckpt['ema'] else 'raw'} weights{note})"
     else:
@@ -191,7 +194,8 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         size = 28 if "compact" in (model or "") else default_image_size(net)
         info = dict(classes=None, image_size=size, mean=(0.5,) * chans,
                     std=(0.5,) * chans, crop_fraction=1.0, interpolation="bilinear",
-                    multilabel=False, loss="softmax", source=str(spec), config=None)  # fmt: skip
+                    multilabel=False, loss="softmax", source=str(spec), config=None,
+                    train_images=None)  # fmt: skip
         stored = getattr(net, "weights_meta", None)
         if stored is not None:  # the preprocessing the weights expect (timm's: a centre crop)
             info.update(mean=stored.mean, std=stored.std, crop_fraction=stored.crop_fraction,
@@ -206,7 +210,8 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         net = Xception(XceptionConfig(**meta["model_config"]))
     W.load_into(net, weights, source=source, require_head=True)
     info = {k: meta[k] for k in ("classes", "image_size", "mean", "std", "multilabel", "loss")}
-    info.update(source=source, crop_fraction=1.0, interpolation="bilinear", config=config)
+    info.update(source=source, crop_fraction=1.0, interpolation="bilinear", config=config,
+                train_images=trained_on)  # fmt: skip
     return net, info
 
 
@@ -285,7 +290,7 @@ def evaluate_file(
         data, image_size=size, classes=tuple(info["classes"]) if info["classes"] else None,
         in_chans=in_chans, mean=tuple(info["mean"]), std=tuple(info["std"]),
         crop_fraction=info["crop_fraction"], interpolation=info["interpolation"],
-        held_out=held_out,
+        held_out=held_out, train_images=info["train_images"],
     )  # fmt: skip
     split = getattr(dataset, "held_out", None)
     channels = getattr(dataset, "channels", in_chans)  # in-memory IDX images are grey
