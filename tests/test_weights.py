@@ -126,6 +126,39 @@ def test_cadene_names_and_ddp_prefix(tmp_path):
         assert (model(x) - tmodel(x)).abs().max() < TOL
 
 
+def test_timm_training_checkpoints_load_and_other_pickled_objects_stay_refused(tmp_path):
+    """timm's train.py saves checkpoint-N.pth.tar and model_best.pth.tar: the weights under
+    'state_dict' (the EMA ones under 'state_dict_ema') beside its settings, a pickled
+    argparse.Namespace. Both the suffix ('unknown weights format .tar') and the Namespace
+    were refused."""
+    import argparse
+    import fractions
+
+    from xception.weights import load_file
+
+    tmodel = timm_xception(seed=5)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in tmodel.state_dict().items()}
+    optimizer = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9)
+    args = argparse.Namespace(model="legacy_xception", lr=0.1, sched="cosine", mean=None,
+                              img_size=299, smoothing=0.1)  # fmt: skip
+    ckpt = {"epoch": 3, "arch": "legacy_xception", "state_dict": tmodel.state_dict(),
+            "optimizer": optimizer.state_dict(), "version": 2, "args": args, "metric": 71.3,
+            "state_dict_ema": ema}  # fmt: skip
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(ckpt, path)
+    assert load_file(path).keys() == tmodel.state_dict().keys()
+    model = create_model("xception", padding="symmetric", weights=path).eval()
+    x = torch.randn(1, 3, 150, 150)
+    with torch.no_grad():
+        assert (model(x) - tmodel(x)).abs().max() < TOL  # the raw weights, not the EMA ones
+    with pytest.raises(ValueError, match="that is a weights file, not a model name"):
+        create_model("checkpoint-3.pth.tar")
+    # Only the Namespace is let through: any other pickled object is still refused, unrun.
+    torch.save({"state_dict": tmodel.state_dict(), "args": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(WeightsError, match=r"refused to load: .* \(fractions.Fraction\)"):
+        load_file(path)
+
+
 def test_own_safetensors_roundtrip(tmp_path):
     from safetensors.torch import save_file
 

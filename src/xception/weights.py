@@ -13,6 +13,7 @@ made from them can never be fed differently prepared images.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import http.client
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# Besides tensors, what PyTorch files may hold that is safe to rebuild: timm's train.py pickles
+# its settings, an argparse.Namespace, into every checkpoint-N.pth.tar and model_best.pth.tar.
+SAFE_PICKLED = (argparse.Namespace,)
 BN_KERAS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
             "moving_variance": "running_var"}  # fmt: skip
 BN_TORCH = ("weight", "bias", "running_mean", "running_var")
@@ -210,7 +214,8 @@ def _without_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str, np.ndarray]]:
     """Read a weights file without executing anything from it.
 
-    Returns a torch state dict for .safetensors/.pth/.pt/.bin/.ckpt, or the Keras layer dict
+    Returns a torch state dict for .safetensors/.pth/.pt/.bin/.ckpt (and timm's .pth.tar training
+    checkpoints, whose raw weights it takes), or the Keras layer dict
     for .h5/.hdf5 (see `read_keras_h5`)."""
     path = Path(path)
     if not path.is_file():
@@ -226,9 +231,10 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
             return _without_wrappers(load_safetensors(str(path)))
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
-    if suffix in PTH_SUFFIXES:
+    if suffix in PTH_SUFFIXES or path.name.lower().endswith(".pth.tar"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(SAFE_PICKLED)):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise WeightsError(
                 f"{path}: refused to load: the file holds pickled objects other than tensors"
@@ -249,7 +255,7 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
         return _unwrap(obj, path)
     raise WeightsError(
         f"{path}: unknown weights format {suffix!r}: use .h5 (Keras), .safetensors, or "
-        ".pth/.pt (PyTorch state dict)"
+        ".pth/.pt (PyTorch state dict; .pth.tar for timm's training checkpoints)"
     )
 
 

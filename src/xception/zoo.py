@@ -71,12 +71,13 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 # weights.py's formats, named here (zoo imports weights lazily)
-_WEIGHT_SUFFIXES = (".h5", ".hdf5", ".keras", ".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+_WEIGHT_SUFFIXES = (".h5", ".hdf5", ".keras", ".safetensors", ".pth", ".pt", ".bin", ".ckpt",
+                    ".pth.tar")  # fmt: skip
 
 
 def _check_name(name: str) -> None:
     if name not in PRESETS:
-        if Path(name).suffix.lower() in _WEIGHT_SUFFIXES or "/" in name:
+        if name.lower().endswith(_WEIGHT_SUFFIXES) or "/" in name:
             raise ValueError(f"unknown model {name!r}: that is a weights file, not a model name; "
                              "give it as weights (--weights in the CLI; a safetensors file from "
                              "`xception convert` restores its own model)")  # fmt: skip
