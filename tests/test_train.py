@@ -391,6 +391,8 @@ def test_bad_recipe_files_and_settings_are_refused_by_name(tmp_path, toy, capsys
                              ("model_args.width=abc", "width='abc' is not valid: expected a number"),
                              ("rmsprop_alpha=2", "rmsprop_alpha=2 is not valid"),
                              ("opt_eps=-1", "opt_eps=-1 is not valid"),
+                             # was torch's 'Overflow when unpacking long', naming no setting
+                             (f"seed={2**64}", f"seed={2**64} is not valid: use a 64-bit"),
                              ("amp=fp16", "fp16 needs CUDA"),  # before the data, in one line
                              ("model_args.in_chans=1", "model_args.in_chans is set from the data"),
                              ("model_args.num_classes=0", "model_args.num_classes is set from")]:  # fmt: skip

@@ -162,6 +162,8 @@ class TrainConfig:
             raise bad("ema_decay", "use a decay in (0, 1), e.g. 0.999, or leave it unset")
         if self.image_size < 1:
             raise bad("image_size", "use the input size in pixels")
+        if not -(2**63) <= self.seed < 2**63:  # torch's generators take 64 bits; seed + epoch
+            raise bad("seed", "use a 64-bit signed integer, e.g. 0")
         if self.threads is not None and self.threads < 1:
             raise bad("threads", "use a positive number of threads, or leave it unset (all cores)")
         if self.crop_padding < 0:
