@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -206,6 +208,21 @@ def test_demo_ends_with_what_to_do_next(capsys, monkeypatch, tmp_path):
     assert next_steps.startswith("next: xception predict IMAGE... --weights ")
     assert f"xception export model.onnx --weights {weights}" in next_steps
     assert "xception train --recipe fashion-mnist" in next_steps
+    # Run as .venv/bin/xception (make demo) with that venv not on the PATH: a bare `xception`
+    # was 'command not found', so the commands name the script that ran.
+    script = tmp_path / "venv" / "bin" / "xception"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "demo"])
+    monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
+    assert main(["demo", "--out", str(tmp_path / "run2")]) == 0
+    next_steps = capsys.readouterr().out.split("training and testing\n")[1]
+    assert next_steps.startswith(f"next: {script} predict IMAGE... --weights ")
+    assert f"      {script} train --recipe fashion-mnist" in next_steps
+    monkeypatch.setenv("PATH", str(script.parent))  # activated: the short name again
+    assert main(["demo", "--out", str(tmp_path / "run3")]) == 0
+    assert "next: xception predict" in capsys.readouterr().out
 
 
 def test_demo_without_the_dataset_is_one_line_before_anything_else(capsys, tmp_path):

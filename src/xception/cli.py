@@ -937,11 +937,26 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"Fashion-MNIST test top-1: {test['top1']:.2f}% (top-5 {test['top5']:.2f}%) on "
           f"{test['images']:,} test images; {(time.perf_counter() - start) / 60:.1f} min "
           "training and testing")  # fmt: skip
-    weights = os.path.join(out, "model.safetensors")
-    print(f"next: xception predict IMAGE... --weights {weights}   (classify images)\n"
-          f"      xception export model.onnx --weights {weights}   (ONNX, checked)\n"
-          f"      xception train --recipe fashion-mnist   (the full {full} epochs)")  # fmt: skip
+    weights, me = os.path.join(out, "model.safetensors"), _invocation()
+    print(f"next: {me} predict IMAGE... --weights {weights}   (classify images)\n"
+          f"      {me} export model.onnx --weights {weights}   (ONNX, checked)\n"
+          f"      {me} train --recipe fashion-mnist   (the full {full} epochs)")  # fmt: skip
     return 0
+
+
+def _invocation() -> str:
+    """How to run this command again from this shell: `xception` where that is the one on the
+    PATH, else the script's own path, as `make demo` ran it from a venv no shell has
+    activated (a bare `xception` was 'command not found' there)."""
+    import shutil
+
+    me = sys.argv[0]
+    if os.path.basename(me) != "xception":  # python -m, or a test runner
+        return "xception"
+    found = shutil.which("xception")
+    if found and os.path.realpath(found) == os.path.realpath(me):
+        return "xception"
+    return me
 
 
 # ---------------------------------------------------------------------------------------------
