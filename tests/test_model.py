@@ -483,3 +483,31 @@ def test_numpy_and_torch_integers_are_taken_as_ints():
         Xception(width=0.125, middle_blocks=1, num_classes=0, pooling=None).reset_classifier(
             np.int64(4)
         )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"padding": "symmetric"}, {"padding": "keras", "stem_padding": "same"}],
+    ids=["paper", "symmetric", "keras-same-stem"],
+)
+def test_torch_fx_traces_the_model_and_feature_extraction_works(overrides):
+    """torch.fx.symbolic_trace failed with a TraceError: the 'same' pools and the 'same' stem
+    work out their padding from the input's size in Python, and check_input refused the Proxy.
+    torchvision's create_feature_extractor, which builds on it, failed with it."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from xception.layers import same_max_pool2d, tf_same_pad
+
+    torch.manual_seed(0)
+    model = Xception(XceptionConfig(num_classes=5, **overrides)).eval()
+    graph = torch.fx.symbolic_trace(model)
+    leaves = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    assert same_max_pool2d in leaves or overrides.get("padding") == "symmetric"
+    assert (tf_same_pad in leaves) == (overrides.get("stem_padding") == "same")
+    with torch.no_grad():
+        for size in (71, 72):  # odd and even sizes pad differently: traced once, both right
+            x = torch.randn(2, 3, size, size)
+            assert torch.equal(graph(x), model(x))
+        features = create_feature_extractor(model, {"block4": "c3", "block14": "c5"})
+        out = features(torch.randn(1, 3, 72, 72))
+    assert out["c3"].shape == (1, 728, 5, 5) and out["c5"].shape == (1, 2048, 3, 3)

@@ -23,6 +23,8 @@ __all__ = [
     "init_weights",
     "make_activation",
     "resolve_segments",
+    "same_max_pool2d",
+    "tf_same_pad",
     "tf_same_padding",
 ]
 
@@ -39,6 +41,41 @@ def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> t
     out = math.ceil(size / stride)
     total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
     return total // 2, total - total // 2
+
+
+# The two functions below decide their padding from the input's size in Python. torch.fx cannot
+# trace that (a size is a Proxy there), so `torch.fx.wrap` makes each one node of an fx graph:
+# `torch.fx.symbolic_trace` and what builds on it (torchvision's create_feature_extractor) then
+# trace every model, where they failed with a TraceError.
+def tf_same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """`x` zero-padded on both spatial axes as TensorFlow's 'same' pads it for a `kernel`
+    window at `stride`."""
+    top, bottom = tf_same_padding(x.shape[-2], kernel, stride)
+    left, right = tf_same_padding(x.shape[-1], kernel, stride)
+    return F.pad(x, (left, right, top, bottom))
+
+
+def same_max_pool2d(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Max pooling with TensorFlow's 'same' padding (asymmetric on even inputs; padding never
+    wins a window)."""
+    k, s = kernel, stride
+    top, bottom = tf_same_padding(x.shape[-2], k, s)
+    left, right = tf_same_padding(x.shape[-1], k, s)
+    if top == bottom and left == right:
+        return F.max_pool2d(x, k, s, padding=(top, left))
+    if _ceil_mode_pads_after(x.shape[-2], k, s, top, bottom) and _ceil_mode_pads_after(
+        x.shape[-1], k, s, left, right
+    ):
+        # One more pad row/column after than before: ceil_mode's last window hangs one past the
+        # edge and takes the max of what is inside, as -inf padding would, with no padded copy
+        # (an 88 MiB one at 74x74, batch 8; its backward too, in training).
+        return F.max_pool2d(x, k, s, padding=(top, left), ceil_mode=True)
+    x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+    return F.max_pool2d(x, k, s)
+
+
+torch.fx.wrap("tf_same_pad")
+torch.fx.wrap("same_max_pool2d")
 
 
 def make_activation(name: str | None) -> nn.Module | None:
@@ -152,19 +189,7 @@ class SamePadMaxPool2d(nn.Module):
         # more after than before, as below (it lost a row and a column here).
         if self.mode == "symmetric" or (s == 1 and k % 2):
             return F.max_pool2d(x, k, s, padding=(k - 1) // 2)
-        top, bottom = tf_same_padding(x.shape[-2], k, s)
-        left, right = tf_same_padding(x.shape[-1], k, s)
-        if top == bottom and left == right:
-            return F.max_pool2d(x, k, s, padding=(top, left))
-        if _ceil_mode_pads_after(x.shape[-2], k, s, top, bottom) and _ceil_mode_pads_after(
-            x.shape[-1], k, s, left, right
-        ):
-            # One more pad row/column after than before: ceil_mode's last window hangs one
-            # past the edge and takes the max of what is inside, as -inf padding would, with
-            # no padded copy (an 88 MiB one at 74x74, batch 8; its backward too, in training).
-            return F.max_pool2d(x, k, s, padding=(top, left), ceil_mode=True)
-        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
-        return F.max_pool2d(x, k, s)
+        return same_max_pool2d(x, k, s)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, mode={self.mode!r}"

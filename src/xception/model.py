@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
@@ -31,8 +30,10 @@ from .layers import (
     SamePadMaxPool2d,
     SeparableConv2d,
     init_weights,
-    tf_same_padding,
+    tf_same_pad,
 )
+
+torch.fx.wrap("tf_same_pad")  # a leaf of fx graphs, as in layers (its padding is size-dependent)
 
 __all__ = [
     "BlockNet",
@@ -336,9 +337,7 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tf_same:
-            top, bottom = tf_same_padding(x.shape[-2], 3, 2)
-            left, right = tf_same_padding(x.shape[-1], 3, 2)
-            x = F.pad(x, (left, right, top, bottom))
+            x = tf_same_pad(x, 3, 2)
         return self.conv2(self.conv1(x))
 
 
@@ -414,6 +413,8 @@ class BlockNet(nn.Module):
         return self.config.num_classes
 
     def check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no values or sizes to check
+            return
         check_tensor(x)
         c = self.config.in_chans
         if x.ndim != 4 or x.shape[1] != c:
