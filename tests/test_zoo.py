@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -98,3 +100,58 @@ def test_list_models_takes_timms_wildcards():
     assert list_models("*-compact") == ["inception-v3-compact", "xception-compact"]
     assert list_models("xception-?ompact") == ["xception-compact"]
     assert list_models("mid*") == []  # a wildcard pattern matches whole names, as in timm
+
+
+def test_timm_features_only_gives_the_backbone_maps_with_timm_feature_info(tmp_path):
+    """timm's `features_only=True, out_indices=...` (the backbone of a detector or segmenter)
+    was an unknown option. It returns the maps the full model's feature_maps gives, from the
+    same weights, without the blocks past the last map or the head."""
+    from safetensors.torch import save_file
+
+    from xception.model import XceptionFeatures
+
+    torch.manual_seed(0)
+    full = create_model("xception", num_classes=3).eval()
+    save_file(full.state_dict(), str(tmp_path / "w.safetensors"))
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        expected = full.feature_maps(x)
+        backbone = create_model("xception", features_only=True, weights=tmp_path / "w.safetensors")
+        maps = backbone.eval()(x)
+        assert [m.shape[1] for m in maps] == backbone.feature_info.channels()
+        assert backbone.feature_info.channels() == [64, 128, 256, 728, 2048]
+        assert backbone.feature_info.reduction() == [2, 4, 8, 16, 32]
+        assert all(torch.equal(a, b) for a, b in zip(maps, expected, strict=True))
+        # Two maps: the exit flow and the head are not built into the backbone's weights.
+        part = create_model("xception", features_only=True, out_indices=(1, -2),
+                            weights=tmp_path / "w.safetensors").eval()  # fmt: skip
+        assert isinstance(part, XceptionFeatures) and part.out_indices == (1, 3)
+        assert part.feature_info.module_name() == ["block2", "block12"]
+        names = set(part.state_dict())
+        assert not any(n.startswith(("block13.", "block14.", "fc.")) for n in names)
+        assert all(torch.equal(a, b) for a, b in zip(part(x), (expected[1], expected[3]),
+                                                     strict=True))  # fmt: skip
+    compact = create_model("xception-compact", features_only=True, in_chans=1)
+    assert [m.shape[-1] for m in compact(torch.randn(1, 1, 28, 28))] == [28, 14, 7, 4, 2]
+    for bad, message in [((5,), "0 to 4 .strides 2, 4, 8, 16, 32."), ((3, 1), "shallow to deep"),
+                         ((), "0 to 4"), ("a", "0 to 4"), ((1.5,), "0 to 4")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"out_indices={re.escape(repr(bad))} .*{message}"):
+            create_model("xception", features_only=True, out_indices=bad)
+    with pytest.raises(ValueError, match="pass features_only=True too"):
+        create_model("xception", out_indices=(1, 2))
+    with pytest.raises(ValueError, match="features_only is offered for the Xception presets"):
+        create_model("inception-v3", features_only=True)
+
+
+def test_timm_global_pool_names_the_pooling():
+    """timm's `global_pool=` was an unknown option; it is our `pooling` by timm's name."""
+    assert create_model("xception-compact", global_pool="max").config.pooling == "max"
+    unpooled = create_model("xception-compact", num_classes=0, global_pool="")
+    assert unpooled.config.pooling is None
+    assert unpooled(torch.randn(1, 3, 28, 28)).ndim == 4  # maps, as timm gives them
+    with pytest.raises(ValueError, match="pass num_classes=0 too"):
+        create_model("xception-compact", global_pool="")
+    with pytest.raises(ValueError, match="global_pool='avgmax' is not valid: use 'avg', 'max'"):
+        create_model("xception-compact", global_pool="avgmax")
+    with pytest.raises(ValueError, match="global_pool .timm's name. or pooling, not both"):
+        create_model("xception-compact", global_pool="max", pooling="avg")

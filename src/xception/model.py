@@ -37,10 +37,12 @@ torch.fx.wrap("tf_same_pad")  # a leaf of fx graphs, as in layers (its padding i
 
 __all__ = [
     "BlockNet",
+    "FeatureInfo",
     "ModelConfig",
     "Xception",
     "XceptionConfig",
     "XceptionBlock",
+    "XceptionFeatures",
     "check_fits_in_memory",
     "check_float_images",
     "check_tensor",
@@ -618,6 +620,67 @@ def input_size_pair(input_size: tuple[int, int] | int) -> tuple[int, int]:
         raise ValueError(f"input_size={input_size!r}: give the image height and width in pixels, "
                          "as one whole number or a pair, e.g. 299 or (299, 299)")  # fmt: skip
     return h, w
+
+
+class FeatureInfo(list):
+    """A features-only model's `feature_info`: one dict per map it returns (`module`,
+    `channels`, `stride`), with timm's accessors over them."""
+
+    def channels(self) -> list[int]:
+        return [f["channels"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["stride"] for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f["module"] for f in self]
+
+
+class XceptionFeatures(nn.Module):
+    """An Xception cut down to a backbone, as timm's `features_only=True` gives one: a call
+    returns the list of feature maps at `out_indices` of the model's `feature_info` (0 = stride
+    2 ... 4 = stride 32; negative counts from the end), the blocks past the last of them and
+    the head dropped. The blocks are the model's own modules (shared, not copied), under
+    their names, so the weights' names are unchanged."""
+
+    def __init__(self, model: Xception, out_indices=(0, 1, 2, 3, 4)) -> None:
+        super().__init__()
+        if not isinstance(model, Xception):
+            raise TypeError(f"XceptionFeatures takes an Xception model, got {type(model).__name__}")
+        infos, n = model.feature_info, len(model.feature_info)
+        given = (out_indices,) if isinstance(out_indices, int) else out_indices
+        try:
+            indices = [_as_int(i) for i in given]
+        except TypeError:
+            indices = [None]
+        if (not indices or any(isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n
+                               for i in indices)):  # fmt: skip
+            raise ValueError(f"out_indices={out_indices!r} is not valid: give indices of the "
+                             f"model's {n} feature maps, 0 to {n - 1} (strides "
+                             f"{', '.join(str(f['stride']) for f in infos)}), e.g. (1, 2, 3, 4)")  # fmt: skip
+        indices = [i % n for i in indices]
+        if indices != sorted(set(indices)):
+            raise ValueError(f"out_indices={out_indices!r} is not valid: give each map once, "
+                             "shallow to deep, e.g. (1, 2, 3, 4)")  # fmt: skip
+        self.config, self.min_input_size = model.config, model.min_input_size
+        self.out_indices = tuple(indices)
+        self.feature_info = FeatureInfo(dict(infos[i]) for i in indices)
+        wanted = self.feature_info.module_name()
+        last = model.block_names.index(wanted[-1])
+        self.block_names = model.block_names[: last + 1]
+        self._wanted = frozenset(wanted)
+        for name in self.block_names:
+            self.add_module(name, getattr(model, name))
+        self.weights_meta = getattr(model, "weights_meta", None)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        Xception.check_input(self, x)
+        maps = []
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+            if name in self._wanted:
+                maps.append(x)
+        return maps
 
 
 def count_macs(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .model import Xception, XceptionConfig
+from .model import Xception, XceptionConfig, XceptionFeatures
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,9 @@ def create_model(
     num_classes: int | None = None,
     weights: str | Path | None = None,
     progress: bool = True,
+    features_only: bool = False,
+    out_indices=None,
+    global_pool: str | None = None,
     **overrides,
 ) -> nn.Module:
     """Build a model by preset name, optionally with weights.
@@ -247,10 +250,38 @@ def create_model(
     backbone loads, the head stays freshly initialised, and a warning says so. The weights'
     metadata (class names, preprocessing) is `model.weights_meta`. `progress` shows a
     download's progress bar on stderr.
+
+    timm's arguments, for the Xception presets: `features_only=True` gives a backbone
+    (`XceptionFeatures`) whose call returns the feature maps at `out_indices` (0 = stride 2 ...
+    4 = stride 32; all five by default), with `feature_info.channels()` and `.reduction()`; `global_pool` is the
+    `pooling` field by timm's name ('avg', 'max', or '' for none, with `num_classes=0`).
     """
     from . import weights as W
 
     _check_name(name)
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices picks the maps of a backbone: pass features_only=True too")
+    if features_only or global_pool is not None:
+        if name in ("inception-v3", "inception-v3-compact"):
+            given = "features_only" if features_only else "global_pool"
+            raise ValueError(f"{given} is offered for the Xception presets, not {name}")
+        if global_pool is not None:
+            if "pooling" in overrides:
+                raise ValueError("give global_pool (timm's name) or pooling, not both")
+            if global_pool not in ("avg", "max", ""):
+                raise ValueError(f"global_pool={global_pool!r} is not valid: use 'avg', 'max' "
+                                 "or '' (no pooling, with num_classes=0)")  # fmt: skip
+            if global_pool == "" and num_classes != 0 and not features_only:
+                raise ValueError("global_pool='' (no pooling) returns feature maps, with no "
+                                 "classifier: pass num_classes=0 too")  # fmt: skip
+            if not features_only:  # a backbone has no head to pool for
+                overrides["pooling"] = global_pool or None
+    if features_only:
+        # The backbone of the model the weights make, head and all, so the classifier rule
+        # and the weights' checks are the same as without it; the head is then dropped.
+        model = create_model(name, num_classes=num_classes, weights=weights, progress=progress,
+                             **overrides)  # fmt: skip
+        return XceptionFeatures(model, (0, 1, 2, 3, 4) if out_indices is None else out_indices)
     inception = name in ("inception-v3", "inception-v3-compact")
     if inception and isinstance(weights, str) and weights in W.WEIGHTS:  # before a download
         raise W.WeightsError(
