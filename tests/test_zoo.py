@@ -155,3 +155,32 @@ def test_timm_global_pool_names_the_pooling():
         create_model("xception-compact", global_pool="avgmax")
     with pytest.raises(ValueError, match="global_pool .timm's name. or pooling, not both"):
         create_model("xception-compact", global_pool="max", pooling="avg")
+
+
+def test_timm_data_config_of_our_models_prepares_images_as_the_weights_expect():
+    """timm's pipeline (`resolve_model_data_config(model)`, `create_transform(**config)`) read
+    no pretrained_cfg from our models and assumed 224 px and ImageNet's mean and std, where
+    Keras' weights take 299 px in [-1, 1]. It now gives exactly the weights' own transforms."""
+    import numpy as np
+    from PIL import Image
+
+    from xception.weights import Weights
+
+    timm_data = pytest.importorskip("timm.data")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
+    model = create_model("xception-compact", num_classes=3)
+    config = timm_data.resolve_model_data_config(model)  # no weights: the recipes' inputs
+    assert config["input_size"] == (3, 28, 28) and config["mean"] == (0.5, 0.5, 0.5)
+    for crop, interpolation in ((1.0, "bilinear"), (0.8975, "bicubic")):  # Keras', timm's
+        meta = Weights(name="w", format="xception", num_classes=3, input_size=32,
+                       crop_fraction=crop, interpolation=interpolation, mean=(0.4, 0.5, 0.6),
+                       std=(0.2, 0.3, 0.4))  # fmt: skip
+        model.weights_meta = meta
+        config = timm_data.resolve_model_data_config(model)
+        assert config["input_size"] == (3, 32, 32) and config["std"] == (0.2, 0.3, 0.4)
+        assert torch.equal(timm_data.create_transform(**config)(image), meta.transforms()(image))
+    assert model.pretrained_cfg["classifier"] == "fc"
+    assert model.pretrained_cfg["first_conv"] == "block1.conv1.conv"
+    backbone = create_model("xception", features_only=True, in_chans=1)
+    assert backbone.pretrained_cfg["num_classes"] == 0
+    assert backbone.pretrained_cfg["input_size"] == (1, 299, 299)

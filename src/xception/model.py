@@ -414,6 +414,31 @@ class BlockNet(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The input the model's weights expect, in timm's keys, so that timm's own pipeline
+        prepares images right: `timm.data.resolve_model_data_config(model)`, then
+        `timm.data.create_transform(**config)`. Without it timm assumed 224 px and ImageNet's
+        mean and std, where Keras' weights take 299 px scaled to [-1, 1]. From `weights_meta`
+        where the model has it, else this project's defaults (its recipes' mean and std of 0.5,
+        `default_image_size`, a square resize)."""
+        meta = getattr(self, "weights_meta", None)
+        chans = self.config.in_chans
+        if meta is not None:
+            size, crop, interpolation = meta.input_size, meta.crop_fraction, meta.interpolation
+            mean, std = tuple(meta.mean), tuple(meta.std)
+        else:
+            size, crop, interpolation = default_image_size(self), 1.0, "bilinear"
+            mean = std = (0.5,) * chans
+        first_conv = next(n for n, m in self.named_modules() if isinstance(m, nn.Conv2d))
+        head = getattr(self, "fc", None) is not None  # none in a backbone (XceptionFeatures)
+        return dict(
+            input_size=(chans, size, size), interpolation=interpolation, mean=mean, std=std,
+            crop_pct=crop, crop_mode="squash" if crop >= 1.0 else "center",  # Keras: a square
+            num_classes=self.config.num_classes if head else 0, first_conv=first_conv,
+            classifier="fc" if head else None,
+        )  # fmt: skip
+
     def check_input(self, x: torch.Tensor) -> None:
         if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no values or sizes to check
             return
@@ -672,6 +697,8 @@ class XceptionFeatures(nn.Module):
         for name in self.block_names:
             self.add_module(name, getattr(model, name))
         self.weights_meta = getattr(model, "weights_meta", None)
+
+    pretrained_cfg = BlockNet.pretrained_cfg  # the full model's input, with no classifier
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         Xception.check_input(self, x)
