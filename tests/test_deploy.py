@@ -779,3 +779,152 @@ def test_onnx_model_names_the_shape_it_takes(onnx_file):
                     "input of that shape, or export again")):  # fmt: skip
                 run(torch.randn(bad))
         assert run(torch.randn(4, 3, SIZE, SIZE)).shape == (4, 10)
+
+
+def test_an_export_giving_nan_is_refused_and_the_good_file_stays(model, tmp_path, monkeypatch):
+    """The check took max(worst, error), which drops NaN (max(0.0, nan) is 0.0): a file giving
+    NaN, or a model with NaN statistics, was reported as matching PyTorch exactly (max abs
+    error 0) and replaced the good file at the path."""
+    path = tmp_path / "model.pt"
+    deploy.export(model, path, "torchscript", input_size=SIZE, check_batches=(1,))
+    good = path.read_bytes()
+    broken = small_model()
+    broken.block1.conv1.bn.running_var[0] = float("nan")
+    with pytest.raises(ValueError, match="the model's own outputs on random inputs are NaN"):
+        deploy.export(broken, path, "torchscript", input_size=SIZE, check_batches=(1,))
+    load = deploy.load_exported
+
+    def nan_file(path, fmt):  # an exporter bug: the file computes NaN where PyTorch does not
+        run = load(path, fmt)
+        return lambda x: run(x) * float("nan")
+
+    monkeypatch.setattr(deploy, "load_exported", nan_file)
+    with pytest.raises(ValueError, match="the exported torchscript file gives NaN or infinite "
+                       "outputs where PyTorch's are finite"):  # fmt: skip
+        deploy.export(model, path, "torchscript", input_size=SIZE, check_batches=(1,))
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_top1_agreement_of_a_single_logit_compares_its_sign(model):
+    """With one score, argmax is class 0 for every image, so any two binary classifiers
+    "agreed" 100% (`xception export --int8` printed it for num_classes=1)."""
+    x = [torch.randn(6, 3, SIZE, SIZE)]
+    one = small_model()
+    one.reset_classifier(1)
+    assert deploy.top1_agreement(one, one, x) == 1.0
+    assert deploy.top1_agreement(one, lambda x: -one(x), x) == 0.0
+    other = small_model()
+    other.reset_classifier(1)
+    with torch.no_grad():
+        same = ((one(x[0]) > 0) == (other(x[0]) > 0)).float().mean().item()
+    assert deploy.top1_agreement(one, other, x) == pytest.approx(same)
+
+
+def test_quantize_onnx_names_unusable_inputs(onnx_file, tmp_path):
+    """A missing fp32 file was a bare "[Errno 2]", a file that is not ONNX protobuf's
+    DecodeError ("Wire format was corrupt"), and NaN pixels ONNX Runtime's bare
+    AssertionError("scale issue")."""
+    images = [torch.randn(2, 3, SIZE, SIZE)]
+    out = tmp_path / "q.onnx"
+    with pytest.raises(FileNotFoundError, match="missing.onnx not found: export one"):
+        deploy.quantize_onnx(tmp_path / "missing.onnx", out, images)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="junk.onnx: not an ONNX model .*: give an fp32 ONNX"):
+        deploy.quantize_onnx(junk, out, images)
+    for bad in (float("nan"), float("inf")):
+        nan = torch.randn(2, 3, SIZE, SIZE)
+        nan[1, 0, 0, 0] = bad
+        with pytest.raises(ValueError, match="calibration images hold NaN or infinite values"):
+            deploy.quantize_onnx(onnx_file, out, [images[0], nan])
+    assert not out.exists()
+
+
+def test_held_out_images_are_checked_before_the_int8_file_replaces_one(model, onnx_file, tmp_path):
+    """Held-out batches of another shape failed in the agreement check, after the int8 file
+    had already replaced the one at the path."""
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(onnx_file.read_bytes())
+    calibration = [torch.randn(2, 3, SIZE, SIZE)]
+    for bad in (torch.randn(2, 1, SIZE, SIZE), torch.randn(2, 3, SIZE + 2, SIZE)):
+        with pytest.raises(ValueError, match=r"held-out batches must be \(N, 3, 80, 80\) like "
+                           rf"the model's input, got {re.escape(str(tuple(bad.shape)))}"):  # fmt: skip
+            deploy.quantize_model(model, path, calibration, [bad], input_size=SIZE)
+    assert path.read_bytes() == onnx_file.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_export_cli_int8_for_a_grey_model_without_weights_metadata(tmp_path, capsys):
+    """Without weights metadata the calibration images were normalised with three channels'
+    mean and std: a grey model's images failed with a traceback ("output with shape
+    [1, 32, 32] doesn't match the broadcast shape [3, 32, 32]")."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "grey.onnx"
+    code = main(["export", str(out), "--int8", "--calibration", str(folder), "--size", "32",
+                 "--calibration-count", "3", "--model", "xception-compact", "--set", "in_chans=1",
+                 "--set", "width=0.25", "--set", "middle_blocks=1"])  # fmt: skip
+    assert code == 0
+    assert "calibrated on 3 images" in capsys.readouterr().out
+    assert deploy.OnnxModel(out).input_shape == (None, 1, 32, 32)
+
+
+def test_export_cli_sizes_a_model_without_metadata_as_predict_does(tmp_path, capsys):
+    """A compact model without weights metadata went out at 299x299, a file that refused the
+    28 px images predict and eval feed it (and --int8 calibrated it on images blown up)."""
+    out = tmp_path / "compact.onnx"
+    code = main(["export", str(out), "--model", "xception-compact", "--set", "width=0.25",
+                 "--set", "middle_blocks=1"])  # fmt: skip
+    assert code == 0
+    assert "input 28x28" in capsys.readouterr().out
+    assert deploy.OnnxModel(out).input_shape == (None, 3, 28, 28)
+
+
+def test_torchscript_export_and_load_say_nothing_of_torch_jits_deprecation(model, tmp_path):
+    """`xception export m.pt` printed torch.jit's FutureWarning for save and for the load of
+    the check, four lines of torch's source under the result."""
+    import warnings
+
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deploy.export(model, path, "torchscript", input_size=SIZE, check_batches=(1,))
+        deploy.load_exported(path, "torchscript")
+    assert not [w for w in caught if "torch.jit" in str(w.message)]
+
+
+def test_export_cli_int8_reads_the_calibration_images_as_it_needs_them(tmp_path, capsys,
+                                                                       monkeypatch):  # fmt: skip
+    """Every image under --calibration was loaded and prepared before the work began, held
+    out ones included: a folder of a few thousand photos at 299x299 is gigabytes of floats."""
+    from PIL import Image
+
+    from xception import data
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(11):
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:02}.png")
+    loaded, at_export = [], []
+    load, export = data.load_image, deploy.export
+    monkeypatch.setattr(data, "load_image", lambda path: loaded.append(path) or load(path))
+    monkeypatch.setattr(deploy, "export", lambda *a, **k: at_export.append(len(loaded)) or
+                        export(*a, **k))  # fmt: skip
+    out = tmp_path / "int8.onnx"
+    code = main(["export", str(out), "--int8", "--calibration", str(folder), "--size", "32",
+                 "--calibration-count", "2", "--model", "xception-compact", "--set",
+                 "width=0.25", "--set", "middle_blocks=1"])  # fmt: skip
+    assert code == 0
+    assert at_export == [1]  # one image read (there is one to calibrate on), not all eleven
+    assert len(loaded) == 11
+    text = capsys.readouterr().out
+    assert "calibrated on 2 images" in text and "agreement with fp32 on 9 held-out images" in text

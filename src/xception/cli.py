@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 __all__ = ["main"]
 
@@ -421,7 +421,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         "--size",
         type=int,
         default=None,
-        help="input height and width (default: the weights' input size, else 299)",
+        help="input height and width (default: the weights' input size, else the model's: 28 "
+        "for compact presets, 299 for the others)",
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     p.add_argument(
@@ -444,21 +445,22 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="images used for calibration; the rest are held out (default: 200)")  # fmt: skip
 
 
-def _images(paths: list[str], size: int, meta, in_chans: int = 3) -> list:
-    from .data import ImageError, keras_transform, load_image
+def _images(paths: list[str], size: int, meta, in_chans: int = 3) -> Iterator:
+    """The readable images among `paths`, prepared for the model, loaded one at a time as they
+    are asked for (a folder of them at once ran out of memory); others are skipped, named."""
+    from .data import ImageError, eval_transform, load_image
     from .predict import find_images
 
-    transform = meta.transforms() if meta is not None else keras_transform(size)
-    tensors = []
+    # Without weights metadata, Keras' preprocessing with one mean and std per channel: its
+    # three-channel normalisation failed on a grey model's images with a broadcast error.
+    grey = (0.5,) * in_chans
+    transform = meta.transforms() if meta is not None else eval_transform(size, mean=grey, std=grey)
     for path in find_images(paths):
         try:
             image = load_image(path)
-            tensors.append(transform(image.convert("L") if in_chans == 1 else image))
+            yield transform(image.convert("L") if in_chans == 1 else image)
         except ImageError as err:
             log.warning("skipping %s", err)
-    if not tensors:
-        raise UserError(f"no readable images in {', '.join(paths)}")
-    return tensors
 
 
 def _export_format(output: str, given: str | None) -> str:
@@ -483,9 +485,12 @@ def _export_format(output: str, given: str | None) -> str:
 @command("export", "export a model to ONNX, TorchScript or a torch.export program, checked "
          "against PyTorch", _export_args)  # fmt: skip
 def _run_export(args: argparse.Namespace) -> int:
+    import itertools
+
     import torch
 
     from . import deploy
+    from .model import default_image_size
     from .predict import _in_chans
     from .zoo import create_model
 
@@ -508,7 +513,9 @@ def _run_export(args: argparse.Namespace) -> int:
     overrides = _parse_overrides(args.set, {"weights": "--weights"})
     model = create_model(args.model, weights=args.weights, **overrides)
     meta = getattr(model, "weights_meta", None)
-    size = args.size or (meta.input_size if meta is not None else 299)
+    # The size predict and eval feed a model without metadata: a compact model exported at 299
+    # refused the 28 px images it is made for (and was calibrated on images blown up to 299).
+    size = args.size or (meta.input_size if meta is not None else default_image_size(model))
     if not args.int8:
         report = deploy.export(model, args.output, args.format, input_size=size,
                                dynamic_size=args.dynamic_size)  # fmt: skip
@@ -521,10 +528,18 @@ def _run_export(args: argparse.Namespace) -> int:
     # Calibration images prepared at the exported size (the weights' own size may differ).
     images = _images(args.calibration, size, meta.replace(input_size=size) if meta else None,
                      _in_chans(model))  # fmt: skip
-    n = min(args.calibration_count, len(images))
-    batches = lambda xs: [torch.stack(xs[i : i + 8]) for i in range(0, len(xs), 8)]  # noqa: E731
-    q = deploy.quantize_model(model, args.output, batches(images[:n]), batches(images[n:]),
-                              input_size=size)  # fmt: skip
+    first = next(images, None)
+    if first is None:  # before the work of exporting
+        raise UserError(f"no readable images in {', '.join(args.calibration)}")
+    images = itertools.chain([first], images)
+
+    def batches(stream):  # eight images at a time, read as quantize_model asks for them
+        while chunk := list(itertools.islice(stream, 8)):
+            yield torch.stack(chunk)
+
+    # One stream: the first --calibration-count images calibrate, the rest are held out.
+    calibration = batches(itertools.islice(images, args.calibration_count))
+    q = deploy.quantize_model(model, args.output, calibration, batches(images), input_size=size)
     if q.top1_agreement is not None:
         agreement = (f"top-1 agreement with fp32 on {q.heldout_images} held-out images: "
                      f"{q.top1_agreement:.2%}")  # fmt: skip

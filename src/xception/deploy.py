@@ -20,7 +20,7 @@ import sys
 import tempfile
 import types
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -800,7 +800,7 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         traced = torch.jit.trace(model, x, check_trace=False)
         guarded = torch.jit.script(_TracedSize(traced, *x.shape[1:]))
-    torch.jit.save(guarded, str(path))
+        torch.jit.save(guarded, str(path))
 
 
 def _export_program(
@@ -878,7 +878,11 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
         return OnnxModel(path, split_batch=False)
     try:
         if fmt == "torchscript":
-            return torch.jit.load(str(path)).eval()
+            import warnings
+
+            with warnings.catch_warnings():  # torch.jit's deprecation notice, on every load
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(str(path)).eval()
         program = torch.export.load(str(path))
     except Exception as err:  # a zip, pickle or format error, whichever the loader met first
         raise ValueError(f"{path}: not a {fmt} file ({_first_line(err)}): give a file written "
@@ -886,6 +890,23 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
     module = program.module()
     module.register_forward_pre_hook(_ProgramInputCheck(program, path.name))
     return module
+
+
+def _discrepancy(expected: torch.Tensor, got: torch.Tensor, fmt: str) -> float:
+    """The largest absolute difference between PyTorch's outputs and the exported file's.
+
+    NaN is never a match: max() drops it (max(0.0, nan) is 0.0), so a file computing NaN, or a
+    model with NaN weights, was reported as matching PyTorch exactly and replaced a good file.
+    """
+    if not bool(torch.isfinite(expected).all()):
+        raise ValueError("the model's own outputs on random inputs are NaN or infinite, so the "
+                         "export cannot be checked against them: its weights or batch-norm "
+                         "statistics hold NaN or infinite values; load good weights")  # fmt: skip
+    if not bool(torch.isfinite(got).all()):
+        raise ValueError(f"the exported {fmt} file gives NaN or infinite outputs where PyTorch's "
+                         "are finite: the export is broken and was not written; try another "
+                         "format (--format)")  # fmt: skip
+    return (got - expected).abs().max().item()
 
 
 def export(
@@ -972,7 +993,7 @@ def export(
         with torch.no_grad():
             for n in check_batches:
                 x = torch.randn(n, in_chans, h, w, generator=gen)
-                worst = max(worst, (runner(x) - model(x)).abs().max().item())
+                worst = max(worst, _discrepancy(model(x), torch.as_tensor(runner(x)), format))
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1185,7 +1206,15 @@ def quantize_onnx(
     _check_target(path, "onnx")
     import onnx
 
-    graph_input = onnx.load(str(fp32_path), load_external_data=False).graph.input[0]
+    if not fp32_path.is_file():
+        raise FileNotFoundError(f"ONNX model {fp32_path} not found: export one with "
+                                "`xception export` (or quantize with quantize_model)")  # fmt: skip
+    try:  # protobuf's DecodeError, onnx's own errors: whichever the parser met first
+        graph = onnx.load(str(fp32_path), load_external_data=False).graph
+        graph_input = graph.input[0]
+    except Exception as err:
+        raise ValueError(f"{fp32_path}: not an ONNX model ({_first_line(err)}): give an fp32 "
+                         "ONNX model, e.g. one written by `xception export`") from err  # fmt: skip
     name = graph_input.name
     # Empty batches (the end of a split, say) hold nothing to calibrate on, and the histogram
     # calibrators failed on them with numpy's "inhomogeneous shape".
@@ -1206,6 +1235,11 @@ def quantize_onnx(
                              f"the model's input, got {tuple(batch.shape)}: preprocess the images "
                              "as for the model (its input size; grey for a 1-channel model)")  # fmt: skip
         check_float_images(batch)
+        # NaN or infinite pixels made ONNX Runtime's calibrator fail with a bare
+        # AssertionError("scale issue"), or calibrate every range to infinity.
+        if not bool(torch.isfinite(batch).all()):
+            raise ValueError("calibration images hold NaN or infinite values: give images "
+                             "preprocessed as for the model (finite pixel values)")  # fmt: skip
 
     check(first)  # before the work of preparing the graph
     calibration = itertools.chain([first], calibration)
@@ -1239,8 +1273,10 @@ def top1_agreement(
     batches: Iterable[torch.Tensor],
 ) -> float:
     """Fraction of images on which the two models' top-1 classes agree (both must output
-    class scores, N x classes). PyTorch modules among them run in eval mode (batch norm on its
-    running statistics, which stay as they were) and are put back in their mode after."""
+    class scores, N x classes). With a single score (one logit, sigmoid) the class is whether
+    it is positive: its top-1 is always class 0, which agreed 100% for any two models. PyTorch
+    modules among them run in eval mode (batch norm on its running statistics, which stay as
+    they were) and are put back in their mode after."""
     modules = [m for m in (reference, candidate) if isinstance(m, nn.Module)]
     modes = [[sub.training for sub in m.modules()] for m in modules]
     same = total = 0
@@ -1259,7 +1295,10 @@ def top1_agreement(
                     raise ValueError(f"the reference scores {ra.shape[1]} classes and the "
                                      f"candidate {rb.shape[1]}: compare models of the same "
                                      "classes (the same num_classes and weights)")  # fmt: skip
-                a, b = ra.argmax(1), rb.argmax(1)
+                if ra.shape[1] == 1:  # a binary classifier: the sign of its logit decides
+                    a, b = ra[:, 0] > 0, rb[:, 0] > 0
+                else:
+                    a, b = ra.argmax(1), rb.argmax(1)
                 same += int((a == b).sum())
                 total += x.shape[0]
     finally:
@@ -1281,23 +1320,48 @@ def quantize_model(
     quant_format: str = "qdq",
 ) -> QuantizationReport:
     """Export `model` to ONNX, quantise it to int8 with ranges calibrated on `calibration`
-    (batches of preprocessed images), write it to `path`, and report the top-1 agreement of the
-    int8 model with the fp32 PyTorch model on `heldout` (batches of other images; None when
-    there are none)."""
+    (batches of preprocessed images), report the top-1 agreement of the int8 model with the
+    fp32 PyTorch model on `heldout` (batches of other images, taken one at a time; None when
+    there are none), then write it to `path`."""
     path = Path(path)
     _check_target(path, "onnx")
     model = _eager_model(model)
     model = copy.deepcopy(model).float().cpu().eval()
+    want = (getattr(getattr(model, "config", None), "in_chans", 3), *input_size_pair(input_size))
+    count = 0
+
+    def held_out() -> Iterator[torch.Tensor]:
+        # Batch by batch as they come: `xception export --int8` held a whole folder of
+        # held-out images in memory at once (a GB per thousand images at 299x299).
+        nonlocal count
+        for x in heldout:
+            check_float_images(x)
+            if x.numel() == 0:
+                continue
+            if x.ndim != 4 or tuple(x.shape[1:]) != want:
+                raise ValueError(f"held-out batches must be (N, {', '.join(map(str, want))}) "
+                                 f"like the model's input, got {tuple(x.shape)}: preprocess them "
+                                 "as the calibration images (the input size; grey for a "
+                                 "1-channel model)")  # fmt: skip
+            count += x.shape[0]
+            yield x
+
     with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
-        fp32 = Path(tmpdir) / "fp32.onnx"
+        fp32, int8 = Path(tmpdir) / "fp32.onnx", Path(tmpdir) / "int8.onnx"
         export(model, fp32, "onnx", input_size=input_size, check_batches=(1,))
-        n = quantize_onnx(fp32, path, calibration, quant_format=quant_format)
-    heldout = list(heldout)
-    agreement = None
-    count = sum(x.shape[0] for x in heldout)
-    with torch.no_grad():  # class scores (N, classes), not a feature map or pooled features
-        classes = getattr(getattr(model, "config", None), "num_classes", 1)
-        scores = bool(count) and classes > 0 and model(heldout[0][:1]).ndim == 2
-    if scores:
-        agreement = top1_agreement(model, OnnxModel(path), heldout)
+        n = quantize_onnx(fp32, int8, calibration, quant_format=quant_format)
+        with torch.no_grad():  # class scores (N, classes), not a feature map or pooled features
+            classes = getattr(getattr(model, "config", None), "num_classes", 1)
+            scores = classes > 0 and model(torch.zeros(1, *want)).ndim == 2
+        batches = held_out()
+        first = next(batches, None)
+        agreement = None
+        if first is not None and scores:
+            agreement = top1_agreement(model, OnnxModel(int8), itertools.chain([first], batches))
+        else:
+            for _ in batches:  # checked and counted all the same
+                pass
+        # Published last: a held-out batch that cannot be compared failed after the int8 file
+        # had replaced the one at `path`; now that file stays as it was.
+        publish(int8, path)
     return QuantizationReport(path, quant_format, n, count, agreement)
