@@ -427,6 +427,12 @@ def test_onnx_split_batch_equals_whole_batch(model, onnx_file):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="slice_images must be a positive whole number"):
             deploy.OnnxModel(onnx_file, slice_images=bad)
+    # -1 was taken as is; 1.5 and "2" failed in ONNX Runtime's own TypeError, naming nothing.
+    for bad in (-1, 0, 1.5, "2", True):
+        with pytest.raises(ValueError, match=rf"threads={re.escape(repr(bad))} is not valid"):
+            deploy.OnnxModel(onnx_file, threads=bad)
+        with pytest.raises(ValueError, match=rf"threads={re.escape(repr(bad))} is not valid"):
+            deploy.onnx_session(onnx_file, threads=bad)
 
 
 def test_int8_within_stated_bound(model, onnx_file, tmp_path):
@@ -874,6 +880,10 @@ def test_export_cli_int8_for_a_grey_model_without_weights_metadata(tmp_path, cap
     assert code == 0
     assert "calibrated on 3 images" in capsys.readouterr().out
     assert deploy.OnnxModel(out).input_shape == (None, 1, 32, 32)
+    code = main(["export", str(out), "--int8", "--calibration", str(folder / "0.png"),
+                 "--size", "32", "--model", "xception-compact", "--set", "in_chans=1",
+                 "--set", "width=0.25", "--set", "middle_blocks=1"])  # fmt: skip
+    assert code == 0 and "calibrated on 1 image);" in capsys.readouterr().out  # was '1 images'
 
 
 def test_export_cli_sizes_a_model_without_metadata_as_predict_does(tmp_path, capsys):
@@ -885,6 +895,9 @@ def test_export_cli_sizes_a_model_without_metadata_as_predict_does(tmp_path, cap
     assert code == 0
     assert "input 28x28" in capsys.readouterr().out
     assert deploy.OnnxModel(out).input_shape == (None, 3, 28, 28)
+    # The compact Inception V3 is built for 28-64 px images too; it went out at 299.
+    code = main(["export", str(out), "--model", "inception-v3-compact", "--set", "width=0.25"])
+    assert code == 0 and "input 28x28" in capsys.readouterr().out
 
 
 def test_torchscript_export_and_load_say_nothing_of_torch_jits_deprecation(model, tmp_path):
@@ -898,6 +911,11 @@ def test_torchscript_export_and_load_say_nothing_of_torch_jits_deprecation(model
         deploy.export(model, path, "torchscript", input_size=SIZE, check_batches=(1,))
         deploy.load_exported(path, "torchscript")
     assert not [w for w in caught if "torch.jit" in str(w.message)]
+    path.write_bytes(b"not a program")  # and the error's article: 'not a exported-program'
+    with pytest.raises(ValueError, match="not an exported-program file"):
+        deploy.load_exported(path, "exported-program")
+    with pytest.raises(ValueError, match="not a torchscript file"):
+        deploy.load_exported(path, "torchscript")
 
 
 def test_export_cli_int8_reads_the_calibration_images_as_it_needs_them(tmp_path, capsys,

@@ -549,7 +549,8 @@ def _run_export(args: argparse.Namespace) -> int:
         agreement = ("no held-out images left for the agreement check (give more images than "
                      "--calibration-count)")  # fmt: skip
     print(f"wrote {q.path} (int8 {q.quant_format}, per-channel weights, calibrated on "
-          f"{q.calibration_images} images); {agreement}")  # fmt: skip
+          f"{q.calibration_images} image{'s' if q.calibration_images != 1 else ''}); "
+          f"{agreement}")  # fmt: skip
     return 0
 
 

@@ -885,7 +885,8 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
                 return torch.jit.load(str(path)).eval()
         program = torch.export.load(str(path))
     except Exception as err:  # a zip, pickle or format error, whichever the loader met first
-        raise ValueError(f"{path}: not a {fmt} file ({_first_line(err)}): give a file written "
+        raise ValueError(f"{path}: not {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} file "
+                         f"({_first_line(err)}): give a file written "
                          f"by `xception export --format {fmt}`") from err  # fmt: skip
     module = program.module()
     module.register_forward_pre_hook(_ProgramInputCheck(program, path.name))
@@ -1012,6 +1013,7 @@ def onnx_session(path: str | Path, *, threads: int | None = None, spinning: bool
     and spinning workers."""
     import onnxruntime as ort
 
+    _check_threads(threads)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} not found: export one with `xception export`")
@@ -1027,6 +1029,15 @@ def onnx_session(path: str | Path, *, threads: int | None = None, spinning: bool
     except Exception as err:  # ONNX Runtime's own exception types, one per failure
         raise ValueError(f"{path}: ONNX Runtime cannot load it ({_first_line(err)}): give an "
                          "ONNX model, e.g. one written by `xception export`") from err  # fmt: skip
+
+
+def _check_threads(threads) -> None:
+    """A thread count, or None for torch's: -1 had been taken as is, 1.5 or '2' failed in ONNX
+    Runtime's own TypeError."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):  # fmt: skip
+        raise ValueError(f"threads={threads!r} is not valid: give a positive number of threads, "
+                         "or None for torch's (torch.get_num_threads())")  # fmt: skip
 
 
 def _first_line(err: BaseException) -> str:
@@ -1055,6 +1066,7 @@ class OnnxModel:
         if not isinstance(slice_images, int) or isinstance(slice_images, bool) or slice_images < 1:
             raise ValueError(f"slice_images must be a positive whole number of images, got "
                              f"{slice_images!r}")  # fmt: skip
+        _check_threads(threads)
         self.path = Path(path)
         self.threads = threads or torch.get_num_threads()
         self.slice_images = slice_images

@@ -196,6 +196,8 @@ class InceptionE(nn.Module):
 class InceptionV3Compact(BlockNet):
     """Inception V3's topology for small images; see the module docstring."""
 
+    small_images = True  # fed 28 px by default, as the compact Xception (`default_image_size`)
+
     def __init__(self, config: InceptionConfig | None = None, **overrides) -> None:
         super().__init__()
         cfg = InceptionConfig.of(config, overrides)

@@ -626,8 +626,10 @@ class Xception(BlockNet):
 
 def default_image_size(model: nn.Module) -> int:
     """The image size a model without weights metadata is fed: 28 px for a compact model (its
-    stem does not downsample: Fashion-MNIST-sized input), the paper's 299 for every other."""
-    return 28 if getattr(getattr(model, "config", None), "stem_stride", 2) == 1 else 299
+    stem does not downsample: Fashion-MNIST-sized input; the compact Inception V3 is built for
+    28-64 px), the paper's 299 for every other."""
+    compact = getattr(getattr(model, "config", None), "stem_stride", 2) == 1
+    return 28 if compact or getattr(model, "small_images", False) else 299
 
 
 def input_size_pair(input_size: tuple[int, int] | int) -> tuple[int, int]:
