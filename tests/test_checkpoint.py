@@ -262,3 +262,34 @@ def test_an_output_ending_in_a_slash_is_a_folder_not_a_file_of_that_name(tmp_pat
     os.makedirs(given)  # once it exists it is a folder, as before
     with pytest.raises(ValueError, match="is a folder: give a file name inside it"):
         C.check_output_file(given)
+
+
+def test_prune_removes_linked_checkpoints_and_stale_files_but_not_what_links_point_to(tmp_path):
+    """rmtree refuses a symbolic link and a file, and ignore_errors kept them for good: a
+    checkpoint linked in from another folder stayed one of the newest `keep_last` (two
+    regular checkpoints kept at keep_last=1), and a file swapped out by a re-save (a `.tmp`
+    left where `step-N` had been a file) was never cleaned up."""
+    sd, state = _state()
+    elsewhere = C.save_checkpoint(tmp_path / "elsewhere", "step-000000003", sd, state)
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "step-000000003").symlink_to(elsewhere, target_is_directory=True)
+    (root / "step-000000004").write_text("not a checkpoint")  # a re-save swaps it out
+    C.save_checkpoint(root, "step-000000004", sd, state)
+    C.save_checkpoint(root, "step-000000005", sd, state)
+    C.prune(root, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000000005"]
+    assert (elsewhere / "state.pt").is_file()  # the link went, not the folder it named
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_save_over_a_file_of_its_name_leaves_no_debris(tmp_path, monkeypatch, exchange):
+    """The file swapped out (or moved aside) was given to rmtree, which refuses files: it
+    stayed as `.step-N.*.tmp` or `.step-N.<pid>.old`, and no later save or prune removed it."""
+    if not exchange:
+        monkeypatch.setattr(C, "_exchange", lambda a, b: False)
+    (tmp_path / "step-000000004").write_text("not a checkpoint")
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000004", sd, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004"]
+    assert C.load_checkpoint(path)["state"]["step"] == state["step"]

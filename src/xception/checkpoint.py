@@ -261,9 +261,9 @@ def save_checkpoint(
             os.replace(tmp, final)
         _fsync_dir(root)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         for stale in root.glob(f".{name}.*.old"):  # moved aside by an earlier crashed re-save
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -329,13 +329,26 @@ def prune(root: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` regular checkpoints and all but the newest best,
     and what saves cut short by a kill left behind (their `.*.tmp` folders)."""
     for stale in Path(root).glob(".*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     regular = list_checkpoints(root)
     for p in regular[: max(0, len(regular) - keep_last)]:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
     best = list_checkpoints(root, best=True)
     for p in best[:-1]:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, or a file or a symbolic link (the link only, never what it points to).
+    rmtree refuses the last two, and ignore_errors kept them for good: a checkpoint linked in
+    from elsewhere stayed one of the newest `keep_last`, a file a re-save swapped out stayed."""
+    if path.is_symlink() or not path.is_dir():
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # as rmtree's ignore_errors: a prune that fails never stops training
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _resolve(path: str | Path) -> Path:
