@@ -3,6 +3,7 @@ import gzip
 import io
 import json
 import math
+import re
 import time
 
 import numpy as np
@@ -401,8 +402,8 @@ def test_a_run_file_that_is_no_record_is_trained_again(tmp_path, caplog, text):
     store.path("abc").write_bytes(text)
     assert store.get("abc") is None
     assert "unreadable" in caplog.text and "trained again" in caplog.text
-    store.put({"key": "abc", "top1": 0.5})
-    assert store.get("abc") == {"key": "abc", "top1": 0.5}
+    store.put(_record("abc"))
+    assert store.get("abc") == _record("abc")
 
 
 def test_parallel_processes_share_runs_through_claims(tmp_path):
@@ -604,3 +605,164 @@ def test_a_scale_with_a_count_below_one_is_refused_before_any_work(tmp_path, fie
     with pytest.raises(ValueError, match=rf"^scale 'tiny': {field}=0: use a positive integer$"):
         run_experiments(["order"], tmp_path / "exp", scale)
     assert not (tmp_path / "exp").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged, interrupted and shared output folders
+# ---------------------------------------------------------------------------------------------
+def _record(key: str, acc: float = 0.5) -> dict:
+    """A finished run's record as `Store.put` stores it, with what the report reads."""
+    return dict(key=key, history=[dict(val_top1=100 * acc - 5), dict(val_top1=100 * acc)],
+                final_val_acc=acc, train_seconds=1.5, params=1000, macs=20000,
+                images_per_s=100.0)  # fmt: skip
+
+
+def _store_runs(store, suite: str, scale: Scale, info: dict, *, leave_out: int = 0) -> list[str]:
+    """Records for the runs of `suite` (all but the last `leave_out`), no training; their keys."""
+    from xception.experiments import run_config, run_key
+
+    variants, _ = suite_plan(suite, scale, in_chans=1, num_classes=10)
+    keys = [run_key(run_config(v, scale, seed, info)) for seed in range(scale.seeds)
+            for v in variants]  # fmt: skip
+    for i, key in enumerate(keys[: len(keys) - leave_out]):
+        store.put(_record(key, 0.5 + i / 100))
+    return keys
+
+
+@pytest.mark.parametrize("damage", ["no final_val_acc", "empty history", "history of nulls",
+                                    "params a string"])  # fmt: skip
+def test_a_run_record_missing_what_the_report_reads_is_trained_again(tmp_path, caplog, damage):
+    """A record cut down by hand was reused, then ended the report with a KeyError traceback
+    (no final_val_acc) or 'fmean requires at least one data point' (no history)."""
+    from xception.experiments import Store, aggregate, dataset_info
+
+    store = Store(tmp_path)
+    info = dataset_info("fashion-mnist")
+    keys = _store_runs(store, "order", TINY, info)
+    record = _record(keys[0])
+    if damage == "no final_val_acc":
+        del record["final_val_acc"]
+    elif damage == "empty history":
+        record["history"] = []
+    elif damage == "history of nulls":
+        record["history"] = [None]
+    else:
+        record["params"] = "1000"
+    store.path(keys[0]).write_text(json.dumps(record))
+    assert store.get(keys[0]) is None
+    assert f"{store.path(keys[0])} is unreadable" in caplog.text and "trained again" in caplog.text
+    assert aggregate(store, TINY, info)["suites"] == {}  # the suite waits for that run
+    store.put(_record(keys[0]))
+    assert list(aggregate(store, TINY, info)["suites"]) == ["order"]
+
+
+def test_a_damaged_resume_checkpoint_names_the_fix_this_command_has(tmp_path):
+    """An interrupted run whose newest checkpoint was cut short advised `--resume <the one
+    before>`, an option `xception experiment` does not have: nothing the user could type."""
+    from xception.checkpoint import CheckpointError
+    from xception.experiments import dataset_info, run_config, run_key
+
+    out = tmp_path / "exp"
+    variant = suite_plan("order", TINY, in_chans=1, num_classes=10)[0][0]
+    key = run_key(run_config(variant, TINY, 0, dataset_info("fashion-mnist")))  # the first run
+    checkpoints = out / "work" / key / "checkpoints"
+    for step in (2, 4):
+        (checkpoints / f"step-{step:09d}").mkdir(parents=True)
+        (checkpoints / f"step-{step:09d}" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointError) as caught:
+        run_experiments(["order"], out, TINY)
+    message = str(caught.value)
+    assert "step-000000004/state.pt: damaged or incomplete checkpoint" in message
+    assert "--resume" not in message
+    assert (f"delete {checkpoints / 'step-000000004'} to resume from the checkpoint before it, "
+            f"or {out / 'work' / key} to train the run again from the start") in message  # fmt: skip
+    assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize(("name", "kind", "message"), [
+    ("runs", "file", "is a file, where the experiments keep their runs (a folder)"),
+    ("work", "file", "is a file, where the experiments keep their work (a folder)"),
+    ("results.csv", "folder", "is a folder, where the experiments write their results.csv"),
+    ("segments-spectrum.png", "folder", "is a folder, where the experiments write their "
+     "segments-spectrum.png"),
+])  # fmt: skip
+def test_an_output_in_the_way_is_refused_before_any_training(tmp_path, monkeypatch, name, kind,
+                                                             message):  # fmt: skip
+    """A file named `runs` in --out failed only when the first run had trained ('[Errno 17]
+    File exists'); a folder named results.csv or after a plot, once every run had trained, with
+    results.json already rewritten and REPORT.md not."""
+    import xception.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the outputs were checked")
+
+    monkeypatch.setattr(xception.train, "fit", no_training)
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / name).mkdir() if kind == "folder" else (out / name).write_text("kept")
+    with pytest.raises(ValueError, match=f"^{out / name} {re.escape(message)}: move it away, or "
+                       "choose another --out$"):  # fmt: skip
+        run_experiments(["order"], out, TINY)
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_one_seed_says_so_for_the_spectrum_claim_too(tmp_path):
+    """With --seeds 1 the spectrum's claim read '95% interval n/a .. n/a, Bonferroni for 1
+    comparisons' where the other claims say there is no noise estimate."""
+    import dataclasses
+
+    from xception.experiments import Store, dataset_info, write_outputs
+
+    scale = dataclasses.replace(TINY, seeds=1)
+    info = dataset_info("fashion-mnist")
+    store = Store(tmp_path)
+    _store_runs(store, "segments", scale, info)
+    write_outputs(tmp_path, scale, info, store)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert ("best intermediate: 2 segments, -1.00 pp against depthwise, too few seeds to "
+            "estimate the noise.") in report  # fmt: skip
+    assert "n/a" not in report
+
+
+def test_reports_of_processes_sharing_an_out_folder_are_written_one_at_a_time(tmp_path,
+                                                                              monkeypatch):  # fmt: skip
+    """`xception experiment residual` and `... order` run side by side into one --out: the
+    first to finish read the store before the other's last run was stored and wrote after the
+    other's report, which lost the order suite (its plot deleted, 'not complete' warned)."""
+    import threading
+
+    import xception.experiments as experiments
+    from xception.experiments import Store, dataset_info, write_outputs
+
+    # Plots drawn as empty files: the test is about which report is written last.
+    monkeypatch.setattr(experiments, "_plot_curves", lambda path, *a: path.write_bytes(b""))
+    monkeypatch.setattr(experiments, "_plot_spectrum", lambda path, *a: path.write_bytes(b""))
+    info = dataset_info("fashion-mnist")
+    store = Store(tmp_path)
+    _store_runs(store, "residual", TINY, info)
+    order = _store_runs(store, "order", TINY, info, leave_out=1)
+    read, go = threading.Event(), threading.Event()
+    aggregate = experiments.aggregate
+
+    def slow_first(*args):  # the first process reads the store, then is slow to write
+        results = aggregate(*args)
+        if not read.is_set():
+            read.set()
+            go.wait(timeout=60)
+        return results
+
+    monkeypatch.setattr(experiments, "aggregate", slow_first)
+    first = threading.Thread(target=write_outputs, args=(tmp_path, TINY, info, store))
+    first.start()
+    assert read.wait(timeout=60)
+    store.put(_record(order[-1]))  # the other process stores its last run, then reports
+    second = threading.Thread(target=write_outputs, args=(tmp_path, TINY, info, store))
+    second.start()
+    second.join(timeout=3)
+    go.set()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert not first.is_alive() and not second.is_alive()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(results["suites"]) == ["order", "residual"]
+    assert (tmp_path / "order.png").exists() and "## order" in (tmp_path / "REPORT.md").read_text()

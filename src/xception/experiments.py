@@ -464,6 +464,27 @@ def run_key(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _check_record(record: dict) -> None:
+    """Raise ValueError naming what a run's record lacks that the report reads: a record cut
+    down by hand was reused, then ended the report with a KeyError traceback (or, with no
+    history, "fmean requires at least one data point")."""
+    history = record.get("history")
+    if not isinstance(history, list) or not history:
+        raise ValueError("no training history")
+    if not all(isinstance(row, dict) and _is_number(row.get("val_top1")) for row in history):
+        raise ValueError("an epoch of its history has no validation accuracy")
+    missing = [k for k in _RECORD_NUMBERS if not _is_number(record.get(k))]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+
+
+_RECORD_NUMBERS = ("final_val_acc", "train_seconds", "params", "macs", "images_per_s")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 class Store:
     """Finished runs, one JSON file each under `root/runs/`."""
 
@@ -481,6 +502,8 @@ class Store:
             record = json.loads(path.read_text())
             if not isinstance(record, dict):
                 raise ValueError(f"a JSON {type(record).__name__}, not a run's record")
+            if record.get("key") == key:
+                _check_record(record)
         except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
             # Writes are atomic, so this is a file damaged or edited by hand: train it again.
             log.warning("%s is unreadable (%s): the run will be trained again", path, err)
@@ -567,9 +590,21 @@ def _model_config(model: str, overrides: str, num_classes: int, in_chans: int) -
 def train_run(config: dict, workdir: Path) -> dict:
     """Train one run with the engine of `xception train`; resumes a run cut short in `workdir`.
     Its checkpoints stay until the caller has stored the run (then `shutil.rmtree`)."""
+    from .checkpoint import CheckpointError, find_latest
     from .train import fit
 
-    return fit(dict(config["train"]), out=str(workdir), progress=False, resume="auto")
+    # The newest checkpoint named, not resume="auto": a damaged one then fails as itself, where
+    # "auto" advised `--resume <the one before>`, an option `xception experiment` does not have.
+    latest = find_latest(workdir / "checkpoints")
+    try:
+        return fit(dict(config["train"]), out=str(workdir), progress=False,
+                   resume=None if latest is None else str(latest))  # fmt: skip
+    except CheckpointError as err:
+        if latest is None:
+            raise
+        raise CheckpointError(f"{err}. This run cannot resume from it: delete {latest} to resume "
+                              f"from the checkpoint before it, or {workdir} to train the run "
+                              "again from the start") from None  # fmt: skip
 
 
 def _machine() -> dict:
@@ -642,6 +677,15 @@ def run_experiments(
         raise ValueError(f"out={str(out)!r} is a file: pass a folder for the runs and the report "
                          "(it is created if missing)")  # fmt: skip
     check_output_file(out / "REPORT.md")  # a folder that cannot be made (/proc/x) or written
+    # Found in the way only when the first run was stored, or when every run was trained.
+    for name in ("runs", "work"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ValueError(f"{out / name} is a file, where the experiments keep their {name} "
+                             "(a folder): move it away, or choose another --out")  # fmt: skip
+    for name in ("results.json", "results.csv", *_plot_names(SUITES).values()):
+        if (out / name).is_dir():
+            raise ValueError(f"{out / name} is a folder, where the experiments write their "
+                             f"{name}: move it away, or choose another --out")  # fmt: skip
     for suite in suites:
         field_ = SUITE_FIELDS.get(suite)
         if field_ in scale.model:
@@ -876,7 +920,17 @@ def _dropped_suites(path: Path, results: dict) -> list[str]:
 
 
 def write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
-    """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md."""
+    """results.json, results.csv, one curve plot per suite, the spectrum plot and REPORT.md.
+
+    One process at a time, each reading the store once it holds the lock: processes sharing
+    `out` (one per suite) finish together, and a report read before another's last run was
+    stored replaced the one written after it, dropping that suite as "not complete"."""
+    out.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(out / ".report.lock")):
+        return _write_outputs(out, scale, data, store)
+
+
+def _write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
     results = aggregate(store, scale, data)
     stale = _dropped_suites(out / "results.json", results)
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
@@ -980,11 +1034,15 @@ def _pp(x: float | None) -> str:
 def _claim_line(c: dict) -> str:
     if c["kind"] == "any_better":
         best = max(c["comparisons"], key=lambda p: p["diff"], default=None)
-        detail = "no intermediate variant" if best is None else (
-            f"best intermediate: {best['a']}, {_pp(best['diff'])} pp against {c['b']} "
-            f"({_level(best)} interval {_pp(best['lo'])} .. {_pp(best['hi'])}, Bonferroni for "
-            f"{len(c['comparisons'])} comparisons)"
-        )  # fmt: skip
+        if best is None:
+            detail = "no intermediate variant"
+        elif best["se"] is None:  # one seed: "95% interval n/a .. n/a", as it said
+            detail = (f"best intermediate: {best['a']}, {_pp(best['diff'])} pp against "
+                      f"{c['b']}, too few seeds to estimate the noise")  # fmt: skip
+        else:
+            detail = (f"best intermediate: {best['a']}, {_pp(best['diff'])} pp against {c['b']} "
+                      f"({_level(best)} interval {_pp(best['lo'])} .. {_pp(best['hi'])}, "
+                      f"Bonferroni for {len(c['comparisons'])} comparisons)")  # fmt: skip
         return f"- **{c['verdict']}**: {c['text']}. {detail}."
     if c["se"] is None:
         detail = f"{_pp(c['diff'])} pp, too few seeds to estimate the noise"
