@@ -290,3 +290,20 @@ def test_an_output_named_with_a_trailing_slash_is_refused_before_the_work(capsys
     captured = capsys.readouterr()
     assert captured.out == "" and "give a file name, e.g. " in captured.err
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--epochs", "1"], ["experiment", "residual"],
+                                     ["demo"]])  # fmt: skip
+def test_an_empty_out_folder_is_refused(command, tmp_path, monkeypatch, capsys):
+    """`--out ""` (an unset shell variable) trained into the current folder under train, and
+    went to the default folder under experiment and demo, without a word."""
+    from xception.train import make_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--out", ""])
+    assert stop.value.code == 2
+    assert "argument --out: an empty folder name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="out='' is not valid: give a folder for the run"):
+        make_config("fashion-mnist", out="")

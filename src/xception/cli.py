@@ -17,6 +17,16 @@ from collections.abc import Callable, Iterator
 
 __all__ = ["main"]
 
+
+def _folder(text: str) -> str:
+    """An --out folder: an empty name (an unset shell variable, --out "") had trained into
+    the current folder, or written to the default one, without a word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name: give a folder, or leave --out "
+                                         "out for the default")  # fmt: skip
+    return text
+
+
 log = logging.getLogger("xception")
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -311,7 +321,8 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
         help="smoke scale: small subset, 2 epochs, 2 seeds (all suites ~7 min on 2 cores)",
     )
     p.add_argument("--seeds", type=int, help="seeds per variant (default: 2 quick, 3 full)")
-    p.add_argument("--out", help="results folder (default: experiments/quick or experiments/full)")
+    p.add_argument("--out", type=_folder,
+                   help="results folder (default: experiments/quick or experiments/full)")  # fmt: skip
     p.add_argument(
         "--data",
         default="fashion-mnist",
@@ -677,7 +688,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="dataset: a folder (train/ val/ class folders, IDX files, "
         "train.csv/val.csv) or a .csv list; default: the recipe's",
     )
-    p.add_argument("--out", help="run folder (default: runs/RECIPE-TIMESTAMP)")
+    p.add_argument("--out", type=_folder, help="run folder (default: runs/RECIPE-TIMESTAMP)")
     p.add_argument("--model", help="model preset, e.g. xception-compact")
     p.add_argument(
         "--weights", help="fine-tune from these weights (a fresh head if classes differ)"
@@ -905,7 +916,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="fashion-mnist",
                    help="folder of the Fashion-MNIST IDX files (default: the Debian package's, "
                         "/usr/share/datasets/fashion-mnist)")  # fmt: skip
-    p.add_argument("--out", help="run folder (default: runs/demo-TIMESTAMP)")
+    p.add_argument("--out", type=_folder, help="run folder (default: runs/demo-TIMESTAMP)")
     p.add_argument(
         "--epochs",
         type=int,

@@ -160,6 +160,8 @@ class TrainConfig:
             raise ValueError("label_smoothing and drop_rate must lie in [0, 1)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise bad("ema_decay", "use a decay in (0, 1), e.g. 0.999, or leave it unset")
+        if self.out is not None and not self.out.strip():  # it trained into the current folder
+            raise bad("out", "give a folder for the run, or leave it unset")
         if self.image_size < 1:
             raise bad("image_size", "use the input size in pixels")
         if not -(2**63) <= self.seed < 2**63:  # torch's generators take 64 bits; seed + epoch
