@@ -507,15 +507,20 @@ def test_top1_agreement_refuses_models_of_other_classes(model):
         deploy.top1_agreement(model, lambda x: torch.zeros(len(x), 10, 1, 1), x)
 
 
-def test_export_cli_int8_with_calibration_images(tmp_path, capsys):
+def _random_pngs(folder, count: int):
+    """`folder` holding `count` random 40x40 RGB PNGs named 00.png, 01.png, ... (seeded)."""
     from PIL import Image
 
-    folder = tmp_path / "images"
     folder.mkdir()
     gen = torch.Generator().manual_seed(0)
-    for i in range(6):
+    for i in range(count):
         pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
+        Image.fromarray(pixels).save(folder / f"{i:02}.png")
+    return folder
+
+
+def test_export_cli_int8_with_calibration_images(tmp_path, capsys):
+    folder = _random_pngs(tmp_path / "images", 6)
     out = tmp_path / "int8.onnx"
     code = main(["export", str(out), "--int8", "--calibration", str(folder), "--size", "72",
                  "--calibration-count", "4", "--set", "width=0.25", "--set", "middle_blocks=1"])  # fmt: skip
@@ -865,14 +870,7 @@ def test_export_cli_int8_for_a_grey_model_without_weights_metadata(tmp_path, cap
     """Without weights metadata the calibration images were normalised with three channels'
     mean and std: a grey model's images failed with a traceback ("output with shape
     [1, 32, 32] doesn't match the broadcast shape [3, 32, 32]")."""
-    from PIL import Image
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(4):
-        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
+    folder = _random_pngs(tmp_path / "images", 4)
     out = tmp_path / "grey.onnx"
     code = main(["export", str(out), "--int8", "--calibration", str(folder), "--size", "32",
                  "--calibration-count", "3", "--model", "xception-compact", "--set", "in_chans=1",
@@ -880,7 +878,7 @@ def test_export_cli_int8_for_a_grey_model_without_weights_metadata(tmp_path, cap
     assert code == 0
     assert "calibrated on 3 images" in capsys.readouterr().out
     assert deploy.OnnxModel(out).input_shape == (None, 1, 32, 32)
-    code = main(["export", str(out), "--int8", "--calibration", str(folder / "0.png"),
+    code = main(["export", str(out), "--int8", "--calibration", str(folder / "00.png"),
                  "--size", "32", "--model", "xception-compact", "--set", "in_chans=1",
                  "--set", "width=0.25", "--set", "middle_blocks=1"])  # fmt: skip
     assert code == 0 and "calibrated on 1 image);" in capsys.readouterr().out  # was '1 images'
@@ -922,16 +920,9 @@ def test_export_cli_int8_reads_the_calibration_images_as_it_needs_them(tmp_path,
                                                                        monkeypatch):  # fmt: skip
     """Every image under --calibration was loaded and prepared before the work began, held
     out ones included: a folder of a few thousand photos at 299x299 is gigabytes of floats."""
-    from PIL import Image
-
     from xception import data
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(11):
-        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i:02}.png")
+    folder = _random_pngs(tmp_path / "images", 11)
     loaded, at_export = [], []
     load, export = data.load_image, deploy.export
     monkeypatch.setattr(data, "load_image", lambda path: loaded.append(path) or load(path))
