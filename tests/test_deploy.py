@@ -912,6 +912,18 @@ def test_torchscript_export_and_load_say_nothing_of_torch_jits_deprecation(model
     path.write_bytes(b"not a program")  # and the error's article: 'not a exported-program'
     with pytest.raises(ValueError, match="not an exported-program file"):
         deploy.load_exported(path, "exported-program")
+
+
+def test_a_zip_that_is_no_program_is_one_line_naming_the_reason(tmp_path, capfd):
+    """torch.export.load logged a zip that is no program (a torch.save file named .pt2) as a
+    20-line traceback on stderr, and the error itself said only "check the warnings above"."""
+    path = tmp_path / "weights.pt2"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(ValueError) as caught:
+        deploy.load_exported(path, "exported-program")
+    message = str(caught.value)
+    assert "not an exported-program file (PytorchStreamReader failed locating file" in message
+    assert "warnings above" not in message and "Traceback" not in capfd.readouterr().err
     with pytest.raises(ValueError, match="not a torchscript file"):
         deploy.load_exported(path, "torchscript")
 

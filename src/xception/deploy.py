@@ -876,6 +876,9 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
         raise FileNotFoundError(f"{path} not found: export one with `xception export`")
     if fmt == "onnx":
         return OnnxModel(path, split_batch=False)
+    # torch.export.load logs a file it cannot read as a whole traceback at WARNING, then
+    # raises "check the warnings above": the traceback's error is the reason to give.
+    logged, torch_export_log = _Withheld(), logging.getLogger("torch.export")
     try:
         if fmt == "torchscript":
             import warnings
@@ -883,14 +886,30 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
             with warnings.catch_warnings():  # torch.jit's deprecation notice, on every load
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(str(path)).eval()
+        torch_export_log.addFilter(logged)
         program = torch.export.load(str(path))
     except Exception as err:  # a zip, pickle or format error, whichever the loader met first
+        reason = next((r.exc_info[1] for r in logged.records if r.exc_info), err)
         raise ValueError(f"{path}: not {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} file "
-                         f"({_first_line(err)}): give a file written "
+                         f"({_first_line(reason).split('. ')[0]}): give a file written "
                          f"by `xception export --format {fmt}`") from err  # fmt: skip
+    finally:
+        torch_export_log.removeFilter(logged)
     module = program.module()
     module.register_forward_pre_hook(_ProgramInputCheck(program, path.name))
     return module
+
+
+class _Withheld(logging.Filter):
+    """Keeps the records of a logger from being printed, for the caller to use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
 
 
 def _discrepancy(expected: torch.Tensor, got: torch.Tensor, fmt: str) -> float:
