@@ -511,3 +511,12 @@ def test_torch_fx_traces_the_model_and_feature_extraction_works(overrides):
         features = create_feature_extractor(model, {"block4": "c3", "block14": "c5"})
         out = features(torch.randn(1, 3, 72, 72))
     assert out["c3"].shape == (1, 728, 5, 5) and out["c5"].shape == (1, 2048, 3, 3)
+
+
+def test_every_preset_traces_with_torch_fx():
+    """README promises fx tracing for every model, the Inception presets included."""
+    from xception import create_model, list_models
+
+    for name in list_models():
+        graph = torch.fx.symbolic_trace(create_model(name).eval())
+        assert any(n.op == "call_module" for n in graph.graph.nodes), name

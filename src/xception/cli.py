@@ -456,16 +456,13 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="images used for calibration; the rest are held out (default: 200)")  # fmt: skip
 
 
-def _images(paths: list[str], size: int, meta, in_chans: int = 3) -> Iterator:
-    """The readable images among `paths`, prepared for the model, loaded one at a time as they
+def _images(paths: list[str], meta, in_chans: int = 3) -> Iterator:
+    """The readable images among `paths`, prepared as `meta` says, loaded one at a time as they
     are asked for (a folder of them at once ran out of memory); others are skipped, named."""
-    from .data import ImageError, eval_transform, load_image
+    from .data import ImageError, load_image
     from .predict import find_images
 
-    # Without weights metadata, Keras' preprocessing with one mean and std per channel: its
-    # three-channel normalisation failed on a grey model's images with a broadcast error.
-    grey = (0.5,) * in_chans
-    transform = meta.transforms() if meta is not None else eval_transform(size, mean=grey, std=grey)
+    transform = meta.transforms()
     for path in find_images(paths):
         try:
             image = load_image(path)
@@ -501,8 +498,8 @@ def _run_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import deploy
-    from .model import default_image_size
     from .predict import _in_chans
+    from .weights import input_meta
     from .zoo import create_model
 
     args.format = _export_format(args.output, args.format)
@@ -523,10 +520,11 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UserError(f"--size {args.size}: give the input size in pixels")
     overrides = _parse_overrides(args.set, {"weights": "--weights"})
     model = create_model(args.model, weights=args.weights, **overrides)
-    meta = getattr(model, "weights_meta", None)
-    # The size predict and eval feed a model without metadata: a compact model exported at 299
-    # refused the 28 px images it is made for (and was calibrated on images blown up to 299).
-    size = args.size or (meta.input_size if meta is not None else default_image_size(model))
+    # Without weights metadata, what predict feeds the model: a compact model exported at 299
+    # refused the 28 px images it is made for, and a grey one's calibration images failed on
+    # three channels' mean and std.
+    meta = input_meta(model)
+    size = args.size or meta.input_size
     if not args.int8:
         report = deploy.export(model, args.output, args.format, input_size=size,
                                dynamic_size=args.dynamic_size)  # fmt: skip
@@ -537,8 +535,7 @@ def _run_export(args: argparse.Namespace) -> int:
               f"{', '.join(map(str, report.checked_batches))}")  # fmt: skip
         return 0
     # Calibration images prepared at the exported size (the weights' own size may differ).
-    images = _images(args.calibration, size, meta.replace(input_size=size) if meta else None,
-                     _in_chans(model))  # fmt: skip
+    images = _images(args.calibration, meta.replace(input_size=size), _in_chans(model))
     first = next(images, None)
     if first is None:  # before the work of exporting
         raise UserError(f"no readable images in {', '.join(args.calibration)}")

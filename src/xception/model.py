@@ -692,24 +692,17 @@ class XceptionFeatures(nn.Module):
         self.config, self.min_input_size = model.config, model.min_input_size
         self.out_indices = tuple(indices)
         self.feature_info = FeatureInfo(dict(infos[i]) for i in indices)
-        wanted = self.feature_info.module_name()
-        last = model.block_names.index(wanted[-1])
+        last = model.block_names.index(self.feature_info[-1]["module"])
         self.block_names = model.block_names[: last + 1]
-        self._wanted = frozenset(wanted)
         for name in self.block_names:
             self.add_module(name, getattr(model, name))
         self.weights_meta = getattr(model, "weights_meta", None)
 
-    pretrained_cfg = BlockNet.pretrained_cfg  # the full model's input, with no classifier
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        Xception.check_input(self, x)
-        maps = []
-        for name in self.block_names:
-            x = getattr(self, name)(x)
-            if name in self._wanted:
-                maps.append(x)
-        return maps
+    # The full model's own: its input checks, its input (with no classifier), and its
+    # feature_maps, which return the maps this model's feature_info names.
+    check_input = BlockNet.check_input
+    pretrained_cfg = BlockNet.pretrained_cfg
+    forward = Xception.feature_maps
 
 
 def count_macs(

@@ -22,8 +22,8 @@ from torch import nn
 
 from . import deploy
 from .data import IMAGE_SUFFIXES, ImageError, image_files, load_image
-from .model import Xception, default_image_size
-from .weights import Weights
+from .model import Xception
+from .weights import Weights, input_meta
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +101,11 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _meta_for(model: nn.Module) -> Weights:
-    meta = getattr(model, "weights_meta", None)
-    if meta is not None:
-        return meta
-    # As eval decides: a compact model fed 299 px images labelled everything as one class.
-    size = default_image_size(model)
-    log.warning("the model carries no weights metadata: using Keras' preprocessing at %dx%d",
-                size, size)  # fmt: skip
-    channels = _in_chans(model)  # a grey model's images are grey: one mean and one std
-    return Weights(name="unknown", format="xception", num_classes=_num_classes(model),
-                   input_size=size, mean=(0.5,) * channels, std=(0.5,) * channels)  # fmt: skip
+    meta = input_meta(model)  # a compact model fed 299 px images labelled everything as one
+    if getattr(model, "weights_meta", None) is None:
+        log.warning("the model carries no weights metadata: using Keras' preprocessing at %dx%d",
+                    meta.input_size, meta.input_size)  # fmt: skip
+    return meta
 
 
 def _num_classes(model: nn.Module) -> int:

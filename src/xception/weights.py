@@ -47,6 +47,7 @@ __all__ = [
     "cache_dir",
     "detect_format",
     "download",
+    "input_meta",
     "keras_to_state_dict",
     "load_file",
     "load_into",
@@ -936,6 +937,23 @@ def meta_for_head(meta: Weights | None, head_loaded: bool, num_classes: int) -> 
     if meta is not None and not head_loaded:
         meta = meta.replace(num_classes=num_classes, categories=None)
     return meta
+
+
+def input_meta(model: nn.Module) -> Weights:
+    """The model's weights metadata (`model.weights_meta`), or for a model without it what
+    predict, eval and export feed it: Keras' preprocessing (a square resize, mean and std of
+    0.5 per input channel, so one of each for a grey model) at `default_image_size`."""
+    meta = getattr(model, "weights_meta", None)
+    if meta is not None:
+        return meta
+    from .model import default_image_size
+
+    config = getattr(model, "config", None)
+    channels = getattr(config, "in_chans", 3)
+    classes = config.num_classes if config is not None else model.fc.out_features  # torchvision
+    return Weights(name="unknown", format="xception", num_classes=classes,
+                   input_size=default_image_size(model), mean=(0.5,) * channels,
+                   std=(0.5,) * channels)  # fmt: skip
 
 
 def save_safetensors(model: nn.Module, path: str | Path, meta: Weights | None = None) -> Path:
