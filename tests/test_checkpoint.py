@@ -1,3 +1,4 @@
+import errno
 import os
 import random
 
@@ -145,6 +146,25 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     C.atomic_write(target, "a\n2\n")
     assert target.read_text() == "a\n2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_a_full_disk_in_atomic_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.csv"
+    C.atomic_write(target, "a\n1\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C.os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        C.atomic_write(target, "a\n2\n")
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(target))
+    assert str(err.value) == f"[Errno 28] No space left on device: '{target}'"
+    assert target.read_text() == "a\n1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+    monkeypatch.undo()
+    with pytest.raises(IsADirectoryError):  # an error that names its file is left as it is
+        C.atomic_write(tmp_path, "x")
 
 
 def test_written_files_get_the_umask_mode_not_mkstemps_private_one(tmp_path):

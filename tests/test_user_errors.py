@@ -119,9 +119,17 @@ def test_an_os_error_is_one_line_too(files, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(C, "atomic_write", full)
     argv = ["eval", "--checkpoint", files / "tiny.safetensors", "--data", files / "four",
             "--json", tmp_path / "r.json"]  # fmt: skip
+    # Our own writer names the file it was writing; a writer that names none still gets the fix.
+    (tmp_path / "r.json").write_text("{}")
+    monkeypatch.setattr(C.os, "fsync", full)
+    one_line_error(capsys, argv, f"No space left on device: '{tmp_path / 'r.json'}': free space, "
+                   "or choose another place")  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the old one, no temporary file
+    assert (tmp_path / "r.json").read_text() == "{}"
+    monkeypatch.undo()
+    monkeypatch.setattr(C, "atomic_write", full)
     one_line_error(capsys, argv, "No space left on device while writing the output: free space")
 
 

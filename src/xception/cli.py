@@ -1069,8 +1069,9 @@ def _main(argv: list[str] | None) -> int:
     except (UserError, ValueError, WeightsError, ImageError, OSError) as err:
         # OSError: files that cannot be read or written (permissions, a full disk, ...).
         text = str(err)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC and not err.filename:
-            text += " while writing the output: free space, or choose another place"
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            text += "" if err.filename else " while writing the output"
+            text += ": free space, or choose another place"
         print(f"xception {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
