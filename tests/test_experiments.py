@@ -656,6 +656,23 @@ def test_a_run_record_missing_what_the_report_reads_is_trained_again(tmp_path, c
     assert list(aggregate(store, TINY, info)["suites"]) == ["order"]
 
 
+def test_a_run_trained_again_replaces_its_own_old_results(tmp_path):
+    """A run whose stored record was damaged trains again in its work folder, where its
+    results of the first time stay (its checkpoints were removed once it was stored): the
+    engine refuses such a folder to anyone else."""
+    from xception.experiments import dataset_info, run_config, train_run
+
+    variant = suite_plan("order", TINY, in_chans=1, num_classes=10)[0][0]
+    work = tmp_path / "work" / "key"
+    work.mkdir(parents=True)
+    (work / "model.safetensors").write_bytes(b"the first time's weights")
+    (work / "metrics.csv").write_text("epoch\n9\n")
+    result = train_run(run_config(variant, TINY, 0, dataset_info("fashion-mnist")), work)
+    assert [row["epoch"] for row in result["history"]] == [1]
+    assert (work / "metrics.csv").read_text().splitlines()[1].startswith("1,")
+    assert (work / "model.safetensors").read_bytes() != b"the first time's weights"
+
+
 def test_a_damaged_resume_checkpoint_names_the_fix_this_command_has(tmp_path):
     """An interrupted run whose newest checkpoint was cut short advised `--resume <the one
     before>`, an option `xception experiment` does not have: nothing the user could type."""

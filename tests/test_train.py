@@ -863,6 +863,10 @@ def test_a_folder_with_results_but_no_checkpoint_is_not_trained_over(tmp_path, t
     _one_line_error(capsys, ["demo", "--data", str(toy), "--out", str(run), "--epochs", "1"],
                     message)  # fmt: skip
     assert {p.name: p.read_bytes() for p in run.iterdir()} == results
+    # Python's fit() trained over them (the CLI alone refused).
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(recipe, out=str(run))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == results
 
 
 def test_a_signal_during_validation_stops_at_the_epochs_checkpoint(tmp_path, toy, monkeypatch):

@@ -798,10 +798,10 @@ def _train_config(args: argparse.Namespace):
 
 
 def _refuse_replacing_results(cfg) -> None:
-    """A folder holding a run's results but no checkpoint (removed to save space once the run
-    was done) took a new run, `--resume auto` included, which replaced its config.yaml at once
-    and its final weights at the end. Python's `fit` (the experiments) still may."""
+    """`fit`'s own refusal of a folder holding a finished run's results but no checkpoint,
+    made before anything is loaded or printed. A checkpoint of this very folder continues it."""
     from .checkpoint import find_latest
+    from .train import refuse_replacing_results
 
     if cfg.out is None or find_latest(os.path.join(cfg.out, "checkpoints")) is not None:
         return
@@ -809,12 +809,7 @@ def _refuse_replacing_results(cfg) -> None:
         own = os.path.realpath(os.path.join(cfg.resume, os.pardir, os.pardir))
         if os.path.isdir(cfg.resume) and own == os.path.realpath(cfg.out):
             return
-    results = [n for n in ("model.safetensors", "model.json", "metrics.csv")
-               if os.path.isfile(os.path.join(cfg.out, n))]  # fmt: skip
-    if results:
-        raise UserError(f"{cfg.out} holds a finished run's results ({', '.join(results)}) and no "
-                        "checkpoint to continue from: a run there would replace them. Choose "
-                        "another --out, or move them away first")  # fmt: skip
+    refuse_replacing_results(cfg.out)
 
 
 def _fit(cfg, given: set[str] | None = None, command: str = "train") -> tuple[int, dict | None]:

@@ -591,11 +591,16 @@ def train_run(config: dict, workdir: Path) -> dict:
     """Train one run with the engine of `xception train`; resumes a run cut short in `workdir`.
     Its checkpoints stay until the caller has stored the run (then `shutil.rmtree`)."""
     from .checkpoint import CheckpointError, find_latest
-    from .train import fit
+    from .train import RESULT_FILES, fit
 
     # The newest checkpoint named, not resume="auto": a damaged one then fails as itself, where
     # "auto" advised `--resume <the one before>`, an option `xception experiment` does not have.
     latest = find_latest(workdir / "checkpoints")
+    if latest is None:
+        # A run trained again (its stored record was damaged): its old results here are this
+        # suite's own work files, which the engine refuses to train over.
+        for name in RESULT_FILES:
+            (workdir / name).unlink(missing_ok=True)
     try:
         return fit(dict(config["train"]), out=str(workdir), progress=False,
                    resume=None if latest is None else str(latest))  # fmt: skip

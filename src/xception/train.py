@@ -556,6 +556,20 @@ def fit(config: str | Path | dict | TrainConfig | None = None, *, given: Iterabl
             dist.destroy_process_group()
 
 
+RESULT_FILES = ("model.safetensors", "model.json", "metrics.csv")
+
+
+def refuse_replacing_results(out: str | Path) -> None:
+    """Refuse a run into folder `out` when it holds a run's results but no checkpoint (removed
+    to save space once the run was done): the new run would replace its metrics at its first
+    epoch and its final weights at the end. Raises ValueError naming the files and the fix."""
+    results = [n for n in RESULT_FILES if (Path(out) / n).is_file()]
+    if results:
+        raise ValueError(f"{out} holds a finished run's results ({', '.join(results)}) and no "
+                         "checkpoint to continue from: a run there would replace them. Choose "
+                         "another --out, or move them away first")  # fmt: skip
+
+
 class _Run:
     def __init__(self, cfg: TrainConfig, device: torch.device, given: set[str]) -> None:
         self.device, self.given = device, given
@@ -582,6 +596,8 @@ class _Run:
                 f"{self.out} already holds a run: continue it with --resume auto, or choose "
                 "another --out"
             )
+        if not holds_a_run:
+            refuse_replacing_results(self.out)
         if self.resume_from is not None and holds_a_run:
             own = Path(self.resume_from["path"]).resolve().parent.parent
             if own != self.out.resolve():  # the checkpoint belongs to another run's folder
