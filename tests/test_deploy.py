@@ -2,6 +2,7 @@
 within 1e-4 at batch sizes other than the traced one; int8 stays within its stated bound; user
 errors are clear; `xception export` and the onnxruntime predict backend work end to end."""
 
+import logging
 import re
 import sys
 import threading
@@ -519,14 +520,17 @@ def _random_pngs(folder, count: int):
     return folder
 
 
-def test_export_cli_int8_with_calibration_images(tmp_path, capsys):
+def test_export_cli_int8_with_calibration_images(tmp_path, capsys, caplog):
     folder = _random_pngs(tmp_path / "images", 6)
     out = tmp_path / "int8.onnx"
+    caplog.set_level(logging.INFO)
     code = main(["export", str(out), "--int8", "--calibration", str(folder), "--size", "72",
                  "--calibration-count", "4", "--set", "width=0.25", "--set", "middle_blocks=1"])  # fmt: skip
     assert code == 0
     text = capsys.readouterr().out
     assert out.is_file() and "calibrated on 4 images" in text and "2 held-out images" in text
+    # The temporary fp32 file it quantised was logged at INFO, a path the user never sees.
+    assert "fp32.onnx" not in caplog.text
 
 
 def test_onnxruntime_predict_backend_matches_torch(model):

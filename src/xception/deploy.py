@@ -1017,7 +1017,9 @@ def export(
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("exported %s to %s: max abs error %.3g", format, path, worst)
+    # Debug: the report says it to the caller (the CLI prints it), and quantize_model's export
+    # of a temporary fp32 file had shown that file's path at INFO.
+    log.debug("exported %s to %s: max abs error %.3g", format, path, worst)
     smallest = (least or getattr(model, "min_input_size", None)) if dynamic_size else None
     return ExportReport(path, format, (h, w), tuple(check_batches), worst, smallest)
 
