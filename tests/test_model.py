@@ -520,3 +520,59 @@ def test_every_preset_traces_with_torch_fx():
     for name in list_models():
         graph = torch.fx.symbolic_trace(create_model(name).eval())
         assert any(n.op == "call_module" for n in graph.graph.nodes), name
+
+
+def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of `net(x)`."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return total
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: Xception(XceptionConfig(num_classes=5, width=0.25, middle_blocks=2)),
+     lambda: InceptionV3Compact(InceptionConfig(num_classes=5, in_chans=1, width=0.25))],
+)  # fmt: skip
+def test_grad_checkpointing_keeps_less_and_gives_the_same_step(make):
+    """timm's `set_grad_checkpointing`: the same gradients and batch-norm statistics, bitwise
+    (the recomputation must not update the running statistics a second time), for a fraction
+    of the activations kept."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = make().train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing()
+    x = torch.randn(4, plain.config.in_chans, 96, 96)
+    for net in (plain, ckpt):
+        net(x).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        assert torch.equal(b, c), name  # num_batches_tracked 1, not 2
+    assert _saved_bytes(ckpt, x) < _saved_bytes(plain, x) / 5
+    # Evaluation and no_grad take the plain path; the switch goes off again.
+    ckpt.eval()
+    with torch.no_grad():
+        assert torch.equal(ckpt(x), plain.eval()(x))
+    ckpt.train().set_grad_checkpointing(False)
+    assert _saved_bytes(ckpt, x) == _saved_bytes(plain.train(), x)
+
+
+def test_a_features_only_backbone_checkpoints_its_blocks_too():
+    from xception import create_model
+
+    torch.manual_seed(0)
+    backbone = create_model("xception", features_only=True, out_indices=(1, 2), width=0.25)
+    x = torch.randn(2, 3, 96, 96)
+    before = _saved_bytes(backbone.train(), x)
+    backbone.set_grad_checkpointing()
+    assert _saved_bytes(backbone, x) < before / 3

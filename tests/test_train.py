@@ -130,6 +130,27 @@ def test_resume_from_mid_epoch_checkpoint_is_exact(tmp_path, toy):
     assert again["history"] == resumed["history"]
 
 
+def test_grad_checkpointing_trains_the_same_run(tmp_path, toy, monkeypatch):
+    """`grad_checkpointing=true` keeps less memory and changes nothing else: the same history
+    and, bitwise, the same final weights (batch-norm statistics included)."""
+    import torch.utils.checkpoint
+
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, drop_rate=0.3)
+    plain = fit(recipe, out=str(tmp_path / "plain"))
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))  # fmt: skip
+    ckpt = fit(recipe, out=str(tmp_path / "ckpt"), grad_checkpointing=True)
+    assert calls  # the blocks were checkpointed
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in ckpt["history"]] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in plain["history"]]  # fmt: skip
+    weights = load_file(plain["weights"])
+    assert weights.keys() == load_file(ckpt["weights"]).keys()
+    for k, v in load_file(ckpt["weights"]).items():
+        assert torch.equal(v, weights[k]), k
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, toy):
     recipe = tiny_recipe(tmp_path, toy, epochs=3, checkpoint_every=3)
@@ -804,6 +825,9 @@ def test_inception_v3_gets_the_datas_channels_and_the_model_args(tmp_path, toy, 
     _one_line_error(capsys, ["train", "--recipe", recipe, "--data", str(rgb), "--batch-size", "4",
                              "--set", "model_args.width=0.5", *out],
                     "inception-v3 accepts only num_classes and drop_rate (got width)")  # fmt: skip
+    _one_line_error(capsys, ["train", "--recipe", recipe, "--data", str(rgb), "--batch-size", "4",
+                             "--set", "grad_checkpointing=true", *out],
+                    "grad_checkpointing=true: model inception-v3 cannot recompute its blocks")  # fmt: skip
     assert not (tmp_path / "run").exists()
 
 

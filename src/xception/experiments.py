@@ -520,7 +520,8 @@ class Store:
 RECIPE = "fashion-mnist"
 # Fields of the engine's config that do not change what a run computes: left out of the key.
 _NOT_IDENTITY = ("out", "resume", "progress", "workers", "device", "threads", "compile",
-                 "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size")  # fmt: skip
+                 "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size",
+                 "grad_checkpointing")  # fmt: skip
 
 
 def dataset_info(data: str | Path) -> dict:

@@ -400,6 +400,33 @@ def check_fits_in_memory(cls: type[nn.Module], config, repeats: str | None = Non
         )
 
 
+def _recompute_contexts(block: nn.Module) -> tuple:
+    """torch.utils.checkpoint's contexts for `block`: its forward as is; its recomputation in
+    the backward pass with the batch norms' running statistics left alone (a second update
+    would count every batch twice in them, and in `num_batches_tracked`). The recomputation
+    updates copies of them instead, which it drops: the same ops run, on the same values."""
+    import contextlib
+
+    names = ("running_mean", "running_var", "num_batches_tracked")
+
+    @contextlib.contextmanager
+    def on_copies():
+        kept = []
+        for m in block.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for n in names:
+                    if m._buffers.get(n) is not None:
+                        kept.append((m, n, m._buffers[n]))
+                        m._buffers[n] = m._buffers[n].clone()
+        try:
+            yield
+        finally:
+            for m, n, buffer in kept:
+                m._buffers[n] = buffer
+
+    return contextlib.nullcontext(), on_copies()
+
+
 class BlockNet(nn.Module):
     """What Xception and the compact Inception V3 share: blocks run in `block_names` order, a
     head of global pooling, optional hidden FC layers, dropout and a classifier, and the timm-style
@@ -409,6 +436,25 @@ class BlockNet(nn.Module):
     config: object
     min_input_size: int
     block_names: list[str]
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in training, as timm's models do: each block keeps only its
+        input, and its activations are computed again in the backward pass (about one more
+        forward pass per step). Gradients and batch-norm statistics are those of a plain
+        step: the second pass does not update the running statistics again."""
+        self.grad_checkpointing = bool(enable)
+
+    def _block(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        block = getattr(self, name)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            if torch.compiler.is_compiling():  # the compiled graph's recomputation is pure
+                return checkpoint(block, x, use_reentrant=False)
+            return checkpoint(block, x, use_reentrant=False,
+                              context_fn=functools.partial(_recompute_contexts, block))  # fmt: skip
+        return block(x)
 
     @property
     def num_classes(self) -> int:
@@ -467,7 +513,7 @@ class BlockNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         for name in self.block_names:
-            x = getattr(self, name)(x)
+            x = self._block(name, x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -603,7 +649,7 @@ class Xception(BlockNet):
         wanted = {info["module"] for info in self.feature_info}
         maps = []
         for name in self.block_names:
-            x = getattr(self, name)(x)
+            x = self._block(name, x)
             if name in wanted:
                 maps.append(x)
         return maps
@@ -702,6 +748,9 @@ class XceptionFeatures(nn.Module):
     # feature_maps, which return the maps this model's feature_info names.
     check_input = BlockNet.check_input
     pretrained_cfg = BlockNet.pretrained_cfg
+    grad_checkpointing = False
+    set_grad_checkpointing = BlockNet.set_grad_checkpointing
+    _block = BlockNet._block
     forward = Xception.feature_maps
 
 

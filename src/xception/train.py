@@ -120,6 +120,7 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (CUDA)
     channels_last: bool = True
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None
     keep_freed_memory: bool = True  # CPU: glibc reuses freed memory (`runtime`), no page faults
@@ -236,7 +237,7 @@ class TrainConfig:
 # and training images (checked), or a resume could never find it again.
 RESUMABLE = ("epochs", "out", "resume", "progress", "workers", "device", "threads", "compile",
              "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size",
-             "keep_freed_memory", "data")  # fmt: skip
+             "keep_freed_memory", "grad_checkpointing", "data")  # fmt: skip
 # Of those, the ones a resume keeps from the checkpoint unless they are given: without its
 # recipe a resume used to extend a finished run to the default recipe's epochs, and to take the
 # defaults' threads (all cores: no longer bitwise the uninterrupted run), workers (0: ImageNet
@@ -715,6 +716,12 @@ class _Run:
             saved = self.resume_from["state"]["meta"].get("model_config")
             model = create_model(cfg.model, **(saved or kw))
         self.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if cfg.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"grad_checkpointing=true: model {cfg.model} cannot recompute its "
+                                 "blocks (torchvision's Inception V3): use inception-v3-compact or "
+                                 "an xception model, or drop grad_checkpointing")  # fmt: skip
+            model.set_grad_checkpointing(True)
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
