@@ -4,9 +4,11 @@ per file, error rows, table/JSON/CSV, exit status, batching, and every image mod
 A tiny compact model saved with `save_safetensors` (config, 4 class names, 32 px input) keeps
 this fast; the ImageNet-sized path is covered in test_weights_download.py."""
 
+import copy
 import csv
 import io
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -165,6 +167,22 @@ def test_csv_and_table_one_row_per_file(folder, tiny, capsys):
     lines = out.strip().splitlines()
     assert status == 0 and len(lines) == 2 + 13  # header, rule, one line per file
     assert sum("error:" in line for line in lines) == 3
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_its_bytes(tiny, tmp_path, monkeypatch):
+    """A Latin-1 name (from another system's archive) failed the whole output with exit status
+    2 in a strict UTF-8 locale (en_US.UTF-8: Python's stdout is strict there)."""
+    name = b"caf\xe9.jpg"
+    shutil.copy(SKLEARN_IMAGES / "china.jpg", os.path.join(os.fsencode(tmp_path), name))
+    shutil.copy(SKLEARN_IMAGES / "flower.jpg", tmp_path / "flower.jpg")
+    for fmt in ("table", "csv"):
+        out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+        monkeypatch.setattr("sys.stdout", out)
+        status = main(["predict", str(tmp_path), "--weights", str(tiny), "--format", fmt,
+                       "--no-progress"])  # fmt: skip
+        out.flush()
+        written = out.buffer.getvalue()
+        assert status == 0 and name in written and b"flower.jpg" in written, fmt
 
 
 def test_batches_do_not_change_or_mix_up_results(folder, tiny, capsys):
@@ -377,6 +395,21 @@ def test_an_interrupted_predict_prints_the_rows_classified_so_far(
     assert len(rows) == 5
     if fmt != "csv":
         assert "stopped after 5 of 13 files" in err
+
+
+def test_models_in_other_precisions_run_in_float32_and_stay_as_they_were(tmp_path):
+    """An Inception model in half (or double) precision failed on predict's float32 batch with
+    a RuntimeError, where an Xception ran in float32 as the README says."""
+    _halves().save(tmp_path / "x.png")
+    for name in ("xception-compact", "inception-v3-compact"):
+        model = create_model(name, num_classes=4).eval()
+        [want] = predict(model, [tmp_path / "x.png"], topk=4)
+        for dtype in (torch.float16, torch.float64):
+            other = copy.deepcopy(model).to(dtype)
+            [row] = predict(other, [tmp_path / "x.png"], topk=4)
+            assert row.error is None and next(other.parameters()).dtype == dtype, (name, dtype)
+            got = {r.index: r.probability for r in row.top}
+            assert all(abs(got[r.index] - r.probability) < 1e-3 for r in want.top), (name, dtype)
 
 
 def test_a_grey_model_without_weights_metadata_classifies_grey_images(tmp_path):

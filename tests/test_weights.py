@@ -1,5 +1,6 @@
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import h5py
@@ -353,6 +354,35 @@ def test_refused_pickle_does_not_repeat_torchs_advice_to_trust_it(tmp_path):
     assert "weights_only" not in message and "\x1b[" not in message
 
 
+def test_weights_neither_a_name_nor_a_path_are_refused_by_what_was_given(tmp_path, monkeypatch):
+    """weights=True (timm's pretrained=True) was pathlib's TypeError; weights='' (an unset shell
+    variable) was the current folder, and loaded the model.safetensors of a run found there."""
+    from xception.weights import save_safetensors
+
+    save_safetensors(create_model("xception-compact", num_classes=3),
+                     tmp_path / "model.safetensors")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for bad in (True, "", " "):
+        with pytest.raises(WeightsError, match=re.escape(f"weights={bad!r} is not valid: give")):
+            create_model("xception-compact", weights=bad)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_a_torchscript_file_is_named_as_such_not_called_damaged(tmp_path):
+    """torch.jit.save's archive failed torch.load(weights_only=True) with torch's advice to
+    trust it, reported as 'damaged or cut short'; the way out the error gives works."""
+    model = create_model("xception-compact", num_classes=3).eval()
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, 32, 32)), path)  # deprecated, common
+    with pytest.raises(WeightsError, match="scripted.pt: a TorchScript archive") as err:
+        create_model("xception-compact", weights=path)
+    assert "damaged" not in str(err.value) and "weights_only" not in str(err.value)
+    torch.save(torch.jit.load(path).state_dict(), tmp_path / "x.pth")
+    loaded = create_model("xception-compact", weights=tmp_path / "x.pth")
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model(x))
+
+
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
     from safetensors.torch import save_file
 
@@ -524,6 +554,24 @@ def test_keras3_weights_files_and_keras_archives_load_like_the_legacy_file(keras
     with pytest.raises(WeightsError, match=r"cut\.keras: not a readable Keras archive .*"
                                            r"copy it again"):  # fmt: skip
         load_file(cut)
+
+
+def test_a_keras_model_holding_xception_as_a_layer_says_to_save_xception_itself(tmp_path):
+    """Xception as one layer of a transfer-learning model: in the legacy layout its layers were
+    read as one, whose 'kernel' and 'gamma' overwrote each other ("layer 'xception' ... has no
+    counterpart in Xception"); Keras 3's layout named the fix already."""
+    import keras
+
+    base = keras.applications.Xception(weights=None, include_top=False, input_shape=(71, 71, 3))
+    outer = keras.Sequential([keras.Input((71, 71, 3)), base,
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(5, name="predictions")])  # fmt: skip
+    save_keras_h5(outer, tmp_path / "outer.h5")
+    outer.save_weights(tmp_path / "outer.weights.h5")
+    for name in ("outer.h5", "outer.weights.h5"):
+        with pytest.raises(WeightsError, match=rf"{name}: the Keras model in this file holds "
+                                               r"another model .*save_weights"):  # fmt: skip
+            create_model("xception", weights=tmp_path / name)
 
 
 def test_timm_aligned_xception_is_named_as_another_architecture(tmp_path):

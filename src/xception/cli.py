@@ -243,6 +243,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     # anything is printed (a CSV header on stdout would be a bogus file).
     rows = predict(model, files, topk=args.topk, batch_size=args.batch_size,
                    backend=args.backend, progress=not args.no_progress)  # fmt: skip
+    # A file name that is not UTF-8 (from another system's archive) is written as its bytes, as
+    # ls does: in a strict UTF-8 locale it failed the whole table (or CSV from that row on).
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     # CSV rows are printed as they come; a table or JSON needs every row, so an interruption
     # or a failure part-way prints the rows classified so far before it stops the command.
     stream = _csv_rows(topk) if args.format == "csv" else None

@@ -41,8 +41,8 @@ def _torch_backend(model: nn.Module) -> Runner:
         # eager, so that a few images do not wait for a compilation; float32 on every device,
         # so that the probabilities printed are the model's own (within 1e-4).
         model = deploy.optimize(model, backend="eager", device=device, dtype=torch.float32)
-    else:  # in eval mode, leaving the caller's model as it was
-        model = copy.deepcopy(model).eval()
+    else:  # in eval mode and float32 (as above: a half model failed on the float batch),
+        model = copy.deepcopy(model).float().eval()  # leaving the caller's model as it was
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

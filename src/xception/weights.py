@@ -137,8 +137,13 @@ def _read_keras_layers(f, path: Path) -> dict[str, dict[str, np.ndarray]]:
     layers: dict[str, dict[str, np.ndarray]] = {}
     for name in map(_text, names):
         group = root[name]
+        wnames = list(map(_text, group.attrs.get("weight_names", [])))
+        if len({w.rsplit("/", 1)[0] for w in wnames if "/" in w}) > 1:
+            # the weights of several layers under one: a model used as a layer, whose 'kernel'
+            # and 'gamma' overwrote each other into a "layer with no counterpart"
+            raise _nested_model(path, name)
         weights = {}
-        for wname in map(_text, group.attrs.get("weight_names", [])):
+        for wname in wnames:
             short = wname.split("/")[-1].split(":")[0]
             weights[short] = np.asarray(group[wname])
         if weights:
@@ -167,11 +172,7 @@ def _read_keras3_layers(group, path: Path) -> dict[str, dict[str, np.ndarray]]:
     layers: dict[str, dict[str, np.ndarray]] = {}
     for key in sorted(group, key=position):
         if "layers" in group[key]:
-            raise WeightsError(
-                f"{path}: the Keras model in this file holds another model ({key}), as when "
-                "Xception is one layer of a Sequential: in Keras, save the Xception model's "
-                "own weights (xception_model.save_weights('x.weights.h5'))"
-            )
+            raise _nested_model(path, key)
         variables = group[key].get("vars")
         if variables is None or not len(variables):
             continue  # activations, pooling, additions
@@ -189,6 +190,14 @@ def _read_keras3_layers(group, path: Path) -> dict[str, dict[str, np.ndarray]]:
             for i, a in enumerate(arrays)
         }
     return layers
+
+
+def _nested_model(path: Path, name: str) -> WeightsError:
+    return WeightsError(
+        f"{path}: the Keras model in this file holds another model ({name}), as when "
+        "Xception is one layer of a Sequential: in Keras, save the Xception model's "
+        "own weights (xception_model.save_weights('x.weights.h5'))"
+    )
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -233,6 +242,13 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
     if suffix in PTH_SUFFIXES or path.name.lower().endswith(".pth.tar"):
+        if _is_torchscript(path):  # torch's own error called it damaged, and said to trust it
+            raise WeightsError(
+                f"{path}: a TorchScript archive (torch.jit.save, `xception export`), not "
+                "weights: it holds code, which is not run here. Give the weights it was made "
+                "from, or where it is trusted, torch.save(torch.jit.load(path).state_dict(), "
+                "'x.pth') and load that"
+            )
         try:
             with torch.serialization.safe_globals(list(SAFE_PICKLED)):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -258,6 +274,18 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
         f"{path}: unknown weights format {suffix!r}: use .h5 (Keras), .safetensors, or "
         ".pth/.pt (PyTorch state dict; .pth.tar for timm's training checkpoints)"
     )
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether a PyTorch file is a TorchScript archive (a zip with constants.pkl, as torch
+    tells them apart), which `torch.load(weights_only=True)` refuses."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
 
 
 def _unsupported_global(torch_message: str) -> str:
@@ -893,6 +921,12 @@ def read_safetensors_metadata(path: str | Path) -> tuple[dict | None, Weights | 
 
 def open_weights(spec: str | Path, *, progress: bool = True) -> OpenedWeights:
     """Read weights given by name (an entry of `WEIGHTS`, downloaded into the cache) or path."""
+    if not isinstance(spec, str | os.PathLike) or not str(spec).strip():
+        # weights=True (timm's pretrained=True) was a TypeError; '' (an unset shell variable)
+        # was Path('.'), and loaded the model.safetensors of whatever folder it ran in.
+        names = [n for n, w in WEIGHTS.items() if w.filename is not None]
+        raise WeightsError(f"weights={spec!r} is not valid: give a weights name "
+                           f"({', '.join(names)}) or a file path")  # fmt: skip
     if isinstance(spec, str) and spec in WEIGHTS:
         meta = WEIGHTS[spec]
         data = load_file(download(meta, progress=progress))
