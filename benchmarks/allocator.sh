@@ -13,9 +13,11 @@ cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
 only=("timm eager channels_last" "xception folded channels_last" "optimize(backend='eager')"
       "optimize(backend='compile')" "train channels_last")
+stage_results  # both runs replace the last two once both have succeeded
 run() {
     flock "$lock" .venv/bin/xception bench --size 299 --batch 8 --train-batch 8 --repeats 5 \
-        --only "${only[@]}" --json "$out/allocator-$1.json" --markdown "$out/allocator-$1.md"
+        --only "${only[@]}" --json "$stage/allocator-$1.json" --markdown "$stage/allocator-$1.md"
 }
 run default
 GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 run tunables
+publish_results

@@ -14,6 +14,7 @@ Needs a CUDA GPU and timm (`pip install .[bench]`).
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from xception import create_model, deploy
-from xception.checkpoint import check_output_file
+from xception.checkpoint import atomic_write, check_output_file
 
 try:
     import timm
@@ -147,7 +148,8 @@ def train(res: dict, save) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("infer", "train"), help="inference or training steps")
-    p.add_argument("path", metavar="OUT.json", help="where to write the results (after each step)")
+    p.add_argument("path", metavar="OUT.json",
+                   help="where to write the results once all ran (OUT.json.partial: so far)")  # fmt: skip
     args = p.parse_args()
     what, path = args.what, args.path
     if not torch.cuda.is_available():
@@ -161,12 +163,18 @@ def main() -> None:
         sys.exit(f"cuda_graphs.py: {err}")
     res = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
 
+    # The results so far go to OUT.json.partial, and OUT.json is written once they are
+    # complete: written after each step, a run that failed or was interrupted (a GPU session's
+    # time limit) left its first steps in place of the complete file it was rerun over.
+    partial = f"{path}.partial"
+
     def save():
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
+        atomic_write(partial, json.dumps(res, indent=1))
         print(json.dumps(res), flush=True)
 
     {"infer": infer, "train": train}[what](res, save)
+    atomic_write(path, json.dumps(res, indent=1))
+    os.unlink(partial)
 
 
 if __name__ == "__main__":

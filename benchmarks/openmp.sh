@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
 runs=${1:-2}
 check_runs openmp.sh "$runs"
+stage_results  # the runs replace the last ones once all have succeeded
 declare -A settings=(
     [default]=""
     [bind]="OMP_PROC_BIND=close OMP_PLACES=cores"
@@ -27,6 +28,7 @@ for i in $(seq 1 "$runs"); do
         flock "$lock" env ${settings[$name]} .venv/bin/xception bench --size 299 --batch 8 \
             --train-batch 0 --repeats 7 \
             --only "optimize(backend='compile')" "timm eager channels_last" \
-            --json "$out/openmp-$name-$i.json"
+            --json "$stage/openmp-$name-$i.json"
     done
 done
+publish_results

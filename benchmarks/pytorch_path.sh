@@ -12,10 +12,12 @@ cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
 runs=${1:-3}
 check_runs pytorch_path.sh "$runs"
+stage_results  # the runs replace the last ones once all have succeeded
 only=("timm eager channels_last" "xception folded channels_last" "optimize(backend='eager')"
       "optimize(backend='compile')" "optimize(backend='compile', slice_mib=None)")
 for i in $(seq 1 "$runs"); do
     flock "$lock" .venv/bin/xception bench --size 299 --batch 8 --train-batch 0 --repeats 7 \
-        --only "${only[@]}" --json "$out/pytorch-path-$i.json" \
-        --markdown "$out/pytorch-path-$i.md"
+        --only "${only[@]}" --json "$stage/pytorch-path-$i.json" \
+        --markdown "$stage/pytorch-path-$i.md"
 done
+publish_results

@@ -13,11 +13,15 @@ cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
 runs=${1:-5}
 check_runs targets.sh "$runs"
+stage_results  # the series replaces the last one whole, once every run has succeeded
 files=()
 for i in $(seq 1 "$runs"); do
     flock "$lock" .venv/bin/xception bench --size 299 --batch 8 --train-batch 8 --repeats 7 \
-        --json "$out/targets-$i.json" --markdown "$out/targets-$i.md"
+        --json "$stage/targets-$i.json" --markdown "$stage/targets-$i.md"
     files+=("$out/targets-$i.json")
 done
+publish_results
 # These runs only: a shorter series must not summarise an earlier series' targets-N.json with it.
-.venv/bin/python benchmarks/targets_summary.py "${files[@]}" | tee "$out/targets.md"
+.venv/bin/python benchmarks/targets_summary.py "${files[@]}" > "$stage/targets.md"
+cat "$stage/targets.md"
+publish_results

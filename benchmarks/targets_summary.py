@@ -2,7 +2,10 @@
 ratio (per round, median; the ratio of the medians in brackets) and the median over the runs
 of the lower of the two, the reading a target is held to (`Comparison.lower_ratio`).
 
-    python benchmarks/targets_summary.py benchmarks/targets-*.json
+    python benchmarks/targets_summary.py benchmarks/targets-[0-9]*.json
+
+The runs must be one series: the same machine (CPU, threads, device) and the same model and
+size. Runs of different machines or settings are refused rather than put under one median.
 """
 
 import dataclasses
@@ -14,6 +17,26 @@ from pathlib import Path
 from xception.bench import Comparison, markdown_table
 
 FIELDS = {f.name for f in dataclasses.fields(Comparison)}
+# What a run's ratios depend on besides the code: runs that differ in one are no series.
+SETUP = {"machine": ("cpu", "cpu_count", "torch_threads", "device", "gpu"),
+         "settings": ("size", "quick", "model")}  # fmt: skip
+
+
+def setup(run: dict) -> dict:
+    """The machine and settings of a bench report that its comparisons depend on."""
+    return {key: (run.get(part) or {}).get(key) for part, keys in SETUP.items() for key in keys}
+
+
+def check_one_series(paths: list[str], runs: list[dict]) -> None:
+    """SystemExit with one line when the runs were not measured alike (the docstring's own
+    `targets-*.json` once took the Zen 3 runs and the Zen 4 runs under one median)."""
+    first = setup(runs[0])
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        differ = [f"{k} {first[k]!r} against {v!r}" for k, v in setup(run).items() if v != first[k]]
+        if differ:
+            sys.exit(f"targets_summary.py: {paths[0]} and {path} were not measured alike "
+                     f"({'; '.join(differ)}): summarise one machine's runs with the same "
+                     "settings at a time")  # fmt: skip
 
 
 def summary(runs: list[dict]) -> str:
@@ -60,5 +83,6 @@ if __name__ == "__main__":
         print(__doc__)
         sys.exit(0)
     runs = [load(p) for p in sys.argv[1:]]
+    check_one_series(sys.argv[1:], runs)
     print(f"runs: {', '.join(sys.argv[1:])}\n")
     print(summary(runs), end="")

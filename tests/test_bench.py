@@ -7,12 +7,13 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from xception import runtime
-from xception.bench import BenchReport, Measurement, _gemms, matmul_rate, run_bench
+from xception.bench import BenchReport, Measurement, _gemms, matmul_rate, run_bench, save_json
 from xception.cli import main
 
 
@@ -27,6 +28,26 @@ def test_bench_records_the_allocator_as_the_timed_rounds_found_it(monkeypatch):
     assert report.machine["allocator"] == runtime.allocator_state()
     if runtime.allocator_state() != "not glibc":
         assert report.machine["allocator"].endswith(", raise_malloc_thresholds()")
+
+
+def test_the_machine_record_says_when_and_under_which_thread_settings(monkeypatch):
+    """benchmarks/openmp.sh's runs differ only in OpenMP's variables, and nothing in their
+    reports said which was which (nor when any report was measured)."""
+    import calendar
+    import time
+
+    from xception.bench import machine_info
+
+    monkeypatch.setenv("OMP_PROC_BIND", "close")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    monkeypatch.setenv("XCEPTION_UNRELATED", "1")
+    info = machine_info(torch.device("cpu"))
+    assert {"OMP_PROC_BIND": "close", "OMP_WAIT_POLICY": "active"}.items() <= info[
+        "environment"
+    ].items()
+    assert "XCEPTION_UNRELATED" not in info["environment"]
+    measured = calendar.timegm(time.strptime(info["date"], "%Y-%m-%d %H:%M UTC"))
+    assert 0 <= time.time() - measured < 120
 
 
 def test_bench_quick_cli_writes_table_and_json(tmp_path, capsys):
@@ -250,6 +271,74 @@ def test_targets_summary_takes_the_median_of_each_runs_lower_ratio():
     assert table[3].endswith("| 1.200 | - |")  # no target on it
 
 
+def test_targets_summary_refuses_runs_of_different_machines_or_settings(tmp_path):
+    """Its docstring's `targets-*.json` took the committed Zen 3 runs with the Zen 4 ones and
+    gave medians of both machines' ratios (int8: 1.83x, where Zen 4's runs were all 2.97-3.11x)."""
+    script = Path(__file__).parents[1] / "benchmarks" / "targets_summary.py"
+
+    def run(name, cpu="Zen 4", size=299):
+        results = [_measured("xception train channels_last", "training", 8, [1.0, 1.0]),
+                   _measured("timm train channels_last", "training", 8, [1.3, 1.3])]  # fmt: skip
+        report = BenchReport(machine={"device": "cpu", "cpu": cpu, "torch_threads": 2},
+                             settings={"size": size, "quick": False}, matmul_gflop_per_s=1.0,
+                             results=results)  # fmt: skip
+        save_json(report, tmp_path / name)
+        return str(tmp_path / name)
+
+    def summarise(*paths):
+        return subprocess.run([sys.executable, str(script), *paths], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    one, two = run("a.json"), run("b.json")
+    assert summarise(one, two).returncode == 0
+    for other in (run("zen3.json", cpu="Zen 3"), run("small.json", size=150)):
+        done = summarise(one, two, other)
+        assert done.returncode == 1 and not done.stdout
+        error = done.stderr.strip()
+        assert (
+            len(error.splitlines()) == 1 and f"{one} and {other} were not measured alike" in error
+        )
+        assert "'Zen 4' against 'Zen 3'" in error or "299 against 150" in error
+
+
+def test_a_failed_cuda_graphs_run_leaves_the_complete_results_file_in_place(tmp_path, monkeypatch):
+    """benchmarks/cuda_graphs.py wrote its JSON after each step: rerun over a complete file and
+    stopped after the first (out of memory, the GPU session's time limit), it left that step's
+    results in its place."""
+    import importlib.util
+
+    pytest.importorskip("timm")
+    path = Path(__file__).parents[1] / "benchmarks" / "cuda_graphs.py"
+    spec = importlib.util.spec_from_file_location("cuda_graphs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def infer(res, save):  # the first step done and saved, then a failure
+        res["compile_graphs_s"] = 60.0
+        save()
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a GPU")
+    monkeypatch.setattr(module, "infer", infer)
+    out = tmp_path / "cuda-graphs.json"
+    out.write_text('{"complete": true}')
+    monkeypatch.setattr(sys, "argv", ["cuda_graphs.py", "infer", str(out)])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        module.main()
+    assert out.read_text() == '{"complete": true}'
+    assert json.loads((tmp_path / "cuda-graphs.json.partial").read_text())["compile_graphs_s"] == 60
+
+    def infer(res, save):  # every step done
+        res["infer"] = {"8": {"timm eager CL AMP": 1000.0}}
+        save()
+
+    monkeypatch.setattr(module, "infer", infer)
+    module.main()
+    assert json.loads(out.read_text())["infer"] == {"8": {"timm eager CL AMP": 1000.0}}
+    assert not (tmp_path / "cuda-graphs.json.partial").exists()
+
+
 def test_page_faults_per_step_are_the_steps_own(monkeypatch):
     """Each result holds the median page faults of its timed steps: a step that writes into
     memory fresh from the kernel counts one per page, one that reuses its memory none, and a
@@ -381,6 +470,65 @@ def test_fp32_peak_benchmark_builds_and_reports_rates(tmp_path):
     assert all(float(r) > 0 for _, _, r in rates)
     bad = subprocess.run([str(exe), "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def _fake_checkout(tmp_path, fails_on_run: int | None):
+    """benchmarks/*.sh in a copy of the checkout's layout whose `xception bench` only writes
+    "new" into its --json and --markdown files and exits 1 (a candidate's error row) on its
+    `fails_on_run`-th call; `flock` runs its command (pytest may hold the real lock)."""
+    import shutil
+    import stat
+
+    root = tmp_path / "checkout"
+    (root / "benchmarks").mkdir(parents=True)
+    for name in ("common.sh", "run_all.sh", "targets.sh", "allocator.sh"):
+        shutil.copy(Path(__file__).parents[1] / "benchmarks" / name, root / "benchmarks")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (root / ".venv" / "bin").mkdir(parents=True)
+    scripts = {
+        bin_ / "flock": 'shift; exec "$@"\n',
+        root / ".venv" / "bin" / "xception": (
+            f"echo call >> {tmp_path}/calls\n"
+            'while (($#)); do case $1 in --json|--markdown) echo new > "$2"; shift;; esac; shift; done\n'
+            "echo the table\n"
+            f"[[ $(wc -l < {tmp_path}/calls) != {fails_on_run} ]]\n"
+        ),
+    }
+    for path, text in scripts.items():
+        path.write_text("#!/usr/bin/env bash\n" + text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "results"
+    out.mkdir()
+    env = dict(os.environ, BENCH_OUT=str(out), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    return root, out, env
+
+
+@pytest.mark.parametrize(("script", "args", "files", "fails_on_run"), [
+    ("run_all.sh", [], ["machine.txt", "bench-299.json", "bench-299.md", "bench-299.txt"], 1),
+    ("targets.sh", ["2"], ["targets-1.json", "targets-1.md", "targets.md"], 2),
+    ("allocator.sh", [], ["allocator-default.json", "allocator-tunables.json"], 2),
+])  # fmt: skip
+def test_a_failed_benchmark_script_leaves_the_last_good_results(tmp_path, script, args, files,
+                                                                fails_on_run):  # fmt: skip
+    """The scripts wrote each bench's files straight over the committed ones: a run that failed
+    (or was interrupted) left a mix of two series (targets-1 new, targets-2 and targets.md
+    old; run_all.sh: the new machine.txt, JSON and Markdown with the old table)."""
+    root, out, env = _fake_checkout(tmp_path, fails_on_run)
+    for name in files:
+        (out / name).write_text("good\n")
+    done = subprocess.run(["bash", str(root / "benchmarks" / script), *args], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert {p.name: p.read_text() for p in out.iterdir()} == dict.fromkeys(files, "good\n")
+    if script == "run_all.sh":  # and once the bench succeeds, all of them are its
+        root, out, env = _fake_checkout(tmp_path / "again", fails_on_run=None)
+        done = subprocess.run(["bash", str(root / "benchmarks" / script)], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in out.iterdir()) == sorted(files)
+        assert (out / "bench-299.json").read_text() == "new\n"
+        assert (out / "bench-299.txt").read_text() == "the table\n"
 
 
 def test_compiled_candidates_survive_a_quoted_only_argument(monkeypatch):
@@ -632,6 +780,31 @@ def test_the_keras_peer_does_not_rerun_the_callers_script(tmp_path):
     assert len(log.read_text().split()) == 1  # the script ran once: in its own process only
 
 
+def test_ctrl_c_during_a_keras_step_leaves_no_traceback_of_the_child(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the Keras child printed a
+    KeyboardInterrupt traceback under the bench's "interrupted", or, finishing its step after
+    the bench had gone, a BrokenPipeError one."""
+    pytest.importorskip("keras")
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import os, signal\n"
+        "from xception import bench\n"
+        "peer = bench._KerasChild(75, 1, 10)\n"
+        "peer._conn.send('step')\n"  # a step under way, as the user presses Ctrl-C
+        "try:\n"
+        "    os.killpg(0, signal.SIGINT)\n"
+        "    signal.pause()\n"  # ours arrives here
+        "except KeyboardInterrupt:\n"
+        "    peer._conn.close()\n"  # the bench leaves without the step's logits
+        "    print('child', peer._process.wait(30))\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300, start_new_session=True)  # fmt: skip
+    assert done.stdout == "child 0\n", done.stdout + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_keras_on_another_backend_leaves_its_peer_out_with_a_reason(monkeypatch, caplog):
     import types
 
@@ -748,6 +921,22 @@ def test_json_and_markdown_in_one_file_is_refused(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "--json and --markdown both name" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b.out").exists()  # refused before the benchmark
+
+
+@pytest.mark.parametrize("flag", ["--json", "--markdown"])
+def test_an_empty_output_name_is_refused_before_the_benchmark(tmp_path, capsys, monkeypatch, flag):
+    """`--json ""` ran the whole bench, then lost it: "[Errno 16] Device or resource busy:
+    '..x.tmp' -> '.'"; `--markdown ""` wrote no table and said nothing."""
+    from xception import bench
+
+    def run_bench(**kwargs):
+        raise AssertionError("benchmarked")
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick", flag, ""]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder: give a file name inside it" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_quick_size_below_the_models_minimum_names_the_smallest(tmp_path, capsys):

@@ -306,8 +306,15 @@ def _keras_usable() -> bool:
     return backend == "torch"
 
 
+# Environment variables that change the timed kernels' threading or code paths (the
+# allocator's are in `allocator`): benchmarks/openmp.sh's runs differed only in these, and their
+# reports did not say which was which.
+_ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "DNNL_", "ONEDNN_", "TORCHINDUCTOR_")
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": deploy.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -320,6 +327,7 @@ def machine_info(device: torch.device) -> dict:
         "openvino": _distribution_version("openvino"),
         "keras": _distribution_version("keras"),
         "device": str(device),
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES)},
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -454,8 +462,11 @@ class _KerasChild:
         args = [theirs.fileno(), size, batch, num_classes, torch.get_num_threads()]
         code = "import sys; from xception.bench import _keras_child_main as m; m(*map(int, sys.argv[1:]))"
         try:
+            # A session of its own: Ctrl-C is the bench's to handle (the child leaves when its
+            # socket closes); it printed a traceback of the child's under the bench's message.
             self._process = subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
-                                             pass_fds=(theirs.fileno(),), env=env)  # fmt: skip
+                                             pass_fds=(theirs.fileno(),), env=env,
+                                             start_new_session=True)  # fmt: skip
         finally:
             theirs.close()
         self._conn = Connection(ours.detach())
@@ -502,6 +513,13 @@ def _keras_child_main(fd: int, size: int, batch: int, num_classes: int, threads:
         os._exit(code)
 
     conn = Connection(fd)
+
+    def send(message) -> None:
+        try:
+            conn.send(message)
+        except OSError:  # the bench is gone (interrupted, or failed) while this step ran
+            leave(0)
+
     try:
         torch.set_num_threads(threads)
         keras = _keras()
@@ -518,19 +536,19 @@ def _keras_child_main(fd: int, size: int, batch: int, num_classes: int, threads:
 
         run()
         run()
-        conn.send("ready")
+        send("ready")
     except Exception as err:  # reported by the parent, as a failed candidate
-        conn.send(RuntimeError(f"Keras peer: {type(err).__name__}: {err}"))
+        send(RuntimeError(f"Keras peer: {type(err).__name__}: {err}"))
         leave(1)
     while True:
         try:
             conn.recv()
-        except EOFError:  # the bench is done
+        except (EOFError, OSError):  # the bench is done (or was interrupted: reset)
             leave(0)
         before = page_faults()
         logits = run()
         after = page_faults()
-        conn.send((logits, None if before is None else after - before))
+        send((logits, None if before is None else after - before))
 
 
 def page_faults() -> int | None:
