@@ -145,6 +145,8 @@ def test_numbers_out_of_range(files, capsys):
     one_line_error(capsys, [*evaluate, "--batch-size", "0"], "batch_size=0")
     one_line_error(capsys, [*evaluate, "--limit", "0"], "limit=0")
     one_line_error(capsys, [*evaluate, "--device", "bogus"], "unknown device 'bogus'")
+    # A device type torch knows but this project does not run on: a traceback deep in the work.
+    one_line_error(capsys, [*evaluate, "--device", "mps"], "device 'mps' is not supported here")
     if not torch.cuda.is_available():
         one_line_error(capsys, [*evaluate, "--device", "cuda"], "CUDA is not available")
     export = ["export", files / "m.onnx", "--model", "xception-compact", "--weights", weights]
@@ -245,6 +247,7 @@ def test_bench_and_info_refuse_sizes_below_one(capsys):
     one_line_error(capsys, [*bench, "--batch", "0"], "at least 1")
     one_line_error(capsys, [*bench, "--threads", "-1"], "--threads -1")
     one_line_error(capsys, [*bench, "--device", "foo"], "unknown device 'foo'")
+    one_line_error(capsys, [*bench, "--device", "meta"], "device 'meta' is not supported here")
     one_line_error(capsys, ["info", "xception-compact", "--size", "-5"], "--size -5")
     # Too small for the model: one line, with no config line printed before it.
     out = one_line_error(capsys, ["info", "xception", "--size", "5"], "smaller than this model's")
