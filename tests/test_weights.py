@@ -1,3 +1,4 @@
+import csv
 import logging
 import pickle
 import re
@@ -685,3 +686,240 @@ def test_a_pth_file_this_user_cannot_read_is_not_called_damaged(tmp_path, monkey
                                            "this user read access") as err:  # fmt: skip
         load_file(path)
     assert "damaged" not in str(err.value)
+
+
+# torchvision's Inception V3 ImageNet file (inception_v3_google-0cc3c7bd.pth): torchvision's key
+# names with its auxiliary head, for a model with transform_input=True.
+def torchvision_inception(seed: int = 0, transform_input: bool = False):
+    """torchvision's Inception V3 with its auxiliary head, random weights, and BN statistics of
+    real activations (one training-mode pass), so that eps, statistics and the input transform
+    all show in the outputs."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(seed)
+    model = inception_v3(weights=None, aux_logits=True, init_weights=True,
+                         transform_input=transform_input)  # fmt: skip
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_(0, 0.1)
+        bn.momentum = 1.0  # the running statistics become this batch's
+    with torch.no_grad():
+        model.train()(torch.rand(2, 3, 299, 299) * 2 - 1)
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory):
+    """(the file, torchvision's model loaded from it as its weights enum sets it up)."""
+    from torchvision.models import inception_v3
+
+    path = tmp_path_factory.mktemp("torchvision") / "inception_v3_google-0cc3c7bd.pth"
+    torch.save(torchvision_inception().state_dict(), path)
+    reference = inception_v3(weights=None, aux_logits=True, init_weights=False,
+                             transform_input=True)  # fmt: skip
+    reference.load_state_dict(torch.load(path, weights_only=True))
+    return path, reference.eval()
+
+
+def test_torchvisions_inception_file_gives_torchvisions_outputs(torchvision_file, tmp_path, caplog):
+    """The file torchvision downloads for Inception V3 failed on its auxiliary head's tensors;
+    its model also takes ImageNet-normalised input through `transform_input`, as torchvision
+    sets it up for these weights, which the loaded preset has in its first conv. Its .pth and
+    the same tensors in .safetensors load alike."""
+    from safetensors.torch import save_file
+
+    from xception.weights import save_safetensors
+
+    path, reference = torchvision_file
+    bn = reference.Mixed_7c.branch_pool.bn
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))  # not defaults
+    safetensors = tmp_path / "inception_v3.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(safetensors))
+    x = torch.randn(2, 3, 299, 299)
+    with torch.no_grad():
+        expected = reference(x)
+        assert expected.abs().max() > 0.05
+        for file in (path, safetensors):
+            with caplog.at_level(logging.DEBUG, logger="xception.weights"):
+                model = create_model("inception-v3", weights=file).eval()
+            assert "14 AuxLogits tensors left out" in caplog.text
+            assert not model.transform_input and model.fc.out_features == 1000
+            # The folded first conv rounds differently: the same logits to 1e-5 of their size.
+            assert (model(x) - expected).abs().max() < 1e-5 * expected.abs().max(), file
+            caplog.clear()
+        # Saved, it comes back the same: the input transform is in its weights, not a flag.
+        ours = save_safetensors(model, tmp_path / "ours.safetensors", model.weights_meta)
+        again = create_model("inception-v3", weights=ours).eval()
+        assert again.weights_meta == model.weights_meta
+        assert torch.equal(again(x), model(x))
+
+
+def test_a_model_fine_tuned_from_torchvisions_inception_reloads_as_it_trained(
+    torchvision_file, tmp_path
+):
+    """With torchvision's transform_input as a flag of the model, a run fine-tuned from the file
+    trained behind it, and its saved weights reloaded without it: fed differently from how they
+    were trained. Training steps, in training mode, are the same either way too."""
+    import copy
+
+    from xception.weights import save_safetensors
+
+    path, reference = torchvision_file
+    reference = copy.deepcopy(reference).train()  # a training pass changes its statistics
+    model = create_model("inception-v3", weights=path).train()
+    x = torch.randn(2, 3, 299, 299)
+    torch.manual_seed(0)
+    ours = model(x)
+    torch.manual_seed(0)  # the same dropout mask
+    theirs = reference(x).logits  # the auxiliary head's output aside
+    # Batch statistics of 2 images through 94 batch norms: rounding grows, and stays small.
+    assert (ours - theirs).abs().max() < 1e-3 * theirs.abs().max()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ours.square().mean().backward()
+    opt.step()
+    saved = save_safetensors(model, tmp_path / "tuned.safetensors", model.weights_meta)
+    again = create_model("inception-v3", weights=saved)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model.eval()(x))
+
+
+def test_torchvisions_inception_file_brings_torchvisions_preprocessing(torchvision_file):
+    """The metadata of Inception_V3_Weights.IMAGENET1K_V1: torchvision's
+    ImageClassification(crop_size=299, resize_size=342), bilinear, ImageNet's mean and std, and
+    ImageNet's class names, as torchvision lists them."""
+    from PIL import Image
+    from torchvision.models import Inception_V3_Weights
+    from torchvision.transforms._presets import ImageClassification
+
+    meta = create_model("inception-v3", weights=torchvision_file[0]).weights_meta
+    assert meta.format == "torchvision" and meta.num_classes == 1000
+    assert meta.input_size == 299 and meta.crop_fraction == 299 / 342
+    assert meta.interpolation == "bilinear" and meta.loss == "softmax"
+    assert meta.mean == (0.485, 0.456, 0.406) and meta.std == (0.229, 0.224, 0.225)
+    assert meta.categories == tuple(Inception_V3_Weights.IMAGENET1K_V1.meta["categories"])
+    theirs = ImageClassification(crop_size=299, resize_size=342)  # what the enum's transforms are
+    rng = np.random.default_rng(0)
+    for shape in ((400, 520, 3), (342, 300, 3), (299, 299, 3)):
+        image = Image.fromarray(rng.integers(0, 255, shape, np.uint8))
+        assert torch.equal(meta.transforms()(image), theirs(image)), shape
+
+
+def test_torchvisions_inception_file_follows_the_new_head_rule(torchvision_file, caplog):
+    path, reference = torchvision_file
+    with caplog.at_level(logging.WARNING):
+        ten = create_model("inception-v3", weights=path, num_classes=10).eval()
+    assert "classifier not loaded (its class count differs)" in caplog.text
+    assert ten.fc.out_features == 10
+    assert ten.weights_meta.categories is None and ten.weights_meta.num_classes == 10
+    # The first conv holds torchvision's input transform: the same block output from the
+    # same images. Every other tensor but the head, and BN's step counters, is the file's.
+    skip = ("fc.", "AuxLogits.", "Conv2d_1a_3x3.")
+    body = {k: v for k, v in reference.state_dict().items()
+            if not k.startswith(skip) and not k.endswith("num_batches_tracked")}  # fmt: skip
+    assert all(torch.equal(v, ten.state_dict()[k]) for k, v in body.items())
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        first = reference.Conv2d_1a_3x3(reference._transform_input(x))
+        assert (ten.Conv2d_1a_3x3(x) - first).abs().max() < 1e-5
+    headless = create_model("inception-v3", weights=path, num_classes=0).eval()
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        assert headless(x).shape == (1, 2048)
+    assert headless.weights_meta.categories is None
+
+
+def test_inception_and_xception_files_are_refused_by_the_other_architecture(
+    torchvision_file, tmp_path, capsys
+):
+    """A torchvision Inception file given to an Xception preset said only how many tensor
+    names differed, not what it is and which preset it needs; an Xception file given to
+    inception-v3 stays refused in one line naming the preset."""
+    from xception.cli import main
+
+    path = torchvision_file[0]
+    for name in ("xception", "xception-compact", "inception-v3-compact"):
+        message = (rf"{path.name}: Inception V3 weights \(torchvision's layout\), not {name}'s: "
+                   "use --model inception-v3")  # fmt: skip
+        with pytest.raises(WeightsError, match=message):
+            create_model(name, weights=path)
+    xception_file = tmp_path / "x.pth"
+    torch.save(create_model("xception-compact", num_classes=10).state_dict(), xception_file)
+    timm_file = tmp_path / "timm.pth"
+    torch.save(timm_xception().state_dict(), timm_file)
+    for file in (xception_file, timm_file):
+        message = (rf"{file.name}: not inception-v3 weights \(.*missing.*\): use weights saved "
+                   "from inception-v3, or the --model they were made for")  # fmt: skip
+        with pytest.raises(WeightsError, match=message):
+            create_model("inception-v3", weights=file)
+    # The command line: one line, the exit status of a usage error.
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
+    assert main(["predict", str(image), "--weights", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not xception's: use --model inception-v3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_with_torchvisions_inception_file_names_imagenet_classes(
+    torchvision_file, tmp_path, capsys
+):
+    """`xception predict --model inception-v3 --weights inception_v3_google-0cc3c7bd.pth`, the
+    paper's baseline on the same images as Xception: torchvision's preprocessing, its model's
+    probabilities, ImageNet's class names."""
+    from PIL import Image
+    from torchvision.models import Inception_V3_Weights
+    from torchvision.transforms._presets import ImageClassification
+
+    from xception.cli import main
+
+    path, reference = torchvision_file
+    rng = np.random.default_rng(1)
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image, shape in zip(images, ((320, 400, 3), (500, 360, 3)), strict=True):
+        Image.fromarray(rng.integers(0, 255, shape, np.uint8)).save(image)
+    argv = ["predict", *map(str, images), "--model", "inception-v3", "--weights", str(path),
+            "--format", "csv", "--topk", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    rows = list(csv.reader(capsys.readouterr().out.splitlines()))[1:]
+    assert len(rows) == 2
+    categories = Inception_V3_Weights.IMAGENET1K_V1.meta["categories"]
+    prepare = ImageClassification(crop_size=299, resize_size=342)
+    for image, cells in zip(images, rows, strict=True):
+        x = prepare(Image.open(image).convert("RGB"))[None]
+        with torch.no_grad():
+            expected = reference(x).softmax(-1)[0]
+        top = int(expected.argmax())
+        assert cells[0] == str(image) and cells[1] == ""
+        assert int(cells[2]) == top and cells[3] == categories[top]
+        assert abs(float(cells[4]) - float(expected[top])) < 1e-4
+
+
+def test_a_run_fine_tuned_from_torchvisions_inception_evaluates_as_it_validated(
+    torchvision_file, tmp_path
+):
+    """The engine's own round trip: a run fine-tuned from torchvision's file, then `eval` of
+    the weights it saved. With torchvision's transform_input as a flag of the model, the run
+    trained and validated behind it, and its saved weights were rebuilt without it."""
+    from PIL import Image
+
+    from xception.evaluate import evaluate_file
+    from xception.train import fit
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for name in ("cat", "dog"):
+            (tmp_path / "d" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (90, 90, 3), np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "d" / split / name / f"{i}.png")
+    result = fit("fashion-mnist", model="inception-v3", weights=str(torchvision_file[0]),
+                 data=str(tmp_path / "d"), image_size=80, epochs=1, batch_size=4, lr=0.01,
+                 augment="none", ema_decay=None, device="cpu", progress=False,
+                 out=str(tmp_path / "run"))  # fmt: skip
+    scored = evaluate_file(result["out"], tmp_path / "d", device="cpu")
+    assert scored["images"] == 4
+    assert scored["loss"] == pytest.approx(result["final"]["val_loss"], rel=1e-4)

@@ -1,6 +1,6 @@
 """Weights in and out: Keras HDF5 (the official ImageNet files' legacy layout), timm/Cadene
-PyTorch state dicts, and our own safetensors; named weights with their metadata, downloaded into
-a verified cache.
+PyTorch state dicts, torchvision's Inception V3 ImageNet file, and our own safetensors; named
+weights with their metadata, downloaded into a verified cache.
 
 Every format is turned into our state dict by a short, explicit name map, then checked shape by
 shape against the model so a mismatch names the layer. Loading never executes code from a file:
@@ -48,6 +48,7 @@ __all__ = [
     "detect_format",
     "download",
     "input_meta",
+    "is_inception_v3",
     "keras_to_state_dict",
     "load_file",
     "load_into",
@@ -58,6 +59,7 @@ __all__ = [
     "safetensors_metadata",
     "save_safetensors",
     "timm_to_state_dict",
+    "torchvision_to_state_dict",
 ]
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -300,12 +302,52 @@ def _unsupported_global(torch_message: str) -> str:
 
 
 def detect_format(weights: Mapping) -> str:
-    """'keras', 'timm' (timm's legacy_xception and Cadene's port) or 'xception' (ours)."""
+    """'keras', 'timm' (timm's legacy_xception and Cadene's port), 'torchvision' (torchvision's
+    Inception V3 with its auxiliary head, as its ImageNet file holds it) or 'xception' (ours,
+    the inception-v3 preset's included)."""
     if weights and all(isinstance(v, Mapping) for v in weights.values()):
         return "keras"
     if "block1.rep.0.conv1.weight" in weights or "conv3.conv1.weight" in weights:
         return "timm"
+    # The auxiliary head tells torchvision's own file from one saved from our preset (which
+    # has none): only the former was trained to expect torchvision's `transform_input`.
+    if is_inception_v3(weights) and any(k.startswith("AuxLogits.") for k in weights):
+        return "torchvision"
     return "xception"
+
+
+def is_inception_v3(weights: Mapping) -> bool:
+    """Whether a state dict has torchvision Inception V3's tensor names (torchvision's file, or
+    one saved from the inception-v3 preset)."""
+    return "Mixed_7c.branch_pool.conv.weight" in weights
+
+
+# torchvision's `transform_input` for its ImageNet Inception V3: x * std / 0.5 + (mean - 0.5) / 0.5
+# per channel, mapping ImageNet-normalised input to the [-1, 1] range the weights were trained on.
+_TV_SCALE = tuple(s / 0.5 for s in (0.229, 0.224, 0.225))
+_TV_SHIFT = tuple((m - 0.5) / 0.5 for m in (0.485, 0.456, 0.406))
+
+
+def torchvision_to_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> dict:
+    """torchvision's Inception V3 file -> the inception-v3 preset's state dict. The auxiliary
+    classifier (`AuxLogits.*`, a training aid only) is left out, as the preset has none, and
+    torchvision's `transform_input`, which these weights were trained behind, is folded into
+    the first conv (scaled per input channel; it has no padding, so the shift is a constant per
+    output channel, taken off its batch norm's running mean): the preset, as built, gives
+    torchvision's outputs, and a model fine-tuned or saved from it needs no flag to reload."""
+    aux = [k for k in sd if k.startswith("AuxLogits.")]
+    if aux:
+        log.debug("%s: %d AuxLogits tensors left out (inception-v3 has no auxiliary head)",
+                  source, len(aux))  # fmt: skip
+    out = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}
+    conv, mean = "Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_mean"
+    if conv in out and mean in out and out[conv].ndim == 4 and out[conv].shape[1] == 3:
+        w = out[conv].double()
+        scale = torch.tensor(_TV_SCALE, dtype=torch.float64).view(1, 3, 1, 1)
+        shift = torch.tensor(_TV_SHIFT, dtype=torch.float64).view(1, 3, 1, 1)
+        out[conv] = (w * scale).to(out[conv].dtype)
+        out[mean] = (out[mean].double() - (w * shift).sum((1, 2, 3))).to(out[mean].dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +475,16 @@ def timm_to_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict
 # ---------------------------------------------------------------------------------------------
 def to_state_dict(weights: Mapping, model: nn.Module) -> dict[str, torch.Tensor]:
     fmt = detect_format(weights)
+    if fmt == "torchvision" or is_inception_v3(weights):
+        # For the inception-v3 preset (a run of it, its own file): taken as they are, and
+        # torchvision's own file as `torchvision_to_state_dict` makes it fit.
+        if not is_inception_v3(model.state_dict()):
+            raise WeightsError(
+                "Inception V3 weights (torchvision's layout), not Xception's: use --model "
+                "inception-v3 (create_model('inception-v3', weights=...))"
+            )
+        if fmt == "torchvision":
+            weights = torchvision_to_state_dict(weights, "weights")
     if fmt == "keras":
         return keras_to_state_dict(weights, model)
     if fmt == "timm":
@@ -541,13 +593,13 @@ HOME_ENV = "XCEPTION_HOME"
 class Weights:
     """One set of weights: where the file comes from, what it predicts, how inputs are prepared.
 
-    `format` is the file's layout ('keras', 'timm' or 'xception'). `filename`, `md5` and
-    `base_url` are set for weights that `download` can fetch. Preprocessing (`transforms()`):
-    resize the shorter side to input_size / crop_fraction with `interpolation` and centre-crop
-    input_size (crop_fraction 1.0: resize to a square, as Keras does), then RGB in [0, 1]
-    normalised by mean and std. `loss` says how the classifier's scores become
-    probabilities: 'softmax' (one class per image) or 'sigmoid' (multi-label, each class on
-    its own, as the jft recipe trains)."""
+    `format` is the file's layout ('keras', 'timm', 'torchvision' or 'xception'). `filename`,
+    `md5` and `base_url` are set for weights that `download` can fetch. Preprocessing
+    (`transforms()`): resize the shorter side to input_size / crop_fraction with
+    `interpolation` and centre-crop input_size (crop_fraction 1.0: resize to a square, as Keras
+    does), then RGB in [0, 1] normalised by mean and std. `loss` says how the classifier's
+    scores become probabilities: 'softmax' (one class per image) or 'sigmoid' (multi-label,
+    each class on its own, as the jft recipe trains)."""
 
     name: str
     format: str
@@ -612,7 +664,7 @@ class Weights:
         return cls(**kw)
 
 
-_IMAGENET = tuple(_IMAGENET_CATEGORIES)  # the class order of both published ImageNet files
+_IMAGENET = tuple(_IMAGENET_CATEGORIES)  # the class order of the published ImageNet files
 
 WEIGHTS: dict[str, Weights] = {
     "imagenet": Weights(
@@ -633,6 +685,16 @@ WEIGHTS: dict[str, Weights] = {
         name="timm-imagenet", format="timm", num_classes=1000, categories=_IMAGENET,
         crop_fraction=0.8975, interpolation="bicubic",
         description="timm's legacy_xception / Cadene's ImageNet port: pass the .pth as a path",
+    ),
+    # torchvision's Inception V3 ImageNet file (Inception_V3_Weights.IMAGENET1K_V1), for the
+    # inception-v3 preset: its preprocessing is torchvision's ImageClassification(crop_size=299,
+    # resize_size=342), bilinear, ImageNet's mean and std. Not fetched here either.
+    "torchvision-imagenet": Weights(
+        name="torchvision-imagenet", format="torchvision", num_classes=1000,
+        categories=_IMAGENET, crop_fraction=299 / 342, interpolation="bilinear",
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        description="torchvision's Inception V3 ImageNet weights (inception_v3_google-0cc3c7bd"
+        ".pth, for --model inception-v3): pass the .pth as a path",
     ),
 }  # fmt: skip
 
@@ -802,7 +864,7 @@ def _named(name: str) -> Weights:
         raise WeightsError(
             f"unknown weights {name!r}: use one of {', '.join(names)} or a file path "
             "(.h5, .safetensors, .pth; timm's legacy_xception .pth gets timm-imagenet's "
-            "metadata)"
+            "metadata, torchvision's Inception V3 .pth torchvision-imagenet's)"
         )
     return WEIGHTS[name]
 
@@ -861,7 +923,7 @@ class OpenedWeights:
 
     data: Mapping  # as `load_file` returns it
     source: str  # the name or path, for messages
-    format: str  # 'keras' | 'timm' | 'xception'
+    format: str  # 'keras' | 'timm' | 'torchvision' | 'xception'
     num_classes: int  # the file's classifier outputs (0: no classifier)
     config: dict  # config fields the file requires: a port's padding/eps, in_chans, our config
     meta: Weights | None  # None where nothing is known (a bare state dict of ours)
@@ -878,14 +940,18 @@ def _classifier_size(data: Mapping, fmt: str) -> int:
 def _file_meta(fmt: str, num_classes: int, path: Path, channels: int = 3) -> Weights | None:
     """Metadata for a file without its own: the preprocessing of its layout (one mean and std
     per input channel), and ImageNet's class names when it has 1000 classes (the published
-    files of both layouts are ImageNet)."""
-    base = {"keras": WEIGHTS["imagenet"], "timm": WEIGHTS["timm-imagenet"]}.get(fmt)
+    files of each layout are ImageNet)."""
+    base = {"keras": WEIGHTS["imagenet"], "timm": WEIGHTS["timm-imagenet"],
+            "torchvision": WEIGHTS["torchvision-imagenet"]}.get(fmt)  # fmt: skip
     if base is None:
         return None
+    # A grey model gets one mean and std; Keras' and timm's are the same for every channel.
+    same = channels == len(base.mean)
     return base.replace(
         name=path.name, num_classes=num_classes,
         categories=base.categories if num_classes == len(_IMAGENET) else None,
-        mean=base.mean[:1] * channels, std=base.std[:1] * channels,
+        mean=base.mean if same else base.mean[:1] * channels,
+        std=base.std if same else base.std[:1] * channels,
         filename=None, md5=None, base_url=None, description=f"{fmt} weights from {path}",
     )  # fmt: skip
 

@@ -133,8 +133,11 @@ def _inception_v3(num_classes: int, **overrides) -> nn.Module:
     # Checked by the model configs' shared checks: torchvision took -1 or True for num_classes
     # deep inside nn.Linear, and drop_rate=1.0 (every feature dropped) silently.
     cfg = InceptionConfig(num_classes=num_classes, drop_rate=overrides.get("drop_rate", 0.5))
+    # No transform_input: torchvision's ImageNet file gets it folded into its first conv
+    # (`weights.torchvision_to_state_dict`), so that what the model computes is in its weights.
     model = inception_v3(weights=None, aux_logits=False, init_weights=True,
-                         num_classes=max(cfg.num_classes, 1), dropout=cfg.drop_rate)  # fmt: skip
+                         num_classes=max(cfg.num_classes, 1), dropout=cfg.drop_rate,
+                         transform_input=False)  # fmt: skip
     if num_classes == 0:  # pooled features out, as Xception's num_classes=0 gives
         model.fc = _NoClassifier()
     return model
@@ -184,6 +187,21 @@ def _check_saved_config(name: str, opened) -> None:
         f"{', '.join(unknown)} that this version of xception does not know: it was written by "
         "a newer version (upgrade) or for another model"
     )
+
+
+def _check_architecture(name: str, opened) -> None:
+    """Inception V3 weights (torchvision's file, or one saved from the preset) for another
+    preset are refused by what they are and the preset they need, before a model is built: the
+    tensor-name mismatch alone says neither. (Xception files for the Inception presets are
+    refused by `_load_state`, whose message names the preset.)"""
+    from .weights import WeightsError, is_inception_v3
+
+    inception_v3 = opened.format == "torchvision" or is_inception_v3(opened.data)
+    if inception_v3 and name != "inception-v3":
+        raise WeightsError(
+            f"{opened.source}: Inception V3 weights (torchvision's layout), not {name}'s: use "
+            "--model inception-v3 (create_model('inception-v3', weights=...))"
+        )
 
 
 def _load_state(model: nn.Module, opened, name: str, new_head: bool = False) -> bool:
@@ -239,10 +257,11 @@ def create_model(
 
     `weights` is a name from `xception.weights.WEIGHTS` ("imagenet", "imagenet-notop": the
     official Keras files, downloaded into a verified cache) or a file: Keras .h5, .safetensors,
-    or a PyTorch state dict (.pth/.pt; ours, timm's or Cadene's names). A timm/Cadene file
-    selects that port's symmetric padding and BN epsilon, a file's first conv sets `in_chans`,
-    and our safetensors files restore the config they were saved with, unless the fields are
-    given in `overrides`.
+    or a PyTorch state dict (.pth/.pt; ours, timm's or Cadene's names; for inception-v3,
+    torchvision's ImageNet file, its `transform_input` folded into the first conv). A
+    timm/Cadene file selects that port's symmetric padding and BN epsilon, a file's first conv
+    sets `in_chans`, and our safetensors files restore the config they were saved with, unless
+    the fields are given in `overrides`.
 
     Classifier rule: leaving `num_classes` out asks for the weights' own classifier: the model
     gets its class count (none for weights without one; 1000 without weights) and it must load,
@@ -283,7 +302,9 @@ def create_model(
                              **overrides)  # fmt: skip
         return XceptionFeatures(model, (0, 1, 2, 3, 4) if out_indices is None else out_indices)
     inception = name in ("inception-v3", "inception-v3-compact")
-    if inception and isinstance(weights, str) and weights in W.WEIGHTS:  # before a download
+    # Before a download; torchvision's Inception file is not fetched: its entry says so.
+    if (inception and isinstance(weights, str) and weights in W.WEIGHTS
+            and W.WEIGHTS[weights].format != "torchvision"):  # fmt: skip
         raise W.WeightsError(
             f"weights {weights!r} are Xception's ({W.WEIGHTS[weights].description}) and do not "
             f"fit {name}: use the xception model (--model xception), or weights saved from {name}"
@@ -295,6 +316,8 @@ def create_model(
             f"Xception: give weights saved from {name} (.safetensors, .pth), or use --model "
             "xception for this file"
         )
+    if opened is not None:
+        _check_architecture(name, opened)
     wants_file_head = num_classes is None
     if num_classes is None:
         num_classes = opened.num_classes if opened is not None else 1000
@@ -302,6 +325,9 @@ def create_model(
         model = _inception_v3(num_classes, **overrides)
         model.weights_meta = None
         if opened is not None:
+            if opened.format == "torchvision":
+                data = W.torchvision_to_state_dict(opened.data, opened.source)
+                opened = dataclasses.replace(opened, data=data)
             head_loaded = _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
             model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes)
         return model
