@@ -760,9 +760,9 @@ def test_torchvisions_inception_file_gives_torchvisions_outputs(torchvision_file
 def test_a_model_fine_tuned_from_torchvisions_inception_reloads_as_it_trained(
     torchvision_file, tmp_path
 ):
-    """With torchvision's transform_input as a flag of the model, a run fine-tuned from the file
-    trained behind it, and its saved weights reloaded without it: fed differently from how they
-    were trained. Training steps, in training mode, are the same either way too."""
+    """The folded first conv in training mode: the same step as torchvision's model behind its
+    transform_input (batch statistics absorb the folded shift), and the weights it trains to
+    save and reload as they are. (The engine's own round trip is the test below.)"""
     import copy
 
     from xception.weights import save_safetensors

@@ -183,15 +183,12 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         publish(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if err.filename is None and err.errno is not None:
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
             # A full disk fails the write or the fsync with no file named: name the one that
             # was being written (the file already at `path`, if any, is untouched).
             raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
