@@ -604,6 +604,25 @@ def test_state_dicts_of_compiled_models_load(tmp_path):
         assert torch.equal(again.fc.weight, model.fc.weight), name
 
 
+def test_state_dicts_of_averaged_models_load(tmp_path):
+    """torch's AveragedModel (SWA, or EMA with its multi_avg_fn) saves `module.*` and an
+    `n_averaged` count: the file failed with 215 tensors that did not fit."""
+    from torch.optim.swa_utils import AveragedModel
+
+    model = create_model("xception-compact", num_classes=10)
+    swa = AveragedModel(model)
+    swa.update_parameters(model)
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+    swa.update_parameters(model)
+    sd = swa.state_dict()
+    assert "n_averaged" in sd and all(k.startswith("module.") for k in sd if k != "n_averaged")
+    torch.save(sd, tmp_path / "swa.pth")
+    again = create_model("xception-compact", weights=tmp_path / "swa.pth")
+    assert torch.equal(again.fc.weight, swa.module.fc.weight)
+    assert not torch.equal(again.fc.weight, model.fc.weight)  # the average, not the last step
+
+
 def test_inception_models_drop_the_class_names_of_a_head_they_did_not_load(tmp_path):
     """The classifier rule says a new head drops the weights' class names; the Inception models
     kept them, so a converted file named 5 classes with 3 names."""

@@ -62,7 +62,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.send_response(200)
         unannounced = self.path.endswith(tuple(server.unannounced))
-        if not unannounced:
+        if self.path.endswith(tuple(server.garbled)):
+            self.send_header("Content-Length", "about 88 MB")
+        elif not unannounced:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not server.release.wait(30):
@@ -89,7 +91,7 @@ def server(keras_files):
 @pytest.fixture
 def env(server, keras_files, tmp_path, monkeypatch):
     """A fresh cache, the download address pointing at the test server, the MD5s patched."""
-    server.requests, server.cut, server.unannounced = [], set(), set()
+    server.requests, server.cut, server.unannounced, server.garbled = [], set(), set(), set()
     server.started, server.release = threading.Event(), threading.Event()
     server.release.set()
     home = tmp_path / "home"
@@ -265,6 +267,20 @@ def test_a_transfer_cut_without_a_length_is_called_what_it_may_be(env, server):
                                              r"have broken off"):  # fmt: skip
         W.download("imagenet", progress=False)
     assert _cache_files(env) == []
+
+
+def test_a_length_that_is_not_a_number_is_taken_as_none(env, server, keras_files):
+    """A server's Content-Length that is not a number failed the download with a bare
+    ValueError from int(); the file is what the MD5 check vouches for, so it is taken, and a
+    short one is refused as a transfer without an announced length."""
+    server.garbled = {TOP}
+    path = W.download("imagenet", progress=False)
+    assert path.read_bytes() == keras_files[1][TOP]
+    path.unlink()
+    server.cut = {TOP}
+    with pytest.raises(W.WeightsError, match="without announcing a length"):
+        W.download("imagenet", progress=False)
+    assert TOP not in _cache_files(env)
 
 
 def test_a_cached_file_damaged_in_place_is_hashed_again_and_refused(env, server):

@@ -216,7 +216,12 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
 
 def _without_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensor names without what wrapping the model put before them: DDP's `module.`,
-    torch.compile's `_orig_mod.` (a compiled model's state_dict()), or both."""
+    torch.compile's `_orig_mod.` (a compiled model's state_dict()), or both; and torch's
+    `AveragedModel` (SWA, EMA: `module.*` and its `n_averaged` count, which is dropped)."""
+    if "n_averaged" in sd and len(sd) > 1:
+        rest = {k: v for k, v in sd.items() if k != "n_averaged"}
+        if all(k.startswith("module.") for k in rest):
+            sd = rest
     prefix = re.match(r"(?:module\.|_orig_mod\.)*", next(iter(sd), ""))[0]
     if prefix and all(k.startswith(prefix) for k in sd):
         sd = {k[len(prefix) :]: v for k, v in sd.items()}
@@ -799,8 +804,10 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
                     raise WeightsError(f"cannot download from {url!r} ({err}): check {URL_ENV}, "
                                        "an http://, https:// or file:// folder") from None  # fmt: skip
                 with opened as response:
-                    length = response.headers.get("Content-Length")
-                    total = int(length) if length is not None else None
+                    # A length that is not a number is taken as none announced: the MD5
+                    # check below still catches a short or wrong file.
+                    length = (response.headers.get("Content-Length") or "").strip()
+                    total = int(length) if length.isdecimal() else None
                     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                               desc=w.filename, disable=not progress) as bar:  # fmt: skip
                         while chunk := response.read(1 << 20):
