@@ -130,6 +130,118 @@ def test_resume_from_mid_epoch_checkpoint_is_exact(tmp_path, toy):
     assert again["history"] == resumed["history"]
 
 
+def _same_state(a, b, where="state") -> None:
+    """Two checkpoints' state.pt contents equal bitwise, but for timings and the run folder."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a.keys() - TIMING - {"seconds", "out", "resume"}:
+            _same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_checkpoints_after_a_mid_epoch_resume_are_the_uninterrupted_runs(tmp_path, toy):
+    """Without dropout (which reseeds the generator each step), the resumed run's fresh data
+    loader iterator drew one number from the global torch generator: every checkpoint after a
+    mid-epoch resume recorded another RNG state than the uninterrupted run's."""
+    recipe = tiny_recipe(tmp_path, toy, checkpoint_every=3, keep_last=100, train_subset=128,
+                         workers=1)  # fmt: skip
+    fit(recipe, out=str(tmp_path / "ref"))
+    ref = {p.name: p for p in list_checkpoints(tmp_path / "ref" / "checkpoints")}
+    assert list(ref) == [f"step-{n:09d}" for n in (3, 4, 6, 8)]
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref["step-000000003"], tmp_path / "cut" / "checkpoints" / "step-000000003")
+    fit(recipe, out=str(tmp_path / "cut"), resume="auto")
+    got = {p.name: p for p in list_checkpoints(tmp_path / "cut" / "checkpoints")}
+    assert list(got) == list(ref)
+    for name in ("step-000000004", "step-000000006", "step-000000008"):
+        a, b = load_checkpoint(ref[name]), load_checkpoint(got[name])
+        _same_state(a["state"], b["state"], f"{name}/state.pt")
+        for part in ("model", "ema"):
+            assert a[part].keys() == b[part].keys()
+            assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), (name, part)
+
+
+def test_a_damaged_newest_checkpoints_error_names_a_fix_that_works(tmp_path, toy, capsys):
+    """Its error said `--resume OLDER`, which in the run's own folder was refused (older than
+    the newest) with the advice `--resume auto`: the first error again, and no way on."""
+    recipe = tiny_recipe(tmp_path, toy, epochs=2, train_subset=128, keep_last=3)
+    fit(recipe, out=str(tmp_path / "ref"))
+    run = tmp_path / "run"
+    fit(recipe, out=str(run), checkpoint_every=6)  # step-4, step-6, step-8
+    older, newest = list_checkpoints(run / "checkpoints")[-2:]
+    assert (older.name, newest.name) == ("step-000000006", "step-000000008")
+    (newest / "state.pt").write_bytes(b"cut short")
+    _one_line_error(capsys, ["train", "--out", str(run), "--resume", "auto"],
+                    f"{newest}/state.pt: damaged or incomplete checkpoint (its pickle holds more "
+                    f"than tensors and plain values, or is cut short); the one before it may be "
+                    f"intact: move {newest} out of {newest.parent}, then --resume auto continues "
+                    f"from {older.name}")  # fmt: skip
+    _one_line_error(capsys, ["train", "--resume", str(older)],
+                    f"{older} is older than {newest.name} in the same run, which cannot be "
+                    f"resumed ({newest}/state.pt: damaged or incomplete checkpoint")  # fmt: skip
+    assert list_checkpoints(run / "checkpoints")[-2:] == [older, newest]
+    shutil.move(newest, tmp_path / "damaged")  # as the message says
+    assert main(["train", "--out", str(run), "--resume", "auto"]) == 0
+    assert metrics_rows(run) == metrics_rows(tmp_path / "ref")
+    ref_w = load_file(tmp_path / "ref" / "model.safetensors")
+    assert all(torch.equal(v, ref_w[k]) for k, v in load_file(run / "model.safetensors").items())
+
+
+def test_checkpoints_with_missing_or_foreign_parts_are_one_line_errors(tmp_path, toy, capsys):
+    """A state.pt without a field a resume reads was a KeyError traceback; an optimizer state of
+    another run was torch's message naming no file; weights of another run said "resume with
+    the run's config", which a resume takes from the checkpoint itself."""
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, train_subset=64)
+    fit(recipe, out=str(tmp_path / "a"))
+    fit(recipe, out=str(tmp_path / "b"), model_args={**TINY_MODEL, "middle_blocks": 2})
+    a = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    b = list_checkpoints(tmp_path / "b" / "checkpoints")[-1]
+
+    def state_without(key):
+        def change(ckpt):
+            state = torch.load(ckpt / "state.pt", weights_only=True)
+            del state[key]
+            torch.save(state, ckpt / "state.pt")
+
+        return change
+
+    def state_with_optimizer_of_b(ckpt):
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        state["optimizer"] = torch.load(b / "state.pt", weights_only=True)["optimizer"]
+        torch.save(state, ckpt / "state.pt")
+
+    cases = [
+        (state_without("rng"), "state.pt: not a complete training checkpoint (no valid rng); "
+         "resume from another checkpoint"),
+        (state_without("config"), "state.pt: not a complete training checkpoint (no valid "
+         "config)"),
+        (state_with_optimizer_of_b, "state.pt: its optimizer state does not fit the run's model "
+         "(loaded state dict contains a parameter group"),
+        (lambda ckpt: shutil.copy(b / "model.safetensors", ckpt / "model.safetensors"),
+         "model.safetensors: does not fit the model its checkpoint's state.pt describes "
+         '(Missing key(s) in state_dict: "block6.'),
+        (lambda ckpt: (ckpt / "ema.safetensors").unlink(),
+         "ema.safetensors: missing, and the run keeps EMA weights (ema_decay=0.9): the "
+         "checkpoint is incomplete"),
+    ]  # fmt: skip
+    for i, (change, message) in enumerate(cases):
+        run = tmp_path / f"case{i}"
+        ckpt = run / "checkpoints" / a.name
+        shutil.copytree(a, ckpt)
+        change(ckpt)
+        before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+        _one_line_error(capsys, ["train", "--out", str(run), "--resume", "auto", "--epochs", "2"],
+                        f"{ckpt}/{message}")  # fmt: skip
+        assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
 def test_grad_checkpointing_trains_the_same_run(tmp_path, toy, monkeypatch):
     """`grad_checkpointing=true` keeps less memory and changes nothing else: the same history
     and, bitwise, the same final weights (batch-norm statistics included)."""
@@ -380,7 +492,8 @@ def test_resume_keeps_the_runs_settings_and_never_replaces_another_run(
     (newest / "state.pt").write_bytes(b"cut short")
     capsys.readouterr()
     _one_line_error(capsys, ["train", "--out", str(run), "--resume", "auto"],
-                    f"the one before it may be intact: --resume {older}")  # fmt: skip
+                    f"the one before it may be intact: move {newest} out of {newest.parent}, "
+                    f"then --resume auto continues from {older.name}")  # fmt: skip
 
 
 def test_bad_recipe_files_and_settings_are_refused_by_name(tmp_path, toy, capsys):
@@ -784,6 +897,28 @@ def test_a_resume_with_fewer_epochs_than_the_run_has_done_is_refused(tmp_path, t
     assert not (tmp_path / "fork").exists()
     # As many epochs as done: a finished run, nothing to do.
     assert len(fit(None, out=str(run), resume="auto", epochs=2)["history"]) == 2
+
+
+def test_a_resume_that_stretches_a_cosine_schedule_says_so(tmp_path, toy, caplog):
+    """More --epochs on a resume are allowed, but the cosine's length is the run's: the learning
+    rate of a finished cosine run jumped from its minimum back up to half of lr, silently."""
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, train_subset=64, schedule="cosine",
+                         warmup_epochs=0, lr=0.1, min_lr_ratio=0.0)  # fmt: skip
+    run = tmp_path / "run"
+    fit(recipe, out=str(run))
+    with caplog.at_level("WARNING", logger="xception"):
+        fit(None, out=str(run), resume="auto")  # the same epochs: nothing to say
+        assert "stretched" not in caplog.text
+        result = fit(None, out=str(run), resume="auto", epochs=2)
+    assert ("epochs=2 where the run had 1: its cosine schedule is stretched over 2 epochs from "
+            "step 2 on, and the learning rate goes from 0 to 0.05") in caplog.text  # fmt: skip
+    assert result["history"][-1]["lr"] == pytest.approx(0.1 * (1 + math.cos(math.pi * 3 / 4)) / 2)
+    caplog.clear()
+    step = tmp_path / "step"
+    fit(recipe, out=str(step), schedule="step")  # its rate does not depend on the epochs
+    with caplog.at_level("WARNING", logger="xception"):
+        fit(None, out=str(step), resume="auto", epochs=2)
+    assert "stretched" not in caplog.text
 
 
 def test_a_full_disk_at_the_final_export_is_one_line_and_leaves_no_partial_file(

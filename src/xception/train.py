@@ -234,7 +234,9 @@ class TrainConfig:
 
 # Fields a resumed run may change; all others come from the checkpoint (the run's identity).
 # `data` too, for data that moved (a job's local scratch copy): it must hold the run's classes
-# and training images (checked), or a resume could never find it again.
+# and training images (checked), or a resume could never find it again. Changed, `threads`,
+# `device` and `compile` change the training step's rounding and `eval_batch_size` the
+# validation sums': such a resume continues the run, but not bitwise as the uninterrupted one.
 RESUMABLE = ("epochs", "out", "resume", "progress", "workers", "device", "threads", "compile",
              "checkpoint_every", "keep_last", "tensorboard", "eval_batch_size",
              "keep_freed_memory", "grad_checkpointing", "data")  # fmt: skip
@@ -610,6 +612,15 @@ class _Run:
             newest = C.find_latest(self.ckpt_dir)
             if self.resume_from["state"]["step"] < (C.checkpoint_step(newest) or 0):
                 # Pruning keeps the highest steps: the resumed run's own saves went first.
+                try:
+                    _load_for_resume(newest, state_only=True)
+                except C.CheckpointError as err:  # `--resume auto` would fail on it too
+                    raise ValueError(
+                        f"{self.resume_from['path']} is older than {newest.name} in the same "
+                        f"run, which cannot be resumed ({err}): move {newest} out of "
+                        f"{newest.parent}, then --resume auto continues from the newest intact "
+                        "checkpoint"
+                    ) from None
                 raise ValueError(
                     f"{self.resume_from['path']} is older than {newest.name} in the same run: "
                     "resumed there, the run's new checkpoints would be pruned as soon as "
@@ -633,22 +644,31 @@ class _Run:
                 return
             resume = str(latest)
             try:
-                ckpt = C.load_checkpoint(resume)
+                ckpt = _load_for_resume(resume)
             except C.CheckpointError as err:  # point at the one before it, which may be intact
                 older = [p for p in C.list_checkpoints(latest.parent) if p != latest]
                 if not older:
                     raise
-                raise C.CheckpointError(f"{err}; the one before it may be intact: "
-                                        f"--resume {older[-1]}") from None  # fmt: skip
+                # Not `--resume OLDER`: in its own run folder, behind the damaged newest one,
+                # that is refused (its saves would be pruned), and the refusal's advice was
+                # `--resume auto`, this error again.
+                raise C.CheckpointError(
+                    f"{err}; the one before it may be intact: move {latest} out of "
+                    f"{latest.parent}, then --resume auto continues from {older[-1].name}"
+                ) from None
         else:
-            ckpt = C.load_checkpoint(resume)
+            ckpt = _load_for_resume(resume)
         saved = ckpt["state"]["config"]
         if cfg.out is None:
             self.cfg = cfg = cfg.replace(out=str(Path(ckpt["path"]).parent.parent))
         keep = {k: getattr(cfg, k) for k in RESUMABLE
                 if k not in RUN_SETTINGS or k in self.given or k not in saved}  # fmt: skip
         _check_keys(saved, f"checkpoint {ckpt['path']}")
-        self.cfg = TrainConfig(**{**saved, **keep})
+        try:
+            self.cfg = TrainConfig(**{**saved, **keep})
+        except ValueError as err:  # the given values were checked already: the saved ones
+            raise C.CheckpointError(f"{ckpt['path']}/state.pt: the run's config in it is not "
+                                    f"valid ({err}); resume from another checkpoint") from None  # fmt: skip
         self.resume_from = ckpt
 
     # set-up ------------------------------------------------------------------------------------
@@ -695,9 +715,14 @@ class _Run:
                 f"batch_size={cfg.batch_size} is larger than the {len(self.train_set)} "
                 "training samples: lower batch_size"
             )
+        # Its own generator, seeded per epoch in _train_epoch: each iterator draws its workers'
+        # base seed from it. From the global generator, a mid-epoch resume's extra iterator
+        # shifted the torch RNG state every later checkpoint records.
+        self.loader_generator = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_sampler=self.sampler, collate_fn=_base(train).collate,
             num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
+            generator=self.loader_generator,
         )  # fmt: skip
 
         if cfg.model == "inception-v3" and self.channels != 3:
@@ -777,15 +802,24 @@ class _Run:
                              f"(--weights {path}/model.safetensors)")  # fmt: skip
 
     def _restore(self, ckpt: dict) -> None:
-        state = ckpt["state"]
-        _load_exact(self.model, ckpt["model"], ckpt["path"])
+        state, path = ckpt["state"], Path(ckpt["path"])
+        _load_exact(self.model, ckpt["model"], path / "model.safetensors")
         if self.ema is not None:
             if ckpt["ema"] is None:
-                raise C.CheckpointError(f"{ckpt['path']}: the run keeps EMA weights, none saved")
-            _load_exact(self.ema.module, ckpt["ema"], ckpt["path"])
-            self.ema.updates = state["ema_updates"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+                raise C.CheckpointError(f"{path / 'ema.safetensors'}: missing, and the run keeps "
+                                        f"EMA weights (ema_decay={self.cfg.ema_decay}): the "
+                                        "checkpoint is incomplete; resume from another "
+                                        "checkpoint")  # fmt: skip
+            _load_exact(self.ema.module, ckpt["ema"], path / "ema.safetensors")
+            self.ema.updates = state.get("ema_updates", 0)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise C.CheckpointError(f"{path / 'state.pt'}: its optimizer state does not fit the "
+                                    f"run's model ({first}): its files come from different runs; "
+                                    "resume from another checkpoint") from None  # fmt: skip
         C.restore_rng_state(state["rng"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.step, self.history = state["step"], list(state["history"])
@@ -801,6 +835,19 @@ class _Run:
         self.partial = dict(state.get("partial", {}))
         self.best = state.get("best")
         self._info("resumed from %s (epoch %d, step %d)", ckpt["path"], self.epoch, self.step)
+        saved_epochs = state["config"].get("epochs", self.cfg.epochs)
+        if self.cfg.schedule == "cosine" and saved_epochs != self.cfg.epochs and self.step:
+            # Allowed (a run extended with --epochs), but the cosine's length is the run's:
+            # from here on the learning rate follows another curve, without a word before.
+            was = lr_factor(self.cfg.replace(epochs=saved_epochs), self.step, self.steps_per_epoch)
+            now = lr_factor(self.cfg, self.step, self.steps_per_epoch)
+            if self.rank == 0:
+                log.warning("epochs=%d where the run had %d: its cosine schedule is stretched over "
+                            "%d epochs from step %d on, and the learning rate goes from %.4g to "
+                            "%.4g (neither the %d-epoch run nor a %d-epoch one from the start)",
+                            self.cfg.epochs, saved_epochs, self.cfg.epochs, self.step,
+                            self.lr * was, self.lr * now, saved_epochs,
+                            self.cfg.epochs)  # fmt: skip
         saved_world = state.get("world", self.world)  # not recorded before this field
         if saved_world != self.world and self.rank == 0:
             log.warning("%s was written by %d process(es), resumed by %d: each one's share of "
@@ -1035,6 +1082,9 @@ class _Run:
             meter.sums, meter.counts = dict(self.partial["sums"]), dict(self.partial["counts"])
         self.partial_seconds = self.partial.get("seconds", 0.0)
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        self.loader_generator.manual_seed(
+            int(sample_keys(cfg.seed ^ 0x10AD, self.epoch, [0])[0] >> np.uint64(1))
+        )
         base = _base(self.train_set)
         base.set_epoch(self.epoch)
         self.net.train()
@@ -1172,14 +1222,43 @@ class _Run:
         return row
 
 
+# What a resume reads from a checkpoint's state.pt (`_Run._save` writes every one of them).
+RESUME_FIELDS = ("config", "meta", "epoch", "batch_in_epoch", "step", "optimizer", "scaler",
+                 "rng", "history")  # fmt: skip
+
+
+def _load_for_resume(path, state_only: bool = False) -> dict:
+    """`C.load_checkpoint`, and a CheckpointError naming state.pt when it lacks what a resume
+    reads (a KeyError's traceback, deep in the set-up, before)."""
+    ckpt = C.load_checkpoint(path, state_only=state_only)
+    state = ckpt["state"]
+    missing = [k for k in RESUME_FIELDS if k not in state]
+    if not missing:
+        missing = [k for k in ("config", "meta") if not isinstance(state[k], dict)]
+    if missing:
+        raise C.CheckpointError(f"{Path(ckpt['path']) / 'state.pt'}: not a complete training "
+                                f"checkpoint (no valid {', '.join(missing)}); resume from "
+                                "another checkpoint")  # fmt: skip
+    return ckpt
+
+
 def _load_exact(model: nn.Module, sd: dict, where) -> None:
     """Our own checkpoint into the model it was saved from: every key, buffers included."""
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        # torch's first line only says "Error(s) in loading state_dict for Xception:".
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "no detail"
+        if len(detail) > 160:  # a list of every missing key: the first few
+            cut = detail.rfind(", ", 0, 160)
+            detail = detail[: cut if cut > 0 else 160] + ", ..."
+        # The model is the one the checkpoint's own state.pt describes, whatever the config
+        # given: "resume with the run's config", the advice here before, could not help.
         raise C.CheckpointError(
-            f"{where}: does not fit the configured model ({first}); resume with the run's config"
+            f"{where}: does not fit the model its checkpoint's state.pt describes ({detail}): "
+            "its files come from different runs or another xception version; resume from "
+            "another checkpoint"
         ) from None
 
 
