@@ -140,6 +140,32 @@ def test_prune_keeps_last_n_and_newest_best(tmp_path):
     assert C.find_latest(tmp_path).name == "step-000000004"
 
 
+def test_a_prune_cut_short_leaves_no_half_deleted_checkpoint_listed(tmp_path, monkeypatch):
+    """A kill halfway through deleting an old checkpoint left it listed with files missing
+    (a later `--resume` of it failed as damaged); it now leaves the listing in one rename, and
+    the next prune sweeps what is left."""
+    import shutil
+
+    sd, state = _state()
+    for step in (1, 2, 3):
+        C.save_checkpoint(tmp_path, f"step-{step:09d}", sd, state)
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, *args, **kwargs):
+        os.unlink(sorted(p.path for p in os.scandir(path))[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C.shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        C.prune(tmp_path, keep_last=2)
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step-000000002", "step-000000003"]
+    for p in C.list_checkpoints(tmp_path):
+        C.load_checkpoint(p)  # every listed one is whole
+    monkeypatch.setattr(C.shutil, "rmtree", real_rmtree)
+    C.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000002", "step-000000003"]
+
+
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "metrics.csv"
     C.atomic_write(target, "a\n1\n")

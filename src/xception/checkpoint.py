@@ -352,7 +352,15 @@ def _remove(path: Path) -> None:
         except OSError:  # as rmtree's ignore_errors: a prune that fails never stops training
             pass
     else:
-        shutil.rmtree(path, ignore_errors=True)
+        # Out of the listing first, in one rename: a kill halfway through rmtree left a
+        # checkpoint listed with some of its files gone. A `.*.tmp` name is swept by the next
+        # prune if this one is cut short.
+        doomed = path.with_name(f".{path.name}.{os.getpid()}.deleting.tmp")
+        try:
+            path.rename(doomed)
+        except OSError:
+            doomed = path
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _resolve(path: str | Path) -> Path:
