@@ -416,7 +416,9 @@ def test_ddp_ranks_all_stop_when_the_run_folder_is_in_use(tmp_path, toy):
 @pytest.mark.slow
 def test_ddp_resume_from_mid_epoch_reports_the_uninterrupted_metrics(tmp_path, toy):
     """The epoch's running sums in a checkpoint are all ranks' (rank 0 used to save its own, and
-    every rank restored them): the resumed epoch's train loss is the uninterrupted one's."""
+    every rank restored them): the resumed epoch's train loss is the uninterrupted one's. The
+    resume also switches gradient checkpointing on, which under DDP must change nothing:
+    metrics and final weights are bitwise the uninterrupted run's."""
     recipe = tiny_recipe(tmp_path, toy, epochs=1, batch_size=32, train_subset=256,
                          checkpoint_every=3, keep_last=100, ema_decay=None)  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -428,11 +430,17 @@ def test_ddp_resume_from_mid_epoch_reports_the_uninterrupted_metrics(tmp_path, t
            if load_checkpoint(p, state_only=True)["state"]["batch_in_epoch"] > 0]  # fmt: skip
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
     shutil.copytree(mid[-1], tmp_path / "cut" / "checkpoints" / mid[-1].name)
-    cut = subprocess.run([*torchrun, "--out", str(tmp_path / "cut"), "--resume", "auto"],
+    cut = subprocess.run([*torchrun, "--out", str(tmp_path / "cut"), "--resume", "auto",
+                          "--set", "grad_checkpointing=true"],
                          capture_output=True, text=True, timeout=240)  # fmt: skip
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert cut.stderr.count("resumed from") == 1, cut.stderr[-3000:]
     assert metrics_rows(tmp_path / "cut") == metrics_rows(tmp_path / "ref")
+    newest = list_checkpoints(tmp_path / "cut" / "checkpoints")[-1]
+    assert load_checkpoint(newest, state_only=True)["state"]["config"]["grad_checkpointing"]
+    final = [load_file(tmp_path / run / "model.safetensors") for run in ("ref", "cut")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
 def _one_line_error(capsys, argv, message, code=2):
