@@ -37,6 +37,11 @@ def test_info_with_overrides(capsys):
         (["info", "xception", "--set", "width=1000"], "more than this machine's"),  # ~90 TB
         (["info", "inception-v3"], "describes Xception presets"),
         (["models", "xceptoin"], "no preset name contains 'xceptoin': did you mean xception"),
+        (
+            ["bench", "--quick", "--batch", "1", "0"],
+            "--batch 1 0: inference batch sizes are at least 1",
+        ),
+        (["bench", "--quick", "--repeats", "0"], "--repeats 0: time at least 1 round"),
     ],
 )
 def test_user_errors_are_one_line(capsys, argv, message):
@@ -307,3 +312,99 @@ def test_an_empty_out_folder_is_refused(command, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="out='' is not valid: give a folder for the run"):
         make_config("fashion-mnist", out="")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished one-epoch run of a tiny compact model (EMA kept), its folder and data."""
+    from test_data import _image_folder, make_idx_dataset
+
+    from xception.train import fit
+
+    tmp = tmp_path_factory.mktemp("cli-run")
+    data = make_idx_dataset(tmp / "toy", n_train=64, n_test=16, size=16)
+    model_args = dict(stem_channels=[8, 8], entry_channels=[8, 16, 16], middle_blocks=1,
+                      exit_channels=16, head_channels=[16, 16])  # fmt: skip
+    fit("fashion-mnist", data=str(data), out=str(tmp / "run"), model_args=model_args,
+        image_size=16, epochs=1, batch_size=32, lr=0.05, warmup_epochs=0, ema_decay=0.9,
+        threads=1, progress=False, device="cpu")  # fmt: skip
+    images = _image_folder(tmp / "images", per_class=2, size=16)
+    return tmp / "run", data, images
+
+
+def _checkpoint(run):
+    return next(p for p in sorted((run / "checkpoints").iterdir()) if p.name.startswith("step-"))
+
+
+def test_a_training_checkpoint_works_as_weights_for_predict_convert_and_export(
+    tiny_run, capsys, tmp_path
+):
+    """A checkpoint's weights files hold no model config: `--weights runs/f/checkpoints/step-N`
+    was loaded into the default `xception` and refused ('131 model weights missing'), with no
+    way to name the model it fits. Now the checkpoint rebuilds its own model, classes and
+    preprocessing, as the run folder does, with the EMA weights as `xception eval` scores."""
+    import json
+
+    from xception.zoo import create_model
+
+    run, _, images = tiny_run
+    ckpt = _checkpoint(run)
+    for weights in (ckpt, ckpt / "model.safetensors"):
+        argv = ["predict", str(images), "--weights", str(weights), "--format", "json"]
+        assert main([*argv, "--no-progress", "--topk", "2"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert len(rows) == 4 and all(r["error"] is None for r in rows)
+        assert rows[0]["predictions"][0]["label"] in {str(k) for k in range(10)}
+
+    out = tmp_path / "ckpt.safetensors"
+    assert main(["convert", str(ckpt), str(out)]) == 0
+    assert "10 classes" in capsys.readouterr().out
+    converted = create_model("xception", weights=str(out)).eval()
+    # The checkpoint's EMA weights (what the run exported as its final weights).
+    final = create_model("xception", weights=str(run)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(converted(x), final(x))
+    assert converted.weights_meta.input_size == 16
+    assert converted.weights_meta.categories == final.weights_meta.categories
+
+    onnx = tmp_path / "ckpt.onnx"
+    assert main(["export", str(onnx), "--weights", str(ckpt)]) == 0
+    assert "input 16x16" in capsys.readouterr().out and onnx.is_file()
+    # A model the checkpoint does not fit is named by the checkpoint, not a temporary file.
+    assert main(["export", str(onnx), "--weights", str(ckpt), "--set", "width=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xception export: error: {ckpt}: layer ")
+    assert "xception-checkpoint-" not in err
+
+
+@pytest.mark.parametrize("where", ["copied", "ema", "name"])
+def test_eval_raw_on_weights_without_raw_ones_is_refused(tiny_run, capsys, tmp_path, where):
+    """`--raw` on a run's model.safetensors copied elsewhere (the EMA weights) or on a
+    checkpoint's ema.safetensors scored the EMA weights, labelled with the file given, as if
+    --raw had been honoured."""
+    import shutil
+
+    run, data, _ = tiny_run
+    if where == "copied":
+        spec = str(shutil.copy(run / "model.safetensors", tmp_path / "m.safetensors"))
+        hint = "give the run folder, or one of its checkpoints"
+    elif where == "ema":
+        spec = str(_checkpoint(run) / "ema.safetensors")
+        hint = "holds the checkpoint's EMA weights"
+    else:
+        spec, hint = "imagenet", "drop --raw"
+    assert main(["eval", "--checkpoint", spec, "--data", str(data), "--raw"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xception eval: error: --raw: ") and hint in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_raw_still_reads_runs_and_checkpoints(tiny_run, capsys):
+    import json
+
+    run, data, _ = tiny_run
+    ckpt = _checkpoint(run)
+    for spec in (run, run / "model.safetensors", ckpt, ckpt / "model.safetensors"):
+        argv = ["eval", "--checkpoint", str(spec), "--data", str(data), "--raw", "--limit", "4"]
+        assert main([*argv, "--device", "cpu"]) == 0
+        assert "raw weights" in json.loads(capsys.readouterr().out)["checkpoint"]
