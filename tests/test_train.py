@@ -478,7 +478,14 @@ def test_resume_keeps_the_runs_settings_and_never_replaces_another_run(
     with caplog.at_level("WARNING", logger="xception"):
         assert main(["train", "--out", str(run), "--resume", "auto", "--lr", "0.5",
                      "--set", "model_args.middle_blocks=3"]) == 0  # fmt: skip
-    assert "lr, model_args given here not applied" in caplog.text
+    assert "lr=0.5, model_args={" in caplog.text and "given here not applied" in caplog.text
+    assert _snapshot(run) == finished
+    # From Python too (fit dropped them without a word), naming only what differs.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xception"):
+        fit(None, out=str(run), resume="auto", lr=0.5, seed=0, progress=False)
+    assert "lr=0.5 given here not applied, the run's lr=" in caplog.text, caplog.text
+    assert "seed" not in caplog.text  # given, and the run's own
     assert _snapshot(run) == finished
     # Settings given explicitly still apply; the others stay the run's own.
     assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "2"]) == 0

@@ -838,16 +838,12 @@ def _train_config(args: argparse.Namespace):
     if resuming:
         from .train import RESUMABLE, load_recipe
 
-        fixed = sorted(k for k in overrides if k not in RESUMABLE)
-        if model_args:
-            fixed.append("model_args")
+        # Settings given that differ from the run's are named by the engine, with their values.
         if recipe_arg:  # a recipe's own settings are not applied either
             applied = sorted(k for k in load_recipe(recipe_arg) if k in RESUMABLE and k != "data")
-            fixed.append(f"recipe {recipe_arg}" + (
-                f" (only its {', '.join(applied)} applied)" if applied else ""))  # fmt: skip
-        if fixed:
-            log.warning("--resume continues the run as it was configured: %s given here not "
-                        "applied (start a new run to change them)", ", ".join(fixed))  # fmt: skip
+            log.warning("--resume continues the run as it was configured: recipe %s%s given "
+                        "here not applied (start a new run to change them)", recipe_arg,
+                        f" (only its {', '.join(applied)} applied)" if applied else "")  # fmt: skip
     recipe = recipe_arg or (None if resuming else "fashion-mnist")
     # make_config drops None overrides (unset arguments); a null from --set or --config is a
     # value the user gave (ema_decay=null turns EMA off), applied after it.
@@ -860,6 +856,7 @@ def _train_config(args: argparse.Namespace):
         cfg = cfg.replace(**nulls)
     if model_args:
         cfg = cfg.replace(model_args={**cfg.model_args, **model_args})
+        given.add("model_args")
     if cfg.out is None and cfg.resume is None:
         if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
             raise UserError("under torchrun pass --out DIR, so that all ranks and restarts "

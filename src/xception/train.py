@@ -669,6 +669,15 @@ class _Run:
         except ValueError as err:  # the given values were checked already: the saved ones
             raise C.CheckpointError(f"{ckpt['path']}/state.pt: the run's config in it is not "
                                     f"valid ({err}); resume from another checkpoint") from None  # fmt: skip
+        # What was given and cannot change in a resume is said, not dropped without a word
+        # (only the CLI said it): the run's own value stays.
+        dropped = [k for k in sorted(self.given) if k not in RESUMABLE and k in saved
+                   and getattr(cfg, k) != getattr(self.cfg, k)]  # fmt: skip
+        if dropped and self.rank == 0:
+            log.warning("a resume continues the run as it was configured: %s given here not "
+                        "applied, the run's %s kept (start a new run to change them)",
+                        ", ".join(f"{k}={getattr(cfg, k)!r}" for k in dropped),
+                        ", ".join(f"{k}={getattr(self.cfg, k)!r}" for k in dropped))  # fmt: skip
         self.resume_from = ckpt
 
     # set-up ------------------------------------------------------------------------------------
