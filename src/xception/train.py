@@ -1023,7 +1023,10 @@ class _Run:
         self.start_wall = start_wall = time.perf_counter() - done
         if self.epoch >= cfg.epochs:
             self._info(
-                "run in %s already finished (%d epochs): nothing to do", self.out, self.epoch
+                "run in %s already finished (%d epoch%s): nothing to do",
+                self.out,
+                self.epoch,
+                "" if self.epoch == 1 else "s",
             )
         with _Signals() as signals:
             while self.epoch < cfg.epochs:
