@@ -241,6 +241,89 @@ def test_convert_keras_file_keeps_outputs_and_imagenet_metadata(keras_top, tmp_p
     assert torch.equal(meta.transforms()(photo), keras_transform(299)(photo))
 
 
+def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch-norm parameters and statistics away from their initial 1s and 0s, so that a
+    weight in the wrong place shows in the outputs."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_weights_convert_to_a_keras_file_that_keras_xception_loads(tmp_path, capsys):
+    """Fine-tuned here, served by Keras: `xception convert run OUT.h5` writes the layout of
+    Keras' own ImageNet files, which keras.applications.Xception loads by layer order; its
+    logits are ours, and the file loads back here tensor for tensor."""
+    import keras
+
+    from xception.cli import main
+    from xception.weights import save_safetensors
+
+    torch.manual_seed(3)
+    ours = _trained_like(create_model("xception", num_classes=7))
+    source = save_safetensors(ours, tmp_path / "ours.safetensors")
+    out = tmp_path / "for-keras.h5"
+    assert main(["convert", str(source), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"keras.applications.Xception(weights='{out}', classes=7)" in printed
+    kmodel = keras.applications.Xception(weights=str(out), classes=7, classifier_activation=None)
+    x = torch.rand(2, 3, 299, 299) * 2 - 1
+    with torch.no_grad():
+        expected = ours(x).numpy()
+    assert np.abs(keras_predict(kmodel, x) - expected).max() < TOL * np.abs(expected).max()
+    again = create_model("xception", num_classes=7, weights=out)
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_backbone_converts_to_keras_without_its_head(tmp_path):
+    """num_classes=0 is Keras' include_top=False: the feature maps are ours."""
+    import keras
+
+    from xception.weights import save_keras_h5 as write_keras_h5
+
+    torch.manual_seed(4)
+    ours = _trained_like(create_model("xception", num_classes=0, pooling=None))
+    path = write_keras_h5(ours, tmp_path / "notop.h5")
+    kmodel = keras.applications.Xception(weights=str(path), include_top=False,
+                                         input_shape=(96, 96, 3), pooling=None)  # fmt: skip
+    x = torch.rand(1, 3, 96, 96) * 2 - 1
+    with torch.no_grad():
+        expected = ours(x).numpy()
+    assert np.abs(keras_predict(kmodel, x) - expected).max() < TOL * np.abs(expected).max()
+
+
+def test_variants_keras_cannot_build_are_refused_before_anything_is_written(tmp_path, capsys):
+    from xception.cli import main
+    from xception.weights import save_keras_h5 as write_keras_h5
+    from xception.weights import save_safetensors
+
+    for name, overrides, named in (
+        ("xception-compact", dict(num_classes=10), "stem_stride=1"),
+        ("xception", dict(padding="symmetric", bn_eps=1e-5), "padding='symmetric'"),
+        ("xception-mid-relu", {}, "mid_activation='relu'"),
+        ("xception", dict(pooling="max"), "pooling='max' before the classifier"),
+    ):
+        with pytest.raises(WeightsError, match=re.escape(named)):
+            write_keras_h5(create_model(name, **overrides), tmp_path / "x.h5")
+    assert not list(tmp_path.iterdir())
+    # From the command line, one line, and a good file of that name stays as it was.
+    source = save_safetensors(create_model("xception-compact", num_classes=10),
+                              tmp_path / "compact.safetensors")  # fmt: skip
+    good = tmp_path / "good.h5"
+    good.write_bytes(b"an earlier file")
+    assert main(["convert", str(source), str(good), "--model", "xception-compact"]) == 2
+    err = capsys.readouterr().err
+    assert "Keras' Xception has no counterpart for" in err and "stem_stride=1" in err
+    assert len(err.strip().splitlines()) == 1
+    assert good.read_bytes() == b"an earlier file"
+    assert main(["convert", str(source), str(tmp_path / "x.weights.h5")]) == 2
+    assert "name the file .h5" in capsys.readouterr().err
+
+
 def test_timm_weights_convert_with_their_config_and_preprocessing(tmp_path, capsys):
     import timm
     from PIL import Image

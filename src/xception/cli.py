@@ -338,27 +338,42 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
         "(Keras .h5, .safetensors, .pth/.pt from timm, Cadene or us), run folder or checkpoint "
         "folder",
     )
-    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument("output", help="the file to write: .safetensors (ours), or .h5 for Keras' "
+                   "keras.applications.Xception (the paper's model only)")  # fmt: skip
     p.add_argument(
         "--model", default="xception", help="preset the weights fit (default: %(default)s)"
     )
 
 
 @command(
-    "convert", "convert weights into our safetensors (config and metadata included)", _convert_args
-)
+    "convert", "convert weights into our safetensors (config and metadata included), or into a "
+    "Keras .h5 file", _convert_args,
+)  # fmt: skip
 def _run_convert(args: argparse.Namespace) -> int:
     from .checkpoint import check_output_file
-    from .weights import save_safetensors
+    from .weights import save_keras_h5, save_safetensors
     from .zoo import create_model
 
-    if not args.output.lower().endswith(".safetensors"):  # as the loaders read suffixes
-        raise UserError(f"{args.output}: the output must be a .safetensors file")
+    out = args.output.lower()
+    if out.endswith(".weights.h5"):  # Keras 3 reads this suffix as its own layout, not .h5's
+        raise UserError(f"{args.output}: Keras reads a .weights.h5 name as Keras 3's own "
+                        "layout; name the file .h5 (the layout of Keras' ImageNet files)")  # fmt: skip
+    if not out.endswith((".safetensors", ".h5")):  # as the loaders read suffixes
+        raise UserError(f"{args.output}: the output must be a .safetensors file (or .h5 for Keras)")
     check_output_file(args.output)
     if args.model == "inception-v3":
         raise UserError("convert handles Xception weights; inception-v3 is torchvision's model")
     with _WeightsFile(args.input) as weights:
         model = create_model(args.model, weights=weights)
+    if out.endswith(".h5"):
+        path = save_keras_h5(model, args.output)  # refuses a variant Keras cannot build
+        cfg = model.config
+        load = (f"classes={cfg.num_classes}" if cfg.num_classes
+                else "include_top=False")  # fmt: skip
+        print(f"wrote {path}: Keras weights, {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters; keras.applications.Xception(weights={str(path)!r}, {load}) loads "
+              "them (the class names and preprocessing are not in a Keras file)")  # fmt: skip
+        return 0
     path = save_safetensors(model, args.output, model.weights_meta)
     meta = model.weights_meta
     cfg = model.config

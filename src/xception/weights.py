@@ -424,6 +424,97 @@ def keras_to_state_dict(
     return sd
 
 
+# What keras.applications.Xception builds is the paper's model and nothing else: these fields
+# must be at their defaults. num_classes (`classes`, or 0 for include_top=False), in_chans (the
+# input shape) and the training-only drop_rate and bn_momentum are free.
+_KERAS_FIXED = ("residual", "mid_activation", "order", "segments", "middle_blocks", "width",
+                "stem_channels", "entry_channels", "exit_channels", "head_channels",
+                "stem_stride", "stem_padding", "padding", "bn_eps", "fc_layers",
+                "output_stride")  # fmt: skip
+
+
+def state_dict_to_keras(model: nn.Module) -> dict[str, dict[str, np.ndarray]]:
+    """Our Xception's weights as Keras layers, the inverse of `keras_to_state_dict`: named as
+    keras.applications.Xception names them and in its layer order, which is what Keras' loader
+    of .h5 files matches by (each block's layers, then its shortcut's unnamed conv and batch
+    norm, `conv2d`, `batch_normalization`, `conv2d_1`, ...; `predictions` last)."""
+    from .model import Xception, XceptionConfig
+
+    if not isinstance(model, Xception):
+        raise WeightsError(f"{type(model).__name__} has no counterpart in Keras' applications "
+                           "here: only Xception converts to a Keras file")  # fmt: skip
+    cfg, paper = model.config, XceptionConfig()
+    differ = [
+        f"{k}={getattr(cfg, k)!r}" for k in _KERAS_FIXED if getattr(cfg, k) != getattr(paper, k)
+    ]
+    if cfg.num_classes and cfg.pooling != "avg":
+        differ.append(f"pooling={cfg.pooling!r} before the classifier (Keras' is 'avg')")
+    if differ:
+        raise WeightsError(
+            f"Keras' Xception has no counterpart for {', '.join(differ)}: only the paper's "
+            "model (preset xception, with Keras' padding) converts to a Keras file; keep the "
+            ".safetensors file for this one"
+        )
+    sd = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()
+          if not k.endswith("num_batches_tracked")}  # fmt: skip
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    shortcuts = 0
+
+    def conv(w: np.ndarray) -> np.ndarray:  # (out, in, kh, kw) -> Keras' (kh, kw, in, out)
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+    def bn(prefix: str) -> dict[str, np.ndarray]:
+        return {k: sd[f"{prefix}.{v}"] for k, v in BN_KERAS.items()}
+
+    for block in model.block_names:
+        for name in (n for n, _ in getattr(model, block).named_children() if n != "shortcut"):
+            prefix = f"{block}.{name}"
+            if f"{prefix}.conv.weight" in sd:  # the stem's conv + BN pairs
+                layers[f"{block}_{name}"] = {"kernel": conv(sd[f"{prefix}.conv.weight"])}
+                layers[f"{block}_{name}_bn"] = bn(f"{prefix}.bn")
+            elif f"{prefix}.spatial.weight" in sd:
+                layers[f"{block}_{name}"] = {
+                    "depthwise_kernel": np.ascontiguousarray(
+                        sd[f"{prefix}.spatial.weight"].transpose(2, 3, 0, 1)),
+                    "pointwise_kernel": conv(sd[f"{prefix}.pointwise.weight"]),
+                }  # fmt: skip
+            elif f"{prefix}.running_mean" in sd:
+                layers[f"{block}_{name}"] = bn(prefix)
+        if getattr(getattr(model, block), "shortcut", None) is not None:
+            suffix = f"_{shortcuts}" if shortcuts else ""
+            layers[f"conv2d{suffix}"] = {"kernel": conv(sd[f"{block}.shortcut.conv.weight"])}
+            layers[f"batch_normalization{suffix}"] = bn(f"{block}.shortcut.bn")
+            shortcuts += 1
+    if model.fc is not None:
+        layers["predictions"] = {"kernel": np.ascontiguousarray(sd["fc.weight"].T),
+                                 "bias": sd["fc.bias"]}  # fmt: skip
+    return layers
+
+
+def save_keras_h5(model: nn.Module, path: str | Path) -> Path:
+    """Write `model`'s weights as a Keras .h5 weights file, the layout of Keras' own ImageNet
+    files: `keras.applications.Xception(weights=path, classes=N)` loads it (include_top=False
+    for a model without a classifier), and so does `create_model` here. Written atomically."""
+    import io
+
+    import h5py
+
+    layers = state_dict_to_keras(model)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f.attrs["layer_names"] = [n.encode() for n in layers]
+        f.attrs["backend"] = b"torch"
+        for name, weights in layers.items():
+            group = f.create_group(name)
+            names = [f"{name}/{k}:0" for k in weights]
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for wname, value in zip(names, weights.values(), strict=True):
+                group.create_dataset(wname, data=value)
+    path = Path(path)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
 def _timm_name_map(model: nn.Module) -> dict[str, str]:
     """Our prefix -> timm prefix, derived from timm's Block layout (ReLUs take slots in `rep`)."""
     names = {
