@@ -417,3 +417,145 @@ def test_a_single_class_folder_is_refused_naming_the_folder_that_holds_the_class
         make_datasets(tmp_path / "flat", image_size=16)
     # The evaluation set of a model that knows its classes may hold some of them only.
     assert scan_folder(tmp_path / "flat", ("cat", "dog"))[1] == ("cat", "dog")
+
+
+def test_in_memory_images_are_normalised_per_channel_from_0_255_pixels(tmp_path):
+    """(pixel / 255 - mean) / std, channel by channel; IDX data that is not Fashion-MNIST gets
+    MNIST's statistics."""
+    from xception.data import MNIST_MEAN_STD, TensorImageDataset
+
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    ds = TensorImageDataset(images.contiguous(), torch.tensor([0, 1]), ("a", "b"),
+                            mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))  # fmt: skip
+    x, y = ds.__getitems__([1])
+    expected = [(0 / 255 - 0.1) / 0.5, (51 / 255 - 0.2) / 0.25, (255 / 255 - 0.3) / 2.0]
+    assert x[0, :, 0, 0].tolist() == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(x[0, :, 0, 0, None, None].expand(3, 2, 2), x[0]) and y.tolist() == [1]
+    # Digits (not Fashion-MNIST): MNIST's mean and std.
+    (root := tmp_path / "digits").mkdir()
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.full((2, 4, 4), 200))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.array([3, 7]))
+    x, _ = load_idx(root, "test").__getitems__([0])
+    (m,), (s,) = MNIST_MEAN_STD
+    assert x.flatten().tolist() == pytest.approx([(200 / 255 - m) / s] * 16, rel=1e-6)
+
+
+def test_small_augmentation_is_a_zero_padded_translation_and_a_horizontal_flip():
+    """Each augmented image is the p-pixel zero-padded image cropped back to its size at some
+    offset (dy, dx) in 0..2p and maybe mirrored left-right: found by brute force over every
+    (dy, dx, flip). Over many images every offset occurs on each axis, the two axes vary
+    independently, and about half the images are flipped."""
+    from xception.data import TensorImageDataset
+
+    gen = torch.Generator().manual_seed(0)
+    n, p, h, w = 300, 2, 6, 7
+    images = torch.randint(1, 256, (n, 2, h, w), generator=gen, dtype=torch.uint8)  # no zeros
+    kw = dict(mean=(0.0, 0.0), std=(1 / 255, 1 / 255), augment="small", padding=p)
+    ds = TensorImageDataset(images, torch.zeros(n, dtype=torch.long), ("a",), seed=3, **kw)
+    out = ds.__getitems__(list(range(n)))[0]
+    padded = torch.nn.functional.pad(images.float(), (p, p, p, p))
+    found = []
+    for i in range(n):
+        matches = [(dy, dx, flip) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                   for flip in (False, True)
+                   if torch.equal(out[i], (lambda c: c.flip(-1) if flip else c)(
+                       padded[i, :, dy : dy + h, dx : dx + w]))]  # fmt: skip
+        assert len(matches) == 1, (i, matches)
+        found.append(matches[0])
+    assert {dy for dy, _, _ in found} == set(range(2 * p + 1))
+    assert {dx for _, dx, _ in found} == set(range(2 * p + 1))
+    assert len({(dy, dx) for dy, dx, _ in found}) == (2 * p + 1) ** 2  # every pair: independent
+    assert 0.35 < sum(flip for _, _, flip in found) / n < 0.65
+    # No flip when hflip is off; no augmentation at all with 'none'.
+    no_flip = TensorImageDataset(images, torch.zeros(n, dtype=torch.long), ("a",), seed=3,
+                                 hflip=False, **kw)  # fmt: skip
+    x = no_flip.__getitems__(list(range(n)))[0]
+    for i, (dy, dx, _) in enumerate(found):
+        assert torch.equal(x[i], padded[i, :, dy : dy + h, dx : dx + w])
+    kw["augment"] = "none"
+    plain = TensorImageDataset(images, torch.zeros(n, dtype=torch.long), ("a",), **kw)
+    assert torch.equal(plain.__getitems__(list(range(n)))[0], images.float())
+
+
+def test_in_memory_downsizing_keeps_the_mean_of_fine_detail():
+    """Resizing in-memory images down is antialiased: one bright column in four, shrunk 4x,
+    gives about a quarter of the brightness everywhere, not the stripes sampled away (all 0)."""
+    from xception.data import TensorImageDataset
+
+    images = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    images[..., ::4] = 255
+    ds = TensorImageDataset(images, torch.zeros(1, dtype=torch.long), ("a",),
+                            mean=(0.0,), std=(1.0,), size=8)  # fmt: skip
+    x = ds.__getitems__([0])[0]
+    assert x.shape == (1, 1, 8, 8)
+    assert x[0, 0, :, 1:7].flatten().tolist() == pytest.approx([0.25] * 48, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "code,dtype,values",
+    [(0x0B, ">i2", [-2, 300, -32768, 32767]), (0x0C, ">i4", [-70000, 1, 2**31 - 1, 0]),
+     (0x0D, ">f4", [0.5, -1.25, 3e9, 0.0]), (0x0E, ">f8", [1e-300, -2.5, 7.0, 1 / 3]),
+     (0x09, "i1", [-128, 127, 0, -1])],
+)  # fmt: skip
+def test_idx_files_of_every_type_are_read_big_endian(tmp_path, code, dtype, values):
+    """The IDX format stores multi-byte values most significant byte first (as MNIST's own
+    documentation says), whatever the reading machine."""
+    array = np.array(values, dtype=dtype).reshape(2, 2)
+    header = bytes([0, 0, code, 2]) + struct.pack(">2I", 2, 2)
+    (tmp_path / "x").write_bytes(header + array.tobytes())
+    out = read_idx(tmp_path / "x")
+    assert out.shape == (2, 2) and out.tolist() == array.tolist()
+    assert out.dtype == np.dtype(dtype).newbyteorder("=")
+
+
+def _norm(a, mean=0.5, std=0.5):
+    return (np.asarray(a, dtype=np.float32) / 255 - mean) / std
+
+
+def test_eval_transforms_resize_crop_and_normalise_like_pil_by_hand():
+    """Keras' preprocessing is a square bilinear resize of the whole image and x / 127.5 - 1;
+    a crop fraction f resizes the shorter side to int(size / f) and centre-crops size (timm's
+    0.8975, bicubic). Compared with Pillow's own resize and crop, and worked by hand."""
+    from xception.data import eval_preset, eval_transform, keras_transform
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (32, 48, 3)).astype(np.uint8))  # 48 wide, 32 high
+    chw = lambda t: t.permute(1, 2, 0).numpy()  # noqa: E731
+    square = _norm(im.resize((16, 16), Image.BILINEAR))
+    assert np.array_equal(chw(keras_transform(16)(im)), square)
+    assert np.array_equal(chw(eval_preset("keras", 16)(im)), square)
+    assert np.array_equal(chw(eval_transform(16)(im)), square)  # crop_fraction 1: no crop
+    # 16 / 0.8 = 20: 48x32 -> 30x20, centre 16x16 from column 7 and row 2.
+    crop = _norm(im.resize((30, 20), Image.BICUBIC).crop((7, 2, 23, 18)))
+    assert np.array_equal(chw(eval_transform(16, 0.8, "bicubic")(im)), crop)
+    # 16 / 0.5 = 32 is the shorter side already: the centre 16x16 pixels, untouched.
+    centre = _norm(np.asarray(im)[8:24, 16:32])
+    assert np.allclose(chw(eval_transform(16, 0.5, "nearest")(im)), centre, atol=1e-6)
+    # Per-channel statistics, mean and std each in its place.
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    own = _norm(im.resize((16, 16), Image.BILINEAR), np.array(mean), np.array(std))
+    assert np.allclose(chw(eval_transform(16, 1.0, "bilinear", mean, std)(im)), own, atol=1e-6)
+    assert np.allclose(chw(eval_preset("small", 16, mean, std)(im)), own, atol=1e-6)
+
+
+def test_train_transform_presets_hold_the_documented_augmentation():
+    """'imagenet': random-resized crops of 8-100% of the area at 3/4-4/3 aspect, and flips;
+    'small': a random crop with 1/8 of the size as zero padding (or the padding asked for)."""
+    from torchvision import transforms as T
+
+    from xception.data import train_transform
+
+    steps = train_transform("imagenet", 32).transforms
+    rrc = next(s for s in steps if isinstance(s, T.RandomResizedCrop))
+    assert rrc.size == (32, 32) and rrc.scale == (0.08, 1.0)
+    assert rrc.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert any(isinstance(s, T.RandomHorizontalFlip) and s.p == 0.5 for s in steps)
+    for size, padding, expected in ((32, None, 4), (64, None, 8), (12, None, 1), (32, 3, 3)):
+        steps = train_transform("small", size, padding=padding).transforms
+        crop = next(s for s in steps if isinstance(s, T.RandomCrop))
+        assert (crop.size, crop.padding, crop.fill) == ((size, size), expected, 0)
+    # Normalised like evaluation: a uniform image of 51 is 51 / 127.5 - 1 (no padding here).
+    grey = Image.new("RGB", (32, 32), (51, 51, 51))
+    for preset in ("imagenet", "none"):
+        x = train_transform(preset, 16)(grey)
+        assert x.shape == (3, 16, 16) and torch.allclose(x, torch.full_like(x, 51 / 127.5 - 1))

@@ -438,3 +438,119 @@ def test_weights_names_and_files_that_restore_a_compact_model(tmp_path, monkeypa
     # A bare state dict converted without metadata: its config says compact.
     save_safetensors(create_model("xception-compact", num_classes=3), tmp_path / "c.safetensors")
     assert load_for_eval(tmp_path / "c.safetensors")[1]["image_size"] == 28  # was 299
+
+
+class _Passthrough(torch.nn.Module):
+    """A "model" whose logits are its input, flattened: the metrics see exactly these scores."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+class _Scored(torch.utils.data.Dataset):
+    """Single-label "images" (C, 1, 1) holding their own logits."""
+
+    def __init__(self, logits, labels):
+        self.logits, self.labels = logits, labels
+
+    def __len__(self):
+        return len(self.logits)
+
+    def __getitem__(self, i):
+        return self.logits[i].view(-1, 1, 1), self.labels[i]
+
+    collate = staticmethod(torch.utils.data.default_collate)
+
+
+def _hand_scores(logits, labels):
+    """Mean softmax cross-entropy, and top-1/top-5 accuracy (%) counted one image at a time
+    (no ties in the scores), in plain Python."""
+    import math
+
+    loss = top1 = top5 = 0.0
+    for row, y in zip(logits.tolist(), labels.tolist(), strict=True):
+        loss += math.log(sum(math.exp(z) for z in row)) - row[y]
+        rank = sum(z > row[y] for z in row)  # classes scored above the true one
+        top1 += rank < 1
+        top5 += rank < 5
+    n = len(labels)
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+def test_single_label_loss_and_top_k_match_a_hand_count_over_uneven_batches():
+    """Loss is the mean cross-entropy per image (not a mean of batch means, nor of per-batch
+    sums); top-5 counts the images whose class is among the 5 highest scores, top-1 the argmax
+    hits. 11 images in batches of 4 (the last one short); 8 classes, so top-5 differs."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(11, 8, generator=gen, dtype=torch.float64).float()
+    labels = torch.randint(0, 8, (11,), generator=gen)
+    out = evaluate_model(_Passthrough(), _Scored(logits, labels), batch_size=4)
+    expected = _hand_scores(logits, labels)
+    assert expected["top1"] < expected["top5"] < 100  # the counts tell the metrics apart
+    assert out["n"] == 11 and out["unreadable"] == 0
+    for name in ("loss", "top1", "top5"):
+        assert out[name] == pytest.approx(expected[name], rel=1e-5), name
+
+
+def test_ranks_of_a_shard_split_score_every_image_once():
+    """Under DDP, rank r of w scores images r, r + w, ...: the ranks' shards are disjoint and
+    together cover the data (here without a process group, so each rank's sums stay its own)."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 6, generator=gen)
+    labels = torch.randint(0, 6, (9,), generator=gen)
+    data = _Scored(logits, labels)
+    for world in (2, 3):
+        total = 0
+        for rank in range(world):
+            out = evaluate_model(_Passthrough(), data, batch_size=2, rank=rank, world=world)
+            mine = list(range(rank, 9, world))
+            expected = _hand_scores(logits[mine], labels[mine])
+            assert out["n"] == len(mine)
+            assert out["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+            assert out["top1"] == pytest.approx(expected["top1"])
+            total += out["n"]
+        assert total == 9
+
+
+def test_evaluation_restores_the_models_training_mode():
+    """The training engine evaluates between epochs: a model left in eval mode would train on
+    with frozen batch-norm statistics and no dropout."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4), _Passthrough())
+    data = _Scored(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    model.train()
+    evaluate_model(model, data)
+    assert seen == [False] and model.training and model[0].training  # scored in eval mode
+    model.eval()
+    evaluate_model(model, data)
+    assert not model.training and not model[0].training
+
+
+def test_autocast_runs_in_the_precision_asked_for():
+    from xception.evaluate import autocast
+
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "none"):
+        assert (a @ b).dtype == torch.float32
+    with pytest.raises(ValueError, match="fp16' needs CUDA"):
+        autocast(torch.device("cpu"), "fp16")
+
+
+def test_eval_accepts_half_unreadable_images_and_refuses_more(tmp_path):
+    """The data is refused only when more than half of its images cannot be read."""
+    from test_data import _png_cut_in_its_pixels
+
+    save_file(create_model("xception-compact", num_classes=2).state_dict(),
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2, size=28)
+    for name in ("a", "b"):
+        for i in range(2):
+            _png_cut_in_its_pixels(root / name / f"cut{i}.png")
+    result = evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")
+    assert (result["images"], result["unreadable"]) == (4, 4)
+    (root / "a" / "0.png").unlink()
+    with pytest.raises(ValueError, match="4 of 7 images are unreadable"):
+        evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")

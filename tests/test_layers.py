@@ -164,3 +164,45 @@ def test_even_kernels_keep_the_same_size_padding_like_tensorflow(kernel):
     expected = m.pointwise(F.conv2d(zero_padded, m.spatial.weight, groups=4))
     assert torch.allclose(m(x), expected, atol=1e-6)
     assert SeparableConv2d(4, 6, 3).spatial.padding == (1, 1)  # odd kernels as before
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,dilation,expected",
+    [(10, 3, 1, 2, (2, 2)), (10, 3, 2, 2, (1, 2)), (9, 3, 1, 4, (4, 4)), (8, 2, 1, 3, (1, 2))],
+)
+def test_tf_same_padding_widens_the_window_by_the_dilation(
+    size, kernel, stride, dilation, expected
+):
+    """A dilated window spans (kernel - 1) * dilation + 1 pixels, and 'same' pads for that span:
+    e.g. 10 pixels, 3x3 dilated by 2 (span 5) at stride 2 -> 5 outputs, (5-1)*2 + 5 - 10 = 3
+    padded, 1 before and 2 after. Checked against a dilated conv's output size too."""
+    assert tf_same_padding(size, kernel, stride, dilation) == expected
+    before, after = expected
+    x = F.pad(torch.zeros(1, 1, 1, size), (before, after))
+    out = F.conv2d(x, torch.zeros(1, 1, 1, kernel), stride=(1, stride), dilation=(1, dilation))
+    assert out.shape[-1] == -(-size // stride)
+
+
+def test_init_weights_follows_its_documented_distributions():
+    """He-normal on the fan-out for convs (std sqrt(2 / (out * k * k))), Glorot-uniform for
+    Linears (bound sqrt(6 / (in + out))), and batch norms reset to weight 1 and bias 0, even
+    after training moved them. The fan-in (or torch's defaults) would differ by far more than
+    the sampling error of these many weights."""
+    from xception.layers import init_weights
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 256, 3), nn.BatchNorm2d(256), nn.Linear(300, 100))
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+        model[1].bias.fill_(-2.0)
+    init_weights(model)
+    conv_std = (2 / (256 * 9)) ** 0.5  # fan-in would be 8 * 9 -> std 0.167
+    assert model[0].weight.std().item() == pytest.approx(conv_std, rel=0.03)
+    assert abs(model[0].weight.mean().item()) < 0.05 * conv_std
+    bound = (6 / (300 + 100)) ** 0.5  # torch's default bound would be 1 / sqrt(300) = 0.058
+    w = model[2].weight
+    assert w.abs().max().item() <= bound and w.abs().max().item() > 0.99 * bound
+    assert w.std().item() == pytest.approx(bound / 3**0.5, rel=0.03)
+    assert torch.equal(model[2].bias, torch.zeros(100))
+    assert torch.equal(model[1].weight, torch.ones(256))
+    assert torch.equal(model[1].bias, torch.zeros(256))

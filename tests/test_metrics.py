@@ -1,7 +1,16 @@
+import itertools
+import math
+
 import pytest
 import torch
 
-from xception.metrics import Meter, average_precision_at_k, map_at_k, topk_correct
+from xception.metrics import (
+    Meter,
+    average_precision_at_k,
+    map_at_k,
+    reduce_sums,
+    topk_correct,
+)
 
 
 def test_topk_matches_hand_count():
@@ -135,3 +144,80 @@ def test_topk_refuses_class_indices_the_logits_do_not_have():
         topk_correct(torch.randn(2, 5), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="class indices go from -1"):
         topk_correct(torch.randn(2, 5), torch.tensor([-1, 2]))
+
+
+def _orders(scores: list[float]):
+    """Every ranking of the classes by descending score, one per permutation of the classes: a
+    stable sort of each permutation breaks ties in that permutation's order, so each order of a
+    tie group comes up equally often."""
+    for perm in itertools.permutations(range(len(scores))):
+        yield sorted(perm, key=lambda j: -scores[j])
+
+
+def test_ties_match_the_mean_over_all_orders_brute_force():
+    """Scores drawn from a few values (so ties of 2, 3 and more, relevant and not, at and across
+    the cut-off k): AP@k and top-k are the plain means over every order the ties may take."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        classes = int(torch.randint(2, 7, (1,), generator=gen))
+        scores = torch.randint(0, 3, (3, classes), generator=gen).double()
+        target = (torch.rand(3, classes, generator=gen) < 0.5).long()
+        labels = torch.randint(0, classes, (3,), generator=gen)
+        for k in range(1, classes + 2):
+            aps, hits = [], []
+            for s, t, c in zip(scores.tolist(), target.tolist(), labels.tolist(), strict=True):
+                orders = list(_orders(s))
+                aps.append(
+                    sum(
+                        _brute_force_ap([-r.index(j) for j in range(classes)], t, k) for r in orders
+                    )
+                    / len(orders)
+                )
+                hits.append(sum(c in r[:k] for r in orders) / len(orders))
+            assert average_precision_at_k(scores, target, k).tolist() == pytest.approx(aps)
+            assert topk_correct(scores, labels, (k,))[k] == pytest.approx(sum(hits))
+
+
+def test_topk_refuses_a_class_index_equal_to_the_class_count():
+    """Index K is one past the last class of K logits: a clear error, not an index error from
+    deep inside torch (or, worse, a silently wrong count)."""
+    with pytest.raises(ValueError, match="class indices go from 0 to 5, but the logits have 5"):
+        topk_correct(torch.randn(2, 5), torch.tensor([0, 5]))
+    assert topk_correct(torch.randn(2, 5), torch.tensor([0, 4]), (5,)) == {5: 2}  # 4 is fine
+
+
+def test_float64_scores_keep_their_precision_when_ranked():
+    """float64 logits that differ below float32's resolution must not become a tie."""
+    logits = torch.tensor([[1.0, 1.0 + 1e-12, 0.0]], dtype=torch.float64)
+    assert topk_correct(logits, torch.tensor([1]), (1,)) == {1: 1.0}
+    assert topk_correct(logits, torch.tensor([0]), (1,)) == {1: 0.0}
+    ap = average_precision_at_k(logits, torch.tensor([[1, 0, 0]]), 1)
+    assert ap.item() == 0.0  # class 0 is strictly 2nd, outside the top 1
+
+
+def test_meter_mean_of_nothing_is_nan_not_zero():
+    """A quantity never updated (or updated with count 0) has no mean: NaN, never a perfect 0."""
+    m = Meter()
+    assert math.isnan(m.mean("loss"))
+    m.update("loss", 0.0, 0)
+    assert math.isnan(m.mean("loss"))
+    m.update("top1", 3, 4)
+    assert m.means()["top1"] == 0.75 and math.isnan(m.means()["loss"])
+
+
+def test_meter_reduce_over_a_process_group_keeps_counts_exact(tmp_path):
+    """Through a real (one-rank, gloo) process group, sums and counts come back unchanged, in
+    float64: a count of 2**24 + 1 samples does not round to 2**24 as it would in float32."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        m = Meter()
+        m.update("loss", 2.5 * (2**24 + 1), 2**24 + 1)
+        m.update("top1", 7, 10)
+        out = m.reduce()
+        assert out.counts == {"loss": 2**24 + 1, "top1": 10}
+        assert out.sums == {"loss": 2.5 * (2**24 + 1), "top1": 7}
+        assert reduce_sums([2.0**24 + 1, 3.0]) == [2.0**24 + 1, 3.0]
+    finally:
+        dist.destroy_process_group()

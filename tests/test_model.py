@@ -601,3 +601,82 @@ def test_grad_checkpointing_under_torch_compile_gives_the_plain_step():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, b), c in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-6, msg=name)  # tracked: 1, not 2
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model
+
+
+def test_output_stride_dilates_what_follows_like_the_a_trous_algorithm():
+    """A smaller output stride drops a downsampling stride and dilates every later 3x3 conv by
+    2 (the 'a trous' algorithm): the same weights then compute the stride-32 network's features
+    on a grid twice as dense, so every other row and column of the denser maps is exactly the
+    stride-32 map. 71 px makes the maps entering the dropped strides odd (9 and 5 px), where
+    'same' windows are centred on the even pixels."""
+    cfg = XceptionConfig(width=0.125, middle_blocks=2, num_classes=0, pooling=None)
+    torch.manual_seed(0)
+    ref = _randomise_bn(Xception(cfg)).eval()
+    x = torch.randn(2, 3, 71, 71)
+    with torch.no_grad():
+        maps32 = ref.feature_maps(x)
+        for output_stride in (16, 8):
+            model = Xception(cfg.replace(output_stride=output_stride)).eval()
+            model.load_state_dict(ref.state_dict())
+            maps = model.feature_maps(x)
+            # Up to the middle flow: output stride 16 is the stride-32 network; 8 is 2x denser.
+            step = 2 if output_stride == 8 else 1
+            assert maps[3].shape[-1] == {16: 5, 8: 9}[output_stride]
+            assert torch.allclose(maps[3][..., ::step, ::step], maps32[3], atol=1e-5)
+            if output_stride == 16:  # the exit flow's pool is the only stride dropped
+                assert maps[4].shape[-1] == 5 and maps32[4].shape[-1] == 3
+                assert torch.allclose(maps[4][..., ::2, ::2], maps32[4], atol=1e-5)
+    dilations = {n: m.spatial.dilation[0] for n, m in model.named_modules()
+                 if isinstance(m, SeparableConv2d)}  # fmt: skip
+    # Output stride 8 (2 middle blocks: exit block7, head block8): block4 keeps its input's
+    # dilation 1, the middle flow and the exit block take 2, the head (after the exit block's
+    # dropped stride) 4.
+    assert {dilations[f"block{b}.sepconv1"] for b in (2, 3, 4)} == {1}
+    assert {dilations[f"block{b}.sepconv2"] for b in (5, 6, 7)} == {2}
+    assert dilations["block8.sepconv1"] == dilations["block8.sepconv2"] == 4
+
+
+def test_a_strided_block_whose_width_does_not_change_gets_a_projection_shortcut():
+    """The shortcut must downsample whenever the block does, even when the channel count stays
+    (here 128 -> 128 in block2): an identity shortcut would add a map twice the size."""
+    cfg = XceptionConfig(stem_channels=(32, 128), width=0.25, middle_blocks=1, num_classes=3)
+    model = _randomise_bn(Xception(cfg)).eval()
+    block = model.block2
+    assert block.shortcut is not None and block.shortcut.conv.stride == (2, 2)
+    x = torch.randn(1, 32, 9, 9)  # 0.25 x 128 channels
+    with torch.no_grad():
+        block.residual = False
+        plain = block(x)
+        block.residual = True
+        assert torch.allclose(block(x), plain + block.shortcut(x), atol=1e-6)
+        assert model(torch.randn(2, 3, 71, 71)).shape == (2, 3)
+
+
+def test_nonresidual_blocks_compute_their_main_path_alone():
+    """residual=False drops the shortcut from the computation, not just from the parameters."""
+    torch.manual_seed(1)
+    model = _randomise_bn(Xception(width=0.25, middle_blocks=1, residual=False)).eval()
+    for name, shape in (("block2", (1, 16, 9, 9)), ("block5", (1, 184, 5, 5))):
+        block = getattr(model, name)
+        x = torch.randn(shape)
+        expected = x
+        with torch.no_grad():
+            for i in range(1, block.num_convs + 1):
+                act = getattr(block, f"sepconv{i}_act", None)
+                expected = act(expected) if act is not None else expected
+                expected = getattr(block, f"sepconv{i}_bn")(getattr(block, f"sepconv{i}")(expected))
+            if block.pool is not None:
+                expected = block.pool(expected)
+            assert torch.allclose(block(x), expected, atol=1e-6)
