@@ -431,7 +431,8 @@ def test_weights_names_and_files_that_restore_a_compact_model(tmp_path, monkeypa
                         or tmp_path / "in1k.safetensors")  # fmt: skip
     net, info = load_for_eval("imagenet", model="xception-compact")
     assert net.fc.out_features == 1000 and info["source"] == "imagenet"
-    assert (info["classes"], info["image_size"], info["crop_fraction"]) == (None, 28, 1.0)
+    assert (info["image_size"], info["crop_fraction"]) == (28, 1.0)
+    assert info["classes"] == W.WEIGHTS["imagenet"].categories  # folders match by name or ID
     with pytest.raises(W.WeightsError, match="without a classifier"):
         load_for_eval("imagenet-notop", model="xception-compact")
     assert fetched == ["imagenet"]  # the classifier-less file is refused before its download
@@ -554,3 +555,53 @@ def test_eval_accepts_half_unreadable_images_and_refuses_more(tmp_path):
     (root / "a" / "0.png").unlink()
     with pytest.raises(ValueError, match="4 of 7 images are unreadable"):
         evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")
+
+
+def test_imagenet_weights_score_imagenets_own_folder_layout(tmp_path, capsys):
+    """ImageNet's folders (val/n01440764/, ..., and Imagenette's) are named by WordNet ID, and
+    ImageNet weights name their classes: every such folder was refused as "not in the training
+    classes" (listing all 1000), so the paper's Table 1 could not be rerun on them. Each ID now
+    scores as its class."""
+    from xception.data import imagenet_wnids
+    from xception.weights import WEIGHTS, save_safetensors
+
+    model = create_model("xception-compact", num_classes=1000).eval()
+    with torch.no_grad():  # every image is called a goldfish (class 1)
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(-torch.arange(1000) / 100)  # no ties: toilet tissue comes last
+        model.fc.bias[1] = 10.0
+        model.fc.bias[0] = 5.0  # tench: second, inside the top 5
+    meta = WEIGHTS["imagenet"].replace(name="in1k-test", input_size=28, crop_fraction=1.0)
+    weights = save_safetensors(model, tmp_path / "in1k.safetensors", meta)
+    wnids = imagenet_wnids()
+    assert (wnids[0], wnids[1], wnids[999]) == ("n01440764", "n01443537", "n15075141")
+    assert (meta.categories[0], meta.categories[1], meta.categories[999]) == (
+        "tench", "goldfish", "toilet tissue")  # fmt: skip
+    # goldfish, tench and toilet tissue, 2 images each: top-1 1/3, top-5 2/3
+    data = _image_folder(tmp_path / "val", classes=("n01443537", "n01440764", "n15075141"),
+                         per_class=2, size=28)  # fmt: skip
+    result = evaluate_file(weights, data)
+    assert result["images"] == 6
+    assert result["top1"] == pytest.approx(100 / 3, abs=0.01)
+    assert result["top5"] == pytest.approx(200 / 3, abs=0.01)
+    # Folders that are neither are named, with a short list of the classes and the fix.
+    other = _image_folder(tmp_path / "other", classes=("goldfish", "kitten"), size=28)
+    assert main(["eval", "--checkpoint", str(weights), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "class folder(s) kitten are not in the training classes tench, goldfish," in err
+    assert "by class name or WordNet ID (n01440764, ...)" in err
+    assert "(1000 classes)" in err and len(err) < 600
+
+
+def test_imagenet_wnids_are_imagenet_1ks_in_class_order():
+    """The 1000 IDs, sorted (ImageNet's class order is the sorted IDs), as timm lists them."""
+    from pathlib import Path
+
+    import timm
+
+    from xception.data import imagenet_wnids
+
+    wnids = imagenet_wnids()
+    assert len(set(wnids)) == 1000 and list(wnids) == sorted(wnids)
+    theirs = Path(timm.__file__).parent / "data" / "_info" / "imagenet_synsets.txt"
+    assert wnids == tuple(theirs.read_text().split())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import logging
@@ -570,8 +571,24 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """ImageNet-1k's WordNet IDs (n01440764, ...) in class-index order: the i-th is the class of
+    the i-th output of ImageNet weights (Keras', timm's, torchvision's), whose names
+    `WEIGHTS['imagenet'].categories` lists in the same order."""
+    return tuple(Path(__file__).with_name("imagenet_wnids.txt").read_text("ascii").split())
+
+
+def _is_imagenet(classes: tuple[str, ...]) -> bool:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return tuple(classes) == tuple(_IMAGENET_CATEGORIES)
+
+
 def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
-    """(samples, classes) of a folder with one sub-folder of images per class."""
+    """(samples, classes) of a folder with one sub-folder of images per class. With ImageNet's
+    classes given (ImageNet weights), folders named by WordNet ID (n01440764, ...) are matched
+    to their class too."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
@@ -589,12 +606,20 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
         raise DataError(f"{root}: a single class folder, {found[0]}: a classifier needs two or "
                         f"more classes; {hint}")  # fmt: skip
     classes = tuple(classes or found)
-    unknown = sorted(set(found) - set(classes))
+    # ImageNet's classes (ImageNet weights) in folders named as ImageNet's own are
+    # (val/n01440764/, and Imagenette's): the folder of class k is the k-th WordNet ID.
+    imagenet = _is_imagenet(classes)
+    folders = imagenet_wnids() if imagenet and set(found) <= set(imagenet_wnids()) else classes
+    unknown = sorted(set(found) - set(folders))
     if unknown:
-        raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not in the training "
-                        f"classes {', '.join(classes)}")  # fmt: skip
+        listed = ", ".join(classes) if len(classes) <= 20 else (
+            f"{', '.join(classes[:20])}, ... ({len(classes)} classes)")  # fmt: skip
+        ids = " or WordNet ID (n01440764, ...)" if imagenet else ""
+        raise DataError(f"{root}: class folder(s) {', '.join(unknown[:20])} are not in the "
+                        f"training classes {listed}: name each class's folder by class "
+                        f"name{ids}")  # fmt: skip
     paths, targets = [], []
-    for k, name in enumerate(classes):
+    for k, name in enumerate(folders):
         folder = root / name
         files = image_files(folder) if folder.is_dir() else []
         if not files and name in found:
@@ -604,7 +629,7 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     ok = _check_readable(paths, str(root))
     samples = [(p, t) for p, t, g in zip(paths, targets, ok, strict=True) if g]
     left = {t for _, t in samples}
-    for k, name in enumerate(classes):
+    for k, name in enumerate(folders):
         if name in found and k not in left:
             raise DataError(f"class folder {root / name} has no readable images: fix its "
                             "images or remove the folder")  # fmt: skip

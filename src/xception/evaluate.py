@@ -203,6 +203,11 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
             if stored.format == "xception":  # our file: its classes, input size and loss too
                 info.update(classes=stored.categories, image_size=stored.input_size,
                             loss=stored.loss)  # fmt: skip
+            elif stored.categories and len(stored.categories) == _num_outputs(net):
+                # ImageNet's names (Keras', timm's, torchvision's files): folders are matched by
+                # name or WordNet ID, so that a subset of the classes (Imagenette) scores too,
+                # where sorted order had matched only all 1000.
+                info.update(classes=stored.categories)
         return net, info
     if meta["model"] == "inception-v3":
         net = create_model("inception-v3", num_classes=len(meta["classes"]))
