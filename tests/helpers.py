@@ -51,18 +51,23 @@ def keras_predict(model, x_nchw: torch.Tensor) -> np.ndarray:
     return out.transpose(0, 3, 1, 2) if out.ndim == 4 else out
 
 
-def timm_xception(seed: int = 0):
-    import timm
-
-    torch.manual_seed(seed)
-    model = timm.create_model("legacy_xception", pretrained=False).eval()
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in eval mode with its batch-norm parameters and statistics away from their
+    initial 1s and 0s, so that a weight in the wrong place shows in the outputs."""
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.normal_(0, 0.1)
-    return model
+    return model.eval()
+
+
+def timm_xception(seed: int = 0):
+    import timm
+
+    torch.manual_seed(seed)
+    return trained_like(timm.create_model("legacy_xception", pretrained=False))
 
 
 def training_engine(recipe, device: str, **changes):

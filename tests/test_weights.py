@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import keras_predict, keras_xception, save_keras_h5, timm_xception
+from helpers import keras_predict, keras_xception, save_keras_h5, timm_xception, trained_like
 
 from xception import create_model
 from xception.weights import WeightsError, load_file, read_keras_h5
@@ -241,18 +241,6 @@ def test_convert_keras_file_keeps_outputs_and_imagenet_metadata(keras_top, tmp_p
     assert torch.equal(meta.transforms()(photo), keras_transform(299)(photo))
 
 
-def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
-    """Batch-norm parameters and statistics away from their initial 1s and 0s, so that a
-    weight in the wrong place shows in the outputs."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return model.eval()
-
-
 def test_weights_convert_to_a_keras_file_that_keras_xception_loads(tmp_path, capsys):
     """Fine-tuned here, served by Keras: `xception convert run OUT.h5` writes the layout of
     Keras' own ImageNet files, which keras.applications.Xception loads by layer order; its
@@ -263,7 +251,7 @@ def test_weights_convert_to_a_keras_file_that_keras_xception_loads(tmp_path, cap
     from xception.weights import save_safetensors
 
     torch.manual_seed(3)
-    ours = _trained_like(create_model("xception", num_classes=7))
+    ours = trained_like(create_model("xception", num_classes=7))
     source = save_safetensors(ours, tmp_path / "ours.safetensors")
     out = tmp_path / "for-keras.h5"
     assert main(["convert", str(source), str(out)]) == 0
@@ -286,7 +274,7 @@ def test_a_backbone_converts_to_keras_without_its_head(tmp_path):
     from xception.weights import save_keras_h5 as write_keras_h5
 
     torch.manual_seed(4)
-    ours = _trained_like(create_model("xception", num_classes=0, pooling=None))
+    ours = trained_like(create_model("xception", num_classes=0, pooling=None))
     path = write_keras_h5(ours, tmp_path / "notop.h5")
     kmodel = keras.applications.Xception(weights=str(path), include_top=False,
                                          input_shape=(96, 96, 3), pooling=None)  # fmt: skip
