@@ -278,7 +278,7 @@ def test_export_options_that_do_not_go_together_are_refused(files, tmp_path, cap
                             "40"], "Inception V3 needs at least 75x75")  # fmt: skip
     assert not list(tmp_path.iterdir())
     bench = ["bench", "--only", "xception eager NCHW", "--train-batch", "0"]
-    one_line_error(capsys, [*bench, "--quick", "--repeats", "0"], "repeats must be at least 1")
+    one_line_error(capsys, [*bench, "--quick", "--repeats", "0"], "--repeats 0: time at least 1 round")
     one_line_error(capsys, [*bench, "--size", "64"], "use at least 75")
 
 
