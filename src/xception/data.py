@@ -615,7 +615,8 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
         listed = ", ".join(classes) if len(classes) <= 20 else (
             f"{', '.join(classes[:20])}, ... ({len(classes)} classes)")  # fmt: skip
         ids = " or WordNet ID (n01440764, ...)" if imagenet else ""
-        raise DataError(f"{root}: class folder(s) {', '.join(unknown[:20])} are not in the "
+        more = f", ... ({len(unknown)} folders)" if len(unknown) > 20 else ""
+        raise DataError(f"{root}: class folder(s) {', '.join(unknown[:20])}{more} are not in the "
                         f"training classes {listed}: name each class's folder by class "
                         f"name{ids}")  # fmt: skip
     paths, targets = [], []
