@@ -364,6 +364,7 @@ def test_a_training_checkpoint_works_as_weights_for_predict_convert_and_export(
     final = create_model("xception", weights=str(run)).eval()
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(converted(x), final(x))
+    assert torch.equal(create_model("xception", weights=str(ckpt)).eval()(x), final(x))  # Python
     assert converted.weights_meta.input_size == 16
     assert converted.weights_meta.categories == final.weights_meta.categories
 

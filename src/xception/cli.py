@@ -147,62 +147,6 @@ def _run_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # predict / convert (weights)
 # ---------------------------------------------------------------------------------------------
-def _training_checkpoint(spec) -> tuple[str, bool] | None:
-    """(folder, use_ema) when `spec` names one of a run's checkpoints (checkpoints/step-N, or
-    its model.safetensors, ema.safetensors or state.pt), else None. A checkpoint's weights
-    files hold no model config: given as --weights, they had been loaded into the default
-    preset and refused as 'does not fit this model', with no way to name the model they fit."""
-    from pathlib import Path
-
-    if not isinstance(spec, str) or not spec.strip():
-        return None
-    path = Path(spec)
-    if path.is_dir():
-        return (spec, True) if (path / "state.pt").is_file() else None
-    if (path.name in ("model.safetensors", "ema.safetensors", "state.pt")
-            and (path.parent / "state.pt").is_file()
-            and not (path.parent / "model.json").is_file()):  # fmt: skip
-        return str(path.parent), path.name != "model.safetensors"
-    return None
-
-
-class _WeightsFile:
-    """`with _WeightsFile(spec) as path:` the weights spec create_model reads: `spec` itself,
-    or for a training checkpoint (EMA weights when it has them, as `xception eval` scores) a
-    temporary safetensors file carrying the checkpoint's model config, classes and
-    preprocessing, as a run's own model.safetensors does."""
-
-    def __init__(self, spec):
-        self.spec, self._tmp = spec, None
-
-    def __enter__(self):
-        found = _training_checkpoint(self.spec)
-        if found is None:
-            return self.spec
-        import tempfile
-        from pathlib import Path
-
-        from .evaluate import load_for_eval
-        from .weights import Weights, save_safetensors
-
-        net, info = load_for_eval(found[0], use_ema=found[1])
-        classes = info["classes"]
-        card = Weights(name=info["source"], format="xception", num_classes=len(classes),
-                       categories=tuple(classes), input_size=info["image_size"],
-                       mean=tuple(info["mean"]), std=tuple(info["std"]), loss=info["loss"],
-                       description=f"training checkpoint {info['source']}")  # fmt: skip
-        self._tmp = tempfile.TemporaryDirectory(prefix="xception-checkpoint-")
-        return str(save_safetensors(net, Path(self._tmp.name) / "model.safetensors", card))
-
-    def __exit__(self, kind, err, tb) -> None:
-        if self._tmp is None:
-            return
-        self._tmp.cleanup()
-        file = f"{self._tmp.name}/model.safetensors"
-        if isinstance(err, ValueError) and file in str(err):  # name what the user gave
-            raise UserError(str(err).replace(file, str(self.spec))) from None
-
-
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "paths",
@@ -293,8 +237,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not any(f.exists() for f in files):  # fail before loading (or downloading) weights
         raise UserError(f"no such file: {', '.join(map(str, files))}")
     runtime.keep_freed_memory()  # this process is ours, as in `xception eval`
-    with _WeightsFile(args.weights) as weights:
-        model = create_model(args.model, weights=weights, progress=not args.no_progress)
+    model = create_model(args.model, weights=args.weights, progress=not args.no_progress)
     num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features
     topk = min(args.topk, num_classes)
     # Checks the model and builds the backend: a model that cannot classify is refused before
@@ -363,8 +306,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     check_output_file(args.output)
     if args.model == "inception-v3":
         raise UserError("convert handles Xception weights; inception-v3 is torchvision's model")
-    with _WeightsFile(args.input) as weights:
-        model = create_model(args.model, weights=weights)
+    model = create_model(args.model, weights=args.input)
     if out.endswith(".h5"):
         path = save_keras_h5(model, args.output)  # refuses a variant Keras cannot build
         cfg = model.config
@@ -599,8 +541,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.size is not None and args.size < 1:
         raise UserError(f"--size {args.size}: give the input size in pixels")
     overrides = _parse_overrides(args.set, {"weights": "--weights"})
-    with _WeightsFile(args.weights) as weights:
-        model = create_model(args.model, weights=weights, **overrides)
+    model = create_model(args.model, weights=args.weights, **overrides)
     # Without weights metadata, what predict feeds the model: a compact model exported at 299
     # refused the 28 px images it is made for, and a grey one's calibration images failed on
     # three channels' mean and std.
@@ -962,35 +903,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", help="also write the result to this file")
 
 
-def _check_raw(spec: str) -> None:
-    """--raw names a run or checkpoint, which hold raw and EMA weights side by side. A lone
-    weights file (a run's model.safetensors copied out holds the EMA weights) or a checkpoint's
-    ema.safetensors had been scored as it was, labelled with the name given, without a word
-    that --raw did nothing."""
-    from pathlib import Path
-
-    from .weights import WEIGHTS
-
-    path = Path(spec)
-    if spec in WEIGHTS and not path.exists():
-        raise UserError(f"--raw: {spec} is one set of published weights, with no raw and EMA "
-                        "versions: drop --raw")  # fmt: skip
-    if not path.is_file():
-        return  # a run or checkpoint folder (or a missing path, which eval names)
-    beside = path.parent
-    if path.name == "ema.safetensors" and (beside / "state.pt").is_file():
-        raise UserError(f"--raw: {path} holds the checkpoint's EMA weights: give the checkpoint "
-                        f"folder {beside} (or its model.safetensors) for the raw ones")  # fmt: skip
-    if path.name == "model.safetensors" and (beside / "model.json").is_file():
-        return  # a run's final weights: eval takes the raw ones from its checkpoints
-    if path.name in ("model.safetensors", "state.pt") and (beside / "state.pt").is_file():
-        return  # a checkpoint's raw weights
-    raise UserError(f"--raw: {path} is a weights file with one set of weights, which is "
-                    "scored as it is: give the run folder, or one of its checkpoints "
-                    "(checkpoints/step-N), for the raw weights beside the EMA ones; or drop "
-                    "--raw")  # fmt: skip
-
-
 @command("eval", "top-1/top-5 (or MAP@100 for multi-label data) of a checkpoint, as JSON",
          _eval_args)  # fmt: skip
 def _run_eval(args: argparse.Namespace) -> int:
@@ -1002,8 +914,6 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.json_out:
         check_output_file(args.json_out)
-    if args.raw:
-        _check_raw(args.checkpoint)
     # This process is ours: reuse freed memory, as training does (no page faults per batch).
     runtime.keep_freed_memory()
     result = evaluate_file(args.checkpoint, args.data, model=args.model, batch_size=args.batch_size,

@@ -128,7 +128,8 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     'xception') unless it stores its config, and must hold a classifier, which is loaded as it
     is. Weights that carry their preprocessing (Keras', timm's, ours) are evaluated with it.
     `use_ema=False` on a run folder whose final weights are the EMA ones evaluates the raw
-    weights of its newest checkpoint."""
+    weights of its newest checkpoint; on a weights name or a lone weights file (one set of
+    weights) it is a ValueError."""
     from . import checkpoint as C
     from . import weights as W
     from .model import Xception, XceptionConfig, default_image_size
@@ -145,6 +146,10 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         if path.name == "model.safetensors" and (path.parent / "model.json").is_file():
             path = path.parent
         elif (path.parent / "state.pt").is_file():
+            if path.name == "ema.safetensors" and not use_ema:  # not scored without a word
+                raise ValueError(f"--raw: {path} holds the checkpoint's EMA weights: give the "
+                                 f"checkpoint folder {path.parent} (or its model.safetensors) "
+                                 "for the raw ones")  # fmt: skip
             path, use_ema = path.parent, path.name == "ema.safetensors"
     card, note = path / "model.json", ""
     run_weights = (not named and path.is_dir() and card.is_file()
@@ -178,6 +183,14 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         source = f"{ckpt['path']} ({'EMA' if weights is ckpt['ema'] else 'raw'} weights{note})"
     else:
         spec = str(path) if named else path
+        if not use_ema:  # one set of weights: it had been scored as it was, without a word
+            raise ValueError(
+                f"--raw: {spec} is one set of published weights, with no raw and EMA versions: "
+                "drop --raw" if named else
+                f"--raw: {path} is a weights file with one set of weights, which is scored as "
+                "it is: give the run folder, or one of its checkpoints (checkpoints/step-N), for "
+                "the raw weights beside the EMA ones; or drop --raw"
+            )  # fmt: skip
         # The weights' own classifier, which must load (a new, random head would be scored);
         # a name without one is refused before its download.
         net = None if named and not W.WEIGHTS[spec].num_classes else create_model(

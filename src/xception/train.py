@@ -979,15 +979,11 @@ class _Run:
     def _weights_metadata(self) -> dict[str, str]:
         """The run's config and preprocessing inside its weights file, as `save_safetensors`
         writes them: `--weights model.safetensors` then rebuilds this model anywhere."""
-        from .weights import Weights, safetensors_metadata
+        from .weights import run_weights_card, safetensors_metadata
 
         meta = self._meta()
-        card = Weights(
-            name=f"{self.cfg.model} trained with recipe {self.cfg.recipe}", format="xception",
-            num_classes=len(meta["classes"]), categories=tuple(meta["classes"]),
-            input_size=meta["image_size"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-            description=f"trained on {self.cfg.data} ({meta['loss']} loss)", loss=meta["loss"],
-        )  # fmt: skip
+        card = run_weights_card(meta, f"{self.cfg.model} trained with recipe {self.cfg.recipe}",
+                                f"trained on {self.cfg.data} ({meta['loss']} loss)")  # fmt: skip
         return safetensors_metadata(meta["model_config"], card)
 
     # the loop -----------------------------------------------------------------------------------

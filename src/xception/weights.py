@@ -1100,6 +1100,9 @@ def open_weights(spec: str | Path, *, progress: bool = True) -> OpenedWeights:
     path = Path(spec)
     if not path.exists() and not path.suffix and os.sep not in str(spec):
         _named(str(spec))  # a mistyped name: list the names rather than "file not found"
+    checkpoint = _checkpoint_weights(path)
+    if checkpoint is not None:
+        return _open_checkpoint(spec, checkpoint)
     if path.is_dir():  # a training run's folder holds its final weights
         if not (path / "model.safetensors").is_file():
             raise WeightsError(f"{path} is a folder without model.safetensors: give a weights "
@@ -1119,6 +1122,50 @@ def open_weights(spec: str | Path, *, progress: bool = True) -> OpenedWeights:
     if meta is None:
         meta = _file_meta(fmt, num_classes, path, channels)
     return OpenedWeights(data, str(spec), fmt, num_classes, config, meta)
+
+
+def run_weights_card(meta: Mapping, name: str, description: str) -> Weights:
+    """The `Weights` of a model trained here, from its run's metadata (a checkpoint's
+    `state['meta']`): its classes, input size, normalisation and loss."""
+    return Weights(
+        name=name, format="xception", num_classes=len(meta["classes"]),
+        categories=tuple(meta["classes"]), input_size=meta["image_size"],
+        mean=tuple(meta["mean"]), std=tuple(meta["std"]), description=description,
+        loss=meta["loss"],
+    )  # fmt: skip
+
+
+def _checkpoint_weights(path: Path) -> Path | None:
+    """The weights file of the training checkpoint `path` names, else None: for the folder (or
+    its state.pt), the EMA weights where it keeps them, as `xception eval` scores it; a
+    model.safetensors or ema.safetensors in it, as given."""
+    if path.name == "state.pt" and path.is_file():
+        path = path.parent
+    if path.is_dir():
+        if not (path / "state.pt").is_file():
+            return None
+        ema = path / "ema.safetensors"
+        return ema if ema.is_file() else path / "model.safetensors"
+    if (path.name in ("model.safetensors", "ema.safetensors")
+            and (path.parent / "state.pt").is_file()
+            and not (path.parent / "model.json").is_file()):  # fmt: skip
+        return path
+    return None
+
+
+def _open_checkpoint(spec, file: Path) -> OpenedWeights:
+    """A checkpoint's weights file with its model config, classes and preprocessing, which its
+    state.pt holds (its weights files hold no config: loaded as they were, they went into the
+    default preset and were refused as not fitting, with no way to name the model)."""
+    from .checkpoint import load_checkpoint
+
+    meta = load_checkpoint(file.parent, state_only=True)["state"]["meta"]
+    data = load_file(file)
+    fmt = detect_format(data)
+    config = {k: v for k, v in (meta.get("model_config") or {}).items() if k != "num_classes"}
+    card = run_weights_card(meta, f"training checkpoint {file.parent}",
+                            f"{meta['model']} checkpoint ({meta['loss']} loss)")  # fmt: skip
+    return OpenedWeights(data, str(spec), fmt, _classifier_size(data, fmt), config, card)
 
 
 def load_weights(model: nn.Module, opened: OpenedWeights, *, require_head: bool = False) -> None:
