@@ -283,8 +283,52 @@ def test_demo_refuses_bad_numbers_before_printing_anything(capsys, monkeypatch, 
     assert main(["demo", "--out", str(tmp_path / "run"), *flag]) == 2
     captured = capsys.readouterr()
     assert captured.out == "", captured.out
-    assert f"{flag[0][2:].replace('-', '_')}={flag[1]} is not valid" in captured.err
+    assert f"{' '.join(flag)} is not valid" in captured.err  # as typed, not the config key
     assert len(captured.err.strip().splitlines()) == 1
+
+
+# (flag and value, the message as the user typed it); each setting's config key is the flag's
+# without the dashes, with _ for -.
+TYPED = [(["--epochs", "0"], "--epochs 0 is not valid: use a positive integer"),
+         (["--batch-size", "0"], "--batch-size 0 is not valid: use a positive integer"),
+         (["--lr", "-1"], "--lr -1.0 is not valid: use a positive learning rate"),
+         (["--lr", "nan"], "--lr nan is not valid: expected a finite number (e.g. --lr 0.1)"),
+         (["--amp", "fp16"], "--amp fp16 is not valid: fp16 needs CUDA; on a CPU use bf16 or none"),
+         (["--threads", "0"], "--threads 0 is not valid: use a positive number of threads"),
+         (["--seed", str(2**64)], f"--seed {2**64} is not valid: use a 64-bit signed integer"),
+         (["--train-subset", "0"], "--train-subset 0 is not valid: use a positive integer"),
+         (["--val-subset", "0"], "--val-subset 0 is not valid: use a positive integer"),
+         (["--checkpoint-every", "-1"], "--checkpoint-every -1 is not valid: use a number of "
+                                        "steps, or 0")]  # fmt: skip
+
+
+def test_a_bad_setting_is_named_as_the_user_gave_it(capsys, tmp_path):
+    """`train --batch-size 0` said `batch_size=0 is not valid`, naming a config key the user
+    never typed (and --checkpoint-every -1 a list of three keys). Given by --set, --config or
+    a recipe file, the setting keeps its key: that is what the user wrote there."""
+
+    def error(*argv: str) -> str:
+        assert main(["train", "--device", "cpu", "--out", str(tmp_path / "run"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    for (flag, value), message in TYPED:
+        assert error(flag, value).startswith(f"xception train: error: {message}")
+        key = flag[2:].replace("-", "_")
+        (tmp_path / "over.yaml").write_text(f"{key}: {value}\n")
+        (tmp_path / "recipe.yaml").write_text(f"recipe: fashion-mnist\n{key}: {value}\n")
+        for given in (["--set", f"{key}={value}"], ["--config", str(tmp_path / "over.yaml")],
+                      ["--recipe", str(tmp_path / "recipe.yaml")]):  # fmt: skip
+            err = error(*given)
+            assert f"error: {key}=" in err and "is not valid" in err and flag not in err, err
+    # A device this machine lacks, and one setting given by a flag beside another by --set.
+    if not torch.cuda.is_available():
+        assert error("--device", "cuda").endswith("--device cuda but CUDA is not available: use "
+                                                  "--device cpu")  # fmt: skip
+    assert error("--batch-size", "6", "--set", "accum_steps=4").endswith(
+        "--batch-size 6 is not divisible by accum_steps=4")  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_output_named_with_a_trailing_slash_is_refused_before_the_work(capsys, tmp_path):

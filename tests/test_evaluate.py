@@ -250,7 +250,7 @@ def test_eval_decodes_in_worker_processes_with_the_same_result(tmp_path, capsys)
     assert results[0] == results[1]
     assert results[0]["images"] == 9 and results[0]["unreadable"] == 1
     assert main([*argv[:-1], "-1"]) == 2
-    assert "workers=-1: give 0" in capsys.readouterr().err
+    assert "--workers -1: give 0" in capsys.readouterr().err
 
 
 def test_eval_of_a_grey_model_on_image_files_and_of_an_empty_split(tmp_path):

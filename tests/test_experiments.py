@@ -443,14 +443,28 @@ def test_parallel_processes_share_runs_through_claims(tmp_path):
     assert record["machine"]["device"] in ("cpu", "cuda") and record["machine"]["threads"] >= 1
 
 
-def test_cli_remeasure_speed_trains_nothing_and_says_what_is_missing(tmp_path, capsys):
+def test_cli_remeasure_speed_with_no_runs_says_there_is_nothing_to_remeasure(tmp_path, capsys):
+    """It said "speeds of 0 run(s) measured again" and exit 0, and wrote a report of no results:
+    into a folder it made, or over the folder's report of runs trained at another scale."""
     from xception.cli import main
+    from xception.experiments import Store, dataset_info
 
-    assert main(["experiment", "residual", "--remeasure-speed", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "residual: runs missing, no results yet" in out
-    assert "speeds of 0 run(s) measured again" in out
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "work").exists()
+    out = tmp_path / "exp"
+    assert main(["experiment", "segments", "--quick", "--remeasure-speed", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert (f"no finished runs of the segments suite in {out}: nothing to re-measure (train them "
+            "first: the same command without --remeasure-speed)") in captured.err  # fmt: skip
+    assert not out.exists()
+    # Runs trained with --quick, measured again without it: no run of this scale to measure.
+    keys = _store_runs(Store(out), "segments", SCALES["quick"], dataset_info("fashion-mnist"))
+    (out / "REPORT.md").write_text("the quick runs' report")
+    assert main(["experiment", "segments", "--remeasure-speed", "--out", str(out)]) == 2
+    assert (f"{out / 'runs'} holds {len(keys)} finished run(s), none of the segments suite at "
+            "full scale: nothing to re-measure (give the --out and the scale they were trained "
+            "with: --quick") in capsys.readouterr().err  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "runs"]
+    assert (out / "REPORT.md").read_text() == "the quick runs' report"
 
 
 def test_the_same_data_under_another_path_is_the_same_run(tmp_path):

@@ -579,8 +579,8 @@ def test_user_errors_are_one_line_and_keep_good_checkpoints(tmp_path, toy, capsy
     (folder / "empty").mkdir()
     _one_line_error(capsys, [*base, "--data", str(tmp_path / "imgs")], "empty has no images")
     _one_line_error(capsys, [*base, "--set", "colour=red"], "unknown recipe key 'colour'")
-    _one_line_error(capsys, [*base, "--batch-size", "0"], "batch_size=0 is not valid")
-    _one_line_error(capsys, [*base, "--batch-size", "-8"], "batch_size=-8 is not valid")
+    _one_line_error(capsys, [*base, "--batch-size", "0"], "--batch-size 0 is not valid")
+    _one_line_error(capsys, [*base, "--batch-size", "-8"], "--batch-size -8 is not valid")
     assert not (tmp_path / "new" / "checkpoints").exists()
 
 

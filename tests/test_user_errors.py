@@ -133,6 +133,38 @@ def test_an_os_error_is_one_line_too(files, tmp_path, capsys, monkeypatch):
     one_line_error(capsys, argv, "No space left on device while writing the output: free space")
 
 
+def test_outputs_get_their_missing_folders_and_a_failed_export_leaves_nothing(
+    files, tmp_path, capsys, monkeypatch
+):
+    """One rule for every output: its missing parent folders are made, as eval --json, bench,
+    convert, train and experiment made them; export alone refused them ("create it first"). A
+    failed export removes the folders it made, and a file already there stays as it was."""
+    weights = files / "tiny.safetensors"
+    evaluate = ["eval", "--checkpoint", weights, "--data", files / "four", "--limit", "2"]
+    assert main([str(a) for a in [*evaluate, "--json", tmp_path / "e" / "f" / "r.json"]]) == 0
+    assert json.loads((tmp_path / "e" / "f" / "r.json").read_text())["images"] == 2
+    convert = ["convert", weights, tmp_path / "c" / "w.safetensors", "--model", "xception-compact"]
+    assert main([str(a) for a in convert]) == 0
+    converted = create_model("xception-compact", weights=str(tmp_path / "c" / "w.safetensors"))
+    assert converted.config.num_classes == 4
+    export = ["export", "--model", "xception-compact", "--weights", weights]
+    good = tmp_path / "x" / "y" / "m.pt"
+    assert main([str(a) for a in [*export, good]]) == 0
+    assert deploy.load_exported(good, "torchscript")(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    capsys.readouterr()
+
+    def broken(model, example, path):  # the exporter fails half-way through its file
+        path.write_bytes(b"half a file")
+        raise RuntimeError("the tracer gave up")
+
+    monkeypatch.setattr(deploy, "_export_torchscript", broken)
+    before = good.read_bytes()
+    for target in (tmp_path / "new" / "deeper" / "m.pt", good):
+        one_line_error(capsys, [*export, target], "cannot export this model to torchscript")
+    assert not (tmp_path / "new").exists()
+    assert good.read_bytes() == before and os.listdir(good.parent) == ["m.pt"]
+
+
 def test_weights_of_another_architecture_are_one_line(files, capsys):
     argv = ["predict", files / "four" / "cat" / "0.png", "--weights", files / "tiny.safetensors"]
     for preset in ("inception-v3", "inception-v3-compact"):
@@ -142,13 +174,16 @@ def test_weights_of_another_architecture_are_one_line(files, capsys):
 def test_numbers_out_of_range(files, capsys):
     weights = files / "tiny.safetensors"
     evaluate = ["eval", "--checkpoint", weights, "--data", files / "four"]
-    one_line_error(capsys, [*evaluate, "--batch-size", "0"], "batch_size=0")
-    one_line_error(capsys, [*evaluate, "--limit", "0"], "limit=0")
+    # Named as typed, not as evaluate_file's parameters (batch_size=0, limit=0, image_size=0).
+    one_line_error(capsys, [*evaluate, "--batch-size", "0"], "error: --batch-size 0: give at least")
+    one_line_error(capsys, [*evaluate, "--limit", "0"], "error: --limit 0: give at least 1 image")
+    one_line_error(capsys, [*evaluate, "--size", "0"], "error: --size 0: give the input size")
     one_line_error(capsys, [*evaluate, "--device", "bogus"], "unknown device 'bogus'")
     # A device type torch knows but this project does not run on: a traceback deep in the work.
     one_line_error(capsys, [*evaluate, "--device", "mps"], "device 'mps' is not supported here")
     if not torch.cuda.is_available():
-        one_line_error(capsys, [*evaluate, "--device", "cuda"], "CUDA is not available")
+        one_line_error(capsys, [*evaluate, "--device", "cuda"],
+                       "--device cuda but CUDA is not available: use --device cpu")  # fmt: skip
     export = ["export", files / "m.onnx", "--model", "xception-compact", "--weights", weights]
     one_line_error(capsys, [*export, "--size", "-5"], "--size -5")
     # Too small for the model: its own words, not the exporter's (which came with colour codes).
@@ -278,7 +313,9 @@ def test_export_options_that_do_not_go_together_are_refused(files, tmp_path, cap
                             "40"], "Inception V3 needs at least 75x75")  # fmt: skip
     assert not list(tmp_path.iterdir())
     bench = ["bench", "--only", "xception eager NCHW", "--train-batch", "0"]
-    one_line_error(capsys, [*bench, "--quick", "--repeats", "0"], "--repeats 0: time at least 1 round")
+    one_line_error(
+        capsys, [*bench, "--quick", "--repeats", "0"], "--repeats 0: time at least 1 round"
+    )
     one_line_error(capsys, [*bench, "--size", "64"], "use at least 75")
 
 

@@ -16,6 +16,7 @@ renames leaves it as `.<name>.<pid>.old`, which `list_checkpoints` still finds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -25,6 +26,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,27 @@ def _name_max(folder: Path) -> int:
         return os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer
         return 255
+
+
+@contextlib.contextmanager
+def parent_folders(path: str | Path) -> Iterator[None]:
+    """The missing folders above output file `path`, made for the writing done inside (as
+    `mkdir -p` would), and removed again, where still empty, if that writing fails: a failed
+    export leaves the file system as it found it."""
+    made = []
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    for folder in reversed(made):
+        folder.mkdir()
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

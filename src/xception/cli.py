@@ -12,8 +12,10 @@ import errno
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -50,6 +52,36 @@ def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination, named as the API names the setting it gives (--batch-size:
+    batch_size, eval's --size: image_size), and the option itself."""
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions
+            if a.option_strings and a.dest != "help"}  # fmt: skip
+
+
+def _as_typed(text: str, args: argparse.Namespace) -> str:
+    """An error of the API about a setting (`batch_size=0 is not valid: ...`) in the words the
+    user typed, where the setting came from an option (`--batch-size 0 is not valid: ...`); one
+    from --set, --config or a recipe keeps its key, which is what the user wrote there."""
+    given = {dest: option for dest, option in getattr(args, "options", {}).items()
+             if getattr(args, dest, None) is not None and getattr(args, dest) is not False}  # fmt: skip
+    subject = re.match(r"(\w+)=", text)
+    if subject is None or subject[1] not in given:
+        return text
+    value = getattr(args, subject[1])
+    rest = next((text[len(f"{subject[1]}={v}"):] for v in (repr(value), str(value))
+                 if text.startswith(f"{subject[1]}={v}")), None)  # fmt: skip
+    if rest is None or (rest and rest[0] not in " :;,)"):  # about another value than the one typed
+        return text
+
+    def typed(m: re.Match) -> str:  # every setting of the message that came from an option
+        value = m[2] if m[2] is not None else m[3]
+        return given[m[1]] if value == "True" else f"{given[m[1]]} {shlex.quote(value)}"
+
+    names = "|".join(map(re.escape, given))
+    return re.sub(rf"\b({names})=(?:'([^']*)'|([^\s,;:)]+))", typed, text)
 
 
 def _parse_overrides(pairs: list[str], flags: dict[str, str] | None = None) -> dict:
@@ -454,6 +486,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         "--size",
         type=int,
         default=None,
+        dest="input_size",  # deploy's name for it, which its errors use
+        metavar="SIZE",
         help="input height and width (default: the weights' input size, else the model's: 28 "
         "for compact presets, 299 for the others)",
     )
@@ -496,8 +530,6 @@ def _images(paths: list[str], meta, in_chans: int = 3) -> Iterator:
 def _export_format(output: str, given: str | None) -> str:
     """The format named, or the one OUT's suffix names (onnx when it names none); a known
     suffix that names another format than the one given is refused."""
-    from pathlib import Path
-
     from .deploy import _SUFFIXES
 
     by_suffix = {suffix: fmt for fmt, suffix in _SUFFIXES.items()}
@@ -520,6 +552,7 @@ def _run_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import deploy
+    from .checkpoint import check_output_file
     from .predict import _in_chans
     from .weights import input_meta
     from .zoo import create_model
@@ -538,15 +571,17 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.calibration_count < 1:
         raise UserError(f"--calibration-count {args.calibration_count}: calibrate on at least "
                         "1 image (a few hundred is best)")  # fmt: skip
-    if args.size is not None and args.size < 1:
-        raise UserError(f"--size {args.size}: give the input size in pixels")
+    if args.input_size is not None and args.input_size < 1:
+        raise UserError(f"--size {args.input_size}: give the input size in pixels")
     overrides = _parse_overrides(args.set, {"weights": "--weights"})
+    # Before the weights are loaded (or downloaded); missing folders above it are made for it.
+    check_output_file(args.output, example_suffix=deploy._SUFFIXES.get(args.format, ".onnx"))
     model = create_model(args.model, weights=args.weights, **overrides)
     # Without weights metadata, what predict feeds the model: a compact model exported at 299
     # refused the 28 px images it is made for, and a grey one's calibration images failed on
     # three channels' mean and std.
     meta = input_meta(model)
-    size = args.size or meta.input_size
+    size = args.input_size or meta.input_size
     if not args.int8:
         report = deploy.export(model, args.output, args.format, input_size=size,
                                dynamic_size=args.dynamic_size)  # fmt: skip
@@ -889,7 +924,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "run's own data without a validation part the part it held out",
     )
     p.add_argument("--model", help="preset for a plain weights file (default: xception)")
-    p.add_argument("--size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--size", type=int, dest="image_size", metavar="SIZE",
+                   help="input size (default: the checkpoint's)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per forward pass (default: %(default)s)")  # fmt: skip
     p.add_argument("--limit", type=int, help="evaluate on N images only (a seeded sample, the "
@@ -917,7 +953,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     # This process is ours: reuse freed memory, as training does (no page faults per batch).
     runtime.keep_freed_memory()
     result = evaluate_file(args.checkpoint, args.data, model=args.model, batch_size=args.batch_size,
-                           device=args.device, image_size=args.size, limit=args.limit,
+                           device=args.device, image_size=args.image_size, limit=args.limit,
                            use_ema=not args.raw, workers=args.workers)  # fmt: skip
     text = json.dumps(result, indent=2)
     print(text)
@@ -1046,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(p)
-        p.set_defaults(run=run)
+        p.set_defaults(run=run, options=_option_names(p))
     return parser
 
 
@@ -1088,7 +1124,7 @@ def _main(argv: list[str] | None) -> int:
         return 141
     except (UserError, ValueError, WeightsError, ImageError, OSError) as err:
         # OSError: files that cannot be read or written (permissions, a full disk, ...).
-        text = str(err)
+        text = str(err) if isinstance(err, (UserError, OSError)) else _as_typed(str(err), args)
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             text += "" if err.filename else " while writing the output"
             text += ": free space, or choose another place"

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import runtime
-from .checkpoint import check_output_file, publish
+from .checkpoint import check_output_file, parent_folders, publish
 from .layers import ConvBNAct, SamePadMaxPool2d
 from .model import Xception, XceptionBlock, check_float_images, input_size_pair, meta_copy
 
@@ -574,7 +574,7 @@ def _check_target(path: Path, fmt: str) -> None:
     if path.is_dir():
         raise ValueError(f"{path} is a directory: give a file name, e.g. {path / 'model'}"
                          f"{_SUFFIXES[fmt]}")  # fmt: skip
-    check_output_file(path, create_parents=False)
+    check_output_file(path)  # missing folders above it are made (`parent_folders`)
 
 
 def _check_traceable(model: nn.Module, dynamic_size: bool) -> None:
@@ -981,42 +981,45 @@ def export(
         raise ValueError(f"input_size={input_size}: a torch.export program with a dynamic size "
                          f"is traced at {least}x{least} pixels or more (the smallest size at "
                          "which no feature map is 1 pixel wide): give a larger --size")  # fmt: skip
-    # The name cut short, as `checkpoint.atomic_write` does: a long but legal name (250 bytes)
-    # plus mkstemp's characters and the suffix went past the filesystem's limit.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=_SUFFIXES[format],
-                                    dir=path.parent)  # fmt: skip
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with parent_folders(path):  # made for the file, removed again if the export fails
+        # The name cut short, as `checkpoint.atomic_write` does: a long but legal name (250 bytes)
+        # plus mkstemp's characters and the suffix went past the filesystem's limit.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=_SUFFIXES[format],
+                                        dir=path.parent)  # fmt: skip
+        os.close(fd)
+        tmp = Path(tmp_name)
         try:
-            # Older torch's torch.export cannot trace strided pools at a symbolic size.
-            traced = _traceable_pools(model) if dynamic_size and format != "torchscript" else model
-            if format == "onnx":
-                _export_onnx(traced, example, tmp, dynamic_size)
-            elif format == "torchscript":
-                _export_torchscript(traced, example, tmp)
-            else:
-                _export_program(traced, example, tmp, dynamic_size, least)
-        except (RuntimeError, torch._dynamo.exc.UserError) as err:  # tracer failures
-            # The ONNX exporter wraps torch.export's error in a banner of next steps: the
-            # cause underneath is what names the problem.
-            cause = err.__cause__ if "Failed to export the model with torch.export" in str(
-                err) and err.__cause__ is not None else err  # fmt: skip
-            raise ValueError(
-                f"cannot export this model to {format}: {_first_line(cause)}. Export at a fixed input size "
-                "and check that the model's options are traceable"
-            ) from err
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        runner = load_exported(tmp, format)
-        worst = 0.0
-        with torch.no_grad():
-            for n in check_batches:
-                x = torch.randn(n, in_chans, h, w, generator=gen)
-                worst = max(worst, _discrepancy(model(x), torch.as_tensor(runner(x)), format))
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            try:
+                # Older torch's torch.export cannot trace strided pools at a symbolic size.
+                traced = (
+                    _traceable_pools(model) if dynamic_size and format != "torchscript" else model
+                )
+                if format == "onnx":
+                    _export_onnx(traced, example, tmp, dynamic_size)
+                elif format == "torchscript":
+                    _export_torchscript(traced, example, tmp)
+                else:
+                    _export_program(traced, example, tmp, dynamic_size, least)
+            except (RuntimeError, torch._dynamo.exc.UserError) as err:  # tracer failures
+                # The ONNX exporter wraps torch.export's error in a banner of next steps: the
+                # cause underneath is what names the problem.
+                cause = err.__cause__ if "Failed to export the model with torch.export" in str(
+                    err) and err.__cause__ is not None else err  # fmt: skip
+                raise ValueError(
+                    f"cannot export this model to {format}: {_first_line(cause)}. Export at a fixed input size "
+                    "and check that the model's options are traceable"
+                ) from err
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            runner = load_exported(tmp, format)
+            worst = 0.0
+            with torch.no_grad():
+                for n in check_batches:
+                    x = torch.randn(n, in_chans, h, w, generator=gen)
+                    worst = max(worst, _discrepancy(model(x), torch.as_tensor(runner(x)), format))
+            publish(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     # Debug: the report says it to the caller (the CLI prints it), and quantize_model's export
     # of a temporary fp32 file had shown that file's path at INFO.
     log.debug("exported %s to %s: max abs error %.3g", format, path, worst)
@@ -1276,7 +1279,7 @@ def quantize_onnx(
 
     check(first)  # before the work of preparing the graph
     calibration = itertools.chain([first], calibration)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
+    with parent_folders(path), tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         prepared = Path(tmpdir) / "prepared.onnx"
         # Shape inference and graph optimisation first, so that BN is folded into the convs and
         # every tensor the quantiser meets has a known shape.
@@ -1379,7 +1382,7 @@ def quantize_model(
             count += x.shape[0]
             yield x
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
+    with parent_folders(path), tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
         fp32, int8 = Path(tmpdir) / "fp32.onnx", Path(tmpdir) / "int8.onnx"
         export(model, fp32, "onnx", input_size=input_size, check_batches=(1,))
         n = quantize_onnx(fp32, int8, calibration, quant_format=quant_format)

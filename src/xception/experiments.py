@@ -675,8 +675,8 @@ def run_experiments(
     `remeasure_speed`: measure every variant's inference speed again on this machine and store
     it in the finished runs (for runs trained elsewhere, e.g. on a GPU machine, whose speeds
     should be reported for this one); nothing is trained then, and runs not finished are left
-    out. Returns the aggregated results (see `aggregate`) with `trained`, `reused` and
-    `remeasured` run counts.
+    out; with none finished, a ValueError says so and nothing is written. Returns the aggregated
+    results (see `aggregate`) with `trained`, `reused` and `remeasured` run counts.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -731,6 +731,8 @@ def run_experiments(
     counts = {"trained": 0, "reused": 0, "remeasured": 0}
     if remeasure_speed:
         counts["remeasured"] = _remeasure(store, todo, info, scale)
+        if not counts["remeasured"]:  # before the report: it would be rewritten with no results
+            raise ValueError(_nothing_to_remeasure(store, suites, scale))
     else:
         # Each run is claimed with a lock file, so several processes given the same `out` share
         # the work (on a machine with cores or GPU to spare): a run another process holds is
@@ -766,6 +768,19 @@ def _remeasure(store: Store, todo: dict, info: dict, scale: Scale) -> int:
         store.put({**record, **speeds[label]})
         updated += 1
     return updated
+
+
+def _nothing_to_remeasure(store: Store, suites: Sequence[str], scale: Scale) -> str:
+    """Why `remeasure_speed` found no run to measure again, and what to do."""
+    names = (f"the {suites[0]} suite" if len(suites) == 1
+             else f"the {', '.join(suites[:-1])} and {suites[-1]} suites")  # fmt: skip
+    runs = sorted(store.dir.glob("*.json")) if store.dir.is_dir() else []
+    if not runs:
+        return (f"no finished runs of {names} in {store.dir.parent}: nothing to re-measure (train "
+                "them first: the same command without --remeasure-speed)")  # fmt: skip
+    return (f"{store.dir} holds {len(runs)} finished run(s), none of {names} at {scale.name} "
+            "scale: nothing to re-measure (give the --out and the scale they were trained with: "
+            "--quick, --epochs, --train-size, --val-size, --segments, --set)")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -155,10 +155,15 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"use one of {', '.join(allowed)}")
-        if self.checkpoint_every < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError("checkpoint_every, weight_decay and warmup_epochs must be >= 0")
-        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_rate < 1:
-            raise ValueError("label_smoothing and drop_rate must lie in [0, 1)")
+        if self.checkpoint_every < 0:
+            raise bad("checkpoint_every", "use a number of steps, or 0 to checkpoint once per "
+                      "epoch only")  # fmt: skip
+        for name in ("weight_decay", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise bad(name, "use 0 or more")
+        for name in ("label_smoothing", "drop_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "use a value in [0, 1), e.g. 0.1")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise bad("ema_decay", "use a decay in (0, 1), e.g. 0.999, or leave it unset")
         if self.out is not None and not self.out.strip():  # it trained into the current folder
@@ -189,7 +194,7 @@ class TrainConfig:
         if not self.opt_eps > 0:
             raise bad("opt_eps", "use a small positive number, e.g. 1e-8")
         if self.amp == "fp16" and self.device == "cpu":
-            raise bad("amp", "fp16 needs CUDA; on a CPU use amp='bf16' or 'none'")
+            raise bad("amp", "fp16 needs CUDA; on a CPU use bf16 or none")
         fixed = sorted(set(self.model_args) & {"in_chans", "num_classes"})
         if fixed:
             raise ValueError(f"model_args.{fixed[0]} is set from the data (its channels and "
@@ -591,7 +596,7 @@ class _Run:
             raise ValueError("no output folder: set out (--out DIR)")
         self.out = Path(cfg.out)
         if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"out={cfg.out!r} is a file: give a folder for the run (--out DIR)")
+            raise ValueError(f"out={cfg.out!r} is a file: give a folder for the run")
         self.ckpt_dir = self.out / "checkpoints"
         holds_a_run = C.find_latest(self.ckpt_dir) is not None
         if self.resume_from is None and holds_a_run:
@@ -764,7 +769,7 @@ class _Run:
         self.lr = cfg.lr * cfg.batch_size / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
         self.optimizer = make_optimizer(model, cfg, self.lr)
         if cfg.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("amp='fp16' needs CUDA; on a CPU use amp='bf16' or 'none'")
+            raise ValueError("amp='fp16' needs CUDA; on a CPU use bf16 or none")
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         # Dropout draws from the global generator, which a resume or another loader iterator
         # would shift: each micro-batch seeds it from (seed, step, its index in the global
