@@ -339,3 +339,218 @@ def test_a_save_over_a_file_of_its_name_leaves_no_debris(tmp_path, monkeypatch, 
     path = C.save_checkpoint(tmp_path, "step-000000004", sd, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004"]
     assert C.load_checkpoint(path)["state"]["step"] == state["step"]
+
+
+def test_list_checkpoints_orders_by_step_number_and_skips_other_names(tmp_path):
+    """Folders are ordered by their step as a number (step-10 after step-9, whatever the
+    padding), and only `step-N` / `best-step-N` count: a copy, a file, or a save cut short (its
+    `.tmp` folder) is never taken for a checkpoint."""
+    names = ("step-9", "step-10", "step-000000003", "best-step-2", "best-step-11", "step-12.bak",
+             "step-13-copy", ".step-14.k3j4h5g6.tmp", ".step-15.4242.tmp")  # fmt: skip
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "step-16").write_text("a file, not a checkpoint folder")
+    listed = [p.name for p in C.list_checkpoints(tmp_path)]
+    assert listed == ["step-000000003", "step-9", "step-10"]
+    assert [p.name for p in C.list_checkpoints(tmp_path, best=True)] == [
+        "best-step-2", "best-step-11"]  # fmt: skip
+    assert C.find_latest(tmp_path) == tmp_path / "step-10"
+    assert C.list_checkpoints(tmp_path / "missing") == [] and C.find_latest(tmp_path / "x") is None
+
+
+def test_a_checkpoint_under_its_own_name_wins_over_a_copy_moved_aside(tmp_path):
+    """Both exist after a crash of a re-save that had already put the new one in place."""
+    (tmp_path / "step-4").mkdir()
+    (tmp_path / ".step-4.4242.old").mkdir()
+    (tmp_path / ".step-6.4242.old").mkdir()  # alone under its name: listed
+    assert C.list_checkpoints(tmp_path) == [tmp_path / "step-4", tmp_path / ".step-6.4242.old"]
+
+
+def test_prune_with_fewer_checkpoints_than_keep_last_keeps_them_all(tmp_path):
+    for step in (1, 2, 3):
+        (tmp_path / f"step-{step}").mkdir()
+    for keep_last in (5, 4, 3):
+        C.prune(tmp_path, keep_last=keep_last)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1", "step-2", "step-3"]
+    C.prune(tmp_path, keep_last=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-3"]
+
+
+def _watch_fsync_and_rename(monkeypatch) -> list[tuple]:
+    """Records, in order, each fsync (the path its descriptor names and the size on record
+    then) and each rename that moves something into place."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(C.os, "fsync", fsync)
+    monkeypatch.setattr(C.os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors by /proc")
+def test_atomic_write_syncs_the_whole_file_before_the_rename_and_the_folder_after(
+    tmp_path, monkeypatch
+):
+    """A crash (power cut) after the rename must find the new data, not an empty file under the
+    new name: the data reaches the disk before the rename, and the rename itself after it."""
+    events = _watch_fsync_and_rename(monkeypatch)
+    data = "a\n1\n"  # short: it waits in Python's buffer, and an fsync before the flush syncs 0
+    C.atomic_write(tmp_path / "metrics.csv", data)
+    [(_, tmp, target)] = [e for e in events if e[0] == "rename"]
+    assert target == os.path.realpath(tmp_path / "metrics.csv")
+    assert events == [("fsync", tmp, len(data)), ("rename", tmp, target),
+                      ("fsync", os.path.realpath(tmp_path), events[2][2])]  # fmt: skip
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors by /proc")
+def test_a_checkpoint_is_synced_file_by_file_and_folder_by_folder(tmp_path, monkeypatch):
+    sd, state = _state()
+    events = _watch_fsync_and_rename(monkeypatch)
+    final = C.save_checkpoint(tmp_path, "step-000000001", sd, state, ema=sd)
+    [(_, tmp, target)] = [e for e in events if e[0] == "rename"]
+    assert target == os.path.realpath(final)
+    synced = [e[1] for e in events if e[0] == "fsync"]
+    before = synced[: events.index(("rename", tmp, target))]
+    # Every file, whole, then the folder holding them: all before the folder takes its name.
+    files = {os.path.join(tmp, f.name): f.stat().st_size for f in final.iterdir()}
+    assert len(files) == 3
+    assert {e[1]: e[2] for e in events if e[0] == "fsync" and e[1] in files} == files
+    assert sorted(before) == sorted([*files, tmp]) and before[-1] == tmp
+    assert synced[len(before) :] == [os.path.realpath(tmp_path)]  # then the rename itself
+
+
+def test_a_state_file_from_elsewhere_or_a_newer_version_is_refused(tmp_path):
+    ckpt = tmp_path / "step-1"
+    ckpt.mkdir()
+    torch.save({"epoch": 1, "step": 1}, ckpt / "state.pt")  # loads, but is not ours
+    with pytest.raises(C.CheckpointError, match="state.pt: not an xception training checkpoint"):
+        C.load_checkpoint(ckpt, state_only=True)
+    torch.save({"format": "xception-checkpoint", "version": 2}, ckpt / "state.pt")
+    with pytest.raises(C.CheckpointError, match=r"newer xception \(format 2\); upgrade"):
+        C.load_checkpoint(ckpt, state_only=True)
+    torch.save({"format": "xception-checkpoint", "version": 1, "step": 1}, ckpt / "state.pt")
+    assert C.load_checkpoint(ckpt, state_only=True)["state"]["step"] == 1
+
+
+def test_a_file_inside_a_checkpoint_or_its_run_folder_loads_that_checkpoint(tmp_path):
+    sd, state = _state()
+    for step in (1, 2):
+        C.save_checkpoint(tmp_path / "run" / "checkpoints", f"step-{step:09d}", sd, state, ema=sd)
+    newest = tmp_path / "run" / "checkpoints" / "step-000000002"
+    for given in ("state.pt", "model.safetensors", "ema.safetensors"):
+        assert C.load_checkpoint(newest.parent / "step-000000001" / given)["path"].name == (
+            "step-000000001"
+        )
+    assert C.load_checkpoint(tmp_path / "run")["path"] == newest  # the run folder: its newest
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(C.CheckpointError, match="not a training checkpoint.*pass it as --weights"):
+        C.load_checkpoint(tmp_path / "weights.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.CheckpointError, match="empty: no checkpoint here"):
+        C.load_checkpoint(tmp_path / "empty")
+    with pytest.raises(C.CheckpointError, match="checkpoint not found"):
+        C.load_checkpoint(tmp_path / "missing")
+
+
+def test_rng_state_keeps_numpys_cached_gaussian():
+    """numpy draws normals in pairs and keeps the second for the next call: a state without it
+    gave a resumed run another next normal than the uninterrupted run."""
+    np.random.seed(3)
+    np.random.normal()  # one of a pair drawn: the other is cached
+    state = C.rng_state()
+    expected = np.random.normal(size=3)
+    np.random.seed(4)
+    C.restore_rng_state(state)
+    assert np.array_equal(np.random.normal(size=3), expected)
+
+
+def test_lock_run_folder_refuses_a_second_holder_and_names_the_first(tmp_path):
+    (tmp_path / ".lock").write_text("99999999 left by a process long gone, and more text\n")
+    lock = C.lock_run_folder(tmp_path)
+    try:
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ValueError, match=rf"in use by another training run \(process "
+                           rf"{os.getpid()}\): wait for it to finish"):  # fmt: skip
+            C.lock_run_folder(tmp_path)  # another open file: flock refuses it as another process
+    finally:
+        lock.close()
+    C.lock_run_folder(tmp_path).close()  # free once the first is closed
+
+
+def test_check_output_file_takes_the_longest_name_the_filesystem_allows(tmp_path):
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = tmp_path / ("r" * (name_max - 5) + ".json")
+    assert C.check_output_file(longest) == longest
+    with pytest.raises(ValueError, match=f"its name is {name_max + 1} bytes"):
+        C.check_output_file(tmp_path / ("r" * (name_max - 4) + ".json"))
+
+
+def test_check_output_file_wants_an_existing_folder_unless_it_may_create_it(tmp_path):
+    target = tmp_path / "new" / "deeper" / "result.json"
+    assert C.check_output_file(target) == target  # atomic_write creates the folders
+    assert list(tmp_path.iterdir()) == []  # the check itself writes nothing
+    with pytest.raises(FileNotFoundError, match=r"folder .*deeper does not exist \(create it"):
+        C.check_output_file(target, create_parents=False)
+    (tmp_path / "new").write_text("a file")
+    with pytest.raises(ValueError, match="new is a file, not a folder"):
+        C.check_output_file(target)
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.EACCES])
+def test_a_filesystem_without_renameat2_exchange_falls_back_to_two_renames(
+    tmp_path, monkeypatch, err
+):
+    """Some filesystems (older NFS, FUSE) refuse RENAME_EXCHANGE with EINVAL: the re-save
+    moves the old folder aside instead. Any other failure is an error naming the folder."""
+    import ctypes
+
+    sd, state = _state()
+    C.save_checkpoint(tmp_path, "step-000000003", sd, state)
+
+    class NoExchange:
+        def renameat2(self, *args):
+            return -1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kwargs: NoExchange())
+    monkeypatch.setattr(ctypes, "get_errno", lambda: err)
+    sd2 = {k: v + 1 for k, v in sd.items()}
+    if err == errno.EACCES:
+        with pytest.raises(PermissionError, match="step-000000003"):
+            C.save_checkpoint(tmp_path, "step-000000003", sd2, state)
+        assert torch.equal(_weights(tmp_path), sd["weight"])  # the old one, whole
+    else:
+        path = C.save_checkpoint(tmp_path, "step-000000003", sd2, state)
+        assert torch.equal(_weights(path), sd2["weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000003"]
+
+
+def test_the_model_and_its_ema_load_each_from_its_own_file(tmp_path):
+    sd, state = _state()
+    ema = {k: v * 0.5 for k, v in sd.items()}  # told apart from the model's weights
+    path = C.save_checkpoint(tmp_path, "step-000000001", sd, state, ema=ema)
+    loaded = C.load_checkpoint(path)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in sd.items())
+    assert all(torch.equal(loaded["ema"][k], v) for k, v in ema.items())
+    assert C.load_checkpoint(C.save_checkpoint(tmp_path, "step-2", sd, state))["ema"] is None
+    assert C.load_checkpoint(path, state_only=True)["model"] is None
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_save_over_a_dangling_link_of_its_name_replaces_the_link(tmp_path, monkeypatch, exchange):
+    """A checkpoint linked in from a folder since deleted: the save failed with
+    NotADirectoryError (a folder cannot be renamed over a link), after the work."""
+    if not exchange:
+        monkeypatch.setattr(C, "_exchange", lambda a, b: False)
+    (tmp_path / "step-000000004").symlink_to(tmp_path / "gone", target_is_directory=True)
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000004", sd, state)
+    assert not path.is_symlink() and C.load_checkpoint(path)["state"]["step"] == state["step"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004"]

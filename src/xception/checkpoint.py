@@ -278,7 +278,7 @@ def save_checkpoint(
                           "another --out") from None  # fmt: skip
         _fsync_dir(tmp)
         old = None
-        if final.exists():
+        if final.exists() or final.is_symlink():  # a link to a folder gone: replaced as well
             if _exchange(tmp, final):
                 old = tmp  # now holds the replaced checkpoint
             else:
