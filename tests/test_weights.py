@@ -1013,3 +1013,258 @@ def test_a_run_fine_tuned_from_torchvisions_inception_evaluates_as_it_validated(
     scored = evaluate_file(result["out"], tmp_path / "d", device="cpu")
     assert scored["images"] == 4
     assert scored["loss"] == pytest.approx(result["final"]["val_loss"], rel=1e-4)
+
+
+# --- cases a mutation pass over weights.py found untested --------------------------------------
+def _legacy_h5(f, layers: dict) -> None:
+    """Keras 2's layout, written by hand: `layer_names`, one group per layer, `weight_names`."""
+    f.attrs["layer_names"] = [n.encode() for n in layers]
+    for name, weights in layers.items():
+        group = f.create_group(name)
+        group.attrs["weight_names"] = [f"{name}/{k}:0".encode() for k in weights]
+        for k, v in weights.items():
+            group[f"{name}/{k}:0"] = v
+
+
+def test_full_model_h5_files_and_keras_archives_in_upper_case_read_their_weights(tmp_path):
+    """Keras 2's `model.save('x.h5')` puts the layers under a `model_weights` group, and a
+    `.KERAS` archive (the suffix in upper case) is a zip all the same: both read as the plain
+    weights file does."""
+    import zipfile
+
+    rng = np.random.default_rng(0)
+    layers = {"block1_conv1": {"kernel": rng.normal(size=(3, 3, 3, 4)).astype("f4")},
+              "predictions": {"kernel": rng.normal(size=(4, 7)).astype("f4"),
+                              "bias": rng.normal(size=7).astype("f4")}}  # fmt: skip
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        _legacy_h5(f, layers)
+    full = tmp_path / "full.h5"
+    with h5py.File(full, "w") as f:
+        f.attrs["model_config"] = "{}"  # what a full-model file has beside its weights
+        _legacy_h5(f.create_group("model_weights"), layers)
+    archive = tmp_path / "MODEL.KERAS"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("config.json", "{}")
+        z.writestr("model.weights.h5", plain.read_bytes())
+    for path in (plain, full, archive):
+        got = load_file(path)
+        assert got.keys() == layers.keys(), path
+        assert all(np.array_equal(got[n][k], v) for n in layers for k, v in layers[n].items())
+
+
+def test_keras_layers_that_hold_two_layers_or_no_names_are_refused_with_the_fix(tmp_path):
+    """A legacy group whose weights belong to two layers is a nested model (its 'kernel's
+    overwrite each other); a Keras 3 file without layer names cannot be mapped by name."""
+    nested = tmp_path / "nested.h5"
+    with h5py.File(nested, "w") as f:
+        f.attrs["layer_names"] = [b"inner"]
+        group = f.create_group("inner")
+        group.attrs["weight_names"] = [b"conv/kernel:0", b"bn/gamma:0"]
+        group["conv/kernel:0"] = np.zeros((1, 1, 2, 2), "f4")
+        group["bn/gamma:0"] = np.ones(2, "f4")
+    with pytest.raises(WeightsError, match=r"holds another model \(inner\)"):
+        load_file(nested)
+    early = tmp_path / "early.weights.h5"
+    with h5py.File(early, "w") as f:
+        f.create_group("vars")
+        f.create_group("layers/conv2d/vars")["0"] = np.zeros((1, 1, 2, 2), "f4")
+    with pytest.raises(WeightsError, match="without layer names .* model.save_weights"):
+        load_file(early)
+
+
+def test_state_dicts_under_common_checkpoint_keys_load_and_a_dict_without_one_is_named(tmp_path):
+    """Training scripts save {'model': sd, 'epoch': ...} or a name under 'model' beside
+    'model_state_dict'; a file holding no tensors at all is an error that says so."""
+    sd = create_model("xception-compact", num_classes=3).state_dict()
+    for i, wrapped in enumerate([{"model": sd, "epoch": 2},
+                                 {"model": "xception-compact", "model_state_dict": sd}]):  # fmt: skip
+        torch.save(wrapped, tmp_path / f"{i}.pth")
+        got = load_file(tmp_path / f"{i}.pth")
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], v) for k, v in sd.items())
+    torch.save({"epoch": 3, "best_acc": 0.5}, tmp_path / "no-weights.pth")
+    with pytest.raises(WeightsError, match="no state dict of tensors found"):
+        load_file(tmp_path / "no-weights.pth")
+
+
+def test_a_wrapper_prefix_is_stripped_only_where_every_tensor_has_it(tmp_path):
+    """A model with a submodule named `module` beside others is not DDP-wrapped."""
+    from safetensors.torch import save_file
+
+    sd = {"module.weight": torch.ones(2), "tail.weight": torch.zeros(2)}  # module. read first
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    assert sorted(load_file(tmp_path / "m.safetensors")) == ["module.weight", "tail.weight"]
+
+
+def test_an_unreadable_legacy_pth_names_the_unpicklers_error(tmp_path):
+    """The bare KeyError torch raises says only '101' (a byte of the file, read as a key)."""
+    (tmp_path / "text.pth").write_bytes(b"hello")
+    with pytest.raises(WeightsError, match=r"not a readable PyTorch file \(KeyError \d+\)"):
+        load_file(tmp_path / "text.pth")
+
+
+def test_an_empty_state_dict_is_named_as_missing_weights_not_as_keras_shortcuts(tmp_path):
+    torch.save({}, tmp_path / "empty.pth")
+    with pytest.raises(WeightsError, match=r"does not fit this model: \d+ model weights missing"):
+        create_model("xception-compact", weights=tmp_path / "empty.pth")
+
+
+def test_cadenes_original_file_with_flat_pointwise_weights_loads(tmp_path):
+    """Cadene's released xception .pth stores the 1x1 pointwise convs as 2-D matrices (his
+    loader unsqueezed them) and the classifier as last_linear."""
+    tmodel = timm_xception(seed=2)
+    sd = {}
+    for key, value in tmodel.state_dict().items():
+        if "pointwise" in key:
+            value = value[:, :, 0, 0]
+        sd[key.replace("fc.", "last_linear.")] = value
+    assert sd["block1.rep.0.pointwise.weight"].ndim == 2
+    torch.save(sd, tmp_path / "xception-43020ad28.pth")
+    model = create_model("xception", weights=tmp_path / "xception-43020ad28.pth").eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert (model(x) - tmodel(x)).abs().max() < TOL
+
+
+def test_a_timm_file_with_tensors_of_no_place_is_refused_naming_one(tmp_path):
+    """Dropped silently, they would let a file with more than the model pass as the model's."""
+    sd = dict(timm_xception().state_dict())
+    sd["block1.rep.0.gate.weight"] = torch.ones(3)
+    torch.save(sd, tmp_path / "timm-plus.pth")
+    with pytest.raises(WeightsError, match=r"1 timm weights have no place in this model "
+                                           r"\(first: block1\.rep\.0\.gate\.weight\)"):  # fmt: skip
+        create_model("xception", weights=tmp_path / "timm-plus.pth")
+
+
+def test_infinite_weights_are_refused_like_nan(tmp_path):
+    sd = create_model("xception-compact", num_classes=3).state_dict()
+    sd["block3.sepconv2.pointwise.weight"].view(-1)[:2] = float("inf")
+    torch.save(sd, tmp_path / "inf.pth")
+    with pytest.raises(WeightsError, match=r"block3\.sepconv2\.pointwise\.weight holds 2 NaN or "
+                                           "infinite values"):  # fmt: skip
+        create_model("xception-compact", weights=tmp_path / "inf.pth")
+
+
+def test_a_file_without_a_classifier_into_a_model_with_one(tmp_path, caplog):
+    """The warning says the head was absent (not that its class count differs), the metadata
+    describes the model's fresh head, and a caller that requires the head is refused."""
+    from xception.weights import Weights, load_into, save_safetensors
+
+    meta = Weights(name="features", format="xception", num_classes=0, input_size=32)
+    path = save_safetensors(create_model("xception-compact", num_classes=0), tmp_path / "f.safetensors",
+                            meta)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        model = create_model("xception-compact", num_classes=5, weights=path)
+    assert "classifier not loaded (absent from the file)" in caplog.text
+    assert model.weights_meta == meta.replace(num_classes=5)
+    headless = load_file(path)
+    with pytest.raises(WeightsError, match=r"f: classifier fc\.\w+ has shape nothing in the file, "
+                                           r"the model has \("):  # fmt: skip
+        load_into(create_model("xception-compact", num_classes=5), headless, source="f",
+                  require_head=True)  # fmt: skip
+
+
+def test_key_mismatch_names_each_side():
+    from xception.weights import key_mismatch
+
+    assert key_mismatch(["a", "b", "c"], ["c", "d"]) == (
+        "2 model weights missing from the file (first: a); 1 file weights unknown to the model "
+        "(first: d)"
+    )
+    assert key_mismatch(["a"], ["a"]) is None
+
+
+def test_weights_urls_caches_and_metadata_of_a_later_version(tmp_path, monkeypatch):
+    """A mirror given with a trailing slash is joined with one slash (a `//` path is another
+    object to some servers); the cache follows XDG_CACHE_HOME; metadata fields a later
+    version adds are ignored, as `from_dict` promises."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from xception.weights import WEIGHTS, cache_dir, open_weights
+
+    monkeypatch.setenv("XCEPTION_WEIGHTS_URL", "https://mirror.example/xception/")
+    filename = WEIGHTS["imagenet"].filename
+    assert WEIGHTS["imagenet"].url == "https://mirror.example/xception/" + filename
+    monkeypatch.delenv("XCEPTION_WEIGHTS_URL")
+    assert (
+        WEIGHTS["imagenet"].url
+        == "https://storage.googleapis.com/tensorflow/keras-applications/xception/" + filename
+    )
+    monkeypatch.delenv("XCEPTION_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "xception"
+    monkeypatch.setenv("XCEPTION_HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home"
+
+    model = create_model("xception-compact", num_classes=2)
+    card = {"name": "later", "format": "xception", "num_classes": 2, "categories": ["a", "b"],
+            "input_size": 32, "new_field": "from a later version"}  # fmt: skip
+    metadata = {"format": "pt", "xception.weights": json.dumps(card)}
+    save_file(model.state_dict(), str(tmp_path / "later.safetensors"), metadata=metadata)
+    meta = open_weights(tmp_path / "later.safetensors").meta
+    assert (meta.name, meta.categories, meta.input_size) == ("later", ("a", "b"), 32)
+
+
+def test_a_missing_file_is_not_found_not_an_unknown_name(tmp_path):
+    """Only a bare word is taken for a mistyped weights name."""
+    from xception.weights import open_weights
+
+    for spec in ("missing.pth", str(tmp_path / "no-such-run")):
+        with pytest.raises(WeightsError, match=re.escape(f"weights file not found: {spec}")):
+            open_weights(spec)
+    with pytest.raises(WeightsError, match="unknown weights 'imagenet1k'"):
+        open_weights("imagenet1k")
+
+
+def test_our_safetensors_in_upper_case_keep_their_config_and_metadata(tmp_path):
+    from xception.weights import Weights, open_weights, save_safetensors
+
+    meta = Weights(name="grey", format="xception", num_classes=3, categories=("a", "b", "c"),
+                   input_size=28, mean=(0.1,), std=(0.2,))  # fmt: skip
+    model = create_model("xception-compact", num_classes=3, in_chans=1, width=0.5)
+    path = save_safetensors(model, tmp_path / "GREY.SAFETENSORS", meta)
+    opened = open_weights(path)
+    assert opened.meta == meta
+    assert opened.config["width"] == 0.5 and "num_classes" not in opened.config
+
+
+def test_keras_files_get_imagenet_names_only_with_1000_classes(tmp_path):
+    """A Keras file fine-tuned to 7 classes is not ImageNet: no class names to give."""
+    from xception.weights import open_weights
+
+    rng = np.random.default_rng(0)
+    for classes in (7, 1000):
+        path = tmp_path / f"k{classes}.h5"
+        with h5py.File(path, "w") as f:
+            _legacy_h5(f, {"predictions": {"kernel": rng.normal(size=(8, classes)).astype("f4"),
+                                           "bias": np.zeros(classes, "f4")}})  # fmt: skip
+        meta = open_weights(path).meta
+        assert meta.num_classes == classes
+        names = meta.categories
+        assert names is None if classes == 7 else names[:2] == ("tench", "goldfish")
+
+
+def test_a_training_checkpoint_opens_as_its_own_model_with_its_ema_weights(tmp_path):
+    """A checkpoint folder (or its state.pt) gives the EMA weights, as `xception eval` scores
+    it; its model.safetensors, the raw ones; both in the model its state.pt describes."""
+    from xception.checkpoint import save_checkpoint
+    from xception.weights import input_meta
+
+    raw = create_model("xception-compact", num_classes=3, in_chans=1)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in raw.state_dict().items()}
+    meta = dict(model="xception-compact", model_config=raw.config.to_dict(),
+                classes=["a", "b", "c"], image_size=24, mean=[0.3], std=[0.4], multilabel=False,
+                loss="softmax", in_chans=1)  # fmt: skip
+    ckpt = save_checkpoint(tmp_path, "step-000000004", raw.state_dict(), {"meta": meta}, ema)
+    for spec, expected in ((ckpt, ema["fc.weight"]), (ckpt / "state.pt", ema["fc.weight"]),
+                           (ckpt / "model.safetensors", raw.fc.weight)):  # fmt: skip
+        model = create_model("xception-compact", weights=spec)
+        assert model.config.in_chans == 1 and torch.equal(model.fc.weight, expected), spec
+        card = model.weights_meta
+        assert (card.categories, card.input_size, card.mean) == (("a", "b", "c"), 24, (0.3,))
+    five = create_model("xception-compact", weights=ckpt, num_classes=5)
+    assert five.fc.out_features == 5 and five.weights_meta.categories is None
+    # A grey model without metadata is fed one channel's mean and std, not three.
+    assert input_meta(raw).mean == (0.5,) and input_meta(raw).std == (0.5,)

@@ -354,3 +354,50 @@ def test_a_mirror_without_the_file_is_named_not_called_offline(env, server, monk
     finally:
         server.files = served
     assert _cache_files(env) == []
+
+
+def test_a_record_of_another_md5_or_size_is_not_trusted(env, server, monkeypatch):
+    """The record vouches for the published MD5 at one size: a new published MD5 (the same file
+    name re-released) or a file cut short with its time restored is hashed again."""
+    path = W.download("imagenet-notop", progress=False)
+    record = json.loads((env / f"{NOTOP}.json").read_text())
+    with open(path, "r+b") as f:
+        f.truncate(record["size"] // 2)
+    os.utime(path, ns=(record["mtime_ns"], record["mtime_ns"]))
+    with pytest.raises(W.WeightsError, match="damaged or not the official one"):
+        W.download("imagenet-notop", progress=False)
+    path.unlink()
+    W.download("imagenet-notop", progress=False)
+    other = dataclasses.replace(W.WEIGHTS["imagenet-notop"], md5="1" * 32)
+    monkeypatch.setitem(W.WEIGHTS, "imagenet-notop", other)
+    with pytest.raises(W.WeightsError, match=r"does not match the published 1{32}"):
+        W.download("imagenet-notop", progress=False)
+    assert len(server.requests) == 2
+
+
+def test_downloaded_files_follow_the_umask(env, server):
+    """The download is written to a private temporary file (mode 0600): a cache shared by
+    several users must get the umask's mode, as a plain open() would give."""
+    old = os.umask(0o022)
+    try:
+        path = W.download("imagenet-notop", progress=False)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_404_from_the_published_address_says_the_file_has_moved(env, server, monkeypatch):
+    """Without a mirror the server that answered is the published one: no mirror to fix."""
+    monkeypatch.delenv("XCEPTION_WEIGHTS_URL")
+    base = f"http://127.0.0.1:{server.server_port}/moved/"
+    monkeypatch.setitem(W.WEIGHTS, "imagenet",
+                        dataclasses.replace(W.WEIGHTS["imagenet"], base_url=base))  # fmt: skip
+    served, server.files = server.files, {}  # a module fixture: restored below
+    try:
+        with pytest.raises(W.WeightsError, match=rf"{base}{TOP} answered HTTP 404 .*; the file "
+                                                 "has moved, or download") as err:  # fmt: skip
+            W.download("imagenet", progress=False)
+    finally:
+        server.files = served
+    assert "mirror" not in str(err.value).split("or download")[0]
+    assert _cache_files(env) == []
