@@ -3,14 +3,17 @@ within 1e-4 at batch sizes other than the traced one; int8 stays within its stat
 errors are clear; `xception export` and the onnxruntime predict backend work end to end."""
 
 import logging
+import platform
 import re
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torch._inductor.config
 from torch import nn
+from torch.nn import functional as F
 
 from xception import create_model, deploy
 from xception.cli import main
@@ -65,6 +68,38 @@ def test_fold_batchnorm_removes_every_bn_and_keeps_outputs(overrides):
 def test_fold_batchnorm_rejects_other_models():
     with pytest.raises(TypeError, match="xception.Xception"):
         deploy.fold_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
+
+
+def test_fold_conv_bn_equals_the_conv_then_its_batch_norm():
+    """Every setting of the conv carries over to the folded one, and a conv's own bias is
+    folded too (the model's convs have neither bias, dilation nor groups before their BN)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=True,
+                     padding_mode="reflect")  # fmt: skip
+    bn = nn.BatchNorm2d(6, eps=0.1)
+    bn.running_mean.normal_(0, 0.5)
+    bn.running_var.uniform_(0.1, 0.5)  # against eps=0.1, so a dropped or wrong eps shows
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_(0, 0.5)
+    bn.eval()
+    fused = deploy._fold_conv_bn(conv, bn)
+    x = torch.randn(2, 4, 11, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), bn(conv(x)), atol=1e-5, rtol=0)
+
+
+def test_fold_batchnorm_gives_an_eval_model_and_folds_a_folded_model_again():
+    """Documented as an eval-mode copy: dropout off even when the model given trains. A folded
+    model has identities where the BNs were, and folding it again leaves it as it is."""
+    model = small_model(drop_rate=0.5).train()
+    folded = deploy.fold_batchnorm(model)
+    assert not folded.training and not folded.dropout.training
+    assert model.training  # the model itself keeps its mode
+    x = torch.randn(2, 3, SIZE, SIZE)
+    ref = eager(model.eval(), x)
+    torch.testing.assert_close(eager(folded, x), ref, atol=1e-4, rtol=0)  # no dropout
+    again = deploy.fold_batchnorm(folded)
+    torch.testing.assert_close(eager(again, x), ref, atol=1e-4, rtol=0)
 
 
 @pytest.fixture
@@ -188,6 +223,49 @@ def test_slice_plan_keeps_each_slice_under_the_budget(model):
     assert deploy.slice_plan(folded, (1, 3, SIZE, SIZE), 1e-6) == ((everything, 1),)
     with pytest.raises(ValueError, match="must be positive"):
         deploy.slice_plan(folded, shape, 0)
+
+
+def test_slice_plan_by_hand(model, monkeypatch):
+    """The plan's arithmetic on activation sizes chosen by hand, at 1 MiB and batch 8: a block
+    of 1/4 MiB fits exactly 4 images (2 slices of 4), one of 1/3.6 MiB fits 3 (3 slices,
+    evened out to 3 + 3 + 2), one of 1/8 MiB the whole batch; from there every block runs on
+    the whole batch, even a later one bigger than the budget."""
+    mib = 2**20
+    sizes = dict.fromkeys(model.block_names, mib // 8)
+    sizes |= {"block1": mib // 4, "block2": int(mib / 3.6), "block3": mib // 8, "block4": 2 * mib}
+    monkeypatch.setattr(deploy, "_block_activations", lambda model, shape: sizes)
+    rest = tuple(model.block_names[2:])
+    want = ((("block1",), 4), (("block2",), 3), (rest, 8))
+    assert deploy.slice_plan(model, (8, 3, SIZE, SIZE), 1.0) == want
+    # Neighbours with the same slice size run as one group.
+    sizes["block2"] = mib // 4
+    assert deploy.slice_plan(model, (8, 3, SIZE, SIZE), 1.0) == ((("block1", "block2"), 4),
+                                                                  (rest, 8))  # fmt: skip
+
+
+def test_sliced_blocks_see_the_slices_of_their_plan(model):
+    """Each block runs on the slices its group of the plan names (the point of slicing: the
+    outputs alone would agree with any split), and the outputs equal the whole batch's."""
+    folded = deploy.fold_batchnorm(model)
+    seen: dict[str, list[int]] = {}
+    for name in folded.block_names:
+        getattr(folded, name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.setdefault(name, []).append(args[0].shape[0])
+        )
+    rest = tuple(folded.block_names[3:])
+    plan = ((("block1",), 2), (("block2", "block3"), 1), (rest, 5))
+    x = torch.randn(5, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = deploy._Sliced(folded)(x, plan)
+    assert seen["block1"] == [2, 2, 1]
+    assert seen["block2"] == seen["block3"] == [1] * 5
+    assert all(seen[name] == [5] for name in rest)
+    ref = eager(model, x)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    # A plan whose last group is sliced too: the slices are joined for the head.
+    with torch.no_grad():
+        out = deploy._Sliced(folded)(x, ((tuple(folded.block_names), 2),))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_planning_a_shape_neither_runs_nor_hooks_the_model(model, monkeypatch):
@@ -421,6 +499,26 @@ def test_export_and_int8_make_missing_folders_and_remove_them_when_they_fail(mod
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # a/b kept: it holds m.pt
 
 
+def test_export_reports_the_largest_error_over_every_checked_batch(model, tmp_path, monkeypatch):
+    """A file off by 0.5 on one checked batch only, below PyTorch or above it, is reported
+    0.5 off (not the last batch's error, nor a signed one); a fixed-size file has no min_size."""
+    load = deploy.load_exported
+
+    def off_at_one_image(offset):
+        def loader(path, fmt):
+            run = load(path, fmt)
+            return lambda x: run(x) + (offset if len(x) == 1 else 0)
+
+        return loader
+
+    for offset in (0.5, -0.5):
+        monkeypatch.setattr(deploy, "load_exported", off_at_one_image(offset))
+        report = deploy.export(model, tmp_path / "m.pt", "torchscript", input_size=SIZE,
+                               check_batches=(1, 3))  # fmt: skip
+        assert report.max_abs_error == pytest.approx(0.5, abs=1e-4)
+        assert report.min_size is None
+
+
 def test_export_cli_one_line_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path / "m.x"), "--format", "tflite"]) == 2
     err = capsys.readouterr().err.strip()
@@ -453,6 +551,70 @@ def test_onnx_split_batch_equals_whole_batch(model, onnx_file):
             deploy.onnx_session(onnx_file, threads=bad)
 
 
+def test_onnx_model_threads_and_input_dtypes(model, onnx_file):
+    """A batch of as many images as threads is split, one slice per thread; the thread count
+    defaults to torch's; float64 and float16 images run as the float32 the file takes."""
+    two = deploy.OnnxModel(onnx_file, threads=2)
+    assert two.slices(2) == [(0, 1), (1, 2)]
+    assert deploy.OnnxModel(onnx_file, split_batch=False).threads == torch.get_num_threads()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    ref = eager(model, x)
+    for dtype in (torch.float64, torch.float16):
+        torch.testing.assert_close(two(x.to(dtype)), ref, atol=2e-2 if dtype == torch.float16
+                                   else 1e-4, rtol=0)  # fmt: skip
+
+
+def _pad_then_pool(pads: list[int], value: float, users: int = 1):
+    """An ONNX graph X -> Pad(`pads`, `value`) -> MaxPool(3, stride 2) (and a second MaxPool
+    on the Pad's output when `users` is 2), summed into Y."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(pads, dtype=np.int64), "pads"),
+             numpy_helper.from_array(np.array(value, dtype=np.float32), "value")]  # fmt: skip
+    nodes = [helper.make_node("Pad", ["X", "pads", "value"], ["P"], mode="constant")]
+    outs = [f"M{i}" for i in range(users)]
+    nodes += [helper.make_node("MaxPool", ["P"], [o], kernel_shape=[3, 3], strides=[2, 2])
+              for o in outs]  # fmt: skip
+    nodes.append(helper.make_node("Sum", outs, ["Y"]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 2, 8, 9])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_pads_of_minus_infinity_fold_into_the_max_pool_after_them(tmp_path):
+    """Pad(-inf) -> MaxPool becomes one MaxPool with the pads (begins, then ends, of height and
+    width), giving the same values; other pads are left as they are."""
+    import onnx
+    import onnxruntime as ort
+
+    x = torch.randn(1, 2, 8, 9)
+    # ONNX's pads: the begins of N, C, H, W, then their ends (width's begin is not height's
+    # end, so that the max pool's order, begins then ends, shows).
+    folds = [0, 0, 0, 1, 0, 0, 0, 2]
+    path = tmp_path / "fold.onnx"
+    onnx.save(_pad_then_pool(folds, float("-inf")), str(path))
+    deploy._fold_pads_into_maxpools(path)
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node] == ["MaxPool", "Sum"]
+    assert not graph.initializer  # the Pad's pads and value went with it
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"X": x.numpy()})
+    # F.pad takes (left, right, top, bottom).
+    want = F.max_pool2d(F.pad(x, (1, 2, 0, 0), value=float("-inf")), 3, 2)
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=0, rtol=0)
+    # Padding that a max pool's own pads cannot express stays a Pad: another value, the batch
+    # or channel axes, or a Pad whose output two ops read.
+    kept = [(folds, 0.0, 1), (folds, float("inf"), 1), ([0, 1, 0, 1, 0, 0, 1, 0], float("-inf"), 1),
+            (folds, float("-inf"), 2)]  # fmt: skip
+    for pads, value, users in kept:
+        onnx.save(_pad_then_pool(pads, value, users), str(path))
+        deploy._fold_pads_into_maxpools(path)
+        assert "Pad" in [n.op_type for n in onnx.load(str(path)).graph.node], (pads, value, users)
+
+
 def test_int8_within_stated_bound(model, onnx_file, tmp_path):
     """Stated bound for int8 (per-channel 7-bit weights, calibrated uint8 activations): logits
     within 10% relative L2 error of fp32 on images like the calibration images, and top-1
@@ -476,6 +638,24 @@ def test_int8_within_stated_bound(model, onnx_file, tmp_path):
     rel = ((int8(x) - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.10, rel  # not zero: the int8 model really is a different model
     assert deploy.top1_agreement(model, int8, images[2:]) > 0.9
+    # The defaults the docstring states: the first conv and the classifier keep float weights
+    # (fp32_ends); the other convs get int8 weights of 7 bits (reduce_range: within +-64),
+    # with a scale per output channel (per_channel).
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    heads = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert heads and all(n.input[1] in inits and inits[n.input[1]].dtype == np.float32
+                         for n in [convs[0], *heads])  # fmt: skip
+    for conv in convs[1:]:
+        weights = made_by[conv.input[1]]
+        assert weights.op_type == "DequantizeLinear"
+        q, scale = inits[weights.input[0]], inits[weights.input[1]]
+        assert q.dtype == np.int8 and np.abs(q.astype(np.int32)).max() <= 64
+        assert scale.shape == (q.shape[0],)
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
@@ -523,6 +703,34 @@ def test_top1_agreement_refuses_models_of_other_classes(model):
     # A feature map is named on whichever side it is (it was always blamed on the reference).
     with pytest.raises(ValueError, match=r"the candidate gave \(2, 10, 1, 1\): it has no class"):
         deploy.top1_agreement(model, lambda x: torch.zeros(len(x), 10, 1, 1), x)
+
+
+def test_top1_agreement_needs_one_row_per_image_and_some_images(model):
+    x = [torch.randn(2, 3, SIZE, SIZE)]
+    with pytest.raises(ValueError, match=r"for 2 images, the candidate gave \(1, 10\)"):
+        deploy.top1_agreement(model, lambda x: model(x)[:1], x)
+    with pytest.raises(ValueError, match="no images to compare"):
+        deploy.top1_agreement(model, model, [])
+
+    # Counted image by image: the last of four images given the lowest score for its class.
+    def last_wrong(x):
+        out = model(x)
+        out[-1, out[-1].argmax()] = out[-1].min() - 1
+        return out
+
+    assert deploy.top1_agreement(model, last_wrong, [torch.randn(4, 3, SIZE, SIZE)]) == 0.75
+
+
+def test_int8_of_pooled_features_reports_no_agreement(tmp_path):
+    """A backbone's pooled features are (N, C) like class scores, but the argmax of a feature
+    vector names no class: no top-1 agreement for a model without classes."""
+    torch.manual_seed(0)
+    features = create_model("xception-compact", num_classes=0, width=0.25,
+                            middle_blocks=1).eval()  # fmt: skip
+    x = [torch.randn(2, 3, 32, 32)]
+    assert eager(features, x[0]).shape == (2, 128)
+    report = deploy.quantize_model(features, tmp_path / "f.onnx", x, x, input_size=32)
+    assert report.top1_agreement is None and report.heldout_images == 2
 
 
 def _random_pngs(folder, count: int):
@@ -589,6 +797,27 @@ def test_cpu_model_names_family_model_and_kernel_isas():
     assert isinstance(deploy.cpu_model(), str) and deploy.cpu_model()  # this machine: something
 
 
+def test_cpuinfo_reads_the_first_processor_only():
+    """The fields of the first processor's block, wherever it starts; a CPU whose /proc/cpuinfo
+    has no "model name" (as on many ARM kernels) is named by the platform module."""
+    lead = "\n" + ZEN4_CPUINFO  # blank lines before the first block end nothing
+    assert deploy.cpu_model(lead) == deploy.cpu_model(ZEN4_CPUINFO)
+    # The second block's flags are not the first processor's.
+    bare_first = "processor\t: 0\nmodel name\t: Bare\n\nprocessor\t: 1\nflags\t\t: avx2\n"
+    assert deploy.cpu_model(bare_first) == "Bare"
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n"
+    assert deploy.cpu_model(arm) == (platform.processor() or platform.machine())
+    # AMX alone (without AVX512-BF16) multiplies bfloat16 in hardware too.
+    assert deploy.cpu_native_bf16("model name\t: X\nflags\t\t: avx2 amx_bf16 amx_tile\n")
+
+
+def test_default_dtype_is_bfloat16_on_cuda_devices_only():
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        assert deploy.default_dtype(device) == torch.bfloat16
+    for device in ("cpu", torch.device("cpu"), "meta", "mps"):
+        assert deploy.default_dtype(device) == torch.float32
+
+
 def test_exported_program_with_a_dynamic_size_runs_at_other_sizes(tmp_path, capsys):
     """torch.export pins feature maps of size 1: the dynamic range starts above the model's
     total stride (17 for the compact preset), and smaller traces are refused by name. The
@@ -618,6 +847,26 @@ def test_exported_program_with_a_dynamic_size_runs_at_other_sizes(tmp_path, caps
     with pytest.raises(ValueError, match=r"traced at 17x17 pixels or more"):
         deploy.export(model, tmp_path / "e.pt2", "exported-program", input_size=16,
                       dynamic_size=True)  # fmt: skip
+
+
+def test_a_program_with_a_dynamic_size_is_traced_at_its_smallest_size(tmp_path, monkeypatch):
+    """A program "traced at 17x17 pixels or more" may be traced at 17 itself (the export
+    stops at the tracer here; the tests above run it)."""
+
+    class Traced(Exception):
+        pass
+
+    def trace(model, x, path, dynamic_size, least):
+        raise Traced(tuple(x.shape[-2:]), least)
+
+    monkeypatch.setattr(deploy, "_export_program", trace)
+    model = create_model("xception-compact", num_classes=3, padding="symmetric", width=0.25,
+                         middle_blocks=1).eval()  # fmt: skip
+    with pytest.raises(Traced) as caught:
+        deploy.export(model, tmp_path / "d.pt2", "exported-program", input_size=17,
+                      dynamic_size=True)  # fmt: skip
+    assert caught.value.args == ((17, 17), 17)
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_papers_model_exports_as_a_program_with_a_dynamic_size(tmp_path):
@@ -681,6 +930,11 @@ def test_optimize_names_bad_inputs_and_settings_in_its_own_words():
     for bad in (float("inf"), True):
         with pytest.raises(ValueError, match="slice_mib=.* is not valid"):
             deploy.optimize(model, backend="eager", slice_mib=bad)
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt': use one of compile, jit"):
+        deploy.optimize(model, backend="tensorrt")
+    # oneDNN's blocked layout is the CPU's: refused for CUDA before anything moves there.
+    with pytest.raises(ValueError, match=r"backend='jit' \(oneDNN blocked layout\) is CPU only"):
+        deploy.optimize(model, backend="jit", device="cuda")
 
 
 def test_torchscript_refuses_a_dynamic_size(tmp_path, capsys):
@@ -790,12 +1044,10 @@ def test_export_refuses_bad_sizes_and_check_batches(model, tmp_path):
     for bad in ((SIZE,), SIZE + 0.5, True, (SIZE, 0), "80"):
         with pytest.raises(ValueError, match="give the image height and width in pixels"):
             deploy.export(model, path, "onnx", input_size=bad)
-    for bad in ((0,), (), (1, -3), 2):
+    for bad in ((0,), (), (1, -3), 2, (True,)):
         with pytest.raises(ValueError, match="check_batches=.*: give one or more batch sizes"):
             deploy.export(model, path, "onnx", input_size=SIZE, check_batches=bad)
     assert not list(tmp_path.iterdir())
-    import numpy as np
-
     assert input_size_pair(np.int64(SIZE)) == (SIZE, SIZE)
     assert input_size_pair([SIZE, SIZE + 8]) == (SIZE, SIZE + 8)
 
@@ -805,7 +1057,7 @@ def test_onnx_model_names_the_shape_it_takes(onnx_file):
     three-line INVALID_ARGUMENT; the TorchScript and .pt2 files name the shape they take."""
     for split in (False, True):
         run = deploy.OnnxModel(onnx_file, threads=2, split_batch=split)
-        for bad in ((4, 3, SIZE + 1, SIZE), (2, 1, SIZE, SIZE), (3, SIZE, SIZE)):
+        for bad in ((4, 3, SIZE + 1, SIZE), (2, 1, SIZE, SIZE), (3, SIZE, SIZE), (2, 3, SIZE)):
             with pytest.raises(ValueError, match=re.escape(
                     f"model.onnx takes input of shape (N, 3, {SIZE}, {SIZE}), got {bad}: give "
                     "input of that shape, or export again")):  # fmt: skip
