@@ -486,3 +486,87 @@ def test_a_compact_model_without_metadata_sees_its_own_image_size(tmp_path, capl
     paper = create_model("xception", num_classes=4, width=0.25, middle_blocks=1)
     paper.weights_meta = None
     assert _meta_for(paper).input_size == 299
+
+
+def test_predict_prepares_images_with_the_weights_crop_interpolation_mean_and_std(tiny, tmp_path):
+    """The input is the weights' own preprocessing, computed here with PIL by hand: shorter
+    side resized to input_size / crop_fraction (bicubic), centre crop, per-channel mean/std."""
+    from xception.weights import open_weights
+
+    mean, std = (0.3, 0.5, 0.7), (0.2, 0.25, 0.3)
+    model = create_model("xception-compact", weights=tiny).eval()
+    model.weights_meta = open_weights(tiny).meta.replace(
+        crop_fraction=0.5, interpolation="bicubic", mean=mean, std=std
+    )
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 80, 3), dtype=np.uint8))  # 80 x 40
+    image.save(tmp_path / "noise.png")
+    # 32 / 0.5 = 64 px on the shorter side: 128 x 64, then the centre 32 x 32.
+    pixels = image.resize((128, 64), Image.BICUBIC).crop((48, 16, 80, 48))
+    x = (np.asarray(pixels, dtype=np.float32) / 255 - mean) / std
+    x = torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))[None]
+    with torch.no_grad():
+        expected = model(x).softmax(-1)[0]
+    [row] = predict(model, tmp_path / "noise.png", topk=4)
+    got = torch.tensor([p.probability for p in sorted(row.top, key=lambda p: p.index)])
+    assert torch.allclose(got, expected, atol=1e-5)
+    with torch.no_grad():  # the default preprocessing would have given other probabilities
+        plain = model(meta_default(image)).softmax(-1)[0]
+    assert (plain - expected).abs().max() > 1e-3
+
+
+def meta_default(image: Image.Image) -> torch.Tensor:
+    x = np.asarray(image.resize((32, 32), Image.BILINEAR), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(x.transpose(2, 0, 1))[None]
+
+
+def test_a_model_other_than_xception_is_run_in_eval_mode(tmp_path):
+    """A compact Inception handed over in training mode is scored as in eval mode (batch-norm
+    running statistics, no dropout), while the caller's model stays in training mode."""
+    model = create_model("inception-v3-compact", num_classes=4, width=0.125, blocks=(1, 1, 1),
+                         drop_rate=0.5)  # fmt: skip
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    model.weights_meta = Weights(name="w", format="xception", num_classes=4, input_size=16)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))  # no resize
+    image.save(tmp_path / "x.png")
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).eval()(x[None]).softmax(-1)[0]
+    [row] = predict(model.train(), tmp_path / "x.png", topk=4)
+    got = torch.tensor([p.probability for p in sorted(row.top, key=lambda p: p.index)])
+    assert torch.allclose(got, expected, atol=1e-5) and model.training
+
+
+def test_topk_and_batch_size_are_checked_when_predict_is_called(tiny):
+    model = create_model("xception-compact", weights=tiny)
+    photo = SKLEARN_IMAGES / "china.jpg"
+    for kw in (dict(topk=0), dict(batch_size=0), dict(topk=-1)):
+        with pytest.raises(ValueError, match="both must be at least 1"):
+            predict(model, photo, **kw)  # called, never iterated
+    # More classes asked for than the model has: all of them, best first.
+    [row] = predict(model, photo, topk=10)
+    probs = [r.probability for r in row.top]
+    assert sorted(r.index for r in row.top) == [0, 1, 2, 3] and probs == sorted(probs)[::-1]
+
+
+def test_class_names_that_do_not_fit_the_head_give_way_to_indices(caplog):
+    """Metadata whose 4 names belong to another head (set by hand on a 6-class model): rows
+    are labelled by class index (as text), with a warning, rather than by the wrong names."""
+    model = create_model("xception-compact", num_classes=6, width=0.25, middle_blocks=1)
+    model.weights_meta = Weights(name="w", format="xception", num_classes=4, categories=CLASSES,
+                                 input_size=32)  # fmt: skip
+    [row] = predict(model, SKLEARN_IMAGES / "china.jpg", topk=6)
+    assert sorted(r.index for r in row.top) == list(range(6))
+    assert all(r.label == str(r.index) for r in row.top)
+    assert "4 class names do not fit the model's 6 classes" in caplog.text
+
+
+def test_an_error_row_gives_the_reason_without_repeating_the_path(tiny, tmp_path):
+    (tmp_path / "text.jpg").write_text("not an image")
+    model = create_model("xception-compact", weights=tiny)
+    missing, text = predict(model, [tmp_path / "missing.jpg", tmp_path / "text.jpg"], topk=1)
+    assert (missing.path, missing.error) == (str(tmp_path / "missing.jpg"), "no such file")
+    assert text.error.startswith("not a readable image (")

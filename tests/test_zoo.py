@@ -184,3 +184,204 @@ def test_timm_data_config_of_our_models_prepares_images_as_the_weights_expect():
     backbone = create_model("xception", features_only=True, in_chans=1)
     assert backbone.pretrained_cfg["num_classes"] == 0
     assert backbone.pretrained_cfg["input_size"] == (1, 299, 299)
+
+
+def test_list_models_takes_a_bracket_wildcard_too():
+    assert list_models("[xi]*-compact") == ["inception-v3-compact", "xception-compact"]
+    assert list_models("xception-mid-[r]elu") == ["xception-mid-relu"]
+    assert list_models("xception-mid-?lu") == ["xception-mid-elu"]  # one character: not `relu`
+
+
+def test_a_weights_path_in_any_case_or_without_a_suffix_is_named_as_one():
+    for name in ("W.H5", "Model.SafeTensors", "runs/latest"):
+        with pytest.raises(ValueError, match="that is a weights file, not a model name"):
+            create_model(name)
+
+
+def test_overrides_beat_the_presets_own_settings():
+    assert model_config("xception-nonresidual", residual=True).residual is True
+    assert model_config("xception-compact", middle_blocks=5).middle_blocks == 5
+    assert model_config("xception-compact").middle_blocks == 3  # the preset's own
+
+
+def test_inception_v3_takes_drop_rate_and_refuses_what_it_would_ignore():
+    assert create_model("inception-v3", num_classes=2, drop_rate=0.2).dropout.p == 0.2
+    assert create_model("inception-v3", num_classes=2).dropout.p == 0.5  # torchvision's
+    for kw, named in ((dict(width=0.5), "width"), (dict(in_chans=1), "in_chans")):
+        with pytest.raises(ValueError, match=rf"accepts only num_classes and drop_rate \(got "
+                           rf"{named}\)"):  # fmt: skip
+            create_model("inception-v3", num_classes=2, **kw)
+    rgb = create_model("inception-v3", num_classes=2, in_chans=3)  # the one it takes: accepted
+    assert rgb.Conv2d_1a_3x3.conv.in_channels == 3
+
+
+def _compact_inception_file(tmp_path, **config):
+    from xception.weights import Weights, save_safetensors
+
+    model = create_model("inception-v3-compact", num_classes=4, blocks=(1, 1, 1), **config)
+    meta = Weights(name="w", format="xception", num_classes=4, categories=("a", "b", "c", "d"),
+                   input_size=28)  # fmt: skip
+    return model, save_safetensors(model, tmp_path / "inc.safetensors", meta)
+
+
+def test_a_compact_inception_file_restores_its_config_under_the_callers_overrides(tmp_path):
+    model, path = _compact_inception_file(tmp_path, width=0.125)
+    again = create_model("inception-v3-compact", weights=path)  # not the preset's width 0.2
+    assert again.config.width == 0.125 and again.config.blocks == (1, 1, 1)
+    assert again.config.num_classes == 4 and again.weights_meta.categories == ("a", "b", "c", "d")
+    state = again.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    changed = create_model("inception-v3-compact", weights=path, drop_rate=0.3)
+    assert changed.config.drop_rate == 0.3 and changed.config.width == 0.125
+
+
+def test_a_compact_inception_file_with_the_same_head_loads_it_when_num_classes_is_given(tmp_path):
+    model, path = _compact_inception_file(tmp_path, width=0.125)
+    same = create_model("inception-v3-compact", weights=path, num_classes=4)
+    assert torch.equal(same.fc.weight, model.fc.weight)
+    assert same.weights_meta.categories == ("a", "b", "c", "d")
+    other = create_model("inception-v3-compact", weights=path, num_classes=3)
+    assert other.fc.out_features == 3 and other.weights_meta.categories is None  # a new head
+    assert torch.equal(other.stem[0].conv.weight, model.stem[0].conv.weight)
+
+
+def test_a_compact_inception_file_holding_nan_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from xception.weights import WeightsError
+
+    _, path = _compact_inception_file(tmp_path, width=0.125)
+    sd = load_file(path)
+    sd["stem.0.conv.weight"][0, 0, 0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(WeightsError, match=r"stem\.0\.conv\.weight holds 1 NaN"):
+        create_model("inception-v3-compact", num_classes=4, blocks=(1, 1, 1), width=0.125,
+                     weights=tmp_path / "nan.safetensors")  # fmt: skip
+
+
+def _conv_shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in model.parameters() if p.ndim == 4]
+
+
+def test_compact_inception_at_width_1_has_torchvisions_channel_plan():
+    """Width 1.0 is the paper's channel plan: every conv (in order) has the shape of its
+    torchvision Inception V3 counterpart, except Mixed_5*'s 5x5, which this model factorises
+    into the paper's 3x3 (module docstring); the blocks give torchvision's channel counts."""
+    from torchvision.models import inception_v3
+
+    with torch.device("meta"):  # shapes only: nothing allocated
+        theirs = inception_v3(weights=None, aux_logits=False, init_weights=False)
+        ours = create_model("inception-v3-compact", width=1.0, num_classes=1000)
+    expected = [s[:2] + (3, 3) if s[2:] == (5, 5) else s for s in _conv_shapes(theirs)]
+    assert _conv_shapes(ours) == expected
+    assert ours.fc.weight.shape == theirs.fc.weight.shape == (1000, 2048)
+    bns = [m for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == len(expected) and {m.eps for m in bns} == {1e-3}  # torchvision's eps
+    widths = {}
+    for name in ("Mixed_5b", "Mixed_5c", "Mixed_6a", "Mixed_6e", "Mixed_7a", "Mixed_7c"):
+        getattr(theirs, name).register_forward_hook(
+            lambda m, i, out, name=name: widths.__setitem__(name, out.shape[1]))  # fmt: skip
+    theirs.eval()(torch.empty(1, 3, 299, 299, device="meta"))
+    x = torch.empty(1, 3, 32, 32, device="meta")
+    ours_widths = {}
+    for name in ours.block_names:
+        x = ours.get_submodule(name)(x)
+        ours_widths[name.replace("mixed", "Mixed")] = x.shape[1]
+    assert {k: ours_widths[k] for k in widths} == widths
+
+
+@pytest.mark.parametrize("block", ["C", "E"])
+def test_compact_inception_modules_compute_what_torchvisions_do(block):
+    """Each module at width 1.0, with torchvision's module given its weights (same order, same
+    shapes), gives torchvision's outputs: branches wired to the right inputs, in the right
+    order. The pool branch is left out: this model's average pool does not count the padding
+    (as Keras' does not), torchvision's does. (The reductions pad, for small images, where
+    torchvision's do not: their convs' shapes are checked above.)"""
+    from helpers import trained_like
+    from torchvision.models import inception as tv
+
+    from xception import inception as ours_module
+
+    cfg = ours_module.InceptionConfig(width=1.0)
+    ours, theirs, cin, pool = {
+        "C": (ours_module.InceptionC(768, 160, cfg), tv.InceptionC(768, 160), 768, 192),
+        "E": (ours_module.InceptionE(1280, cfg), tv.InceptionE(1280), 1280, 192),
+    }[block]
+    trained_like(ours)
+    values = list(ours.state_dict().values())
+    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert [tuple(v.shape) for v in values] == list(shapes.values())
+    theirs.load_state_dict(dict(zip(shapes, values, strict=True)))
+    x = torch.randn(2, cin, 9, 9)
+    with torch.no_grad():
+        a, b = ours(x), theirs.eval()(x)
+    assert a.shape == b.shape
+    keep = a.shape[1] - pool
+    assert torch.allclose(a[:, :keep], b[:, :keep], atol=1e-5)
+    assert a[:, :keep].std() > 0.1
+
+
+def test_compact_inception_average_pools_leave_out_the_padding():
+    """Keras' Inception V3 (AveragePooling2D, padding='same') averages only the pixels inside
+    the image: a constant image stays constant at its borders."""
+    model = create_model("inception-v3-compact", num_classes=2, width=0.125)
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
+    assert len(pools) == sum(model.config.blocks)  # one per InceptionA, C and E
+    for pool in pools:
+        assert torch.equal(pool(torch.full((1, 2, 5, 5), 3.0)), torch.full((1, 2, 5, 5), 3.0))
+
+
+def test_compact_inception_maps_have_the_compact_xceptions_resolution():
+    """Both compact models are fed the same 28-64 px images: their last feature maps match in
+    size, as in the paper's comparison at one input size."""
+    inception = create_model("inception-v3-compact", num_classes=2, width=0.125).eval()
+    xception = create_model("xception-compact", num_classes=2, width=0.25).eval()
+    for size in (28, 32, 64):
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            a, b = inception.forward_features(x), xception.forward_features(x)
+        assert a.shape[-2:] == b.shape[-2:] == ((size + 15) // 16,) * 2, size
+
+
+def test_compact_inception_drop_rate_drops_features_in_training_only():
+    model = create_model("inception-v3-compact", num_classes=3, width=0.125, drop_rate=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model.train()  # batch norm in training mode is deterministic: only dropout varies
+        assert not torch.equal(model(x), model(x))
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        plain = create_model("inception-v3-compact", num_classes=3, width=0.125).train()
+        assert torch.equal(plain(x), plain(x))
+
+
+def test_an_xception_file_restores_its_config_under_the_callers_overrides(tmp_path):
+    from xception.weights import save_safetensors
+
+    model = create_model("xception-compact", num_classes=3, width=0.25, middle_blocks=1)
+    path = save_safetensors(model, tmp_path / "x.safetensors")
+    again = create_model("xception-compact", weights=path, drop_rate=0.3)
+    assert again.config.drop_rate == 0.3  # given: the caller's
+    assert (again.config.width, again.config.middle_blocks) == (0.25, 1)  # the file's
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_inception_v3_weights_for_another_preset_are_refused_naming_the_preset(tmp_path):
+    from xception.weights import WeightsError
+
+    path = tmp_path / "inception.pt"
+    torch.save(create_model("inception-v3", num_classes=2).state_dict(), path)
+    for name in ("xception", "inception-v3-compact"):
+        with pytest.raises(WeightsError, match=rf"Inception V3 weights \(torchvision's layout\), "
+                           rf"not {name}'s: use --model inception-v3"):  # fmt: skip
+            create_model(name, weights=path)
+    assert create_model("inception-v3", weights=path).fc.out_features == 2
+
+
+def test_a_compact_inception_file_given_to_an_xception_preset_names_the_preset_it_needs(tmp_path):
+    from xception.weights import WeightsError
+
+    _, path = _compact_inception_file(tmp_path, width=0.125)
+    with pytest.raises(WeightsError, match="inception-v3-compact weights, not xception-compact's: "
+                       "use --model inception-v3-compact"):  # fmt: skip
+        create_model("xception-compact", weights=path)
