@@ -88,6 +88,24 @@ def test_fold_conv_bn_equals_the_conv_then_its_batch_norm():
         torch.testing.assert_close(fused(x), bn(conv(x)), atol=1e-5, rtol=0)
 
 
+def test_fold_conv_bn_without_affine_parameters_or_running_statistics():
+    """A BN without scale and shift (affine=False, which `init_weights` allows) folded with a
+    bare AttributeError; one without running statistics normalises by each batch even in eval
+    mode, so no conv computes it: refused, naming the setting."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    bn = nn.BatchNorm2d(5, affine=False)
+    bn.running_mean.normal_(0, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy._fold_conv_bn(conv, bn)(x), bn(conv(x)), atol=1e-5,
+                                   rtol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        deploy._fold_conv_bn(conv, nn.BatchNorm2d(5, track_running_stats=False))
+
+
 def test_fold_batchnorm_gives_an_eval_model_and_folds_a_folded_model_again():
     """Documented as an eval-mode copy: dropout off even when the model given trains. A folded
     model has identities where the BNs were, and folding it again leaves it as it is."""

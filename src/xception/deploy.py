@@ -68,7 +68,14 @@ _SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 # ---------------------------------------------------------------------------------------------
 def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv with bias computing bn(conv(x)) with the BN's running statistics."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    if bn.running_var is None:  # it normalises each batch by its own statistics, even in eval
+        raise ValueError(f"cannot fold {bn} into its conv: it keeps no running statistics "
+                         "(track_running_stats=False), so its output depends on the batch; "
+                         "give it running statistics, or run the model unfolded")  # fmt: skip
+    # affine=False (as `init_weights` allows): a scale of 1 and a shift of 0.
+    weight = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+    shift = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    scale = weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
@@ -77,7 +84,7 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
     with torch.no_grad():
         fused.weight.copy_(conv.weight.detach() * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias.detach())
+        fused.bias.copy_((bias - bn.running_mean) * scale + shift)
     return fused
 
 
