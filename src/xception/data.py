@@ -76,7 +76,9 @@ def load_image(path: str | Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{path}: refused, possible decompression bomb ({err})") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"{path}: not a readable image ({err})") from None
+        # Pillow's "cannot identify image file '<path>'" named the file a second time.
+        detail = str(err).replace(f" {str(path)!r}", "").replace(f" '{path}'", "")
+        raise ImageError(f"{path}: not a readable image ({detail})") from None
 
 
 def _to_rgb(im: Image.Image, sixteen: bool = False) -> Image.Image:
