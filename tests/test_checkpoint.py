@@ -188,6 +188,10 @@ def test_a_full_disk_in_atomic_write_names_the_file_and_keeps_the_old_one(tmp_pa
     assert str(err.value) == f"[Errno 28] No space left on device: '{target}'"
     assert target.read_text() == "a\n1\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+    # Into folders it had to make: they go again with the failed write (`parent_folders`).
+    with pytest.raises(OSError):
+        C.atomic_write(tmp_path / "new" / "deeper" / "metrics.csv", "a\n2\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
     monkeypatch.undo()
     with pytest.raises(IsADirectoryError):  # an error that names its file is left as it is
         C.atomic_write(tmp_path, "x")

@@ -193,10 +193,14 @@ def parent_folders(path: str | Path) -> Iterator[None]:
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` to `path` via a temporary file in the same folder, fsync, rename."""
+    """Write `data` to `path` via a temporary file in the same folder, fsync, rename. Missing
+    folders above it are made, and removed again if the write fails (`parent_folders`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
+    with parent_folders(path):
+        _write_whole(path, data.encode() if isinstance(data, str) else data)
+
+
+def _write_whole(path: Path, raw: bytes) -> None:
     # The name cut short: with mkstemp's 8 characters and the suffix, a temporary name of a
     # long but legal file name (250 bytes) went past the filesystem's limit.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)

@@ -77,7 +77,7 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{path}: refused, possible decompression bomb ({err})") from None
     except (OSError, ValueError, SyntaxError) as err:
         # Pillow's "cannot identify image file '<path>'" named the file a second time.
-        detail = str(err).replace(f" {str(path)!r}", "").replace(f" '{path}'", "")
+        detail = str(err).replace(f" {str(path)!r}", "")
         raise ImageError(f"{path}: not a readable image ({detail})") from None
 
 
