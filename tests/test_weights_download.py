@@ -331,6 +331,19 @@ def test_a_mirror_that_is_not_a_url_names_the_variable(env, monkeypatch, tmp_pat
         W.download("imagenet", progress=False)
 
 
+def test_a_mirror_whose_scheme_is_upper_case_is_a_url(env, server, monkeypatch):
+    """URL schemes are case-insensitive (RFC 3986): HTTP://host/ and FILE:///dir/ work."""
+    monkeypatch.setenv("XCEPTION_WEIGHTS_URL", f"HTTP://127.0.0.1:{server.server_port}/xception/")
+    assert W.download("imagenet-notop", progress=False) == env / NOTOP
+    assert len(server.requests) == 1
+    mirror = env.parent / "mirror"
+    mirror.mkdir()
+    (mirror / TOP).write_bytes(server.files[TOP])
+    monkeypatch.setenv("XCEPTION_WEIGHTS_URL", "FILE://" + mirror.as_posix() + "/")
+    assert W.download("imagenet", progress=False) == env / TOP
+    assert (env / TOP).read_bytes() == server.files[TOP] and len(server.requests) == 1
+
+
 def test_predict_no_progress_hides_the_download_bar(env, server, capfd):
     from PIL import Image
 

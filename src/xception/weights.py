@@ -729,7 +729,7 @@ class Weights:
         base = os.environ.get(URL_ENV) or self.base_url
         if self.filename is None or base is None:
             return None
-        if not base.startswith(("http://", "https://", "file://")):
+        if not base.lower().startswith(("http://", "https://", "file://")):  # schemes ignore case
             raise WeightsError(
                 f"{URL_ENV}={base!r} is not a URL: give an http://, https:// or file:// folder "
                 f"holding {self.filename} (e.g. file:///srv/weights/)"
