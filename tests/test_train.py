@@ -478,7 +478,7 @@ def test_resume_keeps_the_runs_settings_and_never_replaces_another_run(
     with caplog.at_level("WARNING", logger="xception"):
         assert main(["train", "--out", str(run), "--resume", "auto", "--lr", "0.5",
                      "--set", "model_args.middle_blocks=3"]) == 0  # fmt: skip
-    assert "lr=0.5, model_args={" in caplog.text and "given here not applied" in caplog.text
+    assert "--lr 0.5, model_args={" in caplog.text and "given here not applied" in caplog.text
     assert _snapshot(run) == finished
     # From Python too (fit dropped them without a word), naming only what differs.
     caplog.clear()

@@ -336,3 +336,32 @@ def test_int8_calibrates_at_the_exported_size_and_reports_no_agreement_without_c
         deploy.top1_agreement(features, features, x)
     with pytest.raises(ValueError, match=r"must be \(N, 3, 32, 32\) like the model's input"):
         deploy.quantize_onnx(tmp_path / "f.onnx", tmp_path / "g.onnx", [torch.randn(2, 3, 48, 48)])
+
+
+def test_a_resumes_warnings_name_the_options_as_typed(tmp_path, caplog):
+    """Errors named a setting by the option that gave it; a resume's warnings still said
+    `epochs=2` and `lr=0.5` for `--epochs 2` and `--lr 0.5`. The run's own values keep their
+    keys, a setting from --set keeps its key, and the API's words are unchanged."""
+    import logging
+
+    from test_data import make_idx_dataset
+    from test_train import tiny_recipe
+
+    from xception.train import fit
+
+    toy = make_idx_dataset(tmp_path / "toy", n_train=64)
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, schedule="cosine", lr=0.1, min_lr_ratio=0.0)
+    run = str(tmp_path / "run")
+    assert main(["train", "--recipe", str(recipe), "--out", run]) == 0
+    factory = logging.getLogRecordFactory()
+    with caplog.at_level("WARNING", logger="xception"):
+        assert main(["train", "--out", run, "--resume", "auto", "--epochs", "2", "--lr", "0.5",
+                     "--set", "seed=7"]) == 0  # fmt: skip
+    assert logging.getLogRecordFactory() is factory  # restored after the command
+    assert "--epochs 2 where the run had 1: its cosine schedule is stretched" in caplog.text
+    assert "--lr 0.5, seed=7 given here not applied, the run's lr=0.1, seed=" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xception"):
+        fit(None, out=run, resume="auto", epochs=3, lr=0.5, progress=False)
+    assert "epochs=3 where the run had 2" in caplog.text and "--" not in caplog.text
+    assert "lr=0.5 given here not applied, the run's lr=0.1 kept" in caplog.text

@@ -8,6 +8,7 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -61,12 +62,17 @@ def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
             if a.option_strings and a.dest != "help"}  # fmt: skip
 
 
+def _given_options(args: argparse.Namespace) -> dict[str, str]:
+    """The settings the user gave by an option, each with that option (batch_size: --batch-size)."""
+    return {dest: option for dest, option in getattr(args, "options", {}).items()
+            if getattr(args, dest, None) is not None and getattr(args, dest) is not False}  # fmt: skip
+
+
 def _as_typed(text: str, args: argparse.Namespace) -> str:
     """An error of the API about a setting (`batch_size=0 is not valid: ...`) in the words the
     user typed, where the setting came from an option (`--batch-size 0 is not valid: ...`); one
     from --set, --config or a recipe keeps its key, which is what the user wrote there."""
-    given = {dest: option for dest, option in getattr(args, "options", {}).items()
-             if getattr(args, dest, None) is not None and getattr(args, dest) is not False}  # fmt: skip
+    given = _given_options(args)
     subject = re.match(r"(\w+)=", text)
     if subject is None or subject[1] not in given:
         return text
@@ -82,6 +88,44 @@ def _as_typed(text: str, args: argparse.Namespace) -> str:
 
     names = "|".join(map(re.escape, given))
     return re.sub(rf"\b({names})=(?:'([^']*)'|([^\s,;:)]+))", typed, text)
+
+
+def _values_as_typed(text: str, args: argparse.Namespace) -> str:
+    """A warning of the API in the words the user typed: each `key=value` whose value is the one
+    an option gave becomes that option (`epochs=5 where the run had 3` -> `--epochs 5 where
+    ...`); the same key with another value (the run's own, say) keeps its name."""
+    for dest, option in _given_options(args).items():
+        value = getattr(args, dest)
+        words = option if value is True else f"{option} {shlex.quote(str(value))}"
+        for shown in dict.fromkeys((repr(value), str(value))):
+            text = re.sub(rf"\b{re.escape(dest)}={re.escape(shown)}(?=$|[\s,;:)])",
+                          lambda m, w=words: w, text)  # fmt: skip
+    return text
+
+
+@contextlib.contextmanager
+def _warnings_as_typed(args: argparse.Namespace):
+    """While a command runs, the package's warnings name settings as the user gave them (see
+    `_values_as_typed`); the record factory is the process's, and is restored after."""
+    previous = logging.getLogRecordFactory()
+
+    def factory(*a, **kw) -> logging.LogRecord:
+        record = previous(*a, **kw)
+        if record.levelno >= logging.WARNING and record.name.split(".")[0] == "xception":
+            try:
+                text = record.getMessage()
+            except Exception:  # noqa: BLE001 (a bad format is logging's own error to report)
+                return record
+            typed = _values_as_typed(text, args)
+            if typed != text:
+                record.msg, record.args = typed, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(previous)
 
 
 def _parse_overrides(pairs: list[str], flags: dict[str, str] | None = None) -> dict:
@@ -1115,7 +1159,8 @@ def _main(argv: list[str] | None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.run(args) or 0)
+        with _warnings_as_typed(args):
+            return int(args.run(args) or 0)
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
         try:  # and nothing to flush into the closed pipe at exit (Python's own advice)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
