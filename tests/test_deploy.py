@@ -7,6 +7,7 @@ import platform
 import re
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1240,3 +1241,58 @@ def test_export_cli_int8_reads_the_calibration_images_as_it_needs_them(tmp_path,
     assert len(loaded) == 11
     text = capsys.readouterr().out
     assert "calibrated on 2 images" in text and "agreement with fp32 on 9 held-out images" in text
+
+
+def test_a_dynamic_size_onnx_file_calibrates_on_images_of_any_size(tmp_path):
+    """An ONNX file exported with a dynamic height and width records them as symbolic (0): the
+    calibration check must take any size there, and still hold the channels to the model's."""
+    model = create_model("xception-compact", num_classes=3, padding="symmetric", width=0.25,
+                         middle_blocks=1).eval()  # fmt: skip
+    fp32 = tmp_path / "d.onnx"
+    deploy.export(model, fp32, "onnx", input_size=32, dynamic_size=True, check_batches=(1,))
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 3, 32, 32, generator=gen), torch.randn(1, 3, 40, 36, generator=gen)]
+    assert deploy.quantize_onnx(fp32, tmp_path / "q.onnx", batches) == 3
+    assert deploy.OnnxModel(tmp_path / "q.onnx")(torch.randn(1, 3, 48, 44)).shape == (1, 3)
+    with pytest.raises(ValueError, match=r"must be \(N, 3, \?, \?\) like the model's input, "
+                                         r"got \(2, 1, 32, 32\)"):  # fmt: skip
+        deploy.quantize_onnx(fp32, tmp_path / "grey.onnx", [torch.randn(2, 1, 32, 32)])
+    assert not (tmp_path / "grey.onnx").exists()
+
+
+def test_a_pad_before_a_max_pool_with_pads_of_its_own_is_not_folded(tmp_path):
+    """Folding Pad(-inf) into the MaxPool after it replaces the pool's `pads`: where the pool
+    pads already, the two paddings add up, so the pair is left as it is (same outputs)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph_file(name: str, pool_pads: list[int] | None) -> Path:
+        inits = [numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"),
+                 numpy_helper.from_array(np.array(-np.inf, np.float32), "value")]  # fmt: skip
+        pool = {"kernel_shape": [3, 3], "strides": [2, 2]}
+        if pool_pads is not None:
+            pool["pads"] = pool_pads
+        nodes = [helper.make_node("Pad", ["x", "pads", "value"], ["p"], mode="constant"),
+                 helper.make_node("MaxPool", ["p"], ["y"], **pool)]  # fmt: skip
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+        path = tmp_path / name
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    x = np.random.default_rng(0).standard_normal((1, 2, 8, 8)).astype(np.float32)
+
+    def run(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0]  # fmt: skip
+
+    for name, pool_pads, folds in (("plain.onnx", None, True), ("zeros.onnx", [0] * 4, True),
+                                   ("padded.onnx", [1, 1, 1, 1], False)):  # fmt: skip
+        path = graph_file(name, pool_pads)
+        before = run(path)
+        deploy._fold_pads_into_maxpools(path)
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops == (["MaxPool"] if folds else ["Pad", "MaxPool"]), (name, ops)
+        np.testing.assert_array_equal(run(path), before)
