@@ -1296,3 +1296,13 @@ def test_a_pad_before_a_max_pool_with_pads_of_its_own_is_not_folded(tmp_path):
         ops = [n.op_type for n in onnx.load(str(path)).graph.node]
         assert ops == (["MaxPool"] if folds else ["Pad", "MaxPool"]), (name, ops)
         np.testing.assert_array_equal(run(path), before)
+
+
+def test_an_optimized_models_weights_are_frozen_and_the_models_are_not():
+    """optimize() returns an inference model: its (folded) weights need no gradient, so an
+    optimiser given its parameters by mistake has nothing to train; the model it came from is
+    left trainable."""
+    model = small_model()
+    fast = deploy.optimize(model, backend="eager")
+    assert list(fast.parameters()) and not any(p.requires_grad for p in fast.parameters())
+    assert all(p.requires_grad for p in model.parameters())
