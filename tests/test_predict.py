@@ -233,7 +233,7 @@ def test_exit_status_is_non_zero_only_when_nothing_was_classified(folder, tiny, 
     status, _, err = _run(capsys, root / "china.jpg", "--weights", none, "--backend", "tensorrt")
     assert status == 2 and "unknown --backend 'tensorrt': use one of torch, onnxruntime" in err
     status, _, err = _run(capsys, root / "china.jpg", "--weights", tiny, "--topk", "0")
-    assert status == 2 and "at least 1" in err
+    assert status == 2 and "--topk 0 is not valid: give at least 1" in err
 
 
 def test_model_without_classifier_is_refused(tmp_path):
@@ -543,8 +543,9 @@ def test_a_model_other_than_xception_is_run_in_eval_mode(tmp_path):
 def test_topk_and_batch_size_are_checked_when_predict_is_called(tiny):
     model = create_model("xception-compact", weights=tiny)
     photo = SKLEARN_IMAGES / "china.jpg"
-    for kw in (dict(topk=0), dict(batch_size=0), dict(topk=-1)):
-        with pytest.raises(ValueError, match="both must be at least 1"):
+    for kw, named in ((dict(topk=0), "topk=0"), (dict(batch_size=0), "batch_size=0"),
+                      (dict(topk=-1, batch_size=0), "topk=-1")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{named} is not valid: give at least 1 "):
             predict(model, photo, **kw)  # called, never iterated
     # More classes asked for than the model has: all of them, best first.
     [row] = predict(model, photo, topk=10)

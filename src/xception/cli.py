@@ -300,8 +300,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .predict import BACKENDS, IMAGE_EXTENSIONS, find_images, predict
     from .zoo import create_model
 
-    if args.topk < 1 or args.batch_size < 1:
-        raise UserError("--topk and --batch-size must be at least 1")
+    # Before the weights are loaded (or downloaded), in the words of `predict`'s own check.
+    for option, value, what in (("--topk", args.topk, "classes to list per image"),
+                                ("--batch-size", args.batch_size, "images per batch")):  # fmt: skip
+        if value < 1:
+            raise UserError(f"{option} {value} is not valid: give at least 1 ({what})")
     if args.backend not in BACKENDS:  # before the weights are loaded (or downloaded)
         raise UserError(f"unknown --backend {args.backend!r}: use one of {', '.join(BACKENDS)}")
     files = find_images(args.paths)

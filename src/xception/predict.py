@@ -152,8 +152,10 @@ def predict(
     this is called, before the first row is asked for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available: use one of {', '.join(BACKENDS)}")
-    if topk < 1 or batch_size < 1:
-        raise ValueError(f"topk={topk}, batch_size={batch_size}: both must be at least 1")
+    for name, value, what in (("topk", topk, "classes to list per image"),
+                              ("batch_size", batch_size, "images per batch")):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{name}={value} is not valid: give at least 1 ({what})")
     num_classes = _num_classes(model)
     if num_classes < 1:
         raise ValueError(
