@@ -453,3 +453,529 @@ def test_eval_raw_still_reads_runs_and_checkpoints(tiny_run, capsys):
         argv = ["eval", "--checkpoint", str(spec), "--data", str(data), "--raw", "--limit", "4"]
         assert main([*argv, "--device", "cpu"]) == 0
         assert "raw weights" in json.loads(capsys.readouterr().out)["checkpoint"]
+
+
+# --- cases a mutation pass over cli.py found untested ---
+def _tiny_model():
+    from xception.zoo import create_model
+
+    return create_model("xception-compact", num_classes=4, width=0.25, middle_blocks=1)
+
+
+def test_info_builds_the_model_asked_for_and_sums_it_at_the_size_given(capsys):
+    argv = ["info", "xception-compact", "--num-classes", "7", "--size", "32", "--set", "width=0.5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("xception-compact: XceptionConfig(num_classes=7, ")
+    assert "width=0.5," in out and "compute at 32x32: " in out
+    assert main(["info", "xception-compact", "--size", "0"]) == 2
+    assert "--size 0: give the input size in pixels" in capsys.readouterr().err
+
+
+def _fake_predictor(monkeypatch, seen: dict, rows, num_classes: int = 3):
+    """`predict` with create_model and the predictor stubbed: what they are given goes in `seen`;
+    `rows` (a function) yields the predictor's results, or raises part-way."""
+    import types
+
+    import xception.predict as predict_module
+    import xception.zoo as zoo
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace(num_classes=num_classes))
+
+    def create_model(name, **kwargs):
+        seen["create_model"] = (name, kwargs)
+        return model
+
+    def predict(m, files, **kwargs):
+        assert m is model
+        seen["predict"] = ([str(f) for f in files], kwargs)
+        return rows()
+
+    monkeypatch.setattr(zoo, "create_model", create_model)
+    monkeypatch.setattr(predict_module, "predict", predict)
+
+
+def _image_files(tmp_path, *names):
+    for name in names:
+        (tmp_path / name).write_bytes(b"")  # the predictor is stubbed: never read
+    return [str(tmp_path / name) for name in names]
+
+
+def test_predict_passes_its_flags_through(capsys, monkeypatch, tmp_path):
+    from xception.predict import Prediction, Ranked
+
+    files = _image_files(tmp_path, "a.png")
+    seen: dict = {}
+    _fake_predictor(monkeypatch, seen, lambda: iter([Prediction(files[0], [Ranked(2, "c", 0.9)])]))
+    argv = ["predict", *files, "--weights", "w.safetensors", "--model", "xception-compact",
+            "--topk", "1", "--batch-size", "3", "--backend", "onnxruntime", "--no-progress",
+            "--format", "json"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["create_model"] == ("xception-compact", dict(weights="w.safetensors",
+                                                             progress=False))  # fmt: skip
+    assert seen["predict"] == (files, dict(topk=1, batch_size=3, backend="onnxruntime",
+                                           progress=False))  # fmt: skip
+    assert '"label": "c"' in capsys.readouterr().out
+    assert main(["predict", *files]) == 0  # the defaults
+    assert seen["create_model"] == ("xception", dict(weights="imagenet", progress=True))
+    assert seen["predict"][1] == dict(topk=5, batch_size=8, backend="torch", progress=True)
+
+
+def test_predict_csv_has_a_column_group_per_class_the_model_has(capsys, monkeypatch, tmp_path):
+    from xception.predict import Prediction, Ranked
+
+    files = _image_files(tmp_path, "a.png", "b.png")
+    top = [Ranked(1, "b", 0.75), Ranked(0, "a", 0.25)]
+    rows = [Prediction(files[0], top), Prediction(files[1], error="cannot read it")]
+    _fake_predictor(monkeypatch, {}, lambda: iter(rows), num_classes=3)
+    assert main(["predict", *files, "--format", "csv", "--topk", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("path,error," + ",".join(f"index_{i},label_{i},probability_{i}"
+                                                 for i in (1, 2, 3)))  # fmt: skip
+    assert lines[1] == f"{files[0]},,1,b,0.750000,0,a,0.250000,,,"
+    assert lines[2] == f"{files[1]},cannot read it,,,,,,,,,"
+    assert len(lines) == 3
+
+
+def test_predict_fails_when_no_file_could_be_classified(capsys, monkeypatch, tmp_path):
+    from xception.predict import Prediction
+
+    files = _image_files(tmp_path, "a.png", "b.png")
+    rows = [Prediction(f, error="cannot read it") for f in files]
+    _fake_predictor(monkeypatch, {}, lambda: iter(rows))
+    assert main(["predict", *files]) == 1
+    assert "classified 0 of 2 files; 2 could not be read" in capsys.readouterr().err
+
+
+def test_predict_stopped_part_way_prints_the_rows_so_far(capsys, monkeypatch, tmp_path):
+    from xception.predict import Prediction, Ranked
+
+    files = _image_files(tmp_path, "a.png", "b.png")
+
+    def rows():
+        yield Prediction(files[0], [Ranked(0, "cat", 0.5)])
+        raise KeyboardInterrupt
+
+    _fake_predictor(monkeypatch, {}, rows)
+    assert main(["predict", *files]) == 130
+    captured = capsys.readouterr()
+    assert files[0] in captured.out and "cat (50.0%)" in captured.out
+    assert files[1] not in captured.out
+    assert "stopped after 1 of 2 files" in captured.err
+    assert captured.err.endswith("xception predict: interrupted\n")
+
+
+def test_predict_checks_before_loading_the_weights(capsys, monkeypatch, tmp_path):
+    from xception.predict import Prediction, Ranked
+
+    files = _image_files(tmp_path, "a.png")
+    seen: dict = {}
+    _fake_predictor(monkeypatch, seen, lambda: iter([Prediction(files[0], [Ranked(0, "a", 1.0)])]))
+    for flags, message in ((["--backend", "tf"], "unknown --backend 'tf': use one of torch, "),
+                           (["--topk", "0"], "--topk 0 is not valid: give at least 1 (classes"),
+                           (["--batch-size", "-2"], "--batch-size -2 is not valid: give at "
+                                                    "least 1 (images per batch)")):  # fmt: skip
+        assert main(["predict", *files, *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert seen == {}
+    # One file missing among others is its own error row, not the whole command refused.
+    assert main(["predict", files[0], str(tmp_path / "missing.png")]) == 0
+    assert seen["predict"][0] == [files[0], str(tmp_path / "missing.png")]
+
+
+def _fake_converter(monkeypatch, seen: dict):
+    import xception.weights as weights
+    import xception.zoo as zoo
+
+    model = _tiny_model()
+
+    def create_model(name, **kwargs):
+        seen["create_model"] = (name, kwargs)
+        return model
+
+    def writer(kind):
+        def write(m, path, *rest):
+            assert m is model
+            seen[kind] = (str(path), rest)
+            return path
+
+        return write
+
+    monkeypatch.setattr(zoo, "create_model", create_model)
+    monkeypatch.setattr(weights, "save_keras_h5", writer("h5"))
+    monkeypatch.setattr(weights, "save_safetensors", writer("safetensors"))
+    return model
+
+
+def test_convert_writes_the_format_the_output_name_says(capsys, monkeypatch, tmp_path):
+    seen: dict = {}
+    model = _fake_converter(monkeypatch, seen)
+    h5 = str(tmp_path / "k.h5")
+    assert main(["convert", "in.pth", h5, "--model", "xception-compact"]) == 0
+    assert seen == {"create_model": ("xception-compact", dict(weights="in.pth")), "h5": (h5, ())}
+    assert "keras.applications.Xception(weights=" in capsys.readouterr().out
+    seen.clear()
+    st = str(tmp_path / "w.SafeTensors")
+    assert main(["convert", "in.pth", st]) == 0
+    assert seen == {"create_model": ("xception", dict(weights="in.pth")),
+                    "safetensors": (st, (model.weights_meta,))}  # fmt: skip
+    capsys.readouterr()
+    for name, flags, message in (("k.weights.h5", [], "Keras 3's own layout"),
+                                 ("w.bin", [], "must be a .safetensors file"),
+                                 ("w.safetensors", ["--model", "inception-v3"],
+                                  "convert handles Xception weights")):  # fmt: skip
+        seen.clear()
+        assert main(["convert", "in.pth", str(tmp_path / name), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert seen == {}  # refused before loading anything
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _fake_experiments(monkeypatch, seen: dict, error: BaseException | None = None):
+    import xception.experiments as experiments
+
+    def run(suites, out, scale, data, remeasure_speed):
+        seen.update(suites=suites, out=out, scale=scale, data=data, remeasure=remeasure_speed)
+        if error is not None:
+            raise error
+        return {"suites": {}, "trained": 0, "reused": 0, "remeasured": 0}
+
+    monkeypatch.setattr(experiments, "run_experiments", run)
+
+
+def test_experiment_flags_reach_the_scale(capsys, monkeypatch, tmp_path):
+    from xception.experiments import SCALES, SUITES
+
+    monkeypatch.chdir(tmp_path)
+    seen: dict = {}
+    _fake_experiments(monkeypatch, seen)
+    argv = ["experiment", "all", "--quick", "--set", "drop_rate=0.1", "--segments", "4,1,2,2",
+            "--data", "toy", "--epochs", "1", "--train-size", "10", "--val-size", "5"]  # fmt: skip
+    assert main(argv) == 0
+    scale = seen["scale"]
+    assert seen["suites"] == list(SUITES) and seen["out"] == "experiments/quick"
+    assert seen["data"] == "toy" and seen["remeasure"] is False
+    assert scale.model == {**SCALES["quick"].model, "drop_rate": 0.1}  # added to the scale's
+    assert scale.segments == (1, 2, 4) and (scale.epochs, scale.train_size, scale.val_size) == (
+        1, 10, 5)  # fmt: skip
+    assert scale.name == "quick, customised" and scale.seeds == SCALES["quick"].seeds
+    argv = ["experiment", "residual", "--seeds", "1000", "--remeasure-speed", "--out", "o"]
+    assert main(argv) == 0
+    assert (seen["suites"], seen["out"], seen["remeasure"]) == (["residual"], "o", True)
+    assert seen["scale"] == SCALES["full"].__class__(**{**vars(SCALES["full"]), "seeds": 1000})
+    assert main(["experiment", "residual"]) == 0
+    assert seen["out"] == "experiments/full" and seen["data"] == "fashion-mnist"
+    capsys.readouterr()
+    seen.clear()
+    for flags in (["--seeds", "0"], ["--seeds", "1001"], ["--epochs", "0"],
+                  ["--train-size", "0"], ["--val-size", "-1"], ["--segments", "1,2"]):  # fmt: skip
+        assert main(["experiment", "residual", *flags]) == 2, flags
+        assert capsys.readouterr().err.startswith(f"xception experiment: error: {flags[0]} ")
+    assert seen == {} and list(tmp_path.iterdir()) == []
+
+
+def test_experiment_stopped_or_diverged_says_the_finished_runs_are_kept(capsys, monkeypatch):
+    import signal
+
+    from xception.train import Interrupted, TrainingError
+
+    _fake_experiments(monkeypatch, {}, Interrupted(signal.SIGINT, None))
+    assert main(["experiment", "residual", "--out", "o"]) == 130
+    assert "run the same command again to continue" in capsys.readouterr().err
+    _fake_experiments(monkeypatch, {}, TrainingError("residual seed 1 diverged"))
+    assert main(["experiment", "residual", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("xception experiment: error: residual seed 1 diverged. Finished runs are kept "
+                   "in o/runs.\n")  # fmt: skip
+
+
+def test_export_passes_its_flags_through(capsys, monkeypatch, tmp_path):
+    import types
+
+    import xception.deploy as deploy
+    import xception.zoo as zoo
+    from xception.weights import input_meta
+
+    model = _tiny_model()
+    seen: dict = {}
+
+    def create_model(name, **kwargs):
+        seen["create_model"] = (name, kwargs)
+        return model
+
+    def export(m, output, fmt, input_size, dynamic_size):
+        assert m is model
+        seen["export"] = (output, fmt, input_size, dynamic_size)
+        return types.SimpleNamespace(path=output, format=fmt, min_size=None, max_abs_error=0.0,
+                                     checked_batches=[1, 2])  # fmt: skip
+
+    monkeypatch.setattr(zoo, "create_model", create_model)
+    monkeypatch.setattr(deploy, "export", export)
+    onnx = str(tmp_path / "m.onnx")
+    argv = ["export", onnx, "--model", "xception-compact", "--weights", "w.pth", "--set",
+            "padding=symmetric", "--size", "40", "--dynamic-size"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["create_model"] == ("xception-compact", dict(weights="w.pth", padding="symmetric"))
+    assert seen["export"] == (onnx, "onnx", 40, True)
+    pt2 = str(tmp_path / "m.pt2")
+    assert main(["export", pt2]) == 0
+    assert seen["create_model"] == ("xception", dict(weights=None))
+    assert seen["export"] == (pt2, "exported-program", input_meta(model).input_size, False)
+    upper = str(tmp_path / "m.PT")  # the suffix in any case
+    assert main(["export", upper]) == 0
+    assert seen["export"][:2] == (upper, "torchscript")
+    capsys.readouterr()
+    seen.clear()
+    images = str(tmp_path)
+    for name, message in (("q.pt", "--int8 needs --format onnx"),
+                          ("q.onnx", "--int8 needs --calibration DIR")):  # fmt: skip
+        assert main(["export", str(tmp_path / name), "--int8"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["export", onnx, "--int8", "--calibration", images, "--dynamic-size"]) == 2
+    assert "calibrated at one input size" in capsys.readouterr().err
+    assert seen == {}
+
+
+def _fake_bench(monkeypatch, seen: dict, failed: tuple[str, ...] = ()):
+    import types
+    from pathlib import Path
+
+    import xception.bench as bench
+    import xception.cli as cli
+
+    results = [types.SimpleNamespace(name=n, error="it broke") for n in failed]
+    report = types.SimpleNamespace(results=[*results, types.SimpleNamespace(name="ok", error=None)],
+                                   to_markdown=lambda: "| table |\n",
+                                   comparisons_markdown=lambda: "")  # fmt: skip
+
+    def run_bench(**kwargs):
+        seen["run_bench"] = kwargs
+        return report
+
+    def save_json(r, path):
+        Path(path).write_text("{}")
+        return Path(path)
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    monkeypatch.setattr(bench, "save_json", save_json)
+    monkeypatch.setattr(cli, "_fmt_bench", lambda r: "the table")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.setdefault("threads", n))
+
+
+def test_bench_flags_and_defaults_reach_run_bench(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    seen: dict = {}
+    _fake_bench(monkeypatch, seen)
+    assert main(["bench", "--quick", "--markdown", "b.md"]) == 0
+    kwargs = seen["run_bench"]
+    assert callable(kwargs.pop("progress"))
+    assert kwargs == dict(size=64, batches=(1, 2), train_batch=2, repeats=2, quick=True,
+                          only=None, device="cpu")  # fmt: skip
+    assert (tmp_path / "b.md").read_text() == "| table |\n"
+    assert (tmp_path / "bench.json").read_text() == "{}"
+    assert main(["bench"]) == 0
+    assert {k: seen["run_bench"][k] for k in ("size", "batches", "train_batch", "repeats")} == dict(
+        size=299, batches=(1, 8), train_batch=8, repeats=5)  # fmt: skip
+    assert "threads" not in seen
+    argv = ["bench", "--size", "128", "--batch", "4", "16", "--train-batch", "0", "--repeats",
+            "3", "--device", "cuda:1", "--only", "eager", "onnx", "--threads", "3", "--json",
+            "r.json"]  # fmt: skip
+    assert main(argv) == 0
+    kwargs = seen["run_bench"]
+    kwargs.pop("progress")
+    assert kwargs == dict(size=128, batches=(4, 16), train_batch=None, repeats=3, quick=False,
+                          only=["eager", "onnx"], device="cuda:1")  # fmt: skip
+    assert seen["threads"] == 3 and (tmp_path / "r.json").is_file()
+
+
+def test_bench_fails_when_a_candidate_failed_and_keeps_json_and_markdown_apart(
+    capsys, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    seen: dict = {}
+    _fake_bench(monkeypatch, seen, failed=("onnx fp32",))
+    assert main(["bench", "--quick"]) == 1
+    assert "1 candidate(s) failed: onnx fp32 (see their error rows)" in capsys.readouterr().err
+    seen.clear()
+    assert main(["bench", "--quick", "--json", "b.json", "--markdown", "./b.json"]) == 2
+    assert "--json and --markdown both name ./b.json" in capsys.readouterr().err
+    assert seen == {} and not (tmp_path / "b.json").exists()
+
+
+def _capture_fit(monkeypatch, seen: dict, result=None):
+    import xception.cli as cli
+
+    def fit(cfg, given=None, command="train"):
+        seen["cfg"], seen["given"] = cfg, given
+        return 0, result
+
+    monkeypatch.setattr(cli, "_fit", fit)
+
+
+def test_train_flags_beat_set_which_beats_config(monkeypatch, tmp_path):
+    seen: dict = {}
+    _capture_fit(monkeypatch, seen)
+    (tmp_path / "c.yaml").write_text("lr: 0.1\nepochs: 4\nseed: 1\nmodel_args: {width: 0.5}\n")
+    base = ["train", "--out", str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml")]
+    assert main([*base, "--set", "lr=0.2", "--set", "seed=5", "--seed", "6", "--set",
+                 "model_args.middle_blocks=2", "--no-progress"]) == 0  # fmt: skip
+    cfg = seen["cfg"]
+    assert (cfg.lr, cfg.epochs, cfg.seed, cfg.progress) == (0.2, 4, 6, False)
+    assert cfg.model_args == {"width": 0.5, "middle_blocks": 2}
+    assert {"lr", "epochs", "seed", "model_args"} <= seen["given"]
+    assert main([*base, "--set", "lr=0.2", "--lr", "0.3"]) == 0
+    assert (seen["cfg"].lr, seen["cfg"].progress) == (0.3, True)
+
+
+def test_train_config_names_its_recipe_beside_itself(capsys, monkeypatch, tmp_path):
+    seen: dict = {}
+    _capture_fit(monkeypatch, seen)
+    monkeypatch.chdir(tmp_path)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "base.yaml").write_text("recipe: fashion-mnist\nepochs: 7\n")
+    (sub / "c.yaml").write_text("recipe: base.yaml\nlr: 0.2\n")
+    assert main(["train", "--out", "r", "--config", "sub/c.yaml"]) == 0
+    assert (seen["cfg"].epochs, seen["cfg"].lr) == (7, 0.2)
+    (sub / "i.yaml").write_text("recipe: imagenet\n")
+    assert main(["train", "--out", "r", "--config", "sub/i.yaml", "--recipe", "imagenet"]) == 0
+    assert seen["cfg"].recipe == "imagenet"
+    seen.clear()
+    argv = ["train", "--out", "r", "--config", "sub/i.yaml", "--recipe", "fashion-mnist"]
+    assert main(argv) == 2
+    assert "starts from recipe imagenet, and --recipe is fashion-mnist" in capsys.readouterr().err
+    assert seen == {}
+
+
+def test_train_resume_auto_without_a_checkpoint_starts_a_new_run(capsys, monkeypatch, tmp_path):
+    seen: dict = {}
+    _capture_fit(monkeypatch, seen)
+    argv = ["train", "--out", str(tmp_path / "r"), "--resume", "auto", "--epochs", "2"]
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert (cfg.recipe, cfg.epochs, cfg.resume) == ("fashion-mnist", 2, "auto")
+    assert "--resume continues the run" not in capsys.readouterr().err
+
+
+def test_train_picks_or_demands_a_run_folder(capsys, monkeypatch, tmp_path):
+    seen: dict = {}
+    _capture_fit(monkeypatch, seen)
+    monkeypatch.chdir(tmp_path)
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train"]) == 0
+    assert seen["cfg"].out.startswith("runs/fashion-mnist-")
+    seen.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train"]) == 2
+    assert "under torchrun pass --out DIR" in capsys.readouterr().err
+    assert seen == {}
+    # A finished run's results without a checkpoint are not trained over.
+    monkeypatch.delenv("WORLD_SIZE")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.csv").write_text("epoch\n")
+    assert main(["train", "--out", "done"]) == 2
+    assert "holds a finished run's results (metrics.csv)" in capsys.readouterr().err
+    assert seen == {}
+
+
+def test_train_outcome_exit_status_and_who_prints_it(capsys, monkeypatch, tmp_path):
+    import xception.train as train
+
+    def diverged(cfg, given=None):
+        raise train.TrainingError("the loss is nan at step 3")
+
+    monkeypatch.setattr(train, "fit", diverged)
+    assert main(["train", "--out", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err == "xception train: error: the loss is nan at step 3\n"
+    final = dict(val_top1=91.0, images_per_s=600.0, epoch=3)
+    result = dict(out="r", params=1, final=final, best=final, wall_s=60.0)
+    _capture_fit(monkeypatch, {}, result)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.startswith("run folder: r (1 parameters)")
+
+
+def test_train_refuses_an_out_of_blanks(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--out", "  "])
+    assert stop.value.code == 2
+    assert "argument --out: an empty folder name" in capsys.readouterr().err
+
+
+def test_eval_passes_its_flags_through_and_writes_the_json(capsys, monkeypatch, tmp_path):
+    import json
+
+    import xception.evaluate as evaluate
+
+    seen: dict = {}
+
+    def evaluate_file(checkpoint, data, **kwargs):
+        seen["args"], seen["kwargs"] = (checkpoint, data), kwargs
+        return {"top1": 50.0}
+
+    monkeypatch.setattr(evaluate, "evaluate_file", evaluate_file)
+    out = tmp_path / "r.json"
+    argv = ["eval", "--checkpoint", "ck", "--data", "d", "--model", "xception-compact", "--size",
+            "32", "--batch-size", "7", "--limit", "9", "--raw", "--device", "cpu", "--workers",
+            "2", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["args"] == ("ck", "d")
+    assert seen["kwargs"] == dict(model="xception-compact", batch_size=7, device="cpu",
+                                  image_size=32, limit=9, use_ema=False, workers=2)  # fmt: skip
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == {"top1": 50.0} and out.read_text() == printed
+    assert main(["eval", "--checkpoint", "ck", "--data", "d"]) == 0
+    assert seen["kwargs"] == dict(model=None, batch_size=128, device="auto", image_size=None,
+                                  limit=None, use_ema=True, workers=0)  # fmt: skip
+
+
+def test_demo_trains_and_tests_on_the_data_given(capsys, monkeypatch, tmp_path):
+    import xception.data
+    import xception.evaluate as evaluate
+
+    final = dict(val_top1=91.0, images_per_s=600.0, epoch=1)
+    seen: dict = {}
+    _capture_fit(monkeypatch, seen, dict(out="r", params=1, final=final, best=final, wall_s=6.0))
+    tested = []
+    monkeypatch.setattr(xception.data, "resolve_data", lambda data: data)
+
+    def evaluate_file(*args, **kwargs):
+        tested.append((args, kwargs))
+        return dict(top1=90.0, top5=99.0, images=10)
+
+    monkeypatch.setattr(evaluate, "evaluate_file", evaluate_file)
+    out, data = str(tmp_path / "run"), str(tmp_path / "fm")
+    argv = ["demo", "--out", out, "--data", data, "--epochs", "1", "--train-subset", "100",
+            "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert (cfg.out, cfg.data, cfg.epochs, cfg.train_subset, cfg.threads) == (out, data, 1, 100, 1)
+    assert tested == [((out, data), {})]
+
+
+def test_main_reports_interrupts_full_disks_and_exits_torchrun_workers(capsys, monkeypatch):
+    import errno
+    import os
+
+    _failing(monkeypatch, KeyboardInterrupt())
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "xception models: interrupted\n"
+    _failing(monkeypatch, OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err == ("xception models: error: [Errno 122] Disk quota exceeded "
+                                       "while writing the output: free space, or choose another "
+                                       "place\n")  # fmt: skip
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert main(["models"]) == 2 and exits == [2]  # a worker leaves at once
+    capsys.readouterr()
+    exits.clear()
+    from xception import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "models", ("list", lambda p: None, lambda args: 0))
+    assert main(["models"]) == 0 and exits == []
