@@ -1087,3 +1087,301 @@ def test_a_resume_finds_its_data_where_it_moved_and_refuses_other_data(tmp_path,
     assert "not applied" not in capsys.readouterr().err
     assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
     assert yaml.safe_load((run / "config.yaml").read_text())["data"] == str(moved)
+
+
+# --- cases a mutation pass over train.py found untested ---
+def _cfg(**changes):
+    from xception.train import TrainConfig
+
+    return TrainConfig(**{"epochs": 10, "batch_size": 32, "warmup_epochs": 0.0, **changes})
+
+
+def test_lr_schedules_match_hand_computed_rates():
+    """Warm-up, step decay (by epochs and by samples), cosine with a floor, and constant, at
+    chosen steps, against rates worked out by hand (0-based steps, 3 or 5 steps per epoch)."""
+    from xception.train import lr_factor
+
+    # Warm-up over round(0.9 * 3) = 3 steps, reaching 1 at step 2; then x0.5 every
+    # round(1.9 * 3) = 6 steps (rounded, not truncated: 5.7 -> 6).
+    cfg = _cfg(schedule="step", lr_decay=0.5, lr_decay_epochs=1.9, warmup_epochs=0.9)
+    want = {0: 1 / 3, 1: 2 / 3, 2: 1.0, 5: 1.0, 6: 0.5, 11: 0.5, 12: 0.25, 18: 0.125}
+    assert {s: lr_factor(cfg, s, 3) for s in want} == pytest.approx(want, abs=1e-12)
+    # lr_decay_samples takes precedence: 100 samples // batch 32 = every 3 steps.
+    cfg = _cfg(schedule="step", lr_decay=0.5, lr_decay_epochs=1.9, lr_decay_samples=100)
+    want = {0: 1.0, 2: 1.0, 3: 0.5, 5: 0.5, 6: 0.25}
+    assert {s: lr_factor(cfg, s, 3) for s in want} == pytest.approx(want, abs=1e-12)
+    # Cosine over 2 epochs of 5 steps after a 2-step warm-up (round(0.4 * 5)), floor 0.2: the
+    # cosine runs over the 8 steps after the warm-up, t = (step - 2) / 8.
+    cfg = _cfg(schedule="cosine", epochs=2, warmup_epochs=0.4, min_lr_ratio=0.2)
+    want = {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.2 + 0.4 * (1 + math.sqrt(0.5)), 6: 0.6, 10: 0.2,
+            12: 0.2}  # fmt: skip
+    assert {s: lr_factor(cfg, s, 5) for s in want} == pytest.approx(want, abs=1e-12)
+    cfg = _cfg(schedule="constant", warmup_epochs=1.0)
+    want = {0: 0.25, 3: 1.0, 39: 1.0}
+    assert {s: lr_factor(cfg, s, 4) for s in want} == pytest.approx(want, abs=1e-12)
+
+
+def test_logged_lr_is_the_last_steps_and_follows_lr_base_batch(tmp_path, toy):
+    """Each epoch's `lr` is the rate of its last step, lr scaled by batch_size / lr_base_batch:
+    0.05 * 32 / 64 = 0.025, halved from the second epoch's first step on."""
+    recipe = tiny_recipe(tmp_path, toy, epochs=2, train_subset=64, schedule="step",
+                         lr_decay=0.5, lr_decay_epochs=1.0, lr_base_batch=64,
+                         ema_decay=None)  # fmt: skip
+    result = fit(recipe, out=str(tmp_path / "run"))
+    assert [r["lr"] for r in result["history"]] == [0.025, 0.0125]
+
+
+def test_weight_decay_groups_and_optimizer_settings():
+    """Weight decay skips biases and batch-norm parameters unless decay_norm_and_bias; each
+    optimizer gets the config's momentum, nesterov, alpha and eps."""
+    from xception.train import make_optimizer
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(2, 3))  # fmt: skip
+    conv, bn, lin = net[0], net[1], net[3]
+    opt = make_optimizer(net, _cfg(optimizer="sgd", weight_decay=1e-4, momentum=0.8,
+                                   nesterov=True), 0.1)  # fmt: skip
+    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert by_id == {id(conv.weight): 1e-4, id(lin.weight): 1e-4, id(conv.bias): 0.0,
+                     id(lin.bias): 0.0, id(bn.weight): 0.0, id(bn.bias): 0.0}  # fmt: skip
+    assert all(g["momentum"] == 0.8 and g["nesterov"] and g["lr"] == 0.1 for g in opt.param_groups)
+    opt = make_optimizer(net, _cfg(weight_decay=1e-4, decay_norm_and_bias=True), 0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4]
+    assert len(opt.param_groups[0]["params"]) == 6
+    opt = make_optimizer(net, _cfg(optimizer="rmsprop", rmsprop_alpha=0.7, opt_eps=1e-3,
+                                   momentum=0.6), 0.1)  # fmt: skip
+    assert isinstance(opt, torch.optim.RMSprop)
+    assert {k: opt.param_groups[0][k] for k in ("alpha", "eps", "momentum")} == dict(
+        alpha=0.7, eps=1e-3, momentum=0.6)  # fmt: skip
+    opt = make_optimizer(net, _cfg(optimizer="adamw", opt_eps=1e-3, weight_decay=0.01), 0.1)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["eps"] == 1e-3
+
+
+def test_ema_ramps_its_decay_and_copies_integer_buffers():
+    """EMA weights are d * ema + (1 - d) * live with d = min(decay, (1 + t) / (10 + t)) at
+    update t; integer buffers (batch norm's step counter) are copied."""
+    from xception.train import EMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    w0 = net[0].weight.detach().clone()
+    ema = EMA(net, decay=0.5)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].num_batches_tracked.fill_(7)
+    ema.update(net)  # d = min(0.5, 2 / 11)
+    d1 = 2 / 11
+    want = d1 * w0 + (1 - d1) * (w0 + 1)
+    torch.testing.assert_close(ema.module[0].weight, want, rtol=0, atol=1e-6)
+    assert ema.module[1].num_batches_tracked.item() == 7
+    for _ in range(20):  # from t = 8 on, (1 + t) / (10 + t) > 0.5: d = 0.5
+        ema.update(net)
+    before = ema.module[0].weight.clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.module[0].weight, 0.5 * before + 0.5 * net[0].weight,
+                               rtol=0, atol=1e-6)  # fmt: skip
+
+
+def test_the_exported_weights_and_val_scores_are_the_ema_models(tmp_path, toy):
+    """With EMA on, model.safetensors holds the EMA weights (updated once per step) and val_*
+    score them; val_top1_raw scores the live model."""
+    from xception.evaluate import evaluate_model
+
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, train_subset=64)
+    result = fit(recipe, out=str(tmp_path / "run"))
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert ckpt["state"]["ema_updates"] == ckpt["state"]["step"] == 2
+    exported = load_file(result["weights"])
+    assert exported.keys() == ckpt["ema"].keys()
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in exported.items())
+    assert not all(torch.equal(v, ckpt["model"][k]) for k, v in exported.items())
+    engine = training_engine(recipe, "cpu", out=str(tmp_path / "eval"))
+    row = result["history"][0]
+    for weights, key in ((ckpt["ema"], "val_loss"), (ckpt["model"], None)):
+        engine.model.load_state_dict(weights)
+        got = evaluate_model(engine.model, engine.val_set, batch_size=64, channels_last=True)
+        if key:
+            assert got["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+        else:
+            assert got["top1"] == row["val_top1_raw"]
+
+
+def test_one_step_clips_the_gradient_and_averages_accumulated_micro_batches(tmp_path, toy):
+    """One optimizer step against a hand-made one: plain SGD (no momentum or decay) moves the
+    weights by lr * the mean of the micro-batches' gradients, clipped to grad_clip's norm; the
+    batch-norm statistics follow micro-batch 0 alone."""
+    import copy
+
+    from xception.metrics import Meter
+
+    recipe = tiny_recipe(tmp_path, toy, ema_decay=None, momentum=0.0, nesterov=False,
+                         weight_decay=0.0, label_smoothing=0.0, drop_rate=0.0)  # fmt: skip
+    for clip in (None, 0.01):
+        engine = training_engine(recipe, "cpu", out=str(tmp_path / "e"), accum_steps=2,
+                                 grad_clip=clip)  # fmt: skip
+        engine.sampler.set_epoch(0)
+        x, y = next(iter(engine.loader))
+        ref = copy.deepcopy(engine.model)
+        before = {k: p.detach().clone() for k, p in engine.model.named_parameters()}
+        assert engine._step(x, y, Meter())
+        losses = [torch.nn.functional.cross_entropy(ref(x[k::2]), y[k::2]) for k in (0, 1)]
+        ((losses[0] + losses[1]) / 2).backward()
+        grads = {k: p.grad for k, p in ref.named_parameters()}
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+        scale = min(1.0, clip / (norm.item() + 1e-6)) if clip else 1.0
+        if clip:
+            assert scale < 0.5  # the clip is in force
+        for k, p in engine.model.named_parameters():
+            torch.testing.assert_close(p.detach(), before[k] - 0.05 * scale * grads[k],
+                                       rtol=1e-4, atol=1e-7, msg=k)  # fmt: skip
+    bns = [m for m in engine.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    fresh = training_engine(recipe, "cpu", out=str(tmp_path / "f")).model
+    fresh.train()(x[0::2])  # micro-batch 0's statistics only
+    fresh_bns = [m for m in fresh.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and len(bns) == len(fresh_bns)
+    for a, b in zip(bns, fresh_bns, strict=True):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_label_smoothing_softmax_and_sigmoid():
+    """Softmax: (1 - e) * cross-entropy + e * the mean over classes of -log p; sigmoid: binary
+    cross-entropy against targets moved e / 2 towards 1/2, summed over classes."""
+    from types import SimpleNamespace
+
+    from xception.train import _Run
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    y = torch.tensor([0, 2])
+    logp = logits.log_softmax(1)
+    ce = -logp[torch.arange(2), y]
+    want = ((1 - 0.2) * ce + 0.2 * -logp.mean(1)).mean()
+    run = SimpleNamespace(cfg=_cfg(label_smoothing=0.2, loss="softmax"), multilabel=False)
+    torch.testing.assert_close(_Run._loss(run, logits, y), want)
+    target = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.1, 0.9]])
+    p = logits.sigmoid()
+    want = -(target * p.log() + (1 - target) * (1 - p).log()).sum() / 2
+    run = SimpleNamespace(cfg=_cfg(label_smoothing=0.2, loss="sigmoid"), multilabel=False)
+    torch.testing.assert_close(_Run._loss(run, logits, y), want)
+
+
+def test_best_needs_a_strict_improvement_and_keep_last_prunes_step_checkpoints(
+    tmp_path, toy, monkeypatch
+):
+    """A tie is not an improvement (the earlier epoch stays the best); checkpoint_every saves
+    mid-epoch only; keep_last=2 leaves the two newest step checkpoints. And a signal during the last epoch's validation lets the run
+    finish and export (there is nothing left to stop)."""
+    from xception import checkpoint as C
+    from xception import train
+
+    scores = iter([50.0, 50.0, 60.0])
+    monkeypatch.setattr(train._Run, "_validate", lambda self: dict(
+        val_loss=1.0, val_top1=next(scores), val_top5=100.0))  # fmt: skip
+    names = []
+    real = C.save_checkpoint
+    monkeypatch.setattr(C, "save_checkpoint", lambda root, name, *a, **k: (
+        names.append(name), real(root, name, *a, **k))[1])  # fmt: skip
+    recipe = tiny_recipe(tmp_path, toy, epochs=3, train_subset=96, keep_last=2, ema_decay=None,
+                         checkpoint_every=2)  # fmt: skip
+    result = fit(recipe, out=str(tmp_path / "run"))  # 3 steps an epoch
+    # Every 2nd step mid-epoch; step 6 ends epoch 2 and is saved once, as the epoch's.
+    assert names == ["step-000000002", "best-step-000000003", "step-000000003", "step-000000004",
+                     "step-000000006", "step-000000008", "best-step-000000009",
+                     "step-000000009"]  # fmt: skip
+    assert result["best"]["epoch"] == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step-000000008", "step-000000009"]  # fmt: skip
+
+    def signalled(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return dict(val_loss=1.0, val_top1=1.0, val_top5=1.0)
+
+    monkeypatch.setattr(train._Run, "_validate", signalled)
+    done = fit(recipe, out=str(tmp_path / "last"), epochs=1)
+    assert Path(done["weights"]).is_file() and len(done["history"]) == 1
+
+
+def test_epoch_batches_follow_the_seeded_permutation_of_each_epoch():
+    """Epoch e's batches are DistributedSampler's permutation randperm(n, seed + e), every
+    world-th index to each rank, incomplete batches dropped, the first `start` skipped; a
+    subset is the first n of randperm(len, seed), in index order."""
+    from xception.train import _EpochBatches, _subset
+
+    data = list(range(11))
+    for epoch in (0, 1):
+        perm = torch.randperm(11, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+        for rank in (0, 1):
+            mine = perm[:10][rank::2]
+            sampler = _EpochBatches(11, 2, rank, 2, 3, data)
+            sampler.set_epoch(epoch)
+            assert list(sampler) == [mine[0:2], mine[2:4]] and len(sampler) == 2
+            sampler.set_epoch(epoch, 1)
+            assert list(sampler) == [mine[2:4]] and len(sampler) == 1
+    sub = _subset(list(range(20)), 5, 7)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(7))
+    assert sub.indices == sorted(perm[:5].tolist())
+
+
+def test_engine_set_up_applies_drop_rate_and_deterministic(tmp_path, toy):
+    recipe = tiny_recipe(tmp_path, toy, drop_rate=0.3)
+    engine = training_engine(recipe, "cpu", out=str(tmp_path / "e"), deterministic=True)
+    try:
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert engine.seeded_dropout
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in engine.model.modules())
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(label_smoothing=1.0), "label_smoothing=1.0 is not valid"),
+    (dict(drop_rate=1.0), "drop_rate=1.0 is not valid"),
+    (dict(ema_decay=1.0), "ema_decay=1.0 is not valid"),
+    (dict(batch_size=30, accum_steps=4), "batch_size=30 is not divisible by accum_steps=4"),
+    (dict(warmup_epochs=-1.0), "warmup_epochs=-1.0 is not valid"),
+    (dict(weight_decay=-1.0), "weight_decay=-1.0 is not valid"),
+    (dict(checkpoint_every=-1), "checkpoint_every=-1 is not valid"),
+    (dict(keep_last=0), "keep_last=0 is not valid"),
+    (dict(out=" "), "out=' ' is not valid"),
+])  # fmt: skip
+def test_config_out_of_range_values_are_refused(setting, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_config("fashion-mnist", **setting)
+
+
+def test_a_resumed_run_keeps_its_best_epoch(tmp_path, toy, monkeypatch):
+    """The best epoch so far comes back with the checkpoint: a worse epoch after a resume is not
+    the new best (no best checkpoint for it, and `best` stays epoch 1)."""
+    from xception import train
+
+    scores = iter([60.0, 50.0])
+    monkeypatch.setattr(train._Run, "_validate", lambda self: dict(
+        val_loss=1.0, val_top1=next(scores), val_top5=100.0))  # fmt: skip
+    recipe = tiny_recipe(tmp_path, toy, epochs=1, train_subset=64, ema_decay=None)
+    run = tmp_path / "run"
+    fit(recipe, out=str(run))
+    result = fit(recipe, out=str(run), resume="auto", epochs=2)
+    assert result["best"]["epoch"] == 1 and result["best"]["val_top1"] == 60.0
+    best = [p.name for p in list_checkpoints(run / "checkpoints", best=True)]
+    assert best == ["best-step-000000002"]
+
+
+def test_a_multilabel_runs_best_epoch_is_chosen_by_map(tmp_path, monkeypatch):
+    """Multi-label runs are scored by MAP@100: the best epoch (and its checkpoint) is the one
+    with the highest val_map100, even where the top-1 of the first label says otherwise."""
+    from xception import train
+
+    scores = iter([dict(val_top1=90.0, val_map100=40.0), dict(val_top1=10.0, val_map100=60.0),
+                   dict(val_top1=95.0, val_map100=50.0)])  # fmt: skip
+    monkeypatch.setattr(train._Run, "_validate", lambda self: dict(val_loss=1.0, **next(scores)))
+    root = tmp_path / "jft"
+    _image_folder(root / "img", classes=("a", "b"), per_class=4, size=16)
+    rows = [f"img/{c}/{i}.png,{c} {'x' if i % 2 else 'y'}" for c in "ab" for i in range(4)]
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    result = fit("jft", model="xception-compact", model_args=TINY_MODEL, data=str(root),
+                 image_size=16, epochs=3, batch_size=4, workers=0, threads=1, progress=False,
+                 checkpoint_every=0, val_fraction=0.25, out=str(tmp_path / "run"))  # fmt: skip
+    assert result["best"]["epoch"] == 2 and result["best"]["val_map100"] == 60.0
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved == ["best-step-000000002", "step-000000002", "step-000000003"]  # 1 step an epoch
