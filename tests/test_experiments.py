@@ -797,3 +797,411 @@ def test_reports_of_processes_sharing_an_out_folder_are_written_one_at_a_time(tm
     results = json.loads((tmp_path / "results.json").read_text())
     assert sorted(results["suites"]) == ["order", "residual"]
     assert (tmp_path / "order.png").exists() and "## order" in (tmp_path / "REPORT.md").read_text()
+
+
+# --- cases a mutation pass over experiments.py found untested ---
+# Data as `dataset_info` describes it, without hashing any files: the report and the keys read
+# only these fields.
+_FAKE_DATA = dict(name="fake-data", title="Fake", sha256="0" * 64, in_chans=1, num_classes=10,
+                  size=28, train_images=60000, test_images=10000)  # fmt: skip
+
+
+def _no_plots(monkeypatch):
+    import xception.experiments as experiments
+
+    monkeypatch.setattr(experiments, "_plot_curves", lambda path, *a: path.write_bytes(b""))
+    monkeypatch.setattr(experiments, "_plot_spectrum", lambda path, *a: path.write_bytes(b""))
+
+
+def _put_runs(store, scale: Scale, suite: str, runs: dict) -> None:
+    """Records written by hand: runs[label] = (per-seed epoch accuracies in %, per-seed
+    images/s, per-seed train seconds, params, macs, machine)."""
+    from xception.experiments import run_config, run_key
+
+    for v in suite_plan(suite, scale, in_chans=1, num_classes=10)[0]:
+        if v.label not in runs:
+            continue
+        tops, ips, seconds, params, macs, machine = runs[v.label]
+        for seed in range(scale.seeds):
+            where = machine[seed] if isinstance(machine, list) else machine
+            key = run_key(run_config(v, scale, seed, _FAKE_DATA))
+            store.put(dict(key=key, history=[dict(val_top1=t) for t in tops[seed]],
+                           final_val_acc=tops[seed][-1] / 100, train_seconds=seconds[seed],
+                           params=params, macs=macs, images_per_s=ips[seed],
+                           machine=where))  # fmt: skip
+
+
+def test_difference_with_unequal_seed_counts_by_hand():
+    a, b = [0.90, 0.92, 0.94], [0.80, 0.82]
+    s = difference(a, b)  # variances 4e-4 (2 df) and 2e-4 (1 df): pooled 1e-3 / 3 at 3 df
+    assert s["diff"] == pytest.approx(0.92 - 0.81)
+    assert (s["df"], s["n_a"], s["n_b"]) == (3, 3, 2)
+    assert s["se"] == pytest.approx(math.sqrt(1e-3 / 3 * (1 / 3 + 1 / 2)))
+    assert s["t"] == pytest.approx(3.182, abs=1e-3)
+    # A single degree of freedom is an estimate too (t = 12.706)
+    one = difference([0.90, 0.92], [0.80])
+    assert one["df"] == 1 and one["se"] == pytest.approx(math.sqrt(2e-4 * (1 / 2 + 1)))
+    assert one["t"] == pytest.approx(12.706, abs=1e-3)
+
+
+def test_judge_pools_the_noise_over_every_variant_given():
+    """Without an explicit noise, the noise is pooled over every variant in `values`, not just
+    the two compared: a noisy third variant widens the interval."""
+    values = {"a": {"final": [0.90, 0.92]}, "b": {"final": [0.80, 0.82]},
+              "c": {"final": [0.50, 0.70]}}  # fmt: skip
+    # variances 2e-4, 2e-4 and 2e-2, 1 df each: pooled 0.0204 / 3 = 0.0068 at 3 df
+    s = judge(Claim("a beats b", "a", "b"), values)
+    assert s["df"] == 3 and s["se"] == pytest.approx(math.sqrt(0.0068 * (1 / 2 + 1 / 2)))
+    assert s["verdict"] == "inconclusive"  # t = 3.182: 0.10 - 3.182 * 0.0825 < 0
+    # a and b alone: 2e-4 at 2 df, se 0.0141, t = 4.303, lo = +0.039: holds
+    assert compare([0.90, 0.92], [0.80, 0.82])[0] == "holds"
+
+
+def test_any_better_with_no_variant_in_between_is_inconclusive():
+    values = {"dw": {"final": [0.90, 0.91]}, "1": {"final": [0.50, 0.51]}}
+    verdict = judge(Claim("none between", (), "dw", kind="any_better"), values)
+    assert verdict["verdict"] == "inconclusive" and verdict["comparisons"] == []
+
+
+def test_measure_speed_is_the_median_of_timed_batches_after_a_warm_up(monkeypatch):
+    """images/s = batch / median time of `repeats` batches, the warm-up batch untimed; eval
+    mode, inference mode and channels_last inputs (as the engine runs on a CPU)."""
+    import types
+
+    import xception.experiments as experiments
+    from xception.experiments import measure_speed
+
+    clock = [0.0]
+    monkeypatch.setattr(experiments, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Timed(torch.nn.Module):
+        def __init__(self, durations):
+            super().__init__()
+            self.durations, self.seen = list(durations), []
+
+        def forward(self, x):
+            self.seen.append((self.training, torch.is_inference_mode_enabled(), x.shape,
+                              x.is_contiguous(memory_format=torch.channels_last),
+                              x.is_contiguous()))  # fmt: skip
+            clock[0] += self.durations.pop(0)
+            return x
+
+    model = Timed([100.0, 1.0, 4.0, 2.0]).train()  # warm-up, then three timed batches
+    assert measure_speed(model, 4, 3, batch=8, repeats=3) == pytest.approx(8 / 2.0)
+    assert len(model.seen) == 4
+    assert all(s[:4] == (False, True, (8, 3, 4, 4), True) for s in model.seen)
+    model = Timed([100.0, 5.0])
+    assert measure_speed(model, 4, 3, batch=10, repeats=1, channels_last=False) == 2.0
+    assert [s[3:] for s in model.seen] == [(False, True)] * 2
+
+
+def test_a_runs_key_changes_with_every_setting_that_changes_what_it_computes():
+    import dataclasses
+
+    from xception.experiments import run_config, run_key
+
+    base, other = suite_plan("residual", TINY, in_chans=1, num_classes=10)[0]
+
+    def key(variant=base, seed=0, data=_FAKE_DATA, **changes):
+        return run_key(run_config(variant, dataclasses.replace(TINY, **changes), seed, data))
+
+    keys = [key(), key(other), key(seed=1), key(epochs=2), key(train_size=320),
+            key(val_size=64), key(batch_size=32), key(data=dict(_FAKE_DATA, sha256="1" * 64))]  # fmt: skip
+    assert len(set(keys)) == len(keys)
+    # Speed settings and the scale's name change nothing the run computes
+    assert key(speed_batch=4, speed_repeats=9, name="other") == keys[0]
+    assert key(data=dict(_FAKE_DATA, name="elsewhere")) == keys[0]
+
+
+@pytest.mark.parametrize("change", [dict(key="another run"), dict(final_val_acc=float("nan")),
+                                    dict(train_seconds=float("inf")), dict(params=True),
+                                    dict(images_per_s=None),
+                                    dict(history=[dict(val_top1=50.0), dict(train_top1=60.0)])])  # fmt: skip
+def test_a_record_of_another_run_or_with_an_unusable_number_is_not_reused(tmp_path, change):
+    from xception.experiments import Store
+
+    store = Store(tmp_path)
+    store.dir.mkdir()
+    store.path("abc").write_text(json.dumps({**_record("abc"), **change}))
+    assert store.get("abc") is None
+
+
+def test_the_size_checks_allow_exactly_one_batch_and_every_image(tmp_path, monkeypatch):
+    import dataclasses
+
+    import xception.experiments as experiments
+
+    class Planned(Exception):
+        pass
+
+    def planned(*args, **kwargs):
+        raise Planned
+
+    monkeypatch.setattr(experiments, "dataset_info",
+                        lambda data: dict(_FAKE_DATA, train_images=64, test_images=100))  # fmt: skip
+    monkeypatch.setattr(experiments, "suite_plan", planned)
+    scale = dataclasses.replace(TINY, train_size=64, batch_size=64, val_size=100)
+    with pytest.raises(Planned):  # every check passed
+        run_experiments(["order"], tmp_path / "exp", scale)
+    for changes, message in ((dict(train_size=63), "63 training images are fewer than one batch"),
+                             (dict(train_size=65), "65 training images asked for"),
+                             (dict(val_size=101), "101 test images asked for")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            run_experiments(["order"], tmp_path / "exp", dataclasses.replace(scale, **changes))
+
+
+def test_runs_train_seed_by_seed_and_store_their_last_epoch(tmp_path, monkeypatch):
+    """Seed-major order (an interrupted suite leaves every variant with about as many seeds);
+    a run's accuracy is its last epoch's, its time the engine's clock at the last epoch."""
+    import xception.experiments as experiments
+
+    _no_plots(monkeypatch)
+    monkeypatch.setattr(experiments, "dataset_info", lambda data: dict(_FAKE_DATA))
+    monkeypatch.setattr(experiments, "_variant_stats", lambda *a: dict(
+        params=1000, macs=2000, images_per_s=50.0,
+        speed_machine=dict(cpu="c", threads=1, batch=8)))  # fmt: skip
+    trained = []
+
+    def fake_train(config, workdir):
+        seed, residual = config["train"]["seed"], config["model_config"]["residual"]
+        trained.append((seed, residual))
+        last = 60.0 + seed + (5 if residual else 0)
+        return dict(history=[dict(val_top1=40.0, wall_s=3.0), dict(val_top1=last, wall_s=7.5)])
+
+    monkeypatch.setattr(experiments, "train_run", fake_train)
+    result = run_experiments(["residual"], tmp_path, TINY)
+    assert trained == [(0, True), (0, False), (1, True), (1, False)]
+    assert (result["trained"], result["reused"]) == (4, 0)
+    rows = result["suites"]["residual"]["variants"]
+    assert rows[0]["final_val_accs"] == pytest.approx([0.65, 0.66])
+    assert rows[1]["final_val_accs"] == pytest.approx([0.60, 0.61])
+    assert rows[0]["curve_mean"] == pytest.approx([0.40, 0.655])
+    for path in (tmp_path / "runs").glob("*.json"):
+        assert json.loads(path.read_text())["train_seconds"] == 7.5
+
+
+def test_each_suite_compares_the_variants_its_claims_name():
+    expected = {
+        "residual": ([("with residual connections", {}),
+                      ("without residual connections", {"residual": False})],
+                     [("with residual connections", "without residual connections", "better",
+                       "final"),
+                      ("with residual connections", "without residual connections", "better",
+                       "curve")]),
+        "mid-activation": ([("no intermediate activation", {}),
+                            ("intermediate ELU", {"mid_activation": "elu"}),
+                            ("intermediate ReLU", {"mid_activation": "relu"})],
+                           [("no intermediate activation", "intermediate ELU", "better", "final"),
+                            ("no intermediate activation", "intermediate ReLU", "better",
+                             "final")]),
+        "order": ([("depthwise first", {}), ("pointwise first", {"order": "pointwise_first"})],
+                  [("depthwise first", "pointwise first", "equivalent", "final")]),
+    }  # fmt: skip
+    for suite, (variants, claims) in expected.items():
+        planned, said = suite_plan(suite, TINY, in_chans=1, num_classes=10)
+        assert [(v.label, {k: x for k, x in v.overrides.items() if k not in TINY.model})
+                for v in planned] == variants, suite  # fmt: skip
+        assert all(v.model == "xception-compact" for v in planned)
+        assert [(c.a, c.b, c.kind, c.metric) for c in said] == claims, suite
+
+
+def test_report_numbers_from_runs_written_by_hand(tmp_path, monkeypatch):
+    """Three seeds of three variants (the baseline shared by the residual and order suites),
+    every number of results.json, results.csv and REPORT.md worked out by hand."""
+    import dataclasses
+
+    from xception.experiments import Store, write_outputs
+
+    _no_plots(monkeypatch)
+    scale = dataclasses.replace(TINY, seeds=3)
+    store = Store(tmp_path)
+    gpu = dict(device="cuda", gpu="Test GPU", cpu="Test CPU", threads=2)
+    cpu = dict(device="cpu", gpu=None, cpu="Test CPU", threads=2)
+    runs = {
+        # finals 80, 82, 84 (sd 2); curves (mean of epochs) 75, 77, 79
+        "with residual connections": ([(70, 80), (72, 82), (74, 84)], [100, 200, 900],
+                                      [10, 20, 60], 1000, 2_000_000, gpu),
+        # finals 70, 71, 75 (sd sqrt(7e-4)); curves 60, 61, 65
+        "without residual connections": ([(50, 70), (51, 71), (55, 75)], [50, 60, 70],
+                                         [6, 6, 6], 900, 1_500_000, cpu),
+        # finals 81, 82, 83 (sd 1); curves 78.5, 79.5, 80.5
+        "pointwise first": ([(76, 81), (77, 82), (78, 83)], [10, 10, 10], [12, 12, 12], 1100,
+                            2_500_000, cpu),
+    }  # fmt: skip
+    _put_runs(store, scale, "residual", runs)
+    _put_runs(store, scale, "order", runs)
+    assert len(list(store.dir.glob("*.json"))) == 9  # "depthwise first" is the baseline's runs
+    results = write_outputs(tmp_path, scale, _FAKE_DATA, store)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["suites"] == json.loads(json.dumps(results["suites"]))
+    assert saved["seed_noise"] == results["seed_noise"]
+    assert list(results["suites"]) == ["residual", "order"]
+    # pooled over the 3 distinct variants: (8e-4 + 1.4e-3 + 2e-4) / 6 = 4e-4, both metrics
+    for metric in ("final", "curve"):
+        assert results["seed_noise"][metric] == dict(std=pytest.approx(0.02), df=6)
+    with_, without = results["suites"]["residual"]["variants"]
+    assert with_ == dict(with_, seeds=3, val_acc_mean=pytest.approx(0.82),
+                         val_acc_std=pytest.approx(0.02), params=1000, macs=2_000_000,
+                         final_val_accs=pytest.approx([0.80, 0.82, 0.84]),
+                         curve_val_accs=pytest.approx([0.75, 0.77, 0.79]),
+                         curve_mean=pytest.approx([0.72, 0.82]),
+                         curve_std=pytest.approx([0.02, 0.02]),
+                         images_per_s=200, train_seconds=pytest.approx(30),
+                         machines=["Test GPU (cuda)"])  # fmt: skip
+    sd = math.sqrt(7e-4)
+    assert without == dict(without, val_acc_mean=pytest.approx(0.72), val_acc_std=pytest.approx(sd),
+                           curve_val_accs=pytest.approx([0.60, 0.61, 0.65]),
+                           curve_mean=pytest.approx([0.52, 0.72]),
+                           curve_std=pytest.approx([sd, sd]), images_per_s=60,
+                           train_seconds=pytest.approx(6), machines=["Test CPU (cpu)"])  # fmt: skip
+    final, curve = results["suites"]["residual"]["claims"]
+    se = math.sqrt(4e-4 * (1 / 3 + 1 / 3))  # t = 2.447 at 6 df
+    assert final == dict(final, verdict="holds", diff=pytest.approx(0.10), df=6,
+                         se=pytest.approx(se), lo=pytest.approx(0.10 - 2.4469 * se, abs=1e-4),
+                         hi=pytest.approx(0.10 + 2.4469 * se, abs=1e-4))  # fmt: skip
+    assert curve == dict(curve, metric="curve", verdict="holds", diff=pytest.approx(0.15), df=6)
+    (order,) = results["suites"]["order"]["claims"]
+    assert order == dict(order, a="depthwise first", b="pointwise first", kind="equivalent",
+                         diff=pytest.approx(0.0, abs=1e-12), df=6, verdict="inconclusive")  # fmt: skip
+
+    rows = list(csv.reader(io.StringIO((tmp_path / "results.csv").read_text())))
+    overrides = json.dumps(TINY.model, sort_keys=True)
+    assert rows[0] == ["suite", "variant", "model", "overrides", "seeds", "val_acc_mean",
+                       "val_acc_std", "params", "macs", "images_per_s", "train_seconds"]  # fmt: skip
+    assert rows[1] == ["residual", "with residual connections", "xception-compact", overrides,
+                       "3", "0.82000", "0.02000", "1000", "2000000", "200.0", "30.0"]  # fmt: skip
+    assert rows[2][4:] == ["3", "0.72000", "0.02646", "900", "1500000", "60.0", "6.0"]
+    assert [r[:2] for r in rows[3:]] == [["order", "depthwise first"], ["order", "pointwise first"]]
+
+    report = (tmp_path / "REPORT.md").read_text()
+    for line in (
+        "| with residual connections | 3 | 82.00 +- 2.00 | 1,000 | 2.0 | 200 |",
+        "| without residual connections | 3 | 72.00 +- 2.65 | 900 | 1.5 | 60 |",
+        "| pointwise first | 3 | 82.00 +- 1.00 | 1,100 | 2.5 | 10 |",
+        "(standard deviation 2.00 pp, 6 degrees of freedom)",
+        "with residual connections minus without residual connections: +10.00 pp, 95% interval "
+        "+6.00 .. +14.00 pp (t at 6 df)",
+        "without residual connections: +15.00 pp, 95% interval +11.00 .. +19.00 pp (t at 6 df)",
+        # 90 + 18 + 36 seconds, the baseline's runs counted once though in two suites
+        "Trained on: Test CPU (cpu); Test GPU (cuda); 2.4 min of training in all",
+        "measured on: Test CPU, 2 threads.",
+    ):
+        assert line in report, line
+
+
+def test_spectrum_report_and_plots_from_runs_written_by_hand(tmp_path, monkeypatch):
+    """The best intermediate count with its Bonferroni interval in the report; the curves and
+    the spectrum drawn from the runs' numbers (captured, not rendered to PNG)."""
+    import dataclasses
+
+    import xception.experiments as experiments
+    from xception.experiments import Store, write_outputs
+
+    figures = {}
+    monkeypatch.setattr(
+        experiments, "_save_figure", lambda fig, path: figures.update({path.name: fig})
+    )
+    scale = dataclasses.replace(TINY, segments=(2, 4))
+    store = Store(tmp_path)
+    gpu = dict(device="cuda", gpu="Test GPU", cpu="Test CPU", threads=2)
+    cpu = dict(device="cpu", gpu=None, cpu="Test CPU", threads=2)
+    runs = {"2 segments": ([(80, 84), (80, 86)], [1, 1], [1, 1], 3000, 9_000_000, [gpu, cpu]),
+            "4 segments": ([(85, 89), (85, 91)], [1, 1], [1, 1], 2000, 8_000_000, gpu),
+            "depthwise": ([(75, 79), (75, 81)], [1, 1], [1, 1], 1000, 7_000_000, gpu)}  # fmt: skip
+    _put_runs(store, scale, "segments", runs)
+    results = write_outputs(tmp_path, scale, _FAKE_DATA, store)
+    rows = results["suites"]["segments"]["variants"]
+    assert rows[0]["machines"] == ["Test CPU (cpu)", "Test GPU (cuda)"]
+    (claim,) = results["suites"]["segments"]["claims"]
+    # pooled 2e-4 at 3 df, se 0.01414; 2 comparisons: 97.5% intervals, t = 4.1765
+    assert [(c["a"], c["verdict"]) for c in claim["comparisons"]] == [
+        ("2 segments", "inconclusive"), ("4 segments", "holds")]  # fmt: skip
+    assert claim["verdict"] == "holds"
+    assert ("**holds**: a model between a regular conv and depthwise beats depthwise (the "
+            "question the paper leaves open). best intermediate: 4 segments, +10.00 pp against "
+            "depthwise (97.5% interval +4.09 .. +15.91, Bonferroni for 2 comparisons).") in (
+        (tmp_path / "REPORT.md").read_text())  # fmt: skip
+
+    assert sorted(figures) == ["segments-spectrum.png", "segments.png"]
+    curves = figures["segments.png"].axes[0].get_lines()
+    assert [list(line.get_xdata()) for line in curves] == [[1, 2]] * 3
+    assert [list(line.get_ydata()) for line in curves] == [
+        pytest.approx([80, 85]), pytest.approx([85, 90]), pytest.approx([75, 80])]  # fmt: skip
+    ax, ax2 = figures["segments-spectrum.png"].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4", "depthwise"]
+    bars = ax.containers[0]
+    assert list(bars.lines[0].get_ydata()) == pytest.approx([85, 90, 80])
+    sd = 100 * math.sqrt(2e-4)  # each count's two seeds: 1.41 pp
+    assert [(seg[0][1], seg[1][1]) for seg in bars.lines[2][0].get_segments()] == [
+        pytest.approx((y - sd, y + sd)) for y in (85, 90, 80)]  # fmt: skip
+    params, macs = ax2.get_lines()
+    assert list(params.get_ydata()) == pytest.approx([0.003, 0.002, 0.001])
+    assert list(macs.get_ydata()) == pytest.approx([9, 8, 7])
+
+
+def test_remeasuring_skips_unfinished_runs_and_updates_the_others(tmp_path, monkeypatch):
+    import xception.experiments as experiments
+    from xception.experiments import Store, run_config, run_key
+
+    _no_plots(monkeypatch)
+    monkeypatch.setattr(experiments, "dataset_info", lambda data: dict(_FAKE_DATA))
+    monkeypatch.setattr(experiments, "_speed", lambda *a: dict(
+        images_per_s=321.0, speed_machine=dict(cpu="here", threads=3, batch=8)))  # fmt: skip
+    store = Store(tmp_path)
+    variants, _ = suite_plan("residual", TINY, in_chans=1, num_classes=10)
+    keys = [run_key(run_config(v, TINY, seed, _FAKE_DATA)) for seed in range(2) for v in variants]
+    for key in keys[1:]:  # the first run of the plan is not finished
+        store.put(_record(key))
+    result = run_experiments(["residual"], tmp_path, TINY, remeasure_speed=True)
+    assert (result["remeasured"], result["trained"]) == (3, 0)
+    assert store.get(keys[0]) is None
+    for key in keys[1:]:
+        assert store.get(key) == dict(_record(key), images_per_s=321.0,
+                                      speed_machine=dict(cpu="here", threads=3, batch=8))  # fmt: skip
+
+
+def test_a_run_the_engine_returns_without_validation_accuracy_is_an_error(tmp_path, monkeypatch):
+    import xception.experiments as experiments
+
+    monkeypatch.setattr(experiments, "dataset_info", lambda data: dict(_FAKE_DATA))
+    monkeypatch.setattr(experiments, "train_run",
+                        lambda config, workdir: dict(history=[dict(train_loss=1.0, wall_s=2.0)]))  # fmt: skip
+    with pytest.raises(RuntimeError, match="the training engine returned no validation history"):
+        run_experiments(["order"], tmp_path, TINY)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_equivalence_margin_is_one_percentage_point():
+    noise = (1e-5, 10)  # se of a difference of single values: sqrt(2e-5); t = 2.228: +-0.996 pp
+    verdict, stats = compare([0.905], [0.90], "equivalent", noise)  # -0.50 .. +1.50 pp
+    assert stats["hi"] == pytest.approx(0.005 + 2.228 * math.sqrt(2e-5), abs=1e-4)
+    assert verdict == "inconclusive"
+    assert compare([0.90], [0.90], "equivalent", noise)[0] == "holds"  # -1.00 .. +1.00, just
+    assert compare([0.925], [0.90], "equivalent", noise)[0] == "does not hold"  # +1.50 .. +3.50
+    assert compare([0.875], [0.90], "equivalent", noise)[0] == "does not hold"  # -3.50 .. -1.50
+
+
+def test_results_and_report_are_written_atomically(tmp_path, monkeypatch):
+    """Every output goes through `atomic_write`: an interrupted report never leaves a
+    results.json cut short for the next run's `_dropped_suites` to misread."""
+    import dataclasses
+
+    import xception.experiments as experiments
+    from xception.experiments import Store, write_outputs
+
+    _no_plots(monkeypatch)
+    written = []
+
+    def recording(path, data):
+        written.append(path.name)
+        return atomic_write(path, data)
+
+    atomic_write = experiments.atomic_write
+    monkeypatch.setattr(experiments, "atomic_write", recording)
+    scale = dataclasses.replace(TINY, seeds=1)
+    store = Store(tmp_path)
+    _put_runs(store, scale, "order", {"depthwise first": ([(50, 60)], [1], [1], 1, 1, None),
+                                      "pointwise first": ([(50, 61)], [1], [1], 1, 1, None)})  # fmt: skip
+    assert len(written) == 2  # the run records
+    write_outputs(tmp_path, scale, _FAKE_DATA, store)
+    assert written[2:] == ["results.json", "results.csv", "REPORT.md"]
