@@ -951,3 +951,278 @@ def test_a_quick_size_below_the_models_minimum_names_the_smallest(tmp_path, caps
     report = run_bench(quick=True, size=7, batches=(1,), train_batch=None, repeats=1,
                        only="eager NCHW")  # fmt: skip
     assert report.results[0].error is None and report.results[0].images_per_s > 0
+
+
+# --- cases a mutation pass over bench.py found untested ---
+class _FakeClock:
+    """Stands in for bench's `time`: `perf_counter` reads a clock that only the fake steps
+    and `sleep` move, so every duration the bench measures is known in advance."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_measure_reports_medians_of_interleaved_rounds_from_a_fake_clock(monkeypatch):
+    from xception import bench
+
+    clock, calls, faults = _FakeClock(), [], [0]
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(bench, "page_faults", lambda: faults[0])
+
+    def builder(name, seconds, pages):
+        def build(batch):
+            clock.now += 50.0  # building and warming up: never timed
+            it = iter(zip(seconds, pages, strict=True))
+
+            def step():
+                calls.append(name)
+                s, p = next(it)
+                clock.now += s
+                faults[0] += p
+
+            return step
+
+        return build
+
+    group = [bench._Candidate("a", "inference", builder("a", [3.0, 1.0, 2.0], [10, 100, 20]), 0.5),
+             bench._Candidate("b", "inference", builder("b", [5.0, 4.0, 6.0], [0, 0, 0]), 2.0)]  # fmt: skip
+    a, b = bench._measure(group, 4, 8, 3, 10.0, 7.0, lambda m: None)
+    assert calls == ["a", "b"] * 3  # one step of each per round
+    assert a.round_seconds == [3.0, 1.0, 2.0] and a.rounds == 3  # the pause is not timed
+    assert a.ms_per_batch == pytest.approx(2000.0)  # median 2 s
+    assert a.images_per_s == pytest.approx(4 / 2.0) and a.best_images_per_s == pytest.approx(4.0)
+    assert a.gflop_per_s == pytest.approx(2.0 * 0.5) and a.fraction_of_matmul == pytest.approx(0.1)
+    assert a.page_faults == 20  # the median step's, not the mean (43)
+    assert b.round_seconds == [5.0, 4.0, 6.0] and b.ms_per_batch == pytest.approx(5000.0)
+    assert b.images_per_s == pytest.approx(0.8) and b.best_images_per_s == pytest.approx(1.0)
+    assert b.gflop_per_s == pytest.approx(1.6) and b.fraction_of_matmul == pytest.approx(0.16)
+    assert b.page_faults == 0
+
+
+def test_matmul_rate_is_the_faster_gemms_median_without_its_warm_up(monkeypatch):
+    from xception import bench
+
+    clock = _FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+
+    def gemm(seconds):  # the first call is the warm-up (100 s): never timed
+        it = iter(seconds)
+
+        def product():
+            clock.now += next(it)
+
+        return product
+
+    monkeypatch.setattr(bench, "_gemms", lambda a, b: [gemm([100.0, 0.5, 0.25, 1.0]),
+                                                       gemm([100.0, 0.2, 0.4, 0.3])])  # fmt: skip
+    # 2 n^3 FLOP per product; medians 0.5 s and 0.3 s: the faster library sets the rate.
+    assert bench.matmul_rate(n=100, repeats=3) == pytest.approx(2 * 100**3 / 0.3 / 1e9)
+
+
+def test_a_target_is_met_when_the_lower_ratio_reaches_it_exactly():
+    from xception.bench import Comparison
+
+    c = Comparison("w", "training", 8, "ours", "peer", 1.5, 1.3, [1.3], target=1.3)
+    assert c.lower_ratio == 1.3 and c.met is True
+    assert dataclasses.replace(c, paired_ratio=1.2999).met is False
+
+
+def test_targets_are_held_at_batch_8_and_299_pixels_only():
+    def targets(batch, size):
+        results = [dataclasses.replace(r, batch=batch) for r in _ours_at_batch_8([0.4] * 3)]
+        report = BenchReport(machine={"device": "cpu"}, settings=dict(size=size, quick=False),
+                             matmul_gflop_per_s=200.0, results=results)  # fmt: skip
+        return {c.what: c.target for c in report.comparisons()}
+
+    assert targets(8, 299)["int8 vs our fastest fp32 inference"] == 1.6
+    assert set(targets(16, 299).values()) == {None}
+    assert set(targets(8, 320).values()) == {None}
+
+
+def test_a_result_without_rounds_is_left_out_of_the_comparisons():
+    inf = "inference"
+    results = [*_ours_at_batch_8(bf16=[0.4] * 3),
+               Measurement("xception eager channels_last", inf, 8, 299),  # no rounds, no figures
+               _measured("timm eager channels_last", inf, 8, [1.30, 1.20, 1.40])]  # fmt: skip
+    report = BenchReport(machine={"device": "cpu"}, settings={}, matmul_gflop_per_s=200.0,
+                         results=results)  # fmt: skip
+    got = {c.what: c for c in report.comparisons()}
+    pytorch = got["fastest PyTorch fp32 inference vs timm eager channels_last"]
+    assert pytorch.ours == "xception optimize(backend='compile')"
+
+
+def test_table_rows_put_each_figure_in_its_column():
+    ok = Measurement("xception a", "inference", 8, 299, images_per_s=12.345,
+                     ms_per_batch=648.04, best_images_per_s=13.5, gflop_per_image=16.8,
+                     gflop_per_s=207.4, fraction_of_matmul=0.514, rounds=2,
+                     round_seconds=[0.6, 0.7], page_faults=1234567)  # fmt: skip
+    bad = Measurement("xception b", "inference", 8, 299, error="RuntimeError: shape a|b")
+    report = BenchReport(machine={"device": "cpu"}, settings={}, matmul_gflop_per_s=403.5,
+                         results=[ok, bad])  # fmt: skip
+    assert report.rows() == [
+        ["inference", "8", "xception a", "12.35", "13.50", "648.0", "207.4", "51%", "1,234,567", ""],
+        ["inference", "8", "xception b", "-", "-", "-", "-", "-", "-",
+         "error: RuntimeError: shape a|b"],
+    ]  # fmt: skip
+    lines = report.to_markdown().splitlines()
+    assert len(lines) == 4 and lines[1] == "|---" * 9 + "|"
+    # The error stands in the img/s column, its "|" escaped so the row keeps its 9 cells.
+    assert lines[3] == ("| inference | 8 | xception b | error: RuntimeError: shape a\\|b | - | - "
+                        "| - | - | - |")  # fmt: skip
+
+
+def test_comparison_rows_give_the_range_of_the_round_ratios():
+    results = [_measured("xception train channels_last", "training", 8, [1.0, 1.0, 1.0]),
+               _measured("timm train channels_last", "training", 8, [1.5, 1.25, 2.0])]  # fmt: skip
+    report = BenchReport(machine={"device": "cpu"}, settings={"size": 299}, matmul_gflop_per_s=1.0,
+                         results=results)  # fmt: skip
+    row = report.comparison_rows()[0]
+    assert row[2:] == ["training step vs timm's, channels_last", "xception train channels_last",
+                       "timm train channels_last", "1.500", "1.500 (1.25-2.00)",
+                       ">= 1.30: met"]  # fmt: skip
+
+
+def test_find_tells_batch_sizes_apart():
+    one = _measured("xception a", "inference", 1, [0.1])
+    eight = _measured("xception a", "inference", 8, [0.5])
+    report = BenchReport(machine={}, settings={}, matmul_gflop_per_s=1.0, results=[one, eight])
+    assert report.find("xception a", "inference", 8) is eight
+    assert report.find("xception a", "inference", 1) is one
+    assert report.find("xception a", "training", 8) is None
+
+
+def test_run_bench_refuses_zero_and_missing_batches():
+    tiny = dict(quick=True, size=32, repeats=1, only="eager NCHW")
+    with pytest.raises(ValueError, match="at least 1"):
+        run_bench(batches=(0,), train_batch=None, **tiny)
+    with pytest.raises(ValueError, match="at least 1"):
+        run_bench(batches=(1,), train_batch=0, **tiny)
+    with pytest.raises(ValueError, match="batches must not be empty"):
+        run_bench(batches=(), train_batch=None, **tiny)
+    with pytest.raises(ValueError, match="too small for the 299-pixel models"):
+        run_bench(size=74, batches=(1,), train_batch=None, repeats=1, only="zzz")
+
+
+def test_run_bench_records_its_settings_and_times_in_the_order_asked():
+    report = run_bench(quick=True, size=32, batches=(2, 1), train_batch=1, repeats=1,
+                       only=("eager NCHW", "train channels_last"))  # fmt: skip
+    assert report.settings == dict(
+        size=32, batches=[2, 1], train_batch=1, repeats=1, quick=True,
+        only=("eager NCHW", "train channels_last"),
+        model=dict(num_classes=1000, width=0.25, middle_blocks=1), matmul_dtype="float32",
+    )  # fmt: skip
+    assert [(r.name, r.task, r.batch) for r in report.results] == [
+        ("xception eager NCHW", "inference", 2),
+        ("xception eager NCHW", "inference", 1),
+        ("xception train channels_last", "training", 1),
+    ]
+
+
+def test_the_machine_record_has_the_benchs_threads_and_every_kernel_variable(monkeypatch):
+    from xception.bench import machine_info
+
+    names = ["OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_DEBUG_CPU_TYPE",
+             "DNNL_VERBOSE", "ONEDNN_MAX_CPU_ISA", "TORCHINDUCTOR_FREEZING"]  # fmt: skip
+    for name in names:
+        monkeypatch.setenv(name, "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        info = machine_info(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert info["torch_threads"] == 1
+    assert set(names) <= set(info["environment"])
+
+
+def test_an_error_row_holds_the_first_line_cut_to_200_characters():
+    from xception.bench import _error_text
+
+    assert _error_text(ValueError("first\nsecond")) == "ValueError: first"
+    assert _error_text(RuntimeError("x" * 300)) == "RuntimeError: " + "x" * 200
+
+
+def test_keras_not_yet_imported_runs_on_torch_unless_the_user_chose(monkeypatch):
+    import importlib.abc
+    import importlib.util
+    import types
+
+    from xception import bench
+
+    monkeypatch.delitem(sys.modules, "keras", raising=False)
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    monkeypatch.setattr(bench, "_installed", lambda package: True)
+    assert bench._keras_usable() is True  # keras' own default is TensorFlow: the bench's, torch
+
+    fake = types.ModuleType("keras")
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):  # `import keras`: the fake
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "keras" else None
+
+        def create_module(self, spec):
+            return fake
+
+        def exec_module(self, module):
+            pass
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert bench._keras() is fake and os.environ["KERAS_BACKEND"] == "jax"  # the user's choice
+    monkeypatch.delitem(sys.modules, "keras")
+    monkeypatch.delenv("KERAS_BACKEND")
+    assert bench._keras() is fake and os.environ["KERAS_BACKEND"] == "torch"
+
+
+def test_gflop_counts_two_flop_per_multiply_accumulate():
+    from xception.bench import _gflop
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1))
+    assert _gflop(conv, 10) == pytest.approx(2 * (8 * 10 * 10) * (3 * 3 * 3) / 1e9)
+
+
+def test_the_training_step_is_a_plain_fp32_sgd_step_in_training_mode():
+    from xception import bench
+
+    def model():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6),
+                                   torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 5))  # fmt: skip
+
+    x = torch.randn(4, 3, 2, 2)
+    net, reference = model().eval(), model()
+    dtypes = []
+    net[-1].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    torch.manual_seed(5)
+    target = torch.randint(0, 5, (4,))
+    torch.manual_seed(5)
+    step = bench._training_step(net, x, 5, torch.device("cpu"))  # one warm-up step
+    step()
+    assert net.training and dtypes == [torch.float32] * 2  # no autocast on the CPU by default
+    opt = torch.optim.SGD(reference.parameters(), lr=1e-3, momentum=0.9)
+    for _ in range(2):  # the same two steps, by hand
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), target).backward()
+        opt.step()
+    for got, want in zip(net.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(got, want, atol=1e-7, rtol=0)
+
+
+def test_the_inference_step_runs_in_inference_mode():
+    from xception import bench
+
+    seen = []
+
+    def fn(x):
+        seen.append(torch.is_inference_mode_enabled())
+        return x * 2
+
+    step = bench._inference_step(fn, torch.ones(2), torch.device("cpu"))
+    out = step()
+    assert seen == [True] * 3 and out.is_inference()

@@ -209,3 +209,67 @@ def test_allocator_state_names_glibcs_malloc_environment_variables():
     state = run.stdout.strip()
     assert not state.endswith("as shipped"), state
     assert state.endswith(", MALLOC_MMAP_MAX_=0 + MALLOC_TRIM_THRESHOLD_=2000000000"), state
+
+
+# --- cases a mutation pass over runtime.py found untested ---
+class _FakeLibc:
+    """glibc's malloc and free, recorded (ctypes functions take argtypes and restype)."""
+
+    def __init__(self, block):
+        self.calls = []
+        libc = self
+
+        class Fn:
+            def __init__(self, name, result):
+                self.name, self.result = name, result
+
+            def __call__(self, *args):
+                libc.calls.append((self.name, *args))
+                return self.result
+
+        self.malloc, self.free = Fn("malloc", block), Fn("free", None)
+
+
+def _as_glibc(monkeypatch, libc):
+    from xception import runtime
+
+    monkeypatch.setattr(runtime, "_kept", False)
+    monkeypatch.setattr(runtime, "_raised", False)
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: libc)
+    return runtime
+
+
+def test_raise_malloc_thresholds_frees_one_block_just_under_32_mib(monkeypatch):
+    import ctypes
+
+    libc = _FakeLibc(block=0x7F0000001000)
+    runtime = _as_glibc(monkeypatch, libc)
+    assert runtime.raise_malloc_thresholds() and runtime.raise_malloc_thresholds()
+    size = 4 * 2**20 * ctypes.sizeof(ctypes.c_long) - 2**16  # 32 MiB less 64 KiB on 64 bits
+    assert libc.calls == [("malloc", size), ("free", 0x7F0000001000)]  # once per process
+    # A 64-bit address comes back whole (ctypes' default restype is a C int).
+    assert libc.malloc.restype is ctypes.c_void_p and libc.malloc.argtypes == (ctypes.c_size_t,)
+
+
+def test_raise_malloc_thresholds_without_the_block_changes_nothing(monkeypatch):
+    libc = _FakeLibc(block=None)  # malloc returned NULL
+    runtime = _as_glibc(monkeypatch, libc)
+    assert runtime.raise_malloc_thresholds() is False
+    assert libc.calls == [("malloc", runtime._MMAP_THRESHOLD_MAX - 2**16)] and not runtime._raised
+
+
+def test_raise_malloc_thresholds_has_nothing_to_do_once_everything_is_kept(monkeypatch):
+    libc = _FakeLibc(block=0x1000)
+    runtime = _as_glibc(monkeypatch, libc)
+    monkeypatch.setattr(runtime, "_kept", True)
+    assert runtime.raise_malloc_thresholds() is True and libc.calls == []
+
+
+def test_glibc_is_looked_for_on_linux_only(monkeypatch):
+    from xception import runtime
+
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert runtime.allocator_state() == "not glibc"
