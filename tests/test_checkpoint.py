@@ -558,3 +558,194 @@ def test_a_save_over_a_dangling_link_of_its_name_replaces_the_link(tmp_path, mon
     path = C.save_checkpoint(tmp_path, "step-000000004", sd, state)
     assert not path.is_symlink() and C.load_checkpoint(path)["state"]["step"] == state["step"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors by /proc")
+def test_a_link_to_a_link_to_an_open_descriptor_is_refused(tmp_path):
+    """/dev/stdout is itself a link to /proc/self/fd/1: a link to it is two links from the
+    descriptor, and every link of the chain is followed, not just the first."""
+    with open(tmp_path / "open.txt", "w") as f:
+        (tmp_path / "descriptor").symlink_to(f"/proc/self/fd/{f.fileno()}")
+        (tmp_path / "out.json").symlink_to(tmp_path / "descriptor")
+        with pytest.raises(ValueError, match="it is not a regular file"):
+            C.check_output_file(tmp_path / "out.json")
+
+
+def test_a_save_interrupted_by_ctrl_c_keeps_the_old_files_and_leaves_no_debris(
+    tmp_path, monkeypatch
+):
+    """A KeyboardInterrupt is no Exception: the temporary folder and file still go."""
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000002", sd, state)
+    C.atomic_write(tmp_path / "metrics.csv", "a\n1\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        C.save_checkpoint(tmp_path, "step-000000002", {k: v + 1 for k, v in sd.items()}, state)
+    monkeypatch.setattr(C.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        C.atomic_write(tmp_path / "metrics.csv", "a\n2\n")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "step-000000002"]
+    assert (tmp_path / "metrics.csv").read_text() == "a\n1\n"
+    assert torch.equal(_weights(path), sd["weight"])
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_every_refusal_of_rename_exchange_falls_back_to_two_renames(tmp_path, monkeypatch, err):
+    """Besides EINVAL: ENOSYS (a kernel without renameat2), EOPNOTSUPP (a filesystem without
+    RENAME_EXCHANGE) and EPERM (a sandbox that forbids the call) all mean "cannot swap"."""
+    import ctypes
+
+    sd, state = _state()
+    C.save_checkpoint(tmp_path, "step-000000003", sd, state)
+
+    class NoExchange:
+        def renameat2(self, *args):
+            return -1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kwargs: NoExchange())
+    monkeypatch.setattr(ctypes, "get_errno", lambda: err)
+    sd2 = {k: v + 1 for k, v in sd.items()}
+    path = C.save_checkpoint(tmp_path, "step-000000003", sd2, state)
+    assert torch.equal(_weights(path), sd2["weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000003"]
+
+
+def test_tied_and_transposed_tensors_are_saved_as_plain_copies(tmp_path):
+    """safetensors refuses two names on one storage (tied weights) and strided views: each
+    tensor is written as its own contiguous copy, and loads back equal."""
+    w = torch.arange(6.0).reshape(2, 3)
+    sd = {"encoder": w, "decoder": w, "transposed": w.t()}
+    path = C.save_checkpoint(tmp_path, "step-000000001", sd, {"step": 1}, ema=sd)
+    loaded = C.load_checkpoint(path)
+    for k, v in sd.items():
+        assert torch.equal(loaded["model"][k], v) and torch.equal(loaded["ema"][k], v)
+
+
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (RuntimeError("PytorchStreamWriter failed writing file data/0\nfile write failed"),
+         "PytorchStreamWriter failed writing file data/0"),
+        (RuntimeError(), "RuntimeError"),
+    ],
+    ids=["several-lines", "no-message"],
+)  # fmt: skip
+def test_a_failed_save_names_the_first_line_of_its_cause_or_else_its_type(
+    tmp_path, monkeypatch, error, shown
+):
+    sd, state = _state()
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "save", fails)
+    with pytest.raises(OSError) as err:
+        C.save_checkpoint(tmp_path, "step-000000001", sd, state)
+    assert str(err.value) == (
+        f"cannot write checkpoint in {tmp_path} ({shown}): free space or choose another --out"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_sweeps_only_its_own_moved_aside_copies(tmp_path):
+    """`.step-4.<pid>.old` may be the only copy of step 4 (a crash between the two renames of
+    its re-save): a save of step 5 must leave it."""
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000004", sd, state)
+    aside = tmp_path / ".step-000000004.4242.old"
+    os.replace(path, aside)
+    newest = C.save_checkpoint(tmp_path, "step-000000005", sd, state)
+    assert C.list_checkpoints(tmp_path) == [aside, newest]
+    assert torch.equal(_weights(aside), sd["weight"])
+
+
+def test_a_best_checkpoint_left_moved_aside_is_still_listed_as_best(tmp_path):
+    (tmp_path / ".best-step-3.4242.old").mkdir()
+    (tmp_path / "step-4").mkdir()
+    assert C.list_checkpoints(tmp_path, best=True) == [tmp_path / ".best-step-3.4242.old"]
+    assert C.list_checkpoints(tmp_path) == [tmp_path / "step-4"]
+
+
+@pytest.mark.parametrize("content", ["empty", "a-list"])
+def test_an_empty_or_foreign_state_file_is_a_checkpoint_error(tmp_path, content):
+    ckpt = tmp_path / "step-1"
+    ckpt.mkdir()
+    if content == "empty":  # a copy cut short at zero bytes: torch.load raises EOFError
+        (ckpt / "state.pt").write_bytes(b"")
+        expected = r"state\.pt: damaged or incomplete checkpoint \(EOFError\)$"
+    else:
+        torch.save([1, 2], ckpt / "state.pt")
+        expected = r"state\.pt: not an xception training checkpoint$"
+    with pytest.raises(C.CheckpointError, match=expected):
+        C.load_checkpoint(ckpt, state_only=True)
+
+
+def test_a_state_saved_on_a_gpu_this_machine_lacks_loads_on_the_cpu(tmp_path, monkeypatch):
+    """Optimizer states saved from a GPU are tagged with their device: without map_location
+    a machine without that GPU could not resume from them."""
+    import torch.serialization
+
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000001", sd, state)
+    registry = list(torch.serialization._package_registry)
+    monkeypatch.setattr(torch.serialization, "_package_registry", registry)
+    torch.serialization.register_package(0, lambda storage: "cuda:99", lambda storage, loc: None)
+    torch.save({"format": C.FORMAT, "version": C.VERSION, "momentum": torch.ones(2)},
+               path / "state.pt")  # fmt: skip
+    monkeypatch.undo()
+    momentum = C.load_checkpoint(path)["state"]["momentum"]
+    assert momentum.device == torch.device("cpu") and torch.equal(momentum, torch.ones(2))
+
+
+def test_missing_or_unreadable_weights_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    sd, state = _state()
+    path = C.save_checkpoint(tmp_path, "step-000000001", sd, state, ema=sd)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: damaged or incomplete"):
+        C.load_checkpoint(path)
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("Error while deserializing header: HeaderTooLarge\nmore detail")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", unreadable)
+    with pytest.raises(C.CheckpointError) as err:
+        C.load_checkpoint(path)
+    assert str(err.value) == (
+        f"{path / 'model.safetensors'}: damaged or incomplete weights file (Error while "
+        "deserializing header: HeaderTooLarge)"
+    )
+
+
+def test_rng_state_of_several_gpus_restores_each_one_this_machine_has(monkeypatch):
+    state = C.rng_state()
+    state["cuda"] = [torch.full((16,), k, dtype=torch.uint8) for k in (1, 2, 3)]
+    set_states = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: set_states.append((d, s[0])))
+    C.restore_rng_state(state)
+    assert set_states == [(0, 1), (1, 2)]
+
+
+def test_a_lock_held_by_a_process_that_wrote_no_number_names_it_unknown(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    with open(tmp_path / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match=r"another training run \(process unknown\)"):
+            C.lock_run_folder(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_named_pipe_in_place_of_the_output_is_refused(tmp_path):
+    """A result renamed into place would swap the pipe for a regular file."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="it is not a regular file"):
+        C.check_output_file(tmp_path / "pipe")
+    assert not (tmp_path / "pipe").is_file()
