@@ -370,6 +370,17 @@ def test_a_checkpoint_under_its_own_name_wins_over_a_copy_moved_aside(tmp_path):
     assert C.list_checkpoints(tmp_path) == [tmp_path / "step-4", tmp_path / ".step-6.4242.old"]
 
 
+def test_the_step_of_a_checkpoint_moved_aside_is_read_from_its_name():
+    """`find_latest` can return a copy moved aside by a crashed re-save; the trainer's check
+    that a resumed checkpoint is not older than the run's newest read its step as None."""
+    assert C.checkpoint_step("/r/checkpoints/step-000000012") == 12
+    assert C.checkpoint_step("best-step-7") == 7
+    assert C.checkpoint_step(".step-000000004.4242.old") == 4
+    assert C.checkpoint_step(".best-step-3.4242.old") == 3
+    for other in (".step-4.abc.tmp", "step-4.old", ".step-4.old", "model.safetensors", "step-"):
+        assert C.checkpoint_step(other) is None
+
+
 def test_prune_with_fewer_checkpoints_than_keep_last_keeps_them_all(tmp_path):
     for step in (1, 2, 3):
         (tmp_path / f"step-{step}").mkdir()

@@ -809,6 +809,13 @@ def test_run_folder_safety_on_resume_and_concurrent_runs(tmp_path, toy, capsys):
     _one_line_error(capsys, ["train", "--resume", str(older), "--out", str(run), "--epochs", "4"],
                     f"{older} is older than {newest.name} in the same run")  # fmt: skip
     assert sorted(os.listdir(run / "checkpoints")) == before
+    # The newest left moved aside by a crashed re-save still counts (its step is in its name).
+    aside = newest.with_name(f".{newest.name}.4242.old")
+    newest.rename(aside)
+    _one_line_error(capsys, ["train", "--resume", str(older), "--out", str(run), "--epochs", "4"],
+                    f"{older} is older than {aside.name} in the same run")  # fmt: skip
+    aside.rename(newest)
+    assert sorted(os.listdir(run / "checkpoints")) == before
     # A second run while the folder's lock is held: refused, naming the holder.
     lock = C.lock_run_folder(run)
     try:

@@ -302,7 +302,11 @@ def save_checkpoint(
 
 
 def checkpoint_step(path: str | Path) -> int | None:
-    m = _NAME.match(Path(path).name)
+    """The step a checkpoint folder's name gives, a copy moved aside by a re-save included
+    (`list_checkpoints` lists one under its own name); None for any other name."""
+    name = Path(path).name
+    moved = _MOVED_ASIDE.match(name)
+    m = _NAME.match(moved.group(1) if moved else name)
     return int(m.group(2)) if m else None
 
 
