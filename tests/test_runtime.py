@@ -192,6 +192,10 @@ def test_allocator_state_names_what_changed_it(monkeypatch):
     assert runtime.allocator_state() == (
         "glibc 2.36, keep_freed_memory() + GLIBC_TUNABLES=glibc.malloc.mmap_max=0"
     )
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "")  # set but empty: glibc reads it as 0
+    assert runtime.allocator_state() == (
+        "glibc 2.36, keep_freed_memory() + GLIBC_TUNABLES=glibc.malloc.mmap_max=0 + MALLOC_MMAP_MAX_="
+    )
     monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("musl", "1.2"))
     assert runtime.allocator_state() == "not glibc"
 
@@ -209,6 +213,24 @@ def test_allocator_state_names_glibcs_malloc_environment_variables():
     state = run.stdout.strip()
     assert not state.endswith("as shipped"), state
     assert state.endswith(", MALLOC_MMAP_MAX_=0 + MALLOC_TRIM_THRESHOLD_=2000000000"), state
+
+
+@GLIBC
+def test_an_empty_malloc_variable_changes_the_allocator_and_is_named():
+    """glibc reads `MALLOC_MMAP_MAX_=` as 0: a 64 MiB block then comes from the heap instead of
+    its own mapping. The record named only variables with a value, and said "as shipped"."""
+    script = (
+        "import ctypes\nfrom xception import runtime\nlibc = ctypes.CDLL(None)\n"
+        "libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p\n"
+        "start = libc.sbrk(0)\nlibc.malloc(64 << 20)\n"
+        "print((libc.sbrk(0) - start) >> 20, runtime.allocator_state())"
+    )
+    shipped, empty = _child(script), _child(script, MALLOC_MMAP_MAX_="")
+    assert shipped.returncode == 0 and empty.returncode == 0, shipped.stderr + empty.stderr
+    grown, state = shipped.stdout.split(maxsplit=1)
+    assert int(grown) < 64 and state.strip().endswith(", as shipped"), shipped.stdout
+    grown, state = empty.stdout.split(maxsplit=1)
+    assert int(grown) >= 64 and state.strip().endswith(", MALLOC_MMAP_MAX_="), empty.stdout
 
 
 # --- cases a mutation pass over runtime.py found untested ---
