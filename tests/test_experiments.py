@@ -4,6 +4,7 @@ import io
 import json
 import math
 import re
+import statistics
 import time
 
 import numpy as np
@@ -1158,6 +1159,48 @@ def test_remeasuring_skips_unfinished_runs_and_updates_the_others(tmp_path, monk
     for key in keys[1:]:
         assert store.get(key) == dict(_record(key), images_per_s=321.0,
                                       speed_machine=dict(cpu="here", threads=3, batch=8))  # fmt: skip
+
+
+def test_remeasuring_times_each_model_once_whatever_suites_and_seeds_share_it(
+    tmp_path, monkeypatch
+):
+    """The paper's Xception is in every suite, under a label of each suite's own ("Xception",
+    "with residual connections", ...): one measurement, the same number in all its runs."""
+    import json
+
+    import xception.experiments as experiments
+    from xception.experiments import Store, run_config, run_key
+
+    _no_plots(monkeypatch)
+    monkeypatch.setattr(experiments, "dataset_info", lambda data: dict(_FAKE_DATA))
+    built, speeds = [], iter(range(100, 200))
+    monkeypatch.setattr(experiments, "_build", lambda variant, info: built.append(variant))
+    monkeypatch.setattr(experiments, "_speed", lambda *a: dict(images_per_s=float(next(speeds))))
+    store, configs = Store(tmp_path), {}
+    for suite in ("residual", "mid-activation", "order"):
+        for v in suite_plan(suite, TINY, in_chans=1, num_classes=10)[0]:
+            config = json.dumps([v.model, v.overrides], sort_keys=True)
+            for seed in range(TINY.seeds):
+                key = run_key(run_config(v, TINY, seed, _FAKE_DATA))
+                configs.setdefault(config, set()).add(key)
+                store.put(_record(key))
+    run_experiments(["residual", "mid-activation", "order"], tmp_path, TINY, remeasure_speed=True)
+    assert len(built) == len(configs) == 5  # the base model, and 1, 2 and 1 changes of it
+    for keys in configs.values():
+        assert len({store.get(k)["images_per_s"] for k in keys}) == 1
+
+
+def test_the_mean_curve_covers_the_epochs_every_seed_reached():
+    """A seed whose history is shorter than the first seed's: the curve is averaged over the
+    epochs all seeds have, not read past the end of one."""
+    from xception.experiments import Variant, _summarise
+
+    long = dict(_record("a", 0.6), history=[dict(val_top1=v) for v in (40.0, 50.0, 60.0)])
+    short = dict(_record("b", 0.5), history=[dict(val_top1=v) for v in (30.0, 50.0)])
+    summary = _summarise(Variant("X", "xception-compact", {}), [long, short])
+    assert summary["curve_mean"] == pytest.approx([0.35, 0.5])
+    assert summary["curve_std"] == pytest.approx([statistics.stdev([0.4, 0.3]), 0.0])
+    assert summary["curve_val_accs"] == pytest.approx([0.5, 0.4])  # each seed's own mean
 
 
 def test_a_run_the_engine_returns_without_validation_accuracy_is_an_error(tmp_path, monkeypatch):
