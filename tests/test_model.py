@@ -680,3 +680,222 @@ def test_nonresidual_blocks_compute_their_main_path_alone():
             if block.pool is not None:
                 expected = block.pool(expected)
             assert torch.allclose(block(x), expected, atol=1e-6)
+
+
+def test_config_range_edges_are_accepted_and_in_chans_0_is_refused():
+    """Each range is checked at its documented edges: momentum 0 and 1 are valid fractions,
+    middle_blocks=0 (no middle flow) is valid, in_chans=0 and a fourth entry width are not, and
+    YAML's "1e-3" (read as text) is the number 0.001."""
+    assert XceptionConfig(bn_momentum=0.0).bn_momentum == 0.0
+    assert XceptionConfig(bn_momentum=1.0).bn_momentum == 1.0
+    assert XceptionConfig(bn_eps="1e-3").bn_eps == 0.001
+    for field, value in (("in_chans", 0), ("entry_channels", (128, 256, 728, 1024)),
+                         ("stem_channels", (32, 64, 64)), ("bn_momentum", -0.1)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{field}=.* is not valid"):
+            XceptionConfig(**{field: value})
+    # True is not a class count, also where reset_classifier takes numpy's integers.
+    model = Xception(width=0.125, middle_blocks=1, num_classes=3)
+    with pytest.raises(ValueError, match=r"num_classes=True is not valid"):
+        model.reset_classifier(True)
+
+
+def test_no_middle_flow_gives_entry_exit_and_head_with_the_stride_16_map_from_block4():
+    model = Xception(width=0.125, middle_blocks=0, num_classes=4).eval()
+    assert model.block_names == ["block1", "block2", "block3", "block4", "block5", "block6"]
+    info = model.feature_info
+    assert [i["module"] for i in info] == ["block1", "block2", "block3", "block4", "block6"]
+    assert [i["stride"] for i in info] == [2, 4, 8, 16, 32]
+    with torch.no_grad():
+        maps = model.feature_maps(torch.randn(1, 3, 71, 71))
+        assert model(torch.randn(2, 3, 71, 71)).shape == (2, 4)
+    # 71 -> stem 35 -> 33, then 'same' halvings: 17, 9, 5, 3.
+    assert [tuple(m.shape[1:]) for m in maps] == [(8, 33, 33), (16, 17, 17), (32, 9, 9),
+                                                  (88, 5, 5), (256, 3, 3)]  # fmt: skip
+
+
+def test_width_rounding_keeps_at_least_8_channels_and_width_1_keeps_any_width():
+    # Widths by hand: round(c * 0.01) to a multiple of 8, at least 8; 2048 -> 20.48 -> 24.
+    tiny = Xception(width=0.01, middle_blocks=1)
+    assert [i["channels"] for i in tiny.feature_info] == [8, 8, 8, 8, 24]
+    assert tiny.fc.in_features == 24
+    # width=1.0 takes the given widths as they are, multiples of 8 or not.
+    odd = Xception(stem_channels=(5, 10), entry_channels=(12, 20, 36), exit_channels=44,
+                   head_channels=(50, 60), middle_blocks=1, num_classes=2)  # fmt: skip
+    assert [i["channels"] for i in odd.feature_info] == [10, 12, 20, 36, 60]
+    assert odd.block6.sepconv2.pointwise.out_channels == 44
+    assert odd.block7.sepconv1.pointwise.out_channels == 50
+
+
+def test_relus_sit_where_figure_5_puts_them():
+    """Figure 5: block2 follows the stem's ReLU, so only its second conv has one before it;
+    the other entry blocks and the exit block have one before each conv, the middle blocks
+    three; the last module's two convs are each followed by a ReLU, so features are >= 0."""
+    model = Xception(width=0.125, middle_blocks=2, num_classes=0, pooling=None).eval()
+    relus = {n: sum(isinstance(m, nn.ReLU) for m in getattr(model, n).modules())
+             for n in model.block_names[1:]}  # fmt: skip
+    assert relus == dict(block2=1, block3=2, block4=2, block5=3, block6=3, block7=2, block8=2)
+    assert not hasattr(model.block2, "sepconv1_act") and hasattr(model.block2, "sepconv2_act")
+    with torch.no_grad():
+        out = _randomise_bn(model)(torch.randn(2, 3, 40, 40))
+    assert out.min() == 0 and out.max() > 0
+
+
+def test_blocks_leave_their_input_unchanged_for_the_shortcut():
+    """The leading ReLU is not in place: it would overwrite the input the shortcut adds."""
+    model = _randomise_bn(Xception(width=0.25, middle_blocks=1, num_classes=0)).eval()
+    for name, shape in (("block3", (1, 32, 9, 9)), ("block5", (1, 184, 5, 5))):
+        block = getattr(model, name)
+        x = torch.randn(shape)
+        kept = x.clone()
+        with torch.no_grad():
+            out = block(x)
+            assert torch.equal(x, kept), name
+            block.residual = False
+            plain = block(x)
+            block.residual = True
+        skip = x if block.shortcut is None else block.shortcut(x)
+        assert torch.allclose(out, plain + skip, atol=1e-6), name
+
+
+def test_symmetric_padding_pools_like_the_timm_port_and_keras_like_tensorflow():
+    """padding='symmetric' pads the blocks' 3x3/2 max pools by 1 on every side (timm's port);
+    'keras' pads an even map (0, 1), as TensorFlow does, with -inf."""
+    import torch.nn.functional as F
+
+    x = torch.randn(1, 16, 8, 8)
+    sym = Xception(width=0.125, middle_blocks=1, padding="symmetric")
+    keras = Xception(width=0.125, middle_blocks=1)
+    for name in ("block2", "block3", "block4", "block6"):
+        assert torch.equal(getattr(sym, name).pool(x), F.max_pool2d(x, 3, 2, padding=1))
+        ref = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), 3, 2)
+        assert torch.equal(getattr(keras, name).pool(x), ref)
+    assert not torch.equal(F.max_pool2d(x, 3, 2, padding=1), ref)  # the two differ here
+
+
+def test_every_batch_norm_takes_the_configs_eps_and_momentum():
+    model = Xception(width=0.125, middle_blocks=1, bn_eps=0.02, bn_momentum=0.3)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    # 2 in the stem, 2 per entry/exit block plus 4 shortcuts, 3 in the middle block, 2 last.
+    assert len(bns) == 2 + 4 * 2 + 4 + 3 + 2
+    assert {(m.eps, m.momentum) for m in bns} == {(0.02, 0.3)}
+
+
+def test_hidden_fc_layers_and_classifier_compute_relu_linear_by_hand():
+    import torch.nn.functional as F
+
+    model = Xception(width=0.125, middle_blocks=1, fc_layers=(12, 6), num_classes=5).eval()
+    feats = torch.randn(2, model.num_features, 3, 3)
+    (l1, _), (l2, _) = model.fc_hidden[:2], model.fc_hidden[2:]
+    hidden = F.relu(F.linear(F.relu(F.linear(feats.mean((2, 3)), l1.weight, l1.bias)),
+                             l2.weight, l2.bias))  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(model.forward_head(feats, pre_logits=True), hidden, atol=1e-6)
+        logits = F.linear(hidden, model.fc.weight, model.fc.bias)
+        assert torch.allclose(model.forward_head(feats), logits, atol=1e-6)
+
+
+def test_dropout_acts_in_training_before_the_classifier():
+    import torch.nn.functional as F
+
+    model = Xception(width=0.125, middle_blocks=1, drop_rate=0.5, num_classes=3)
+    feats = torch.randn(4, model.num_features, 2, 2)
+    pooled = feats.mean((2, 3))
+    with torch.no_grad():
+        assert torch.allclose(model.eval().forward_head(feats, pre_logits=True), pooled)
+        model.train()
+        torch.manual_seed(3)
+        dropped = model.forward_head(feats, pre_logits=True)
+        torch.manual_seed(3)
+        logits = model.forward_head(feats)
+    kept = dropped != 0
+    assert 0.3 < kept.float().mean() < 0.7  # about half the features dropped ...
+    assert torch.allclose(dropped[kept], 2 * pooled[kept])  # ... the others scaled by 2
+    assert torch.allclose(logits, F.linear(dropped, model.fc.weight, model.fc.bias), atol=1e-6)
+
+
+def test_weights_are_initialised_he_normal_and_glorot_with_zero_bias():
+    """Convs He-normal over fan-out (std sqrt(2 / (out * k * k))), Linears Glorot-uniform
+    (bound sqrt(6 / (in + out))) with zero bias, a new classifier from reset_classifier too."""
+    torch.manual_seed(0)
+    model = Xception(width=0.25, middle_blocks=1, num_classes=300)
+    w = model.block6.sepconv2.pointwise.weight  # 1x1, 184 -> 256
+    assert abs(w.std().item() / (2 / 256) ** 0.5 - 1) < 0.05
+    w = model.block1.conv2.conv.weight  # 3x3, 8 -> 16
+    assert abs(w.std().item() / (2 / (16 * 9)) ** 0.5 - 1) < 0.1
+    for num_classes in (300, 500):
+        if num_classes != 300:
+            model.reset_classifier(num_classes)
+        fc = model.fc
+        bound = (6 / (fc.in_features + num_classes)) ** 0.5
+        assert torch.count_nonzero(fc.bias) == 0
+        assert bound * 0.95 < fc.weight.abs().max() <= bound
+        assert abs(fc.weight.std().item() / (bound / 3**0.5) - 1) < 0.05
+
+
+def test_reset_classifier_to_0_keeps_a_model_without_pooling_as_it_is():
+    model = Xception(width=0.125, middle_blocks=1, num_classes=0, pooling=None).eval()
+    model.reset_classifier(0)
+    assert model.fc is None and model.config.pooling is None
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 40, 40)).shape == (1, 256, 2, 2)
+
+
+def test_features_only_refuses_a_map_twice_and_keeps_the_weights_metadata():
+    from xception.model import XceptionFeatures
+    from xception.weights import Weights
+
+    model = Xception(width=0.125, middle_blocks=1, num_classes=3)
+    for bad in ((1, 1), (2, -3)):  # -3 is map 2 again
+        with pytest.raises(ValueError, match=r"out_indices=.* give each map once"):
+            XceptionFeatures(model, bad)
+    model.weights_meta = Weights(name="w", format="xception", num_classes=3, input_size=64,
+                                 mean=(0.1, 0.2, 0.3))  # fmt: skip
+    backbone = XceptionFeatures(model, (1, 2))
+    assert backbone.weights_meta is model.weights_meta
+    assert backbone.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert backbone.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+
+
+def test_count_macs_by_hand_on_a_small_network():
+    """Per conv: output elements x (input channels / groups) x kernel area; per Linear: in x
+    out (a bias is an addition, not a multiply-accumulate); other layers count nothing."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, (1, 3), padding=(0, 1)),  # 6*5*6 outputs x 3 x 1*3
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=3),  # 6*5*6 outputs x 2 x 3*3
+        nn.Flatten(),
+        nn.Linear(180, 7),  # 180 x 7
+    )
+    assert count_macs(net, (5, 6)) == 180 * 9 + 180 * 18 + 180 * 7
+
+
+def test_count_macs_and_summary_of_a_training_model_in_another_dtype():
+    """They count on an evaluation-mode replica (a training one refuses batch norm over one
+    value: the last maps are 1x1 at the minimum input size), in the model's own dtype; the
+    model itself stays in training mode."""
+    from xception.model import meta_copy
+
+    model = Xception(width=0.125, middle_blocks=1, fc_layers=(16,), num_classes=3).train()
+    assert not meta_copy(model).training and model.training
+    rows = summary(model, 7)
+    assert rows[-2]["shape"] == (256, 1, 1) and rows[-1]["shape"] == (3,)
+    assert sum(r["params"] for r in rows) == trainable(model)
+    assert rows[-1]["params"] == 256 * 16 + 16 + 16 * 3 + 3
+    assert count_macs(model, 7) > 0 and model.training
+    double = model.double()
+    assert count_macs(double, 40) == count_macs(model.float(), 40)
+    assert summary(model.double(), 40) == summary(model.float(), 40)
+
+
+def test_the_memory_check_passes_on_errors_other_than_an_overflow(monkeypatch):
+    """Only a weight size overflowing becomes "more parameters than a tensor can hold"; any
+    other error of the count is not disguised as one."""
+    from xception import model as M
+
+    def fail(cls, config):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(M, "_physical_memory", lambda: 2**40)
+    monkeypatch.setattr(M, "_parameter_count", fail)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        Xception(width=0.125, middle_blocks=1)
