@@ -297,14 +297,10 @@ def _print_predictions(results: list, fmt: str, topk: int) -> None:
 @command("predict", "classify image files and folders", _predict_args)
 def _run_predict(args: argparse.Namespace) -> int:
     from . import runtime
-    from .predict import BACKENDS, IMAGE_EXTENSIONS, find_images, predict
+    from .predict import BACKENDS, IMAGE_EXTENSIONS, check_counts, find_images, predict
     from .zoo import create_model
 
-    # Before the weights are loaded (or downloaded), in the words of `predict`'s own check.
-    for option, value, what in (("--topk", args.topk, "classes to list per image"),
-                                ("--batch-size", args.batch_size, "images per batch")):  # fmt: skip
-        if value < 1:
-            raise UserError(f"{option} {value} is not valid: give at least 1 ({what})")
+    check_counts(args.topk, args.batch_size)  # before the weights are loaded (or downloaded)
     if args.backend not in BACKENDS:  # before the weights are loaded (or downloaded)
         raise UserError(f"unknown --backend {args.backend!r}: use one of {', '.join(BACKENDS)}")
     files = find_images(args.paths)

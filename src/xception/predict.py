@@ -133,6 +133,15 @@ def _reason(path: Path, err: Exception) -> str:
     return text[len(prefix) :] if text.startswith(prefix) else text
 
 
+def check_counts(topk: int, batch_size: int) -> None:
+    """`predict`'s check of its two counts, callable before a model is loaded (the CLI's
+    `--topk` and `--batch-size`, in the words the user typed through its error rewording)."""
+    for name, value, what in (("topk", topk, "classes to list per image"),
+                              ("batch_size", batch_size, "images per batch")):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{name}={value} is not valid: give at least 1 ({what})")
+
+
 def predict(
     model: nn.Module,
     paths: str | Path | Iterable[str | Path],
@@ -152,10 +161,7 @@ def predict(
     this is called, before the first row is asked for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available: use one of {', '.join(BACKENDS)}")
-    for name, value, what in (("topk", topk, "classes to list per image"),
-                              ("batch_size", batch_size, "images per batch")):  # fmt: skip
-        if value < 1:
-            raise ValueError(f"{name}={value} is not valid: give at least 1 ({what})")
+    check_counts(topk, batch_size)
     num_classes = _num_classes(model)
     if num_classes < 1:
         raise ValueError(
