@@ -471,6 +471,27 @@ def test_numpy_and_torch_integers_are_taken_as_ints():
     assert model.config.num_classes == 10 and type(model.config.num_classes) is int
     assert type(model.config.middle_blocks) is int
     json.dumps(model.config.to_dict())
+    # The same for the switch with a text value, and for widths from a numpy array: these
+    # were refused ("use a positive integer", "use 2 positive widths") where ints passed.
+    config = XceptionConfig(segments=np.int64(4), stem_channels=tuple(np.array([16, 32])),
+                            fc_layers=[np.int32(64)], entry_channels=(torch.tensor(64), 128, 256))  # fmt: skip
+    assert config == XceptionConfig(segments=4, stem_channels=(16, 32), fc_layers=(64,),
+                                    entry_channels=(64, 128, 256))  # fmt: skip
+    assert {type(v) for v in (config.segments, *config.stem_channels, *config.fc_layers,
+                              *config.entry_channels)} == {int}  # fmt: skip
+    json.dumps(config.to_dict())
+    with pytest.raises(ValueError, match=r"stem_channels=.* is not valid"):
+        XceptionConfig(stem_channels=(np.float64(16.0), 32))
+    with pytest.raises(ValueError, match=r"segments=.* is not valid"):
+        XceptionConfig(segments=np.float64(4.0))
+    # A lone index as features_only takes an int: a numpy or torch one had been iterated over.
+    for index in (np.int64(3), torch.tensor(3)):
+        backbone = create_model("xception", width=0.125, middle_blocks=1, features_only=True,
+                                out_indices=index)  # fmt: skip
+        assert backbone.out_indices == (3,)
+    backbone = create_model("xception", width=0.125, middle_blocks=1, features_only=True,
+                            out_indices=np.array([1, 4]))  # fmt: skip
+    assert backbone.out_indices == (1, 4)
     model.reset_classifier(torch.tensor(3))
     assert model.fc.out_features == 3 and type(model.config.num_classes) is int
     assert type(InceptionConfig(num_classes=np.int32(4)).num_classes) is int

@@ -114,10 +114,13 @@ class ModelConfig:
                 raise self._bad(f.name, "use True or False")
             if f.type == "int" and isinstance(value, bool):
                 raise self._bad(f.name, "expected an integer, not True/False")
-            if f.type == "int" and not isinstance(value, int):
+            if "int" in f.type.split(" | ") and not isinstance(value, int | str):
                 # numpy's and torch's integers (num_classes = labels.max() + 1) become ints,
                 # so that configs compare, hash and go to JSON as ints do.
                 value = _as_int(value)
+                object.__setattr__(self, f.name, value)
+            if f.name in self._TUPLES and isinstance(value, tuple):
+                value = tuple(_as_int(v) for v in value)  # widths from a numpy array
                 object.__setattr__(self, f.name, value)
             if f.name in self._TUPLES and (
                 not isinstance(value, tuple) or any(isinstance(v, bool) for v in value)
@@ -721,7 +724,8 @@ class XceptionFeatures(nn.Module):
         if not isinstance(model, Xception):
             raise TypeError(f"XceptionFeatures takes an Xception model, got {type(model).__name__}")
         infos, n = model.feature_info, len(model.feature_info)
-        given = (out_indices,) if isinstance(out_indices, int) else out_indices
+        one = isinstance(out_indices, int) or getattr(out_indices, "ndim", None) == 0
+        given = (out_indices,) if one else out_indices  # an index, numpy's or torch's included
         try:
             indices = [_as_int(i) for i in given]
         except TypeError:
