@@ -743,3 +743,24 @@ def test_a_named_pipe_in_place_of_the_output_is_refused(tmp_path):
     with pytest.raises(ValueError, match="it is not a regular file"):
         C.check_output_file(tmp_path / "pipe")
     assert not (tmp_path / "pipe").is_file()
+
+
+@pytest.mark.parametrize("key", ["format", "version"])
+def test_a_state_using_a_header_key_is_refused_before_anything_is_written(tmp_path, key):
+    """The header {"format", "version"} was written before the state, so a state key of either
+    name replaced it: the checkpoint then loaded as foreign or as a newer version, after it had
+    replaced a good one of the same name."""
+    sd, state = _state()
+    good = C.save_checkpoint(tmp_path, "step-1", sd, state)
+    before = (good / "state.pt").read_bytes()
+    with pytest.raises(ValueError, match=rf"state has the key\(s\) '{key}', which the "
+                       "checkpoint's header uses: store them under other names"):  # fmt: skip
+        C.save_checkpoint(tmp_path, "step-1", sd, {**state, key: 7})
+    assert (good / "state.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+    with pytest.raises(ValueError, match=r"the key\(s\) 'format', 'version'"):
+        C.save_checkpoint(tmp_path / "new", "step-1", sd, {"version": 1, "format": "x"})
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(TypeError, match="state must be a dict of the training state, got list"):
+        C.save_checkpoint(tmp_path, "step-2", sd, [("step", 2)])
+    assert C.load_checkpoint(tmp_path, state_only=True)["state"]["step"] == 7

@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +259,14 @@ def save_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of the training state, got {type(state).__name__}")
+    # The header is written over the state: a key of its own had replaced it, and the file was
+    # then refused on loading ("not an xception training checkpoint") or read as another version.
+    reserved = sorted(set(state) & {"format", "version"})
+    if reserved:
+        raise ValueError(f"state has the key(s) {', '.join(map(repr, reserved))}, which the "
+                         "checkpoint's header uses: store them under other names")  # fmt: skip
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
