@@ -559,3 +559,33 @@ def test_train_transform_presets_hold_the_documented_augmentation():
     for preset in ("imagenet", "none"):
         x = train_transform(preset, 16)(grey)
         assert x.shape == (3, 16, 16) and torch.allclose(x, torch.full_like(x, 51 / 127.5 - 1))
+
+
+def test_imagenet_folders_may_mix_wordnet_ids_and_class_names(tmp_path):
+    """With ImageNet's classes, folders had to be all WordNet IDs or all names: a folder of
+    one's own named 'tench' beside ImageNet's n01443537 was refused as not a training class.
+    Each folder is now matched by its own name; two folders of one class are refused."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    from xception.data import imagenet_wnids
+
+    classes = tuple(_IMAGENET_CATEGORIES)
+    wnids = imagenet_wnids()
+    assert (classes[0], classes[1], wnids[1], wnids[999]) == (
+        "tench", "goldfish", "n01443537", "n15075141")  # fmt: skip
+    root = _image_folder(tmp_path / "mixed", classes=("n15075141", "tench", "n01443537"),
+                         per_class=2)  # fmt: skip
+    samples, got = scan_folder(root, classes)
+    assert got == classes
+    assert [(p.parent.name, t) for p, t in samples] == [
+        ("tench", 0), ("tench", 0), ("n01443537", 1), ("n01443537", 1),
+        ("n15075141", 999), ("n15075141", 999)]  # fmt: skip
+    _image_folder(root, classes=("goldfish",), per_class=1)
+    with pytest.raises(DataError, match=r"class goldfish has two folders, goldfish and "
+                       r"n01443537: merge them into one"):  # fmt: skip
+        scan_folder(root, classes)
+    # Other classes take their names only: a WordNet ID is no class of theirs.
+    other = _image_folder(tmp_path / "other", classes=("cat", "n01443537"), per_class=1)
+    with pytest.raises(DataError, match=r"class folder\(s\) n01443537 are not in the training "
+                       r"classes cat, dog: name each class's folder by class name$"):  # fmt: skip
+        scan_folder(other, ("cat", "dog"))

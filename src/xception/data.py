@@ -609,10 +609,13 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
                         f"more classes; {hint}")  # fmt: skip
     classes = tuple(classes or found)
     # ImageNet's classes (ImageNet weights) in folders named as ImageNet's own are
-    # (val/n01440764/, and Imagenette's): the folder of class k is the k-th WordNet ID.
+    # (val/n01440764/, and Imagenette's): the folder of class k is the k-th WordNet ID, or its
+    # name, folder by folder (a folder of one's own images beside ImageNet's).
     imagenet = _is_imagenet(classes)
-    folders = imagenet_wnids() if imagenet and set(found) <= set(imagenet_wnids()) else classes
-    unknown = sorted(set(found) - set(folders))
+    index = {name: k for k, name in enumerate(classes)}
+    if imagenet:
+        index |= {wnid: k for k, wnid in enumerate(imagenet_wnids())}
+    unknown = sorted(set(found) - set(index))
     if unknown:
         listed = ", ".join(classes) if len(classes) <= 20 else (
             f"{', '.join(classes[:20])}, ... ({len(classes)} classes)")  # fmt: skip
@@ -621,19 +624,27 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
         raise DataError(f"{root}: class folder(s) {', '.join(unknown[:20])}{more} are not in the "
                         f"training classes {listed}: name each class's folder by class "
                         f"name{ids}")  # fmt: skip
-    paths, targets = [], []
-    for k, name in enumerate(folders):
+    first: dict[int, str] = {}
+    for name in found:
+        other = first.setdefault(index[name], name)
+        if other != name:
+            raise DataError(f"{root}: class {classes[index[name]]} has two folders, {other} "
+                            f"and {name}: merge them into one")  # fmt: skip
+    by_class = sorted(found, key=index.__getitem__)  # samples in class order, as before
+    paths, targets, folder_of = [], [], []
+    for name in by_class:
         folder = root / name
-        files = image_files(folder) if folder.is_dir() else []
-        if not files and name in found:
+        files = image_files(folder)
+        if not files:
             raise DataError(f"class folder {folder} has no images: add images or remove it")
         paths += files
-        targets += [k] * len(files)
+        targets += [index[name]] * len(files)
+        folder_of += [name] * len(files)
     ok = _check_readable(paths, str(root))
     samples = [(p, t) for p, t, g in zip(paths, targets, ok, strict=True) if g]
-    left = {t for _, t in samples}
-    for k, name in enumerate(folders):
-        if name in found and k not in left:
+    left = {f for f, g in zip(folder_of, ok, strict=True) if g}
+    for name in by_class:
+        if name not in left:
             raise DataError(f"class folder {root / name} has no readable images: fix its "
                             "images or remove the folder")  # fmt: skip
     return samples, classes
