@@ -241,14 +241,19 @@ def test_every_peer_is_compared_with_our_fastest_path_of_the_same_precision():
     assert not [what for what, _ in rows if "bf16" in what]
 
 
-def test_targets_summary_takes_the_median_of_each_runs_lower_ratio():
+def _script(name: str):
+    """benchmarks/NAME.py as a module."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "targets_summary.py"
-    spec = importlib.util.spec_from_file_location("targets_summary", path)
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_targets_summary_takes_the_median_of_each_runs_lower_ratio():
+    module = _script("targets_summary")
 
     def run(ours, peer):  # one training comparison per run, as a bench JSON report
         results = [_measured("xception train channels_last", "training", 8, ours),
@@ -305,13 +310,8 @@ def test_a_failed_cuda_graphs_run_leaves_the_complete_results_file_in_place(tmp_
     """benchmarks/cuda_graphs.py wrote its JSON after each step: rerun over a complete file and
     stopped after the first (out of memory, the GPU session's time limit), it left that step's
     results in its place."""
-    import importlib.util
-
     pytest.importorskip("timm")
-    path = Path(__file__).parents[1] / "benchmarks" / "cuda_graphs.py"
-    spec = importlib.util.spec_from_file_location("cuda_graphs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("cuda_graphs")
 
     def infer(res, save):  # the first step done and saved, then a failure
         res["compile_graphs_s"] = 60.0
@@ -1227,3 +1227,65 @@ def test_the_inference_step_runs_in_inference_mode():
     step = bench._inference_step(fn, torch.ones(2), torch.device("cpu"))
     out = step()
     assert seen == [True] * 3 and out.is_inference()
+
+
+def test_ort_ops_counts_every_flop_of_the_model_and_bounds_what_the_graph_could_win(tmp_path):
+    """benchmarks/ort_ops.py (the op-by-op profile behind BENCHMARKS.md's bound on graph changes
+    for ONNX Runtime) must see every kernel the session runs and rate it on its true FLOPs: its
+    FLOPs add up to the model's own count, and each kind's kernels to the model's convs. The
+    widths are multiples of 16, so ONNX Runtime's blocked layout pads no channel."""
+    pytest.importorskip("onnxruntime")
+    from xception import Xception
+    from xception.deploy import export
+    from xception.model import count_macs
+
+    ort_ops = _script("ort_ops")
+    model = Xception(width=0.5, middle_blocks=1, num_classes=10).eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.out_channels % 16 == 0 for c in convs)
+    export(model, tmp_path / "m.onnx", "onnx", input_size=71, check_batches=(1,))
+    out_json, out_md = tmp_path / "ops.json", tmp_path / "ops.md"
+    argv = ["--onnx", str(tmp_path / "m.onnx"), "--size", "71", "--runs", "2", "--warmup", "1"]
+    assert ort_ops.main([*argv, "--json", str(out_json), "--markdown", str(out_md)]) == 0
+    result = json.loads(out_json.read_text())
+    summary = result["summary"]
+    assert summary["gflop"] == pytest.approx(2 * count_macs(model, 71) / 1e9, rel=1e-9)
+    kinds = summary["kinds"]
+    depthwise = [c for c in convs if c.groups == c.in_channels > 1]
+    pointwise = [c for c in convs if c.kernel_size == (1, 1)]
+    assert kinds["depthwise conv"]["kernels"] == len(depthwise)
+    assert kinds["pointwise conv"]["kernels"] == len(pointwise)
+    assert kinds["other conv"]["kernels"] == len(convs) - len(depthwise) - len(pointwise) == 2
+    assert kinds["gemm"]["kernels"] == 1
+    assert summary["kernel_ms"] == pytest.approx(sum(r["ms"] for r in result["rows"]))
+    # The bound: every FLOP at the reference group's rate, which is its own rate.
+    ref = summary["reference"]
+    same = [r for r in result["rows"] if r["op"] == ref["op"] and r["outputs"] == ref["outputs"]
+            and r["inputs"][1:] == ref["inputs"][1:]]  # fmt: skip
+    assert len(same) == ref["kernels"] >= 1
+    rate = sum(r["gflop"] for r in same) / sum(r["ms"] for r in same) * 1000
+    assert ref["gflops"] == pytest.approx(rate)
+    assert summary["ideal_ms"] == pytest.approx(summary["gflop"] / rate * 1000)
+    assert summary["over_ms"] == pytest.approx(summary["kernel_ms"] - summary["ideal_ms"])
+    text = out_md.read_text()
+    assert f"{summary['over_ms']:.1f} ms ({100 * summary['over_fraction']:.1f}%)" in text
+    assert f"| depthwise conv | {len(depthwise)} |" in text
+    # Bad input: one line, exit 2, and a good result is not replaced.
+    assert ort_ops.main(["--onnx", str(tmp_path / "none.onnx"), "--json", str(out_json)]) == 2
+    assert json.loads(out_json.read_text()) == result
+    with pytest.raises(SystemExit):
+        ort_ops.main([*argv, "--runs", "0"])
+
+
+def test_ort_ops_rates_each_kind_of_kernel_from_its_shapes():
+    """The FLOPs of a kernel come from the shapes ONNX Runtime reports, weights included: a
+    depthwise conv is rated on 9 multiply-adds per output, not on its channels squared."""
+    flops = _script("ort_ops").node_flops
+    assert flops("Conv", [[1, 64, 8, 8], [64, 1, 3, 3]], [[1, 64, 8, 8]]) == (
+        "depthwise conv", 2 * 64 * 9 * 64)  # fmt: skip
+    assert flops("Conv", [[2, 32, 8, 8], [16, 32, 1, 1], [2, 16, 4, 4]], [[2, 16, 4, 4]]) == (
+        "pointwise conv", 2 * 2 * 16 * 32 * 16)  # fmt: skip
+    assert flops("Conv", [[1, 3, 9, 9], [8, 3, 3, 3]], [[1, 8, 4, 4]]) == (
+        "other conv", 2 * 8 * 27 * 16)  # fmt: skip
+    assert flops("Gemm", [[4, 2048]], [[4, 1000]]) == ("gemm", 2 * 4 * 2048 * 1000)
+    assert flops("MaxPool", [[1, 8, 4, 4]], [[1, 8, 2, 2]]) == ("no flops", 0)
