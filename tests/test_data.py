@@ -561,6 +561,362 @@ def test_train_transform_presets_hold_the_documented_augmentation():
         assert x.shape == (3, 16, 16) and torch.allclose(x, torch.full_like(x, 51 / 127.5 - 1))
 
 
+def test_load_image_refuses_pictures_over_the_pixel_limit_even_when_pillow_allows_them(
+    tmp_path, monkeypatch
+):
+    """The pixel limit is the project's own: with Pillow's bomb check switched off (a library
+    may set Image.MAX_IMAGE_PIXELS = None), a picture over MAX_IMAGE_PIXELS is still refused,
+    and one exactly at the limit is read."""
+    from xception import data
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (40, 26), (1, 2, 3)).save(tmp_path / "over.png")  # 1040 pixels
+    Image.new("RGB", (40, 25), (1, 2, 3)).save(tmp_path / "at.png")  # 1000 pixels
+    with pytest.raises(data.ImageError, match=r"over\.png: 40x26 pixels exceeds the limit of 1000"):
+        data.load_image(tmp_path / "over.png")
+    assert data.load_image(tmp_path / "at.png").size == (40, 25)
+
+
+def test_elongated_images_are_refused_before_a_shorter_side_resize(monkeypatch):
+    """Resizing the shorter side of a thin strip to int(size / crop_fraction) px makes a huge
+    picture: such an image, standing or lying, is an ImageError before the resize; a strip
+    whose resized picture stays within the limit goes through."""
+    from xception import data
+
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 10_000)
+    t = data.eval_transform(16, 0.8)  # shorter side to 20 px
+    for size in ((4, 200), (200, 4)):  # 20 x 1000 = 20,000 pixels once resized
+        with pytest.raises(data.ImageError, match="too elongated to resize its shorter side to 20"):
+            t(Image.new("RGB", size))
+    assert t(Image.new("RGB", (10, 200))).shape == (3, 16, 16)  # 20 x 400 = 8,000 pixels
+
+
+def test_integer_images_are_scaled_by_the_range_their_format_allows(tmp_path):
+    """A 16-bit PNG is scaled from 0-65535 even when all of it is dark (200 of 65535 is 1 of
+    255, not 200); a 32-bit integer TIFF whose values reach exactly 255 is 8-bit data, kept."""
+    from xception.data import load_image
+
+    Image.fromarray(np.full((4, 6), 200, np.uint16)).save(tmp_path / "dark16.png")
+    assert Image.open(tmp_path / "dark16.png").mode == "I;16"
+    assert np.asarray(load_image(tmp_path / "dark16.png")).max() == 1  # round(200 / 257)
+    values = np.arange(24, dtype=np.int32).reshape(4, 6) * 11 + 2  # 2 ... 255
+    Image.fromarray(values, "I").save(tmp_path / "i32.tif")
+    rgb = np.asarray(load_image(tmp_path / "i32.tif"))
+    assert rgb[..., 0].tolist() == values.tolist() and rgb.max() == 255
+
+
+def test_transparent_palette_entries_and_grey_alpha_are_composited_on_white(tmp_path):
+    """A palette PNG's transparent entry and a grey+alpha (LA) PNG's clear pixels show white,
+    as an RGBA image's do, not the colour stored under them (black here)."""
+    from xception.data import load_image
+
+    pal = Image.new("P", (8, 4), 0)
+    pal.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    pal.paste(1, (4, 0, 8, 4))
+    pal.save(tmp_path / "p.png", transparency=0)
+    rgb = np.asarray(load_image(tmp_path / "p.png"))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 7].tolist() == [200, 0, 0]
+    la = Image.new("LA", (8, 4), (0, 0))
+    la.paste((100, 255), (4, 0, 8, 4))
+    la.save(tmp_path / "la.png")
+    rgb = np.asarray(load_image(tmp_path / "la.png"))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 7].tolist() == [100, 100, 100]
+
+
+def test_a_crop_fraction_resizes_to_the_truncated_size_and_unknown_interpolation_is_refused():
+    """16 / 0.7 = 22.86: the shorter side goes to 22 px (int, as timm does), not 23; a 44x32
+    image becomes 30x22 and its centre 16x16 is taken from column 7 and row 3. An interpolation
+    name that does not exist is a ValueError naming the ones that do."""
+    from xception.data import eval_transform
+
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (32, 44, 3)).astype(np.uint8))
+    expected = _norm(im.resize((30, 22), Image.BILINEAR).crop((7, 3, 23, 19)))
+    out = eval_transform(16, 0.7, "bilinear")(im).permute(1, 2, 0).numpy()
+    assert np.allclose(out, expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"interpolation='lanczos': use one of \['bicubic'"):
+        eval_transform(16, interpolation="lanczos")
+
+
+def test_in_memory_crops_with_one_pixel_of_padding_shift_and_follow_the_seed():
+    """padding=1 crops at offsets 0, 1 and 2 on each axis (found by matching against the
+    zero-padded image); the crops are the same for the same seed and others for another."""
+    from xception.data import TensorImageDataset
+
+    gen = torch.Generator().manual_seed(1)
+    n, h, w = 80, 5, 6
+    images = torch.randint(1, 256, (n, 1, h, w), generator=gen, dtype=torch.uint8)
+    kw = dict(mean=(0.0,), std=(1 / 255,), augment="small", padding=1, hflip=False)
+    out = TensorImageDataset(images, torch.zeros(n, dtype=torch.long), ("a",), seed=3, **kw)
+    x = out.__getitems__(list(range(n)))[0]
+    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1))
+    offsets = []
+    for i in range(n):
+        [found] = [(dy, dx) for dy in range(3) for dx in range(3)
+                   if torch.equal(x[i], padded[i, :, dy : dy + h, dx : dx + w])]  # fmt: skip
+        offsets.append(found)
+    assert {dy for dy, _ in offsets} == {dx for _, dx in offsets} == {0, 1, 2}
+    again = TensorImageDataset(images, torch.zeros(n, dtype=torch.long), ("a",), seed=3, **kw)
+    other = TensorImageDataset(images, torch.zeros(n, dtype=torch.long), ("a",), seed=4, **kw)
+    assert torch.equal(again.__getitems__(list(range(n)))[0], x)
+    assert not torch.equal(other.__getitems__(list(range(n)))[0], x)
+
+
+def test_idx_files_with_a_foreign_or_cut_header_are_refused_by_name(tmp_path):
+    """Bad first bytes, an unknown type code, a file shorter than the magic number, and
+    dimensions cut short are DataErrors naming the file; so is a label file's bad magic number
+    when only its count is read."""
+    from xception.data import idx_count
+
+    cases = {
+        "first": (bytes([1, 0, 8, 1]) + struct.pack(">I", 1) + b"\5", "bad magic number"),
+        "second": (bytes([0, 1, 8, 1]) + struct.pack(">I", 1) + b"\5", "bad magic number"),
+        "type": (bytes([0, 0, 7, 1]) + struct.pack(">I", 1) + b"\5", "bad magic number"),
+        "three": (bytes([0, 0, 8]), "bad magic number"),
+        "dims": (bytes([0, 0, 8, 1, 0, 0, 0]), "header is cut short"),
+    }
+    for name, (raw, message) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(DataError, match=f"{name}: .*{message}"):
+            read_idx(tmp_path / name)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(cases["first"][0])
+    with pytest.raises(DataError, match="not an IDX label file"):
+        idx_count(tmp_path, "test")
+
+
+def test_idx_files_named_with_a_dot_before_idx_are_found(tmp_path):
+    """Some downloads unpack to 't10k-images.idx3-ubyte': that spelling is found too."""
+    write_idx(tmp_path / "t10k-images.idx3-ubyte", np.zeros((3, 4, 4)))
+    write_idx(tmp_path / "t10k-labels.idx1-ubyte", np.array([2, 0, 1]))
+    ds = load_idx(tmp_path, "test")
+    assert len(ds) == 3 and ds.targets.tolist() == [2, 0, 1]
+
+
+def _idx_bytes(code: int, array: np.ndarray) -> bytes:
+    dtype = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2"}[code]
+    return (bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+            + array.astype(dtype).tobytes())  # fmt: skip
+
+
+def test_idx_images_and_labels_that_cannot_be_a_classification_set_are_refused(tmp_path):
+    """Images not N x H x W, counts that differ, pixels not bytes, and negative labels are each
+    a DataError naming the problem, not a dataset that fails (or trains) later."""
+    root = tmp_path / "digits"
+    root.mkdir()
+    images, labels = root / "t10k-images-idx3-ubyte", root / "t10k-labels-idx1-ubyte"
+
+    def refused(image_array, label_array, message, image_code=0x08, label_code=0x08):
+        images.write_bytes(_idx_bytes(image_code, image_array))
+        labels.write_bytes(_idx_bytes(label_code, label_array))
+        with pytest.raises(DataError, match=message):
+            load_idx(root, "test")
+
+    three = np.array([1, 2, 3])
+    refused(np.zeros((3, 16)), three, r"images \(3, 16\) and labels \(3,\) do not match")
+    refused(np.zeros((4, 2, 2)), three, r"images \(4, 2, 2\) and labels \(3,\) do not match")
+    refused(np.zeros((3, 2, 2)), three, "int16 pixels; IDX images of unsigned bytes", 0x0B)
+    refused(np.zeros((3, 2, 2)), np.array([1, -1, 3]), "labels go from -1 to 3", 0x08, 0x09)
+
+
+def test_idx_labels_reaching_ten_get_eleven_classes(tmp_path):
+    """Labels 0 to 10 are 11 classes: one past MNIST's ten is already another dataset."""
+    root = tmp_path / "digits"
+    root.mkdir()
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((11, 2, 2)))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.arange(11))
+    assert load_idx(root, "test").classes == tuple(str(k) for k in range(11))
+
+
+def test_idx_folder_names_are_matched_whatever_their_case(tmp_path):
+    """The folder's name is matched whatever its case: 'Fashion-MNIST' gets Zalando's class
+    names and statistics, as 'fashion-mnist' does."""
+    root = tmp_path / "Fashion-MNIST"
+    root.mkdir()
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((2, 2, 2)))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.array([0, 9]))
+    assert load_idx(root, "test").classes == FASHION_MNIST_CLASSES
+
+
+def test_idx_normalisation_uses_the_published_dataset_statistics(tmp_path):
+    """MNIST's mean and std are 0.1307 and 0.3081, Fashion-MNIST's 0.2860 and 0.3530 (of pixels
+    in [0, 1]); where Fashion-MNIST is installed, its test pixels agree."""
+    root = tmp_path / "digits"
+    root.mkdir()
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((2, 2, 2)))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.array([0, 9]))
+    ds = load_idx(root, "test")
+    assert (ds.mean.item(), ds.std.item()) == pytest.approx((0.1307 * 255, 0.3081 * 255))
+    (fashion := tmp_path / "fashion").mkdir()
+    for f in root.iterdir():
+        (fashion / f.name).write_bytes(f.read_bytes())
+    ds = load_idx(fashion, "test")
+    assert (ds.mean.item(), ds.std.item()) == pytest.approx((0.2860 * 255, 0.3530 * 255))
+    if FASHION_MNIST_DIR.is_dir():
+        pixels = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") / 255.0  # 10,000
+        assert (pixels.mean(), pixels.std()) == pytest.approx((0.2860, 0.3530), abs=2e-3)
+
+
+def test_split_samples_is_a_seeded_sorted_partition_and_refuses_an_empty_hold_out():
+    """The held-out part is round(n * fraction) indices, train and held-out together are every
+    index once, each list in file order; the seed picks which (the same seed, the same split),
+    and a fraction of 0 (or 1) is refused."""
+    from xception.data import split_samples
+
+    splits = set()
+    for seed in range(6):
+        train, held = split_samples(20, 0.25, seed)
+        assert len(held) == 5 and sorted(train + held) == list(range(20))
+        assert train == sorted(train) and held == sorted(held)
+        assert split_samples(20, 0.25, seed) == (train, held)
+        splits.add(tuple(held))
+    assert len(splits) == 6
+    for fraction in (0.0, 1.0):
+        with pytest.raises(DataError, match=f"val_fraction={fraction}: use a fraction in"):
+            split_samples(20, fraction, 0)
+
+
+def test_class_folders_skip_hidden_folders_and_take_any_case_of_suffix(tmp_path):
+    """A hidden folder beside the classes (.ipynb_checkpoints) is no class; 'IMG_1.JPG' is an
+    image as much as 'x.jpg'."""
+    root = _image_folder(tmp_path / "d")
+    Image.new("RGB", (8, 8)).save(root / "cat" / "IMG_1.JPG")
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".ipynb_checkpoints" / "0.png")
+    samples, classes = scan_folder(root)
+    assert classes == ("cat", "dog")
+    names = [p.relative_to(root).as_posix() for p, _ in samples]
+    assert names == ["cat/0.png", "cat/1.png", "cat/2.png", "cat/IMG_1.JPG", "dog/0.png",
+                     "dog/1.png", "dog/2.png"]  # fmt: skip
+
+
+def test_image_files_follow_links_to_look_alike_folders_once_and_skip_dangling_links(tmp_path):
+    """A link to 'pics-more' beside 'pics' is another folder (not inside 'pics' because its name
+    starts the same); two links to one folder give its images once; a link to a file that
+    is gone is no image."""
+    from xception.data import image_files
+
+    pics, more = tmp_path / "pics", tmp_path / "pics-more"
+    pics.mkdir()
+    more.mkdir()
+    Image.new("RGB", (4, 4)).save(pics / "a.png")
+    Image.new("RGB", (4, 4)).save(more / "b.png")
+    (pics / "l1").symlink_to(more, target_is_directory=True)
+    (pics / "l2").symlink_to(more, target_is_directory=True)
+    (pics / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    names = [p.relative_to(pics).as_posix() for p in image_files(pics)]
+    assert names in (["a.png", "l1/b.png"], ["a.png", "l2/b.png"])
+
+
+def test_training_replaces_an_undecodable_image_by_the_next_readable_sample(tmp_path):
+    """For training, a file that fails to decode is replaced by the next sample (its image and
+    its target), not retried in place until the dataset gives up."""
+    from xception.data import FileDataset, eval_preset, load_image
+
+    root = _image_folder(tmp_path / "d", classes=("a", "b"), per_class=1)
+    _png_cut_in_its_pixels(root / "cut.png")
+    t = eval_preset("keras", 8)
+    ds = FileDataset([(root / "cut.png", 0), (root / "a" / "0.png", 1), (root / "b" / "0.png", 0)],
+                     ("x", "y"), t)  # fmt: skip
+    x, y = ds[0]
+    assert y == 1 and torch.equal(x, t(load_image(root / "a" / "0.png")))
+
+
+def test_file_augmentation_is_a_function_of_seed_epoch_and_index_only(tmp_path):
+    """A training sample's random crop is the same on every call whatever the global random
+    state (which it leaves alone), and another in another epoch."""
+    from xception.data import FileDataset, train_transform
+
+    root = tmp_path / "d"
+    (root / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)).save(root / "a" / "0.png")
+    ds = FileDataset([(root / "a" / "0.png", 0)], ("a",), train_transform("imagenet", 16), seed=5)
+    torch.manual_seed(1)
+    first = ds[0][0]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    assert torch.equal(ds[0][0], first)
+    torch.manual_seed(1)
+    ds[0]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global stream is untouched
+    crops = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        crops.add(ds[0][0].sum().item())
+    assert len(crops) > 1
+
+
+def test_validation_parts_keep_the_training_classes_and_leave_bad_images_out(tmp_path):
+    """val/ holding only some classes gets the training class indices (dog stays 1), and so
+    does a val.csv naming some labels only; the validation set leaves an undecodable image
+    out rather than scoring another image in its place."""
+    _image_folder(tmp_path / "d" / "train")
+    _image_folder(tmp_path / "d" / "val", classes=("dog",), per_class=2)
+    _png_cut_in_its_pixels(tmp_path / "d" / "val" / "dog" / "cut.png")
+    train, val = make_datasets(tmp_path / "d", image_size=8)
+    assert val.classes == ("cat", "dog") and [t for _, t in val.samples] == [1, 1, 1]
+    assert [val[i][0] is None for i in range(3)] == [False, False, True]
+    _image_folder(tmp_path / "img", classes=("a",), per_class=3)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "train.csv").write_text("../img/a/0.png,cat dog\n../img/a/1.png,cat\n")
+    (tmp_path / "m" / "val.csv").write_text("../img/a/2.png,dog\n")
+    _, val = make_datasets(tmp_path / "m", image_size=8)
+    assert val.classes == ("cat", "dog") and val.samples[0][1].tolist() == [0, 1]
+
+
+def test_idx_training_sets_take_augment_none_and_the_padding_asked_for(tmp_path):
+    """augment='none' leaves IDX training images as they are (only normalised); 'small' crops
+    with the padding given."""
+    root = make_idx_dataset(tmp_path / "toy", n_train=8, n_test=4)
+    train, _ = make_datasets(root, image_size=16, augment="none")
+    raw = read_idx(root / "train-images-idx3-ubyte.gz")
+    (m,), (s,) = train.mean.flatten().tolist(), train.std.flatten().tolist()
+    expected = (torch.from_numpy(raw).float()[:, None] - m) / s
+    assert torch.allclose(train.__getitems__(list(range(8)))[0], expected)
+    train, _ = make_datasets(root, image_size=16, augment="small", padding=5)
+    assert (train.augment, train.padding) == ("small", 5)
+
+
+def test_image_files_are_read_as_rgb_or_grey_only(tmp_path):
+    """A model of 2 input channels cannot be fed image files: refused by name."""
+    root = _image_folder(tmp_path / "d")
+    with pytest.raises(DataError, match="takes 2 input channels: image files are read as RGB"):
+        make_eval_dataset(root, image_size=16, in_chans=2)
+
+
+def test_a_class_folder_half_unreadable_is_still_used(tmp_path, caplog):
+    """Folders are refused only when more than half of the files are unreadable: exactly half
+    is a warning, and the readable half is kept."""
+    root = _image_folder(tmp_path / "d", per_class=2)
+    for name in ("cat", "dog"):
+        for i in range(2):
+            (root / name / f"bad{i}.png").write_bytes(b"\x89PNG garbage")
+    with caplog.at_level(logging.WARNING):
+        samples, _ = scan_folder(root)
+    assert [p.name for p, _ in samples] == ["0.png", "1.png"] * 2
+    assert "skipped 4 unreadable image(s) of 8" in caplog.text
+
+
+def test_a_label_list_row_without_a_comma_is_refused_by_line(tmp_path):
+    """A row holding a path alone (no comma, so no labels column) is a mistake named with its
+    line, not an image silently taken as having no labels (a row 'x.png,' has none on purpose)."""
+    _image_folder(tmp_path / "img", classes=("a",), per_class=2)
+    lst = tmp_path / "train.csv"
+    lst.write_text("path,labels\nimg/a/0.png,cat\nimg/a/1.png\n")
+    with pytest.raises(DataError, match=r"train\.csv:3: expected 'path,labels', got \['img/a/1"):
+        read_label_list(lst)
+
+
+def test_float_images_below_zero_are_black_not_wrapped_around(tmp_path):
+    """Values under the range are clipped to 0: -0.5 in a [0, 1] float image is black, not a
+    bright pixel from an unsigned wrap-around."""
+    from xception.data import load_image
+
+    Image.fromarray(np.array([[-0.5, 0.0, 0.5, 1.0]], np.float32), "F").save(tmp_path / "f.tif")
+    assert np.asarray(load_image(tmp_path / "f.tif"))[0, :, 0].tolist() == [0, 0, 128, 255]
+
+
 def test_imagenet_folders_may_mix_wordnet_ids_and_class_names(tmp_path):
     """With ImageNet's classes, folders had to be all WordNet IDs or all names: a folder of
     one's own named 'tench' beside ImageNet's n01443537 was refused as not a training class.
