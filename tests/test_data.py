@@ -637,6 +637,10 @@ def test_a_crop_fraction_resizes_to_the_truncated_size_and_unknown_interpolation
     assert np.allclose(out, expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"interpolation='lanczos': use one of \['bicubic'"):
         eval_transform(16, interpolation="lanczos")
+    # A fraction of 0 (weights metadata of one's own) was a ZeroDivisionError.
+    for bad in (0, -0.5, float("nan"), float("inf"), "0.9", True):
+        with pytest.raises(ValueError, match=rf"crop_fraction={bad!r} is not valid: .* above 0"):
+            eval_transform(16, bad)
 
 
 def test_in_memory_crops_with_one_pixel_of_padding_shift_and_follow_the_seed():

@@ -136,6 +136,15 @@ def eval_transform(
     crop_fraction=0.8975 with bicubic interpolation."""
     if interpolation not in _INTERPOLATION:
         raise ValueError(f"interpolation={interpolation!r}: use one of {sorted(_INTERPOLATION)}")
+    # 0 was a ZeroDivisionError, a negative fraction a negative resize inside torchvision.
+    if (
+        isinstance(crop_fraction, bool)
+        or not isinstance(crop_fraction, int | float)
+        or not (0 < crop_fraction < math.inf)
+    ):
+        raise ValueError(f"crop_fraction={crop_fraction!r} is not valid: give the part of the "
+                         "resized image the centre crop keeps, above 0 (1.0: Keras' square "
+                         "resize; timm's Xception weights: 0.8975)")  # fmt: skip
     if crop_fraction >= 1.0:
         resize = T.Resize((size, size), interpolation=_INTERPOLATION[interpolation], antialias=True)
         steps = [resize]
