@@ -145,7 +145,7 @@ def test_eval_on_a_plain_weights_file(tmp_path):
         evaluate_file(tmp_path / "w.safetensors", tmp_path / "imgs")
 
 
-def _evaluate_scores(scores, labels) -> dict:
+def _evaluate_scores(scores, labels, **kw) -> dict:
     """Multi-label evaluation of a model whose scores are given: each "image" (C, 1, 1) holds
     its own scores, which the model passes through."""
 
@@ -164,7 +164,7 @@ def _evaluate_scores(scores, labels) -> dict:
 
         collate = staticmethod(torch.utils.data.default_collate)
 
-    return evaluate_model(Fixed(), Data(), multilabel=True)
+    return evaluate_model(Fixed(), Data(), multilabel=True, **kw)
 
 
 def test_multilabel_evaluation_reports_map_at_100():
@@ -605,3 +605,265 @@ def test_imagenet_wnids_are_imagenet_1ks_in_class_order():
     assert len(set(wnids)) == 1000 and list(wnids) == sorted(wnids)
     theirs = Path(timm.__file__).parent / "data" / "_info" / "imagenet_synsets.txt"
     assert wnids == tuple(theirs.read_text().split())
+
+
+def test_a_batch_with_no_readable_image_is_skipped_not_the_end_of_the_data():
+    """A batch whose images all failed to decode collates to (None, None): the batches after
+    it are still scored (stopping there dropped them, and counted them as unreadable)."""
+
+    class Holes(_Scored):
+        def __getitem__(self, i):
+            return (None, None) if i < 2 else super().__getitem__(i)
+
+        @staticmethod
+        def collate(batch):
+            batch = [item for item in batch if item[0] is not None]
+            return torch.utils.data.default_collate(batch) if batch else (None, None)
+
+    logits = torch.tensor([[0.0, 1.0]] * 2 + [[2.0, 1.0], [0.5, 1.0], [3.0, 0.0], [1.0, 4.0]])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    out = evaluate_model(_Passthrough(), Holes(logits, labels), batch_size=2)
+    # images 2-5 scored: argmax hits on 2 (class 0) and 5 (class 1) -> 2 of 4
+    assert (out["n"], out["unreadable"]) == (4, 2)
+    assert out["top1"] == pytest.approx(50.0)
+
+
+def test_bf16_logits_are_scored_in_float32():
+    """Under amp='bf16' the model's logits are bfloat16: the loss is their cross-entropy in
+    float32 (summed in bfloat16 it was off in the third digit)."""
+    import math
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 7))
+    x, y = torch.randn(40, 6), torch.randint(0, 7, (40,))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    loss = sum(math.log(sum(math.exp(z) for z in row)) - row[t]
+               for row, t in zip(logits.double().tolist(), y.tolist(), strict=True)) / 40  # fmt: skip
+    out = evaluate_model(model, _Scored(x, y), amp="bf16")
+    assert out["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_map_k_sets_the_cutoff_and_the_metrics_name():
+    """`map_k`: MAP@k with that k, reported as 'map{k}' (it was always MAP@100)."""
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.1, 0.9, 0.2, 0.3]])
+    labels = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
+    out = _evaluate_scores(scores, labels, map_k=2)
+    # sample 0: its labels rank 3rd and 4th, none in the top 2 -> AP@2 0 (AP@100 would be
+    # (1/3 + 2/4) / 2); sample 1: ranks 1 and 2 -> AP@2 1
+    assert "map100" not in out and out["map2"] == pytest.approx(50.0)
+    assert out["top1"] == pytest.approx(50.0)
+
+
+def test_sigmoid_loss_counts_the_classes_no_image_is_labelled_with():
+    """The one-hot targets of the single-label sigmoid loss span all the model's classes, not
+    just up to the largest label in the batch (a shape error, or a loss over fewer classes)."""
+    import math
+
+    scores = torch.tensor([[0.9, -1.0, 0.5, 2.0], [2.0, 0.8, -0.3, -0.5]])
+    labels = torch.tensor([0, 1])  # classes 2 and 3 are nobody's
+    bce = lambda z, t: math.log1p(math.exp(z)) - t * z  # noqa: E731
+    by_hand = sum(bce(z, float(c == t)) for row, t in zip(scores.tolist(), labels.tolist(),
+                  strict=True) for c, z in enumerate(row)) / 2  # fmt: skip
+    out = evaluate_model(_Passthrough(), _Scored(scores, labels), loss="sigmoid")
+    assert out["loss"] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_channels_last_feeds_the_model_channels_last_images():
+    """`channels_last=True` (the engine's layout on a GPU) hands the model NHWC-strided input;
+    without it, the input is left as it is."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last))
+            return x.mean((2, 3))
+
+    class Images(_Scored):
+        def __getitem__(self, i):
+            return self.logits[i], self.labels[i]
+
+    data = Images(torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
+    evaluate_model(Probe(), data, channels_last=True)
+    evaluate_model(Probe(), data)
+    assert seen == [True, False]
+
+
+def test_workers_decode_in_worker_processes():
+    """`workers=N` decodes in N worker processes (evaluate_file passes its `workers` on); 0
+    decodes in this one."""
+
+    class WhereDecoded(_Scored):
+        def __getitem__(self, i):  # scores class 1 when decoded in a worker, class 0 if not
+            worker = torch.utils.data.get_worker_info() is not None
+            return torch.tensor([0.0, 1.0] if worker else [1.0, 0.0]).view(2, 1, 1), 1
+
+    data = WhereDecoded(torch.zeros(4, 2), torch.ones(4, dtype=torch.long))
+    assert evaluate_model(_Passthrough(), data, workers=2)["top1"] == pytest.approx(100.0)
+    assert evaluate_model(_Passthrough(), data, workers=0)["top1"] == pytest.approx(0.0)
+
+
+def test_evaluate_file_passes_workers_on(tmp_path, monkeypatch):
+    """`evaluate_file(workers=N)` is what `xception eval --workers N` calls: N reaches the
+    evaluation loop (it decoded in one process whatever was asked)."""
+    import xception.evaluate as E
+
+    save_file(create_model("xception-compact", num_classes=2).state_dict(),
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=1, size=28)
+    asked = []
+    real = E.evaluate_model
+    monkeypatch.setattr(E, "evaluate_model", lambda net, ds, **k: asked.append(k["workers"])
+                        or real(net, ds, **k))  # fmt: skip
+    evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact", workers=2)
+    assert asked == [2]
+
+
+def test_a_plain_weights_file_is_prepared_as_keras_does_and_at_the_size_asked_for(tmp_path):
+    """A state dict without metadata: Keras' preprocessing (x / 127.5 - 1 on a square resize,
+    no crop), softmax, no class names; `image_size` overrides the model's default size; a
+    clean data set reports no 'unreadable' count."""
+    from xception.evaluate import load_for_eval
+
+    save_file(create_model("xception-compact", num_classes=2).state_dict(),
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    _, info = load_for_eval(tmp_path / "w.safetensors", model="xception-compact")
+    assert (info["mean"], info["std"]) == ((0.5,) * 3, (0.5,) * 3)
+    assert (info["crop_fraction"], info["interpolation"]) == (1.0, "bilinear")
+    assert (info["classes"], info["loss"], info["multilabel"]) == (None, "softmax", False)
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=1, size=40)
+    out = evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact",
+                        image_size=36)  # fmt: skip
+    assert out["image_size"] == 36 and out["images"] == 2 and "unreadable" not in out
+
+
+def test_weights_trained_with_the_sigmoid_loss_are_scored_with_it(tmp_path):
+    """Weights whose metadata says loss='sigmoid' report the sigmoid loss (BCE summed over
+    classes), not the softmax cross-entropy of the same logits."""
+    import math
+
+    from xception.data import make_eval_dataset
+    from xception.weights import Weights, save_safetensors
+
+    model = create_model("xception-compact", num_classes=2).eval()
+    meta = Weights(name="sig", format="xception", num_classes=2, categories=("a", "b"),
+                   input_size=28, crop_fraction=1.0, loss="sigmoid")  # fmt: skip
+    save_safetensors(model, tmp_path / "w.safetensors", meta)
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=2, size=28)
+    out = evaluate_file(tmp_path / "w.safetensors", root, device="cpu")
+    ds = make_eval_dataset(root, image_size=28, classes=("a", "b"))
+    with torch.no_grad():
+        logits = model(torch.stack([ds[i][0] for i in range(len(ds))])).double().tolist()
+    ys = [ds[i][1] for i in range(len(ds))]
+    bce = lambda z, t: math.log1p(math.exp(z)) - t * z  # noqa: E731
+    by_hand = sum(bce(z, float(c == t)) for row, t in zip(logits, ys, strict=True)
+                  for c, z in enumerate(row)) / len(ys)  # fmt: skip
+    assert out["loss"] == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_evaluate_files_own_checks_name_the_bad_value():
+    """evaluate_file refuses a bad number before loading anything, naming it (a batch size of 0
+    failed in range(), an image size of 0 fell back to the default, a limit of 0 said 'no
+    images'); a device that is no device is refused in words."""
+    from xception.evaluate import resolve_device
+
+    for kw, said in ((dict(batch_size=0), "batch_size=0: give at least 1"),
+                     (dict(workers=-1), "workers=-1: give 0"),
+                     (dict(image_size=0), "image_size=0: give the input size"),
+                     (dict(limit=0), "limit=0: give at least 1 image")):  # fmt: skip
+        with pytest.raises(ValueError, match=said):
+            evaluate_file("no-such-weights", "no-such-data", **kw)
+    for name in (None, 1.5, "cuda:x", "bogus"):
+        with pytest.raises(ValueError, match="unknown device"):
+            resolve_device(name)
+
+
+def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
+    """cuda:N exists for N < the GPU count: on a 2-GPU machine cuda:1 is the last one, cuda:2
+    is refused by name (not a CUDA error deep in the work)."""
+    from xception.evaluate import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match="'cuda:2' does not exist: this machine has 2 GPU"):
+        resolve_device("cuda:2")
+
+
+def test_a_run_without_ema_holds_out_with_its_own_seed_and_raw_is_its_final_weights(tmp_path):
+    """A run without EMA: its model.safetensors is the raw weights, so --raw scores that file
+    (not a checkpoint); the held-out part is drawn with the run's seed (seed 0 drew another
+    part, on which the run had trained); moved elsewhere, its data is no longer its own."""
+    import shutil
+
+    from xception.evaluate import load_for_eval
+
+    flat = _image_folder(tmp_path / "flat", classes=("a", "b"), per_class=10, size=16)
+    result = fit(tiny_recipe(tmp_path, flat, epochs=1, batch_size=8, augment="none", seed=5,
+                             val_fraction=0.3, ema_decay=None), out=str(tmp_path / "run"))  # fmt: skip
+    assert load_for_eval(result["out"], use_ema=False)[1]["source"] == result["weights"]
+    out = evaluate_file(result["out"], flat, device="cpu")
+    assert out["split"].endswith("(val_fraction=0.3, seed=5)") and out["images"] == 6
+    assert out["loss"] == pytest.approx(result["final"]["val_loss"], abs=1e-4)
+    # The run's data folder moved: it cannot be told for the same, every image is scored.
+    moved = tmp_path / "moved"
+    shutil.move(flat, moved)
+    out = evaluate_file(result["out"], moved, device="cpu")
+    assert "split" not in out and out["images"] == 20
+
+
+def test_grey_data_for_a_colour_model_is_refused_in_words(tmp_path):
+    """Fashion-MNIST's grey images for an RGB model: a one-line error naming both channel
+    counts, not a convolution's shape error."""
+    save_file(create_model("xception-compact", num_classes=4).state_dict(),
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    root = make_idx_dataset(tmp_path / "idx", classes=4)
+    with pytest.raises(ValueError, match="1-channel images, but the model takes 3"):
+        evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")
+
+
+def test_a_limited_multilabel_list_is_still_scored_as_multilabel(tmp_path):
+    """`limit` wraps the data in a Subset: the multi-label flag is read through it (it was
+    read off the Subset, and the multi-hot targets were scored as single-label ones)."""
+    _image_folder(tmp_path / "img", classes=("a",), per_class=4, size=28)
+    rows = ["path,labels", "img/a/0.png,cat dog", "img/a/1.png,dog", "img/a/2.png,bird;cat",
+            "img/a/3.png,bird"]  # fmt: skip
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+    save_file(create_model("xception-compact", num_classes=3).state_dict(),
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    out = evaluate_file(tmp_path / "w.safetensors", tmp_path, model="xception-compact", limit=3)
+    assert out["multilabel"] is True and out["images"] == 3
+    assert 0 <= out["map100"] <= 100 and "top5" not in out
+
+
+def test_no_readable_image_at_all_says_how_many_were_unreadable(tmp_path):
+    """Every image fails to decode: 'no images to evaluate (3 unreadable)', which says why."""
+    from test_data import _png_cut_in_its_pixels
+
+    save_file(create_model("xception-compact", num_classes=3).state_dict(),
+              str(tmp_path / "w.safetensors"))  # fmt: skip
+    for name in ("a", "b", "c"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        _png_cut_in_its_pixels(tmp_path / "imgs" / name / "cut.png")
+    with pytest.raises(ValueError, match=r"no images to evaluate \(3 unreadable\)"):
+        evaluate_file(tmp_path / "w.safetensors", tmp_path / "imgs", model="xception-compact")
+
+
+def test_class_names_that_do_not_match_the_outputs_are_not_used(tmp_path):
+    """A Keras/timm file whose metadata names 3 classes for a 4-output head: the names cannot
+    be the outputs', so folders are matched to outputs in sorted order (classes None), not to
+    a list one short."""
+    from xception.evaluate import load_for_eval
+    from xception.weights import WEIGHTS, save_safetensors
+
+    meta = WEIGHTS["imagenet"].replace(name="t", input_size=28, crop_fraction=1.0,
+                                       categories=("a", "b", "c"), num_classes=4)  # fmt: skip
+    assert meta.format != "xception"
+    save_safetensors(create_model("xception-compact", num_classes=4), tmp_path / "w.safetensors",
+                     meta)  # fmt: skip
+    net, info = load_for_eval(tmp_path / "w.safetensors", model="xception-compact")
+    assert net.fc.out_features == 4 and info["classes"] is None
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=1, size=28)
+    assert evaluate_file(tmp_path / "w.safetensors", root, model="xception-compact")["images"] == 4
