@@ -235,7 +235,8 @@ def test_export_format_follows_the_file_name(files, tmp_path, capsys):
     export = ["export", "--model", "xception-compact", "--weights", weights]
     assert main([*export[:1], str(tmp_path / "m.pt"), *map(str, export[1:])]) == 0
     assert "torchscript" in capsys.readouterr().out
-    deploy.load_exported(tmp_path / "m.pt", "torchscript")  # a TorchScript archive, not ONNX named .pt
+    # A TorchScript archive, not ONNX named .pt:
+    deploy.load_exported(tmp_path / "m.pt", "torchscript")
     one_line_error(capsys, [*export[:1], tmp_path / "t.onnx", *export[1:], "--format",
                             "torchscript"], "named like an onnx file", "t.pt")  # fmt: skip
     assert not (tmp_path / "t.onnx").exists()
