@@ -440,6 +440,7 @@ def test_export_to_a_long_but_legal_file_name(model, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # any loader
 def test_torchscript_file_names_its_traced_size(model, tmp_path):
     """A traced file holds the traced size's padding as constants: at another size it failed
     deep inside with "pad must be non-negative" or a shape mismatch. The file itself now checks

@@ -148,6 +148,7 @@ def test_init_weights_takes_layers_without_bias_or_affine_parameters():
 
 
 @pytest.mark.parametrize("kernel", [2, 4])
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # speed
 def test_even_kernels_keep_the_same_size_padding_like_tensorflow(kernel):
     """'same' with an even window pads one more after than before; the stride-1 pool and the
     separable conv padded (k-1)//2 on both sides and lost a row and a column."""
