@@ -7,8 +7,8 @@ group with the most FLOPs (for Xception the middle flow's pointwise convs).
     flock /tmp/xception-heavy.lock .venv/bin/python benchmarks/ort_ops.py --threads 1
     .venv/bin/python benchmarks/ort_ops.py --onnx model.onnx --json ops.json --markdown ops.md
 
-The session is as `OnnxModel`'s workers run it (deploy.onnx_session's settings: all graph
-optimisations, sequential execution). Exit status 2 when the profile could not be taken.
+The session has `OnnxModel`'s settings (deploy.session_options: all graph optimisations,
+sequential execution, spinning threads). Exit status 2 when the profile could not be taken.
 """
 
 from __future__ import annotations
@@ -51,12 +51,9 @@ def profile(path: Path, size: tuple[int, int], threads: int, runs: int, warmup: 
     the per-kernel medians over the timed runs, the wall times and the session's settings."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    from xception.deploy import session_options
+
+    opts = session_options(threads=threads)
     with tempfile.TemporaryDirectory(prefix="ort-ops-") as tmp:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")

@@ -1044,10 +1044,23 @@ def onnx_session(path: str | Path, *, threads: int | None = None, spinning: bool
     and spinning workers."""
     import onnxruntime as ort
 
-    _check_threads(threads)
     path = Path(path)
+    opts = session_options(threads=threads, spinning=spinning)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} not found: export one with `xception export`")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ONNX Runtime's own exception types, one per failure
+        raise ValueError(f"{path}: ONNX Runtime cannot load it ({_first_line(err)}): give an "
+                         "ONNX model, e.g. one written by `xception export`") from err  # fmt: skip
+
+
+def session_options(*, threads: int | None = None, spinning: bool = True):
+    """`onnx_session`'s ONNX Runtime settings, as SessionOptions (for a session of one's own,
+    e.g. with the profiler on: benchmarks/ort_ops.py)."""
+    import onnxruntime as ort
+
+    _check_threads(threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -1055,11 +1068,7 @@ def onnx_session(path: str | Path, *, threads: int | None = None, spinning: bool
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # no warnings about unused initialisers on every load
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as err:  # ONNX Runtime's own exception types, one per failure
-        raise ValueError(f"{path}: ONNX Runtime cannot load it ({_first_line(err)}): give an "
-                         "ONNX model, e.g. one written by `xception export`") from err  # fmt: skip
+    return opts
 
 
 def _check_threads(threads) -> None:
