@@ -471,7 +471,7 @@ def test_multi_label_weights_give_a_probability_per_class(tiny, tmp_path):
         assert [r.index for r in row.top] == logits.argsort(descending=True).tolist()
         assert torch.allclose(torch.tensor([got[i] for i in range(4)]), expected, atol=1e-4)
     assert sum(got.values()) != pytest.approx(1.0, abs=1e-3)  # the sigmoid file's own
-    with pytest.raises(ValueError, match="loss 'hinge' is neither 'softmax' nor 'sigmoid'"):
+    with pytest.raises(ValueError, match="loss='hinge' is not valid: use 'softmax' or 'sigmoid'"):
         meta.replace(loss="hinge")
 
 

@@ -1268,3 +1268,148 @@ def test_a_training_checkpoint_opens_as_its_own_model_with_its_ema_weights(tmp_p
     assert five.fc.out_features == 5 and five.weights_meta.categories is None
     # A grey model without metadata is fed one channel's mean and std, not three.
     assert input_meta(raw).mean == (0.5,) and input_meta(raw).std == (0.5,)
+
+
+_BAD_METADATA = [
+    ({"std": (0.0, 0.0, 0.0)}, r"std=\(0.0, 0.0, 0.0\) is not valid: every std must be above 0"),
+    ({"std": (float("nan"),) * 3}, r"std=\(nan, nan, nan\) is not valid: expected one finite"),
+    ({"mean": (0.5, float("inf"), 0.5)}, r"mean=.* expected one finite number"),
+    ({"mean": (0.5, 0.5)}, r"std=\(0.5, 0.5, 0.5\) is not valid: 3 values for 2 means"),
+    ({"mean": ()}, r"mean=\(\) is not valid"),
+    ({"mean": "abc"}, r"mean='abc' is not valid: expected one number per input channel"),
+    ({"std": (0.5, True, 0.5)}, r"std=.* expected one finite number"),
+    ({"input_size": -5}, r"input_size=-5 is not valid: use the side in pixels"),
+    ({"input_size": 0}, r"input_size=0 is not valid"),
+    ({"input_size": "299"}, r"input_size='299' is not valid: expected an integer"),
+    ({"input_size": 299.0}, r"input_size=299.0 is not valid: expected an integer"),
+    ({"num_classes": -1}, r"num_classes=-1 is not valid: use 0 \(no classifier\) or more"),
+    ({"num_classes": True}, r"num_classes=True is not valid: expected an integer"),
+    ({"crop_fraction": 0}, r"crop_fraction=0 is not valid: use the part of the resized image"),
+    ({"crop_fraction": float("nan")}, r"crop_fraction=nan is not valid"),
+    ({"crop_fraction": "0.9"}, r"crop_fraction='0.9' is not valid"),
+    (
+        {"interpolation": "lanczos"},
+        r"interpolation='lanczos' is not valid: use one of bicubic, "
+        r"bilinear, nearest",
+    ),
+    ({"format": "caffe"}, r"format='caffe' is not valid: use one of keras, timm, torchvision"),
+    ({"categories": "abc"}, r"categories='abc' is not valid: expected a list of class names"),
+    ({"categories": (1, 2, 3)}, r"categories=\(1, 2, 3\) is not valid"),
+    ({"loss": "hinge"}, r"loss='hinge' is not valid: use 'softmax' or 'sigmoid'"),
+    ({"name": None}, r"name=None is not valid: expected a string"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    _BAD_METADATA,
+    ids=[next(iter(c)) + str(i) for i, (c, _) in enumerate(_BAD_METADATA)],
+)
+def test_weights_metadata_is_checked_field_by_field(change, message):
+    """Metadata of one's own went unchecked until the first image: a std of 0 or NaN gave NaN
+    probabilities (no error at all), two means for RGB failed inside torchvision, a negative
+    input size in PIL. Each value is now refused by name, with what to give instead."""
+    from xception.weights import WEIGHTS
+
+    with pytest.raises(WeightsError, match="^weights metadata: " + message):
+        WEIGHTS["imagenet"].replace(**change)
+
+
+def test_weights_metadata_takes_numpy_numbers_and_lists():
+    """What a user's own pipeline hands over (numpy scalars, lists from JSON) is kept as the
+    plain ints, floats and tuples the rest of the code and JSON expect."""
+    from xception.weights import WEIGHTS
+
+    meta = WEIGHTS["imagenet"].replace(
+        num_classes=np.int64(2), input_size=np.int32(64), crop_fraction=np.float32(0.875),
+        mean=np.array([0.485, 0.456, 0.406]), std=[np.float32(0.25)] * 3, categories=["a", "b"],
+    )  # fmt: skip
+    assert (meta.num_classes, meta.input_size) == (2, 64)
+    assert type(meta.num_classes) is int and type(meta.input_size) is int
+    assert type(meta.crop_fraction) is float and meta.crop_fraction == pytest.approx(0.875)
+    assert meta.mean == pytest.approx((0.485, 0.456, 0.406)) and type(meta.mean) is tuple
+    assert all(type(v) is float for v in meta.mean + meta.std)
+    assert meta.categories == ("a", "b")
+    assert meta.transforms()  # the preprocessing builds from them
+    # One mean and std for every channel (a grey model's, or the same for RGB) is a length of 1.
+    assert WEIGHTS["imagenet"].replace(mean=(0.5,), std=(0.5,)).mean == (0.5,)
+
+
+def _rewrite_metadata(src, dst, **changes):
+    """A copy of the safetensors file `src` with its weights metadata changed, as a file from
+    another tool (or edited by hand) would hold it, without going through `Weights`."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file as load_safetensors
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        stored = f.metadata()
+    meta = {**json.loads(stored["xception.weights"]), **changes}
+    save_file(load_safetensors(str(src)), str(dst),
+              metadata={**stored, "xception.weights": json.dumps(meta)})  # fmt: skip
+    return dst
+
+
+def test_a_file_with_bad_metadata_is_refused_by_name_when_loaded(tmp_path):
+    """The file's own bad value is named with the file when it is opened, and before the fix it
+    loaded: a std of 0 then made every prediction NaN."""
+    from xception.predict import predict
+    from xception.weights import input_meta, save_safetensors
+
+    model = create_model("xception-compact", num_classes=3)
+    good = save_safetensors(model, tmp_path / "good.safetensors", input_meta(model))
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(image)
+    [row] = predict(create_model("xception-compact", weights=good), image, topk=1)
+    assert np.isfinite(row.top[0].probability)
+    for name, change, message in (
+        ("std0", {"std": [0, 0, 0]}, r"std=\(0.0, 0.0, 0.0\) is not valid"),
+        ("nan", {"std": [float("nan")] * 3}, r"std=\(nan, nan, nan\) is not valid"),
+        ("size", {"input_size": -28}, r"input_size=-28 is not valid"),
+        ("mean", {"mean": [0.5, 0.5]}, r"std=.* 3 values for 2 means"),
+    ):
+        bad = _rewrite_metadata(good, tmp_path / f"{name}.safetensors", **change)
+        with pytest.raises(WeightsError, match=f"^{re.escape(str(bad))}: weights metadata: "
+                                               f"{message}"):  # fmt: skip
+            create_model("xception-compact", weights=bad)
+
+
+def test_mean_and_std_must_fit_the_model_input_channels(tmp_path):
+    """Four means for an RGB model, or three for a grey one, failed at the first image inside
+    torchvision (a grey image normalised by three means even became a 3-channel tensor). One
+    value for every channel, or one per channel, is what fits."""
+    from PIL import Image
+
+    from xception.predict import predict
+    from xception.weights import input_meta, save_safetensors
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(image)
+    rgb = create_model("xception-compact", num_classes=3)
+    good = save_safetensors(rgb, tmp_path / "rgb.safetensors", input_meta(rgb))
+    four = _rewrite_metadata(good, tmp_path / "four.safetensors", mean=[0.5] * 4, std=[0.5] * 4)
+    with pytest.raises(
+        WeightsError,
+        match="four.safetensors: the weights metadata has 4 means "
+        "and stds but the model takes 3 input channels",
+    ):
+        create_model("xception-compact", weights=four)
+    one = _rewrite_metadata(good, tmp_path / "one.safetensors", mean=[0.5], std=[0.5])
+    [row] = predict(create_model("xception-compact", weights=one), image, topk=1)
+    assert row.error is None and np.isfinite(row.top[0].probability)
+
+    grey = create_model("xception-compact", num_classes=3, in_chans=1)
+    grey.weights_meta = input_meta(grey).replace(mean=(0.5,) * 3, std=(0.5,) * 3)  # by hand
+    with pytest.raises(
+        WeightsError,
+        match="model.weights_meta: the weights metadata has 3 "
+        "means and stds but the model takes 1 input channel:",
+    ):
+        predict(grey, image, topk=1)
+    grey.weights_meta = input_meta(grey).replace(mean=(0.5,), std=(0.5,))
+    [row] = predict(grey, image, topk=1)
+    assert row.error is None

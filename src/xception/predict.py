@@ -23,7 +23,7 @@ from torch import nn
 from . import deploy
 from .data import IMAGE_SUFFIXES, ImageError, image_files, load_image
 from .model import Xception
-from .weights import Weights, input_meta
+from .weights import Weights, check_channels, input_meta
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def predict(
         )
     in_chans = _in_chans(model)
     meta = _meta_for(model)
+    check_channels(meta, in_chans, "model.weights_meta")  # one set by hand
     categories = meta.categories
     if categories is not None and len(categories) != num_classes:
         # e.g. reset_classifier() after loading: the names belong to the old head

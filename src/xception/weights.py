@@ -19,6 +19,9 @@ import hashlib
 import http.client
 import json
 import logging
+import math
+import numbers
+import operator
 import os
 import pickle
 import re
@@ -35,7 +38,7 @@ from torch import nn
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from .checkpoint import atomic_write, default_mode
-from .data import eval_transform
+from .data import _INTERPOLATION, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ __all__ = [
     "Weights",
     "WeightsError",
     "cache_dir",
+    "check_channels",
     "detect_format",
     "download",
     "input_meta",
@@ -69,6 +73,7 @@ SAFE_PICKLED = (argparse.Namespace,)
 BN_KERAS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
             "moving_variance": "running_var"}  # fmt: skip
 BN_TORCH = ("weight", "bias", "running_mean", "running_var")
+FORMATS = ("keras", "timm", "torchvision", "xception")  # the layouts detect_format tells apart
 
 
 class WeightsError(ValueError):
@@ -685,6 +690,11 @@ URL_ENV = "XCEPTION_WEIGHTS_URL"  # a mirror (or file:// folder) holding the sam
 HOME_ENV = "XCEPTION_HOME"
 
 
+def _is_number(value) -> bool:
+    """A real number (numpy's too), not True or False."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 @dataclass(frozen=True)
 class Weights:
     """One set of weights: where the file comes from, what it predicts, how inputs are prepared.
@@ -713,9 +723,57 @@ class Weights:
     loss: str = "softmax"
 
     def __post_init__(self) -> None:
+        """Checks every field, so that metadata of one's own (a safetensors file's, a
+        checkpoint's) is refused by name where it is read, not at the first image: a std of 0 or
+        NaN gave NaN probabilities, a mean of two values for RGB failed inside torchvision, a
+        negative input size in PIL."""
+        for key in ("name", "format", "interpolation", "description", "loss"):
+            if not isinstance(getattr(self, key), str):
+                raise self._bad(key, "expected a string")
+        if self.format not in FORMATS:
+            raise self._bad("format", f"use one of {', '.join(FORMATS)}")
+        for key in ("num_classes", "input_size"):  # numpy's integers become ints
+            value = getattr(self, key)
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+                raise self._bad(key, "expected an integer")
+            object.__setattr__(self, key, operator.index(value))
+        if self.num_classes < 0:
+            raise self._bad("num_classes", "use 0 (no classifier) or more")
+        if self.input_size < 1:
+            raise self._bad("input_size", "use the side in pixels of the images the model takes")
+        if self.categories is not None:
+            if isinstance(self.categories, str) or not all(
+                isinstance(c, str) for c in self.categories
+            ):
+                raise self._bad("categories", "expected a list of class names")
+            # A count that differs from num_classes is not refused: predict and eval label by
+            # index then, as for a head replaced after loading.
+            object.__setattr__(self, "categories", tuple(self.categories))
+        crop = self.crop_fraction
+        if not _is_number(crop) or not 0 < crop < math.inf:
+            raise self._bad("crop_fraction", "use the part of the resized image the centre crop "
+                            "keeps, above 0 (1.0: a square resize)")  # fmt: skip
+        object.__setattr__(self, "crop_fraction", float(crop))
+        if self.interpolation not in _INTERPOLATION:
+            raise self._bad("interpolation", f"use one of {', '.join(sorted(_INTERPOLATION))}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if isinstance(value, str) or not isinstance(value, Iterable):
+                raise self._bad(key, "expected one number per input channel")
+            value = tuple(value)
+            if not value or not all(_is_number(v) and math.isfinite(v) for v in value):
+                raise self._bad(key, "expected one finite number per input channel")
+            object.__setattr__(self, key, tuple(float(v) for v in value))
+        if len(self.mean) != len(self.std):
+            raise self._bad("std", f"{len(self.std)} values for {len(self.mean)} means: give "
+                            "one mean and one std per input channel")  # fmt: skip
+        if min(self.std) <= 0:
+            raise self._bad("std", "every std must be above 0 (inputs are divided by it)")
         if self.loss not in ("softmax", "sigmoid"):
-            raise WeightsError(f"weights metadata: loss {self.loss!r} is neither 'softmax' nor "
-                               "'sigmoid'")  # fmt: skip
+            raise self._bad("loss", "use 'softmax' or 'sigmoid'")
+
+    def _bad(self, key: str, fix: str) -> WeightsError:
+        return WeightsError(f"weights metadata: {key}={getattr(self, key)!r} is not valid: {fix}")
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The class probabilities of a batch of logits (N, classes), as the weights were
@@ -1079,6 +1137,8 @@ def read_safetensors_metadata(path: str | Path) -> tuple[dict | None, Weights | 
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{key} is a JSON {type(value).__name__}, not an object")
         return config, Weights.from_dict(meta) if meta else None
+    except WeightsError as err:  # read, but a value is wrong: name the file and the value
+        raise WeightsError(f"{path}: {err}") from None
     except (SafetensorError, OSError, ValueError, TypeError) as err:
         raise WeightsError(f"{path}: unreadable xception metadata ({err})") from None
 
@@ -1163,8 +1223,11 @@ def _open_checkpoint(spec, file: Path) -> OpenedWeights:
     data = load_file(file)
     fmt = detect_format(data)
     config = {k: v for k, v in (meta.get("model_config") or {}).items() if k != "num_classes"}
-    card = run_weights_card(meta, f"training checkpoint {file.parent}",
-                            f"{meta['model']} checkpoint ({meta['loss']} loss)")  # fmt: skip
+    try:
+        card = run_weights_card(meta, f"training checkpoint {file.parent}",
+                                f"{meta['model']} checkpoint ({meta['loss']} loss)")  # fmt: skip
+    except WeightsError as err:
+        raise WeightsError(f"{file.parent}: {err}") from None
     return OpenedWeights(data, str(spec), fmt, _classifier_size(data, fmt), config, card)
 
 
@@ -1173,7 +1236,20 @@ def load_weights(model: nn.Module, opened: OpenedWeights, *, require_head: bool 
     class names when the classifier was not loaded (they would name a fresh head's outputs)."""
     report = load_into(model, opened.data, source=opened.source, require_head=require_head)
     head_loaded = model.fc is not None and not report["head"] and not report["missing_head"]
-    model.weights_meta = meta_for_head(opened.meta, head_loaded, model.config.num_classes)
+    meta = meta_for_head(opened.meta, head_loaded, model.config.num_classes)
+    if meta is not None:
+        check_channels(meta, model.config.in_chans, opened.source)
+    model.weights_meta = meta
+
+
+def check_channels(meta: Weights, in_chans: int, source: str) -> None:
+    """Refuses metadata whose mean and std fit neither every channel (one value) nor each of
+    the model's `in_chans` input channels: the first image failed inside torchvision."""
+    if len(meta.mean) not in (1, in_chans):
+        raise WeightsError(f"{source}: the weights metadata has {len(meta.mean)} means and stds "
+                           f"but the model takes {in_chans} input channel"
+                           f"{'s' if in_chans != 1 else ''}: give one value per channel, or one "
+                           "for all")  # fmt: skip
 
 
 def meta_for_head(meta: Weights | None, head_loaded: bool, num_classes: int) -> Weights | None:
