@@ -1331,6 +1331,9 @@ def test_weights_metadata_takes_numpy_numbers_and_lists():
     assert all(type(v) is float for v in meta.mean + meta.std)
     assert meta.categories == ("a", "b")
     assert meta.transforms()  # the preprocessing builds from them
+    assert meta.replace(num_classes=torch.tensor(2)).num_classes == 2  # labels.max() + 1
+    with pytest.raises(WeightsError, match=r"input_size=tensor\(64.\) is not valid"):
+        meta.replace(input_size=torch.tensor(64.0))  # a float tensor was a raw TypeError
     # One mean and std for every channel (a grey model's, or the same for RGB) is a length of 1.
     assert WEIGHTS["imagenet"].replace(mean=(0.5,), std=(0.5,)).mean == (0.5,)
 

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import numbers
-import operator
 import os
 import pickle
 import re
@@ -39,6 +38,7 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from .checkpoint import atomic_write, default_mode
 from .data import _INTERPOLATION, eval_transform
+from .model import _as_int
 
 log = logging.getLogger(__name__)
 
@@ -733,10 +733,10 @@ class Weights:
         if self.format not in FORMATS:
             raise self._bad("format", f"use one of {', '.join(FORMATS)}")
         for key in ("num_classes", "input_size"):  # numpy's integers become ints
-            value = getattr(self, key)
-            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            value = _as_int(getattr(self, key))
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise self._bad(key, "expected an integer")
-            object.__setattr__(self, key, operator.index(value))
+            object.__setattr__(self, key, value)
         if self.num_classes < 0:
             raise self._bad("num_classes", "use 0 (no classifier) or more")
         if self.input_size < 1:
