@@ -484,11 +484,12 @@ def test_numpy_and_torch_integers_are_taken_as_ints():
         XceptionConfig(stem_channels=(np.float64(16.0), 32))
     with pytest.raises(ValueError, match=r"segments=.* is not valid"):
         XceptionConfig(segments=np.float64(4.0))
-    # A lone index as features_only takes an int: a numpy or torch one had been iterated over.
-    for index in (np.int64(3), torch.tensor(3)):
+    # A number n (timm's last n maps) as features_only takes an int: a numpy or torch one had
+    # been iterated over.
+    for count in (np.int64(3), torch.tensor(3)):
         backbone = create_model("xception", width=0.125, middle_blocks=1, features_only=True,
-                                out_indices=index)  # fmt: skip
-        assert backbone.out_indices == (3,)
+                                out_indices=count)  # fmt: skip
+        assert backbone.out_indices == (2, 3, 4)
     backbone = create_model("xception", width=0.125, middle_blocks=1, features_only=True,
                             out_indices=np.array([1, 4]))  # fmt: skip
     assert backbone.out_indices == (1, 4)

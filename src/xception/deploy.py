@@ -96,10 +96,17 @@ def fold_batchnorm(model: Xception) -> Xception:
     become identities. Outputs equal the eval-mode model's up to float rounding.
     """
     if not isinstance(model, Xception):
+        # A features_only backbone or the Inception baseline came from create_model too, so
+        # "build it with create_model" was advice already followed.
+        kind = {"XceptionFeatures": "a features_only backbone",
+                "InceptionV3Compact": "the Inception V3 baseline",
+                "Inception3": "the Inception V3 baseline"}.get(type(model).__name__)  # fmt: skip
         raise TypeError(
-            f"fold_batchnorm expects an xception.Xception, got {type(model).__name__}: "
-            "build the model with xception.create_model"
-        )
+            f"fold_batchnorm expects an xception.Xception, got {type(model).__name__}"
+            + (f" ({kind}): only Xception classifiers and their variants are optimised; "
+               "run this one as it is" if kind else
+               ": build the model with xception.create_model")
+        )  # fmt: skip
     model = copy.deepcopy(model).eval()
     for module in model.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):

@@ -77,6 +77,55 @@ def check_float_images(x: torch.Tensor) -> None:
         )
 
 
+def check_images(x, in_chans: int, min_size: int, compact_hint: bool = False) -> None:
+    """Refuse a batch a model with `in_chans` input channels and a smallest input of `min_size`
+    pixels cannot take, by what is wrong with it and how to fix it (torch's own errors come
+    from deep inside a conv and name neither). `compact_hint` adds the compact presets to the
+    fixes of too small an input."""
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no values or sizes to check
+        return
+    check_tensor(x)
+    c = in_chans
+    if x.ndim != 4 or x.shape[1] != c:
+        if x.ndim == 3 and x.shape[0] == c:
+            fix = "add the batch dimension, x.unsqueeze(0)"
+        elif x.ndim == 3 and c == 1:  # a batch of grey images without their channel axis
+            fix = "add the channel dimension, x.unsqueeze(1)"
+        elif x.ndim == 4 and x.shape[-1] == c:
+            fix = "that looks channels-last (N, H, W, C): x.permute(0, 3, 1, 2)"
+        else:
+            fix = "set in_chans to the number of input channels"
+        raise ValueError(f"expected a batch of shape (N, {c}, H, W), got {tuple(x.shape)}: {fix}")
+    check_float_images(x)
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(
+            f"input {tuple(x.shape[-2:])} is smaller than this model's minimum "
+            f"{min_size}x{min_size}: resize the images"
+            + (", or use a compact preset (stem_stride=1, stem_padding='same') for small images"
+               if compact_hint else "")
+        )  # fmt: skip
+
+
+def check_dtype(x: torch.Tensor, model: nn.Module) -> None:
+    """Refuse a batch of another float type than the model's weights (float64 from
+    `torch.from_numpy`, float32 for a `.half()` model), which failed inside the first conv with
+    torch's "expected scalar type". Autocast casts for itself, so it is let through."""
+    if isinstance(x, torch.fx.Proxy) or _autocast(x.device.type):
+        return
+    weight = next(model.parameters(), None)
+    if weight is not None and x.dtype != weight.dtype:
+        raise ValueError(f"the batch is {x.dtype} but the model's weights are {weight.dtype}: "
+                         f"convert the batch, x.to({weight.dtype}), or the model, "
+                         f"model.to({x.dtype})")  # fmt: skip
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device without autocast (meta: shapes only)
+        return False
+
+
 def _as_int(value):
     """`value` as an int where it is a whole number of another type (numpy's, a torch
     integer scalar), else `value` unchanged for the checks to refuse by name."""
@@ -489,32 +538,18 @@ class BlockNet(nn.Module):
         )  # fmt: skip
 
     def check_input(self, x: torch.Tensor) -> None:
-        if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no values or sizes to check
-            return
-        check_tensor(x)
-        c = self.config.in_chans
-        if x.ndim != 4 or x.shape[1] != c:
-            if x.ndim == 3 and x.shape[0] == c:
-                fix = "add the batch dimension, x.unsqueeze(0)"
-            elif x.ndim == 3 and c == 1:  # a batch of grey images without their channel axis
-                fix = "add the channel dimension, x.unsqueeze(1)"
-            elif x.ndim == 4 and x.shape[-1] == c:
-                fix = "that looks channels-last (N, H, W, C): x.permute(0, 3, 1, 2)"
-            else:
-                fix = "set in_chans to the number of input channels"
-            raise ValueError(
-                f"expected a batch of shape (N, {c}, H, W), got {tuple(x.shape)}: {fix}"
-            )
-        check_float_images(x)
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(
-                f"input {tuple(x.shape[-2:])} is smaller than this model's minimum "
-                f"{self.min_input_size}x{self.min_input_size}: resize the images, or use a "
-                "compact preset (stem_stride=1, stem_padding='same') for small images"
-            )
+        cfg = self.config
+        compact = getattr(self, "small_images", False) or (
+            getattr(cfg, "stem_stride", 1) == 1 and getattr(cfg, "stem_padding", "same") == "same"
+        )  # a compact model was told to use a compact preset
+        check_images(x, cfg.in_chans, self.min_input_size, compact_hint=not compact)
+
+    def check_dtype(self, x: torch.Tensor) -> None:
+        check_dtype(x, self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        self.check_dtype(x)
         for name in self.block_names:
             x = self._block(name, x)
         return x
@@ -545,6 +580,10 @@ class BlockNet(nn.Module):
         meta = getattr(self, "weights_meta", None)
         if meta is not None:
             self.weights_meta = meta.replace(num_classes=num_classes, categories=None)
+        # A registered child set to None stays in `_modules`, and a strict load_state_dict then
+        # took a file's fc.weight and fc.bias silently; a plain attribute refuses them, as a
+        # model built without a classifier (and timm's) does.
+        self._modules.pop("fc", None)
         self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else None
         if self.fc is not None:
             nn.init.xavier_uniform_(self.fc.weight)
@@ -649,6 +688,7 @@ class Xception(BlockNet):
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Maps at strides 2, 4, 8, 16, 32 (capped by output_stride); see `feature_info`."""
         self.check_input(x)
+        self.check_dtype(x)
         wanted = {info["module"] for info in self.feature_info}
         maps = []
         for name in self.block_names:
@@ -657,9 +697,19 @@ class Xception(BlockNet):
                 maps.append(x)
         return maps
 
-    def reset_classifier(self, num_classes: int, pooling: str | None = "keep") -> None:
-        """A fresh classifier for `num_classes` classes (0 = none); hidden FC layers are kept."""
+    def reset_classifier(
+        self, num_classes: int, pooling: str | None = "keep", *, global_pool: str | None = None
+    ) -> None:
+        """A fresh classifier for `num_classes` classes (0 = none); hidden FC layers are kept.
+        `pooling` 'keep' keeps the model's; `global_pool` is timm's name for it ('avg', 'max',
+        or '' for none), as is `reset_classifier(n, '')`."""
         num_classes = _as_int(num_classes)
+        if global_pool is not None:
+            if pooling != "keep":
+                raise ValueError("give global_pool (timm's name) or pooling, not both")
+            pooling = global_pool
+        if pooling == "":  # timm's "no pooling"
+            pooling = None
         if pooling == "keep":
             pooling = self.config.pooling
             # The config's own message would say num_classes=0, not how to get a classifier.
@@ -715,7 +765,8 @@ class FeatureInfo(list):
 class XceptionFeatures(nn.Module):
     """An Xception cut down to a backbone, as timm's `features_only=True` gives one: a call
     returns the list of feature maps at `out_indices` of the model's `feature_info` (0 = stride
-    2 ... 4 = stride 32; negative counts from the end), the blocks past the last of them and
+    2 ... 4 = stride 32; negative counts from the end; a number n, as in timm: the last n
+    maps), the blocks past the last of them and
     the head dropped. The blocks are the model's own modules (shared, not copied), under
     their names, so the weights' names are unchanged."""
 
@@ -724,8 +775,15 @@ class XceptionFeatures(nn.Module):
         if not isinstance(model, Xception):
             raise TypeError(f"XceptionFeatures takes an Xception model, got {type(model).__name__}")
         infos, n = model.feature_info, len(model.feature_info)
-        one = isinstance(out_indices, int) or getattr(out_indices, "ndim", None) == 0
-        given = (out_indices,) if one else out_indices  # an index, numpy's or torch's included
+        count = _as_int(out_indices) if getattr(out_indices, "ndim", 0) == 0 else out_indices
+        if isinstance(count, int) and not isinstance(count, bool):
+            # timm's meaning of a number (numpy's or torch's too): the last `count` maps.
+            if not 1 <= count <= n:
+                raise ValueError(f"out_indices={out_indices!r} is not valid: a number n takes "
+                                 f"the last n of the model's {n} feature maps, 1 to {n}; give "
+                                 "a tuple for chosen maps, e.g. (1, 2, 3, 4) or (3,)")  # fmt: skip
+            out_indices = tuple(range(n - count, n))
+        given = out_indices
         try:
             indices = [_as_int(i) for i in given]
         except TypeError:
@@ -751,6 +809,7 @@ class XceptionFeatures(nn.Module):
     # The full model's own: its input checks, its input (with no classifier), and its
     # feature_maps, which return the maps this model's feature_info names.
     check_input = BlockNet.check_input
+    check_dtype = BlockNet.check_dtype
     pretrained_cfg = BlockNet.pretrained_cfg
     grad_checkpointing = False
     set_grad_checkpointing = BlockNet.set_grad_checkpointing

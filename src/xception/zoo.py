@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .model import Xception, XceptionConfig, XceptionFeatures
+from .model import Xception, XceptionConfig, XceptionFeatures, check_dtype, check_images
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 # weights.py's formats, named here (zoo imports weights lazily)
+INCEPTION_MIN_SIZE = 75  # torchvision's Inception V3: its stem and pools need 75x75 pixels
 _WEIGHT_SUFFIXES = (".h5", ".hdf5", ".keras", ".safetensors", ".pth", ".pt", ".bin", ".ckpt",
                     ".pth.tar")  # fmt: skip
 
@@ -140,7 +141,16 @@ def _inception_v3(num_classes: int, **overrides) -> nn.Module:
                          transform_input=False)  # fmt: skip
     if num_classes == 0:  # pooled features out, as Xception's num_classes=0 gives
         model.fc = _NoClassifier()
+    model.register_forward_pre_hook(_check_inception_input)
     return model
+
+
+def _check_inception_input(model: nn.Module, args: tuple) -> None:
+    """The checks every other preset makes of its input, for torchvision's Inception V3: uint8
+    pixels, a grey batch, a numpy array or 74 px failed inside its convs with torch's words."""
+    if args:
+        check_images(args[0], 3, INCEPTION_MIN_SIZE)
+        check_dtype(args[0], model)
 
 
 class _NoClassifier(nn.Identity):
