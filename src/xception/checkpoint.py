@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +110,24 @@ def _names_a_descriptor(path: Path) -> bool:
 
 
 def check_output_file(
-    path: str | Path, *, create_parents: bool = True, example_suffix: str = ".json"
+    path: str | Path,
+    *,
+    create_parents: bool = True,
+    example_suffix: str = ".json",
+    reads: Iterable[str | Path] = (),
 ) -> Path:
     """Refuse, before any work is done, an output file that could not be written: a folder in
     its place, a file where a parent folder should be, a parent folder that is missing (unless
     `create_parents`: `atomic_write` creates it) or not writable (read-only filesystems
-    included). Raises ValueError, FileNotFoundError or PermissionError naming the fix."""
+    included), or one of the files `reads` names, which the command reads (`export w.pt
+    --weights w.pt` had replaced the weights with the export). Raises ValueError,
+    FileNotFoundError or PermissionError naming the fix."""
     given = os.fspath(path)
     path = Path(path)
+    for source in reads:
+        if _same_file(path, source):
+            raise ValueError(f"{given} is also what this command reads ({source}): writing it "
+                             "would replace it; give the output another name")  # fmt: skip
     example = "result" + (path.suffix or example_suffix)
     # Path() drops a trailing slash: `--json out/` would have written a file named `out`.
     if given.endswith(tuple(filter(None, (os.sep, os.altsep)))) and not path.is_dir():
@@ -158,6 +168,14 @@ def check_output_file(
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether `a` and `b` are one existing file (through links and hard links too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: nothing there to replace
+        return False
 
 
 def _name_max(folder: Path) -> int:

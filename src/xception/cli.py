@@ -30,6 +30,30 @@ def _folder(text: str) -> str:
     return text
 
 
+def _path(text: str) -> str:
+    """A file or folder to read or write: an empty one (an unset shell variable) had been read
+    as the current folder: predict classified every image under it, eval scored the run it was
+    run in, and train --config '' trained with the recipe's own settings."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?): give a file "
+                                         "or folder")  # fmt: skip
+    return text
+
+
+# What a run folder (train.py) and its checkpoint folders (checkpoint.py) are made of: an output
+# given to a command that reads such a folder must not replace one of them.
+RUN_FILES = ("model.safetensors", "ema.safetensors", "model.json", "state.pt", "metrics.csv",
+             "config.yaml", "curves.png")  # fmt: skip
+
+
+def _files_read(spec: str | None) -> list[Path]:
+    """The files a weights argument reads: the file itself, or a run or checkpoint folder's own
+    files (an eval.json of one's own inside it is no part of the run)."""
+    if spec is None or not os.path.isdir(spec):
+        return [Path(spec)] if spec else []
+    return [f for f in Path(spec).rglob("*") if f.name in RUN_FILES]
+
+
 log = logging.getLogger("xception")
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -227,11 +251,13 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "paths",
         nargs="+",
+        type=_path,
         metavar="PATH",
         help="image files, or folders searched recursively for images",
     )
     p.add_argument(
         "--weights",
+        type=_path,
         default="imagenet",
         help="weights name (imagenet), file (.h5, .safetensors, .pth), run folder or "
         "checkpoint folder; "
@@ -352,12 +378,13 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "input",
+        type=_path,
         help="weights name (imagenet, imagenet-notop) or file "
         "(Keras .h5, .safetensors, .pth/.pt from timm, Cadene or us), run folder or checkpoint "
         "folder",
     )
-    p.add_argument("output", help="the file to write: .safetensors (ours), or .h5 for Keras' "
-                   "keras.applications.Xception (the paper's model only)")  # fmt: skip
+    p.add_argument("output", type=_path, help="the file to write: .safetensors (ours), or .h5 "
+                   "for Keras' keras.applications.Xception (the paper's model only)")  # fmt: skip
     p.add_argument(
         "--model", default="xception", help="preset the weights fit (default: %(default)s)"
     )
@@ -519,12 +546,12 @@ def _run_experiment(args: argparse.Namespace) -> int:
 def _export_args(p: argparse.ArgumentParser) -> None:
     from .deploy import EXPORT_FORMATS
 
-    p.add_argument("output", metavar="OUT", help="file to write (.onnx, .pt, .pt2)")
+    p.add_argument("output", metavar="OUT", type=_path, help="file to write (.onnx, .pt, .pt2)")
     p.add_argument("--format", help=f"one of {', '.join(EXPORT_FORMATS)} (default: from "
                    "OUT's suffix, else onnx)")  # fmt: skip
     p.add_argument("--model", default="xception", help="preset (default: %(default)s)")
-    p.add_argument("--weights", help="weights name, file, run folder or checkpoint folder "
-                   "(default: random initialisation)")  # fmt: skip
+    p.add_argument("--weights", type=_path, help="weights name, file, run folder or checkpoint "
+                   "folder (default: random initialisation)")  # fmt: skip
     p.add_argument(
         "--size",
         type=int,
@@ -549,6 +576,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         "--calibration",
         metavar="DIR",
         nargs="+",
+        type=_path,
         help="images (files or folders) for int8 calibration and the agreement check",
     )
     p.add_argument("--calibration-count", type=int, default=200,
@@ -618,7 +646,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UserError(f"--size {args.input_size}: give the input size in pixels")
     overrides = _parse_overrides(args.set, {"weights": "--weights"})
     # Before the weights are loaded (or downloaded); missing folders above it are made for it.
-    check_output_file(args.output, example_suffix=deploy._SUFFIXES.get(args.format, ".onnx"))
+    check_output_file(args.output, example_suffix=deploy._SUFFIXES.get(args.format, ".onnx"),
+                      reads=_files_read(args.weights))  # fmt: skip
     model = create_model(args.model, weights=args.weights, **overrides)
     # Without weights metadata, what predict feeds the model: a compact model exported at 299
     # refused the 28 px images it is made for, and a grey one's calibration images failed on
@@ -696,9 +725,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a tiny model at a tiny size, few repeats: a smoke test in seconds",
     )
-    p.add_argument("--json", metavar="FILE", default="bench.json",
+    p.add_argument("--json", metavar="FILE", type=_path, default="bench.json",
                    help="where to write the results (default: %(default)s)")  # fmt: skip
-    p.add_argument("--markdown", metavar="FILE",
+    p.add_argument("--markdown", metavar="FILE", type=_path,
                    help="also write the table as Markdown (as benchmarks/BENCHMARKS.md quotes "
                         "it)")  # fmt: skip
 
@@ -781,24 +810,28 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--recipe",
+        type=_path,
         help="recipe name (imagenet, jft, fashion-mnist) or a YAML file (default: fashion-mnist; "
         "with --resume: the checkpoint's own settings)",
     )
-    p.add_argument("--config", help="YAML file of overrides applied on top of the recipe (a "
-                   "`recipe:` key in it names that recipe)")  # fmt: skip
+    p.add_argument("--config", type=_path, help="YAML file of overrides applied on top of the "
+                   "recipe (a `recipe:` key in it names that recipe)")  # fmt: skip
     p.add_argument(
         "--data",
+        type=_path,
         help="dataset: a folder (train/ val/ class folders, IDX files, "
         "train.csv/val.csv) or a .csv list; default: the recipe's",
     )
     p.add_argument("--out", type=_folder, help="run folder (default: runs/RECIPE-TIMESTAMP)")
     p.add_argument("--model", help="model preset, e.g. xception-compact")
     p.add_argument(
-        "--weights", help="fine-tune from these weights (a fresh head if classes differ)"
-    )
+        "--weights", type=_path, help="fine-tune from these weights (a fresh head if classes "
+        "differ)"
+    )  # fmt: skip
     p.add_argument(
-        "--resume", help="continue a run: a checkpoint folder, or 'auto' (newest in --out)"
-    )
+        "--resume", type=_path, help="continue a run: a checkpoint folder, or 'auto' (newest in "
+        "--out)"
+    )  # fmt: skip
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size (all ranks)")
     p.add_argument("--lr", type=float)
@@ -956,12 +989,14 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
+        type=_path,
         help="run folder, checkpoint folder, weights file (.safetensors/.pth/.h5) or weights "
         "name (imagenet)",
     )
     p.add_argument(
         "--data",
         required=True,
+        type=_path,
         help="dataset to evaluate on ('fashion-mnist', a "
         "folder or a .csv list); folders use val/ when present, IDX the test split, and a "
         "run's own data without a validation part the part it held out",
@@ -979,7 +1014,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="processes decoding images beside the model (default: %(default)s, "
                         "decode in this process; ImageNet-size folders want several)")  # fmt: skip
-    p.add_argument("--json", dest="json_out", help="also write the result to this file")
+    p.add_argument("--json", dest="json_out", type=_path,
+                   help="also write the result to this file")  # fmt: skip
 
 
 @command("eval", "top-1/top-5 (or MAP@100 for multi-label data) of a checkpoint, as JSON",
@@ -992,16 +1028,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
     if args.json_out:
-        check_output_file(args.json_out)
+        check_output_file(args.json_out, reads=[*_files_read(args.checkpoint), args.data])
     # This process is ours: reuse freed memory, as training does (no page faults per batch).
     runtime.keep_freed_memory()
     result = evaluate_file(args.checkpoint, args.data, model=args.model, batch_size=args.batch_size,
                            device=args.device, image_size=args.image_size, limit=args.limit,
                            use_ema=not args.raw, workers=args.workers)  # fmt: skip
     text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
+    if args.json_out:  # first: a closed or full stdout must not lose the file
         atomic_write(args.json_out, text + "\n")
+    print(text)
     return 0
 
 
@@ -1009,7 +1045,7 @@ DEMO_EPOCHS = 3
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="fashion-mnist",
+    p.add_argument("--data", default="fashion-mnist", type=_path,
                    help="folder of the Fashion-MNIST IDX files (default: the Debian package's, "
                         "/usr/share/datasets/fashion-mnist)")  # fmt: skip
     p.add_argument("--out", type=_folder, help="run folder (default: runs/demo-TIMESTAMP)")
