@@ -432,3 +432,29 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(colour_run, tmp
     assert captured.out == ""
     assert "an empty path (an unset shell variable?): give a file or folder" in captured.err
     assert sorted(p.name for p in here.iterdir()) == before  # nothing trained or written here
+
+
+def test_convert_takes_the_config_a_plain_pth_was_trained_with(tmp_path, capsys):
+    """A plain .pth of a model off its preset (middle_blocks=1) could not be converted: the
+    error said to check the model's options, and convert took none. `--set` gives them, and the
+    safetensors file written keeps them, so predict loads it with no options at all."""
+    import torch
+
+    from xception import create_model
+
+    model = create_model("xception-compact", num_classes=3, middle_blocks=1).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "w.safetensors"
+    assert main(["convert", str(tmp_path / "w.pth"), str(out), "--model", "xception-compact"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err and not out.exists()
+    assert main(["convert", str(tmp_path / "w.pth"), str(out), "--model", "xception-compact",
+                 "--set", "middle_blocks=1"]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert "3 classes" in said and "no preprocessing stored (predict uses Keras' at 28 px)" in said
+    loaded = create_model("xception-compact", weights=out).eval()
+    assert loaded.config.middle_blocks == 1
+    x = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert main(["convert", str(tmp_path / "w.pth"), str(out), "--set", "weights=x"]) == 2
+    assert "--set weights: give it as IN, not through --set" in capsys.readouterr().err

@@ -388,6 +388,10 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="xception", help="preset the weights fit (default: %(default)s)"
     )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config field the weights were trained with where the preset's "
+                        "differs, e.g. --set middle_blocks=4 (a plain .pth holds none; the "
+                        "safetensors file written keeps them)")  # fmt: skip
 
 
 @command(
@@ -396,7 +400,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 )  # fmt: skip
 def _run_convert(args: argparse.Namespace) -> int:
     from .checkpoint import check_output_file
-    from .weights import save_keras_h5, save_safetensors
+    from .weights import input_meta, save_keras_h5, save_safetensors
     from .zoo import create_model
 
     out = args.output.lower()
@@ -405,10 +409,11 @@ def _run_convert(args: argparse.Namespace) -> int:
                         "layout; name the file .h5 (the layout of Keras' ImageNet files)")  # fmt: skip
     if not out.endswith((".safetensors", ".h5")):  # as the loaders read suffixes
         raise UserError(f"{args.output}: the output must be a .safetensors file (or .h5 for Keras)")
+    overrides = _parse_overrides(args.set, {"weights": "IN"})
     check_output_file(args.output)
     if args.model == "inception-v3":
         raise UserError("convert handles Xception weights; inception-v3 is torchvision's model")
-    model = create_model(args.model, weights=args.input)
+    model = create_model(args.model, weights=args.input, **overrides)
     if out.endswith(".h5"):
         path = save_keras_h5(model, args.output)  # refuses a variant Keras cannot build
         cfg = model.config
@@ -422,10 +427,11 @@ def _run_convert(args: argparse.Namespace) -> int:
     meta = model.weights_meta
     cfg = model.config
     port = f"padding={cfg.padding}, bn_eps={cfg.bn_eps}, " if hasattr(cfg, "padding") else ""
+    preprocessing = (f"preprocessing: {meta.input_size} px" if meta else "no preprocessing "
+                     f"stored (predict uses Keras' at {input_meta(model).input_size} px)")  # fmt: skip
     print(
         f"wrote {path}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{cfg.num_classes} classes, {port}"
-        f"preprocessing: {meta.input_size if meta else '?'} px, "
+        f"{cfg.num_classes} classes, {port}{preprocessing}, "
         f"{'class names included' if meta and meta.categories else 'no class names'}"
     )
     return 0
@@ -449,6 +455,7 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         default="fashion-mnist",
+        type=_path,
         help="folder of Fashion-MNIST-style IDX files (default: Fashion-MNIST)",
     )
     p.add_argument("--epochs", type=int, help="override the scale's epochs")
