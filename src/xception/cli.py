@@ -767,7 +767,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write, check_output_file
 
     for out, suffix in ((args.json, ".json"), (args.markdown, ".md")):  # before the minutes
-        if out is not None:  # of benchmarking, not after ("" too: it failed after them)
+        if out is not None:  # of benchmarking, not after (argparse refuses "")
             check_output_file(out, example_suffix=suffix)
     if args.markdown and os.path.realpath(args.markdown) == os.path.realpath(args.json):
         # The Markdown table was written over the JSON, which was lost.

@@ -766,9 +766,8 @@ class XceptionFeatures(nn.Module):
     """An Xception cut down to a backbone, as timm's `features_only=True` gives one: a call
     returns the list of feature maps at `out_indices` of the model's `feature_info` (0 = stride
     2 ... 4 = stride 32; negative counts from the end; a number n, as in timm: the last n
-    maps), the blocks past the last of them and
-    the head dropped. The blocks are the model's own modules (shared, not copied), under
-    their names, so the weights' names are unchanged."""
+    maps), the blocks past the last of them and the head dropped. The blocks are the model's
+    own modules (shared, not copied), under their names, so the weights' names are unchanged."""
 
     def __init__(self, model: Xception, out_indices=(0, 1, 2, 3, 4)) -> None:
         super().__init__()
@@ -783,9 +782,8 @@ class XceptionFeatures(nn.Module):
                                  f"the last n of the model's {n} feature maps, 1 to {n}; give "
                                  "a tuple for chosen maps, e.g. (1, 2, 3, 4) or (3,)")  # fmt: skip
             out_indices = tuple(range(n - count, n))
-        given = out_indices
         try:
-            indices = [_as_int(i) for i in given]
+            indices = [_as_int(i) for i in out_indices]
         except TypeError:
             indices = [None]
         if (not indices or any(isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n
