@@ -635,6 +635,9 @@ def test_a_crop_fraction_resizes_to_the_truncated_size_and_unknown_interpolation
     expected = _norm(im.resize((30, 22), Image.BILINEAR).crop((7, 3, 23, 19)))
     out = eval_transform(16, 0.7, "bilinear")(im).permute(1, 2, 0).numpy()
     assert np.allclose(out, expected, atol=1e-6)
+    # numpy's floats too, as the weights metadata takes them (they were refused here).
+    same = eval_transform(16, np.float32(0.7), "bilinear")(im).permute(1, 2, 0).numpy()
+    assert np.allclose(same, expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"interpolation='lanczos': use one of \['bicubic'"):
         eval_transform(16, interpolation="lanczos")
     # A fraction of 0 (weights metadata of one's own) was a ZeroDivisionError.

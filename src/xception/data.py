@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import logging
 import math
+import numbers
 import os
 import struct
 import warnings
@@ -123,6 +124,16 @@ def keras_transform(size: int = 299) -> T.Compose:
     )
 
 
+def is_number(value) -> bool:
+    """A real number (numpy's too), not True or False."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def is_crop_fraction(value) -> bool:
+    """Whether `value` can be a centre crop's fraction of the resized image: above 0, finite."""
+    return is_number(value) and 0 < value < math.inf
+
+
 def eval_transform(
     size: int = 299,
     crop_fraction: float = 1.0,
@@ -137,11 +148,7 @@ def eval_transform(
     if interpolation not in _INTERPOLATION:
         raise ValueError(f"interpolation={interpolation!r}: use one of {sorted(_INTERPOLATION)}")
     # 0 was a ZeroDivisionError, a negative fraction a negative resize inside torchvision.
-    if (
-        isinstance(crop_fraction, bool)
-        or not isinstance(crop_fraction, int | float)
-        or not (0 < crop_fraction < math.inf)
-    ):
+    if not is_crop_fraction(crop_fraction):
         raise ValueError(f"crop_fraction={crop_fraction!r} is not valid: give the part of the "
                          "resized image the centre crop keeps, above 0 (1.0: Keras' square "
                          "resize; timm's Xception weights: 0.8975)")  # fmt: skip

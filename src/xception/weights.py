@@ -20,7 +20,6 @@ import http.client
 import json
 import logging
 import math
-import numbers
 import os
 import pickle
 import re
@@ -37,7 +36,7 @@ from torch import nn
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from .checkpoint import atomic_write, default_mode
-from .data import _INTERPOLATION, eval_transform
+from .data import _INTERPOLATION, eval_transform, is_crop_fraction, is_number
 from .model import _as_int
 
 log = logging.getLogger(__name__)
@@ -690,11 +689,6 @@ URL_ENV = "XCEPTION_WEIGHTS_URL"  # a mirror (or file:// folder) holding the sam
 HOME_ENV = "XCEPTION_HOME"
 
 
-def _is_number(value) -> bool:
-    """A real number (numpy's too), not True or False."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
 @dataclass(frozen=True)
 class Weights:
     """One set of weights: where the file comes from, what it predicts, how inputs are prepared.
@@ -750,7 +744,7 @@ class Weights:
             # index then, as for a head replaced after loading.
             object.__setattr__(self, "categories", tuple(self.categories))
         crop = self.crop_fraction
-        if not _is_number(crop) or not 0 < crop < math.inf:
+        if not is_crop_fraction(crop):
             raise self._bad("crop_fraction", "use the part of the resized image the centre crop "
                             "keeps, above 0 (1.0: a square resize)")  # fmt: skip
         object.__setattr__(self, "crop_fraction", float(crop))
@@ -761,7 +755,7 @@ class Weights:
             if isinstance(value, str) or not isinstance(value, Iterable):
                 raise self._bad(key, "expected one number per input channel")
             value = tuple(value)
-            if not value or not all(_is_number(v) and math.isfinite(v) for v in value):
+            if not value or not all(is_number(v) and math.isfinite(v) for v in value):
                 raise self._bad(key, "expected one finite number per input channel")
             object.__setattr__(self, key, tuple(float(v) for v in value))
         if len(self.mean) != len(self.std):
