@@ -921,16 +921,17 @@ def test_eval_passes_its_flags_through_and_writes_the_json(capsys, monkeypatch, 
     out = tmp_path / "r.json"
     argv = ["eval", "--checkpoint", "ck", "--data", "d", "--model", "xception-compact", "--size",
             "32", "--batch-size", "7", "--limit", "9", "--raw", "--device", "cpu", "--workers",
-            "2", "--json", str(out)]  # fmt: skip
+            "2", "--json", str(out), "--set", "middle_blocks=2"]  # fmt: skip
     assert main(argv) == 0
     assert seen["args"] == ("ck", "d")
     assert seen["kwargs"] == dict(model="xception-compact", batch_size=7, device="cpu",
-                                  image_size=32, limit=9, use_ema=False, workers=2)  # fmt: skip
+                                  image_size=32, limit=9, use_ema=False, workers=2,
+                                  model_args={"middle_blocks": 2})  # fmt: skip
     printed = capsys.readouterr().out
     assert json.loads(printed) == {"top1": 50.0} and out.read_text() == printed
     assert main(["eval", "--checkpoint", "ck", "--data", "d"]) == 0
     assert seen["kwargs"] == dict(model=None, batch_size=128, device="auto", image_size=None,
-                                  limit=None, use_ema=True, workers=0)  # fmt: skip
+                                  limit=None, use_ema=True, workers=0, model_args={})  # fmt: skip
 
 
 def test_demo_trains_and_tests_on_the_data_given(capsys, monkeypatch, tmp_path):

@@ -458,3 +458,45 @@ def test_convert_takes_the_config_a_plain_pth_was_trained_with(tmp_path, capsys)
         assert torch.equal(loaded(x), model(x))
     assert main(["convert", str(tmp_path / "w.pth"), str(out), "--set", "weights=x"]) == 2
     assert "--set weights: give it as IN, not through --set" in capsys.readouterr().err
+
+
+def test_predict_and_eval_take_the_config_a_plain_pth_was_trained_with(
+    colour_run, tmp_path, capsys
+):
+    """predict and eval took no `--set`, so a plain .pth of a model off its preset had to go
+    through `convert --set` first. They take it now, score as the run itself does, refuse a
+    class count (a new head would be random), and refuse `--set` and another `--model` on a run
+    folder, which rebuilds its own model (both had been ignored without a word). (The .pth
+    holds no preprocessing, so its scores are not the run's.)"""
+    from xception.evaluate import load_for_eval
+
+    run, data, _ = colour_run
+    net, _ = load_for_eval(run)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    cfg = net.config
+    sets = [f"--set={k}={json.dumps(getattr(cfg, k))}" for k in
+            ("stem_channels", "entry_channels", "middle_blocks", "exit_channels", "head_channels",
+             "in_chans")]  # fmt: skip
+    pth = str(tmp_path / "w.pth")
+    argv = ["predict", str(data / "val"), "--weights", pth, "--model", "xception-compact"]
+    assert main([*argv, "--no-progress"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    rows = _json_rows(capsys, [*argv, *sets])  # it loads: without the fields it did not
+    assert len(rows) == 18 and all(r["error"] is None for r in rows)
+    assert all(sorted(p["index"] for p in r["predictions"]) == [0, 1, 2] for r in rows)
+
+    ev = ["eval", "--checkpoint", pth, "--data", str(data), "--model", "xception-compact",
+          "--size", "16"]  # fmt: skip
+    assert main(ev) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    assert main([*ev, *sets]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 18
+    assert main([*ev, *sets, "--set", "num_classes=5"]) == 2
+    assert "--set num_classes: eval uses the weights' own classifier" in capsys.readouterr().err
+    assert main([*argv, "--set", "weights=x"]) == 2
+    assert "--set weights: give it as --weights" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--data", str(data),
+                 "--set", "middle_blocks=2"]) == 2  # fmt: skip
+    assert "stores the config its model was trained with" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--data", str(data), "--model", "xception"]) == 2
+    assert "drop --model" in capsys.readouterr().err

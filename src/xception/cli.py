@@ -175,6 +175,20 @@ def _parse_overrides(pairs: list[str], flags: dict[str, str] | None = None) -> d
     return out
 
 
+def _model_set(pairs: list[str], command: str) -> dict:
+    """`--set` of `predict` and `eval`: the config a plain weights file was trained with. The
+    classifier is the weights' own, so a class count is refused rather than given a new,
+    random head whose scores would mean nothing."""
+    overrides = _parse_overrides(pairs, {"weights": "--weights" if command == "predict"
+                                         else "--checkpoint"})  # fmt: skip
+    for key in ("num_classes", "global_pool"):
+        if key in overrides:
+            raise UserError(f"--set {key}: {command} uses the weights' own classifier (a new "
+                            "head would be random); train or fine-tune one with xception "
+                            "train --weights")  # fmt: skip
+    return overrides
+
+
 # ---------------------------------------------------------------------------------------------
 # models / info (foundation)
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +283,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         help="preset (default: %(default)s); a safetensors file from "
         "'xception convert' restores its own config",
     )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config field a plain .pth was trained with where the preset's "
+                        "differs, e.g. --set middle_blocks=4")  # fmt: skip
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table",
                    help="output on stdout (default: %(default)s)")  # fmt: skip
@@ -327,6 +344,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .zoo import create_model
 
     check_counts(args.topk, args.batch_size)  # before the weights are loaded (or downloaded)
+    overrides = _model_set(args.set, "predict")
     if args.backend not in BACKENDS:  # before the weights are loaded (or downloaded)
         raise UserError(f"unknown --backend {args.backend!r}: use one of {', '.join(BACKENDS)}")
     files = find_images(args.paths)
@@ -338,7 +356,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not any(f.exists() for f in files):  # fail before loading (or downloading) weights
         raise UserError(f"no such file: {', '.join(map(str, files))}")
     runtime.keep_freed_memory()  # this process is ours, as in `xception eval`
-    model = create_model(args.model, weights=args.weights, progress=not args.no_progress)
+    model = create_model(args.model, weights=args.weights, progress=not args.no_progress,
+                         **overrides)  # fmt: skip
     num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features
     topk = min(args.topk, num_classes)
     # Checks the model and builds the backend: a model that cannot classify is refused before
@@ -1009,6 +1028,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "run's own data without a validation part the part it held out",
     )
     p.add_argument("--model", help="preset for a plain weights file (default: xception)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config field a plain weights file was trained with where the "
+                        "preset's differs, e.g. --set middle_blocks=4 (run and checkpoint "
+                        "folders store theirs)")  # fmt: skip
     p.add_argument("--size", type=int, dest="image_size", metavar="SIZE",
                    help="input size (default: the checkpoint's)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128,
@@ -1034,13 +1057,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write, check_output_file
     from .evaluate import evaluate_file
 
+    overrides = _model_set(args.set, "eval")
     if args.json_out:
         check_output_file(args.json_out, reads=[*_files_read(args.checkpoint), args.data])
     # This process is ours: reuse freed memory, as training does (no page faults per batch).
     runtime.keep_freed_memory()
     result = evaluate_file(args.checkpoint, args.data, model=args.model, batch_size=args.batch_size,
                            device=args.device, image_size=args.image_size, limit=args.limit,
-                           use_ema=not args.raw, workers=args.workers)  # fmt: skip
+                           use_ema=not args.raw, workers=args.workers,
+                           model_args=overrides)  # fmt: skip
     text = json.dumps(result, indent=2)
     if args.json_out:  # first: a closed or full stdout must not lose the file
         atomic_write(args.json_out, text + "\n")

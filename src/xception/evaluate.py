@@ -116,7 +116,13 @@ def evaluate_model(
     return out
 
 
-def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool = True):
+def load_for_eval(
+    path: str | Path,
+    *,
+    model: str | None = None,
+    use_ema: bool = True,
+    model_args: dict | None = None,
+):
     """A model and its metadata from a run folder, a checkpoint folder, a weights file or a
     weights name (`xception.weights.WEIGHTS`, e.g. 'imagenet').
 
@@ -129,7 +135,9 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
     is. Weights that carry their preprocessing (Keras', timm's, ours) are evaluated with it.
     `use_ema=False` on a run folder whose final weights are the EMA ones evaluates the raw
     weights of its newest checkpoint; on a weights name or a lone weights file (one set of
-    weights) it is a ValueError."""
+    weights) it is a ValueError. `model_args` are config fields a plain weights file was
+    trained with where its preset's differ (e.g. {"middle_blocks": 4}), as `create_model` takes
+    them; run and checkpoint folders store their config, and refuse them."""
     from . import checkpoint as C
     from . import weights as W
     from .model import Xception, XceptionConfig, default_image_size
@@ -194,7 +202,7 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
         # The weights' own classifier, which must load (a new, random head would be scored);
         # a name without one is refused before its download.
         net = None if named and not W.WEIGHTS[spec].num_classes else create_model(
-            model or "xception", weights=spec)  # fmt: skip
+            model or "xception", weights=spec, **(model_args or {}))  # fmt: skip
         if not getattr(getattr(net, "fc", None), "out_features", 0):
             raise W.WeightsError(f"{spec}: weights without a classifier (like imagenet-notop): "
                                  "there is nothing to score; evaluate weights with their "
@@ -222,6 +230,14 @@ def load_for_eval(path: str | Path, *, model: str | None = None, use_ema: bool =
                 # where sorted order had matched only all 1000.
                 info.update(classes=stored.categories)
         return net, info
+    if model_args:  # the folder's model is the one it trained: --set had been ignored
+        raise ValueError(f"--set {', '.join(model_args)}: {path} stores the config its model was "
+                         "trained with, which is used; --set is for a plain weights file that "
+                         "holds none")  # fmt: skip
+    if model is not None and model != meta["model"]:
+        raise ValueError(f"--model {model}: {path} holds a {meta['model']} run, which is "
+                         f"rebuilt as it was trained; drop --model (it is for a plain weights "
+                         "file)")  # fmt: skip
     if meta["model"] == "inception-v3":
         net = create_model("inception-v3", num_classes=len(meta["classes"]))
     else:
@@ -280,6 +296,7 @@ def evaluate_file(
     limit: int | None = None,
     use_ema: bool = True,
     workers: int = 0,
+    model_args: dict | None = None,
 ) -> dict:
     """Evaluate a checkpoint/run folder, weights file or weights name on `data` (see
     `data.make_eval_dataset`). Returns a JSON-ready dict of metrics and provenance.
@@ -287,7 +304,8 @@ def evaluate_file(
     A run evaluated on the data it trained on, where that data has no validation part, is
     scored on the part training held out ('split' in the result says so), not on images it
     trained on. `limit` scores a seeded sample of that many images, the same every time, spread
-    over the data (class folders list their images class by class)."""
+    over the data (class folders list their images class by class). `model_args` are config
+    fields of a plain weights file's model (see `load_for_eval`)."""
     from .data import make_eval_dataset
 
     if batch_size < 1:
@@ -299,7 +317,7 @@ def evaluate_file(
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: give at least 1 image (or no limit)")
     dev = resolve_device(device)
-    net, info = load_for_eval(path, model=model, use_ema=use_ema)
+    net, info = load_for_eval(path, model=model, use_ema=use_ema, model_args=model_args)
     size = image_size or info["image_size"]
     in_chans = getattr(getattr(net, "config", None), "in_chans", 3)
     config = info["config"] or {}
