@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 import struct
+import unicodedata
 import warnings
 import zlib
 from pathlib import Path
@@ -94,7 +95,13 @@ def _to_rgb(im: Image.Image, sixteen: bool = False) -> Image.Image:
             top = 1.0  # a float image in [0, 1], the usual scale of float TIFFs
         else:
             top = 65535.0 if sixteen or im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        # A 16-bit grey PNG's transparent value (tRNS) is on the 16-bit scale: its pixels
+        # become alpha 0 here, before the scaling would lose which they were.
+        clear = im.info.get("transparency")
         im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        if isinstance(clear, int | float) and not isinstance(clear, bool):
+            alpha = np.where(arr == clear, 0, 255).astype(np.uint8)
+            im = Image.merge("LA", (im, Image.fromarray(alpha, "L")))
     if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
         # A palette's transparent entries, or a grey/RGB PNG's transparent colour (tRNS: what
         # PNG optimisers turn an RGBA image with on/off alpha into): on white, like RGBA.
@@ -532,6 +539,14 @@ class FileDataset(torch.utils.data.Dataset):
         return torch.utils.data.default_collate(batch) if batch else (None, None)
 
 
+class Samples(list):
+    """(path, target) pairs of a listed dataset (`scan_folder`, `read_label_list`), and
+    `skipped`: how many files listed were left out for failing the header check (which
+    `xception eval` counts with those that then fail to decode)."""
+
+    skipped: int = 0
+
+
 def _check_readable(paths: list[Path], where: str) -> list[bool]:
     """Header check of every file; unreadable ones are logged with their path and counted."""
     ok = []
@@ -603,6 +618,11 @@ def _is_imagenet(classes: tuple[str, ...]) -> bool:
     return tuple(classes) == tuple(_IMAGENET_CATEGORIES)
 
 
+def _nfc(name: str) -> str:
+    """A name in Unicode's composed form (NFC), as class names are compared."""
+    return unicodedata.normalize("NFC", name)
+
+
 def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     """(samples, classes) of a folder with one sub-folder of images per class. With ImageNet's
     classes given (ImageNet weights), folders named by WordNet ID (n01440764, ...) are matched
@@ -628,10 +648,12 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     # (val/n01440764/, and Imagenette's): the folder of class k is the k-th WordNet ID, or its
     # name, folder by folder (a folder of one's own images beside ImageNet's).
     imagenet = _is_imagenet(classes)
-    index = {name: k for k, name in enumerate(classes)}
+    # Matched after Unicode normalisation: macOS writes names decomposed ('e' + accent), so a
+    # folder 'café' copied from a Mac did not match the class 'café' a model was trained with.
+    index = {_nfc(name): k for k, name in enumerate(classes)}
     if imagenet:
         index |= {wnid: k for k, wnid in enumerate(imagenet_wnids())}
-    unknown = sorted(set(found) - set(index))
+    unknown = sorted(name for name in found if _nfc(name) not in index)
     if unknown:
         listed = ", ".join(classes) if len(classes) <= 20 else (
             f"{', '.join(classes[:20])}, ... ({len(classes)} classes)")  # fmt: skip
@@ -642,11 +664,11 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
                         f"name{ids}")  # fmt: skip
     first: dict[int, str] = {}
     for name in found:
-        other = first.setdefault(index[name], name)
+        other = first.setdefault(index[_nfc(name)], name)
         if other != name:
-            raise DataError(f"{root}: class {classes[index[name]]} has two folders, {other} "
-                            f"and {name}: merge them into one")  # fmt: skip
-    by_class = sorted(found, key=index.__getitem__)  # samples in class order, as before
+            raise DataError(f"{root}: class {classes[index[_nfc(name)]]} has two folders, "
+                            f"{other} and {name}: merge them into one")  # fmt: skip
+    by_class = sorted(found, key=lambda name: index[_nfc(name)])  # in class order, as before
     paths, targets, folder_of = [], [], []
     for name in by_class:
         folder = root / name
@@ -654,10 +676,11 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
         if not files:
             raise DataError(f"class folder {folder} has no images: add images or remove it")
         paths += files
-        targets += [index[name]] * len(files)
+        targets += [index[_nfc(name)]] * len(files)
         folder_of += [name] * len(files)
     ok = _check_readable(paths, str(root))
-    samples = [(p, t) for p, t, g in zip(paths, targets, ok, strict=True) if g]
+    samples = Samples((p, t) for p, t, g in zip(paths, targets, ok, strict=True) if g)
+    samples.skipped = ok.count(False)
     left = {f for f, g in zip(folder_of, ok, strict=True) if g}
     for name in by_class:
         if name not in left:
@@ -682,8 +705,14 @@ def read_label_list(path: str | Path, classes: tuple[str, ...] | None = None):
             reader = csv.reader(f)
             for row in reader:
                 line = reader.line_num
-                if not row or (not rows and row[0].strip().lower() == "path"):
+                # A blank line, or the empty rows a spreadsheet exports below its table (',,').
+                if not any(cell.strip() for cell in row) or (
+                    not rows and row[0].strip().lower() == "path"
+                ):
                     continue
+                if not row[0].strip():
+                    raise DataError(f"{path}:{line}: labels without an image path: give the "
+                                    "image's path first, e.g. 'images/a.jpg,cat dog'")  # fmt: skip
                 if len(row) < 2:
                     raise DataError(f"{path}:{line}: expected 'path,labels', got {row!r}")
                 if any("\n" in cell for cell in row):
@@ -706,10 +735,12 @@ def read_label_list(path: str | Path, classes: tuple[str, ...] | None = None):
     ok = _check_readable([p for p, _, _ in rows], str(path))
     readable = [row for row, good in zip(rows, ok, strict=True) if good]
     # Classes come from the images that will be seen, so a missing file adds none.
-    classes = tuple(classes or sorted({lab for _, labs, _ in readable for lab in labs}))
-    index = {c: k for k, c in enumerate(classes)}
-    samples = []
+    classes = tuple(classes or sorted({_nfc(lab) for _, labs, _ in readable for lab in labs}))
+    index = {_nfc(c): k for k, c in enumerate(classes)}  # matched as scan_folder matches
+    samples = Samples()
+    samples.skipped = ok.count(False)
     for p, labels, line in readable:
+        labels = [_nfc(lab) for lab in labels]
         unknown = [lab for lab in labels if lab not in index]
         if unknown:
             raise DataError(f"{path}:{line}: label {unknown[0]!r} is not one of the model's "
@@ -836,7 +867,8 @@ def make_eval_dataset(
     `held_out=(val_fraction, seed)`, for a run evaluated on the data it trained on: where that
     data has no validation part (class folders alone, `train/` alone, a list without val.csv)
     the dataset is the part training held out, as `make_datasets` split it. The returned
-    dataset's `held_out` says whether that was done. `train_images`, the number the run trained
+    dataset's `held_out` says whether that was done, and its `listing` (image files only)
+    counts the files listed that passed and that failed the header check (before any split). `train_images`, the number the run trained
     on, when known: data that has gained or lost images since is refused, because its split is
     another (one image more reshuffles it) and would score images the run trained on."""
     root = resolve_data(data)
@@ -850,6 +882,8 @@ def make_eval_dataset(
     kw = dict(substitute=False, grey=in_chans == 1)
     split = None  # the held-out split, when one is taken
 
+    listing = None  # (files that passed the header check, files that failed it)
+
     def held(samples):
         keep, part = split_samples(len(samples), *held_out)
         if train_images is not None and len(keep) != train_images:
@@ -862,6 +896,7 @@ def make_eval_dataset(
 
     if root.is_file() or (root / "val.csv").is_file():
         samples, classes = read_label_list(root if root.is_file() else root / "val.csv", classes)
+        listing = (len(samples), samples.skipped)
         if held_out and root.is_file():  # a list given alone is split for training
             samples, split = held(samples), held_out
         dataset = FileDataset(samples, classes, transform, multilabel=True, **kw)
@@ -871,10 +906,12 @@ def make_eval_dataset(
                             f"{root / 'train.csv'} to evaluate on the training list, or add "
                             "val.csv")  # fmt: skip
         samples, classes = read_label_list(root / "train.csv", classes)
+        listing = (len(samples), samples.skipped)
         samples, split = held(samples), held_out
         dataset = FileDataset(samples, classes, transform, multilabel=True, **kw)
     elif (root / "val").is_dir():
         samples, classes = scan_folder(root / "val", classes)
+        listing = (len(samples), samples.skipped)
         dataset = FileDataset(samples, classes, transform, **kw)
     elif (root / "train").is_dir() and not held_out:
         # 'train' is the training split, not a class (as `make_datasets` reads the folder).
@@ -883,8 +920,9 @@ def make_eval_dataset(
     else:
         samples, classes = scan_folder(root / "train" if (root / "train").is_dir() else root,
                                        classes)  # fmt: skip
+        listing = (len(samples), samples.skipped)
         if held_out:
             samples, split = held(samples), held_out
         dataset = FileDataset(samples, classes, transform, **kw)
-    dataset.held_out = split
+    dataset.held_out, dataset.listing = split, listing
     return dataset

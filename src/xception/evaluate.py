@@ -128,8 +128,9 @@ def load_for_eval(
 
     Returns (model, info) where info has 'classes' (or None), 'image_size', 'mean', 'std',
     'crop_fraction', 'interpolation', 'multilabel', 'loss', 'source', 'config' (the training
-    config of a run or checkpoint, else None) and 'train_images' (how many images a run
-    trained on, where it recorded that, else None). Run and checkpoint folders rebuild the exact
+    config of a run or checkpoint, else None), 'train_images' (the images in the training part
+    of a run's split, before any --train-subset, where it recorded that, else None) and
+    'data_path' (the real path of the run's data, where recorded). Run and checkpoint folders rebuild the exact
     model they were trained with; a plain weights file needs `model` (a preset name; default
     'xception') unless it stores its config, and must hold a classifier, which is loaded as it
     is. Weights that carry their preprocessing (Keras', timm's, ours) are evaluated with it.
@@ -182,11 +183,13 @@ def load_for_eval(
     if run_weights:
         weights = W.load_file(path / "model.safetensors")
         source = str(path / "model.safetensors")
-        trained_on = (meta.get("data") or {}).get("train_images")
+        trained_on = _split_images(meta.get("data") or {}, config)
+        data_path = (meta.get("data") or {}).get("path")
     elif not named and (path.is_dir() or path.name in ("state.pt",)):
         ckpt = C.load_checkpoint(path)
         meta, config = ckpt["state"]["meta"], ckpt["state"].get("config")
-        trained_on = ckpt["state"].get("train_images")  # not recorded before this field
+        trained_on = _split_images(ckpt["state"], config)
+        data_path = ckpt["state"].get("data_path")
         weights = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
         source = f"{ckpt['path']} ({'EMA' if weights is ckpt['ema'] else 'raw'} weights{note})"
     else:
@@ -216,7 +219,7 @@ def load_for_eval(
         info = dict(classes=None, image_size=size, mean=(0.5,) * chans,
                     std=(0.5,) * chans, crop_fraction=1.0, interpolation="bilinear",
                     multilabel=False, loss="softmax", source=str(spec), config=None,
-                    train_images=None)  # fmt: skip
+                    train_images=None, data_path=None)  # fmt: skip
         stored = getattr(net, "weights_meta", None)
         if stored is not None:  # the preprocessing the weights expect (timm's: a centre crop)
             info.update(mean=stored.mean, std=stored.std, crop_fraction=stored.crop_fraction,
@@ -245,8 +248,37 @@ def load_for_eval(
     W.load_into(net, weights, source=source, require_head=True)
     info = {k: meta[k] for k in ("classes", "image_size", "mean", "std", "multilabel", "loss")}
     info.update(source=source, crop_fraction=1.0, interpolation="bilinear", config=config,
-                train_images=trained_on)  # fmt: skip
+                train_images=trained_on, data_path=data_path)  # fmt: skip
     return net, info
+
+
+def _check_mostly_readable(data, scored: int, unreadable: int, listing) -> None:
+    """Refuse data of which most images are unreadable: those that failed to decode among the
+    images evaluated, with those left out when the files were listed for failing the header
+    check (`listing`: passed, failed; each check had seen only its own part, so 7 of 10 bad
+    files passed as 4 of 10, then 3 of 6). Under a --limit sample or a held-out part, the
+    decode failures are taken at the sample's rate over the files listed."""
+    seen = scored + unreadable
+    passed, skipped = listing if listing is not None else (seen, 0)
+    if seen == passed:  # every image listed was evaluated: exact counts
+        bad, total = unreadable + skipped, seen + skipped
+        if bad * 2 > total:
+            raise ValueError(f"{data}: {bad} of {total} images are unreadable; check the files "
+                             "(the log names them)")  # fmt: skip
+    elif (skipped + passed * unreadable / seen) * 2 > passed + skipped:
+        raise ValueError(f"{data}: most images are unreadable ({unreadable} of the {seen} "
+                         f"evaluated, and {skipped} of the {passed + skipped} files listed); "
+                         "check the files (the log names them)")  # fmt: skip
+
+
+def _split_images(record: dict, config: dict | None) -> int | None:
+    """The images in the training part of a run's split (before --train-subset took some), as
+    its checkpoint or model card records them; None where that is unknown."""
+    if record.get("split_images") is not None:
+        return record["split_images"]
+    if (config or {}).get("train_subset") is None:  # no subset: the two are the same
+        return record.get("train_images")  # not recorded before this field
+    return None  # an older run trained on a subset: only the subset's size was recorded
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -269,12 +301,19 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def _same_data(a: str | Path, b: str | Path) -> bool:
-    """Whether two --data values name the same dataset (a name or the same real path)."""
+def _same_data(data: str | Path, run_path: str | None, run_data: str | None) -> bool:
+    """Whether `data` is the dataset a run trained on: the real path the run recorded, or its
+    --data value (for runs that did not record the path; a relative one is read from here)."""
     from .data import DataError, resolve_data
 
     try:
-        return os.path.realpath(resolve_data(a)) == os.path.realpath(resolve_data(b))
+        here = os.path.realpath(resolve_data(data))
+    except DataError:
+        return False
+    if here == run_path:
+        return True
+    try:
+        return run_data is not None and here == os.path.realpath(resolve_data(run_data))
     except DataError:  # the run's data is gone (or was given relative to another folder)
         return False
 
@@ -322,7 +361,7 @@ def evaluate_file(
     in_chans = getattr(getattr(net, "config", None), "in_chans", 3)
     config = info["config"] or {}
     held_out = None
-    if config.get("data") is not None and _same_data(config["data"], data):
+    if _same_data(data, info["data_path"], config.get("data")):
         held_out = (config.get("val_fraction", 0.1), config.get("seed", 0))
     dataset = make_eval_dataset(
         data, image_size=size, classes=tuple(info["classes"]) if info["classes"] else None,
@@ -331,6 +370,7 @@ def evaluate_file(
         held_out=held_out, train_images=info["train_images"],
     )  # fmt: skip
     split = getattr(dataset, "held_out", None)
+    listing = getattr(dataset, "listing", None)
     channels = getattr(dataset, "channels", in_chans)  # in-memory IDX images are grey
     if channels != in_chans:
         raise ValueError(f"{data}: {channels}-channel images, but the model takes {in_chans}: "
@@ -361,9 +401,7 @@ def evaluate_file(
     if not scored:
         raise ValueError(f"{data}: no images to evaluate" + (
             f" ({unreadable} unreadable)" if unreadable else ""))  # fmt: skip
-    if unreadable * 2 > scored + unreadable:
-        raise ValueError(f"{data}: {unreadable} of {scored + unreadable} images are unreadable; "
-                         "check the files (the log names them)")  # fmt: skip
+    _check_mostly_readable(data, scored, unreadable, listing)
     broken = sorted(k for k, v in result.items() if not math.isfinite(v))
     if broken:  # JSON has no NaN: null, and a warning saying why
         log.warning("the model's outputs are not finite (%s): a diverged or overflowing model; "

@@ -44,11 +44,14 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[
 
 
 def _rankable(scores: torch.Tensor) -> torch.Tensor:
-    """Float scores with NaN as -inf: a NaN never outranks a number (torch.topk and sort rank
-    NaN first), and NaNs tie with each other."""
-    if scores.dtype != torch.float64:
-        scores = scores.float()
-    return scores.masked_fill(scores.isnan(), float("-inf"))
+    """Scores as float64 with NaN below every number, -inf included: a NaN never outranks a
+    number (torch.topk and sort rank NaN first), and NaNs tie with each other. -inf becomes
+    float64's lowest finite value, which no lower-precision score can equal, and NaN -inf."""
+    scores = scores.double()  # exact for every lower-precision float and for integers to 2**53
+    lowest = torch.finfo(torch.float64).min
+    return scores.masked_fill(scores == float("-inf"), lowest).masked_fill(
+        scores.isnan(), float("-inf")
+    )
 
 
 def average_precision_at_k(

@@ -688,7 +688,7 @@ class _Run:
     # set-up ------------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
-        from .data import make_datasets
+        from .data import make_datasets, resolve_data
         from .zoo import create_model
 
         if cfg.threads:
@@ -711,6 +711,10 @@ class _Run:
         self.norm = (tuple(train.mean.flatten().div(255).tolist()),
                      tuple(train.std.flatten().div(255).tolist())) if hasattr(train, "channels") \
             else ((0.5,) * 3, (0.5,) * 3)  # fmt: skip
+        # What eval needs to take the run's held-out part again (the data spelt relative to
+        # another folder, and the split's training part before --train-subset).
+        self.data_path = os.path.realpath(resolve_data(cfg.data))
+        self.split_images = len(train)
         self.train_set = _subset(train, cfg.train_subset, cfg.seed)
         self.val_set = _subset(val, cfg.val_subset, cfg.seed + 1)
         if self.resume_from is not None:
@@ -808,12 +812,16 @@ class _Run:
             raise ValueError(f"{self.cfg.data} holds other classes than the run was trained on "
                              f"({len(saved)}: {shown}): resume with the run's data, or start a "
                              f"new run from its weights (--weights {path}/model.safetensors)")  # fmt: skip
-        images = state.get("train_images")  # not recorded before this field
-        if images is not None and images != len(self.train_set):
-            raise ValueError(f"{self.cfg.data} has {len(self.train_set)} training images, the run "
-                             f"had {images}: its batches would not continue the run's. Resume "
-                             "with the run's data, or start a new run from its weights "
-                             f"(--weights {path}/model.safetensors)")  # fmt: skip
+        # The split's training part before --train-subset, then the subset (the first is not
+        # recorded by older checkpoints; one image more draws another subset).
+        for key, have in (("split_images", self.split_images),
+                          ("train_images", len(self.train_set))):  # fmt: skip
+            images = state.get(key)
+            if images is not None and images != have:
+                raise ValueError(f"{self.cfg.data} has {have} training images, the run had "
+                                 f"{images}: its batches would not continue the run's. Resume "
+                                 "with the run's data, or start a new run from its weights "
+                                 f"(--weights {path}/model.safetensors)")  # fmt: skip
 
     def _restore(self, ckpt: dict) -> None:
         state, path = ckpt["state"], Path(ckpt["path"])
@@ -895,7 +903,8 @@ class _Run:
                          "wall_s": time.perf_counter() - self.start_wall}
                 if meter is not None else {},
                 ema_updates=self.ema.updates if self.ema else 0, world=self.world,
-                train_images=len(self.train_set),
+                train_images=len(self.train_set), split_images=self.split_images,
+                data_path=self.data_path,
             )  # fmt: skip
             ema = self.ema.module.state_dict() if self.ema else None
             sd = {k: v for k, v in self.model.state_dict().items()}
@@ -973,7 +982,8 @@ class _Run:
                 name=f"{self.cfg.model} trained with recipe {self.cfg.recipe}",
                 **self._meta(), parameters=self.params,
                 weights="model.safetensors (EMA weights)" if self.ema else "model.safetensors",
-                data=dict(source=str(self.cfg.data), train_images=len(self.train_set),
+                data=dict(source=str(self.cfg.data), path=self.data_path,
+                          train_images=len(self.train_set), split_images=self.split_images,
                           val_images=len(self.val_set)),
                 final=self.history[-1] if self.history else None, best=self.best,
                 epochs=self.epoch, steps=self.step, config=self.cfg.to_dict(),
