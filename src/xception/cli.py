@@ -885,6 +885,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):
     """(the config, the keys the user set): a resume keeps the run's own settings for the rest."""
     import os
+    import re
     import time
 
     from .train import _read_yaml, given_keys, make_config
@@ -923,11 +924,13 @@ def _train_config(args: argparse.Namespace):
         overrides["progress"] = False
     # `--resume auto` where no checkpoint is yet starts a new run, as plain `train` does: with
     # the default recipe, and everything given applied (job scripts pass it on every launch).
-    resuming = bool(args.resume)
-    if args.resume == "auto" and args.out:
+    # The run folder and resume may come from --config or --set as well as from the flags.
+    resume, out = overrides.get("resume"), overrides.get("out")
+    resuming = bool(resume)
+    if resume == "auto" and out:
         from .checkpoint import find_latest
 
-        resuming = find_latest(os.path.join(args.out, "checkpoints")) is not None
+        resuming = find_latest(os.path.join(str(out), "checkpoints")) is not None
     if resuming:
         from .train import RESUMABLE, load_recipe
 
@@ -954,7 +957,8 @@ def _train_config(args: argparse.Namespace):
         if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
             raise UserError("under torchrun pass --out DIR, so that all ranks and restarts "
                             "use the same run folder")  # fmt: skip
-        cfg = cfg.replace(out=f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+        label = re.sub(r"[^\w.-]+", "-", cfg.recipe).strip(".-") or "custom"  # one folder
+        cfg = cfg.replace(out=f"runs/{label}-{time.strftime('%Y%m%d-%H%M%S')}")
     _refuse_replacing_results(cfg)
     return cfg, given
 

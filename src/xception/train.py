@@ -161,6 +161,8 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise bad(name, "use 0 or more")
+        if self.workers < 0:  # torch's message named num_workers, a key that does not exist
+            raise bad("workers", "use 0 (load images in the training process) or more")
         for name in ("label_smoothing", "drop_rate"):
             if not 0 <= getattr(self, name) < 1:
                 raise bad(name, "use a value in [0, 1), e.g. 0.1")
@@ -178,6 +180,9 @@ class TrainConfig:
             raise bad("crop_padding", "use 0 or more pixels")
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "use a value in [0, 1), e.g. 0.9")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("momentum=0 with nesterov=true: Nesterov's method needs momentum; "
+                             "set nesterov=false for plain SGD")  # fmt: skip
         if not 0 < self.lr_decay <= 1 or not self.lr_decay_epochs > 0:
             raise ValueError(f"lr_decay={self.lr_decay!r} every lr_decay_epochs="
                              f"{self.lr_decay_epochs!r} is not valid: use a factor in (0, 1] "
@@ -195,6 +200,10 @@ class TrainConfig:
             raise bad("opt_eps", "use a small positive number, e.g. 1e-8")
         if self.amp == "fp16" and self.device == "cpu":
             raise bad("amp", "fp16 needs CUDA; on a CPU use bf16 or none")
+        inner = self.model_args.get("drop_rate") if isinstance(self.model_args, dict) else None
+        if self.drop_rate and inner is not None and inner != self.drop_rate:
+            raise ValueError(f"drop_rate={self.drop_rate} and model_args.drop_rate={inner} both "
+                             "set the classifier's dropout: give one of them")  # fmt: skip
         fixed = sorted(set(self.model_args) & {"in_chans", "num_classes"})
         if fixed:
             raise ValueError(f"model_args.{fixed[0]} is set from the data (its channels and "
@@ -255,7 +264,16 @@ RUN_SETTINGS = tuple(k for k in RESUMABLE if k not in ("out", "resume", "device"
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is intact."""
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is intact.
+    `detail` says what happened and `advice` what to change in the config, apart, so that a
+    caller whose users cannot change the config (`xception experiment`) can give its own."""
+
+    def __init__(self, detail: str, advice: str = "") -> None:
+        self.detail, self.advice = detail, advice
+        super().__init__(f"{detail}. {advice}" if advice else detail)
+
+
+_DIVERGED = "Lower lr, set grad_clip, or check the data"
 
 
 class Interrupted(Exception):
@@ -305,7 +323,9 @@ def load_recipe(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
             return data
         if Path(str(base)).suffix in (".yaml", ".yml"):  # another file, beside this one
             merged = load_recipe(path.parent / str(base), (*_seen, path.resolve()))
-            return {**_over(merged, data), "recipe": merged.get("recipe", str(base))}
+            # Named after the bundled recipe at the chain's root, else 'custom' (as a file
+            # without a base is): a path here became the default run folder's name.
+            return {**_over(merged, data), "recipe": merged.get("recipe", "custom")}
         # An unknown name is an error with the closest names (a typo used to train on bare
         # defaults).
         return _over(load_recipe(str(base)), data)
@@ -348,7 +368,7 @@ def make_config(config: str | Path | dict | TrainConfig | None = None, **overrid
         base: dict = {}
     elif isinstance(config, dict):
         base = dict(config)
-        if "recipe" in base and base["recipe"] in list_recipes():
+        if base.get("recipe", "custom") != "custom":  # a base recipe: a name or a YAML file
             base = _over(load_recipe(base["recipe"]), base)
     else:
         base = load_recipe(config)
@@ -532,7 +552,7 @@ def given_keys(config: str | Path | dict | TrainConfig | None, overrides: dict) 
     named = set(config) if isinstance(config, dict) else set()
     if isinstance(config, str | Path):
         named = set(load_recipe(config))
-    elif isinstance(config, dict) and config.get("recipe") in list_recipes():
+    elif isinstance(config, dict) and config.get("recipe", "custom") != "custom":
         named |= set(load_recipe(config["recipe"]))
     return named | {k for k, v in overrides.items() if v is not None}
 
@@ -929,8 +949,8 @@ class _Run:
                 else "on another rank"  # fmt: skip
             raise TrainingError(
                 f"weights no longer finite at epoch {self.epoch + 1}, step {self.step} ({where}): "
-                f"training stopped; last good checkpoint: {last or 'none'}. Lower lr, set "
-                "grad_clip, or check the data"
+                f"training stopped; last good checkpoint: {last or 'none'}",
+                _DIVERGED,
             )
 
     def _seconds(self) -> float:
@@ -1141,8 +1161,8 @@ class _Run:
                 last = C.find_latest(self.ckpt_dir)
                 raise TrainingError(
                     f"non-finite loss at epoch {self.epoch + 1}, step {self.step}: training "
-                    f"stopped; last good checkpoint: {last or 'none'}. Lower lr, set grad_clip, "
-                    "or check the data"
+                    f"stopped; last good checkpoint: {last or 'none'}",
+                    _DIVERGED,
                 )
             if bar is not None:
                 bar.update(1)
@@ -1197,7 +1217,19 @@ class _Run:
                 if self.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may go
                 with autocast(self.device, cfg.amp):
-                    logits = self.net(xs)
+                    try:
+                        logits = self.net(xs)
+                    except ValueError as err:
+                        if "more than 1 value per channel" not in str(err):
+                            raise
+                        raise ValueError(
+                            f"each micro-batch holds {len(xs)} image(s) (batch_size="
+                            f"{cfg.batch_size} over {self.world} process(es) and accum_steps="
+                            f"{cfg.accum_steps}), and at image_size={cfg.image_size} the "
+                            "model's last batch norm then sees one value per channel, which "
+                            "it cannot normalise: raise batch_size or lower accum_steps so "
+                            "that each micro-batch holds 2 or more"
+                        ) from None
                     loss = self._loss(logits.float(), ys)
                 if not torch.isfinite(loss):
                     finite = False
