@@ -1079,7 +1079,8 @@ def test_report_numbers_from_runs_written_by_hand(tmp_path, monkeypatch):
         "| with residual connections | 3 | 82.00 +- 2.00 | 1,000 | 2.0 | 200 |",
         "| without residual connections | 3 | 72.00 +- 2.65 | 900 | 1.5 | 60 |",
         "| pointwise first | 3 | 82.00 +- 1.00 | 1,100 | 2.5 | 10 |",
-        "(standard deviation 2.00 pp, 6 degrees of freedom)",
+        "(final accuracy: standard deviation 2.00 pp, 6 degrees of freedom; for the "
+        "convergence claims",
         "with residual connections minus without residual connections: +10.00 pp, 95% interval "
         "+6.00 .. +14.00 pp (t at 6 df)",
         "without residual connections: +15.00 pp, 95% interval +11.00 .. +19.00 pp (t at 6 df)",

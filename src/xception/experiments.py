@@ -293,9 +293,12 @@ def suite_plan(
 # ---------------------------------------------------------------------------------------------
 def t_coverage(t: float, df: int) -> float:
     """P(|T| < t) for Student's t with an integer number of degrees of freedom, exactly
-    (Abramowitz and Stegun 26.7.3-4: finite series in theta = atan(t / sqrt(df)))."""
+    (Abramowitz and Stegun 26.7.3-4: finite series in theta = atan(t / sqrt(df))); 0 for
+    t <= 0, where no value of |T| is below t."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be at least 1, not {df}")
+    if t <= 0:  # the series is odd in t: it gave a negative "probability"
+        return 0.0
     theta = math.atan(t / math.sqrt(df))
     c2, s = math.cos(theta) ** 2, math.sin(theta)
     if df % 2 == 0:  # sin(theta) (1 + c2/2 + 1*3 c2^2/(2*4) + ... up to c2^((df-2)/2))
@@ -371,21 +374,20 @@ def compare(
 ) -> tuple[str, dict]:  # fmt: skip
     """Verdict ("holds", "does not hold", "inconclusive") on a claim about per-seed values a, b
     (see the module docstring for the rule)."""
+    if kind not in ("better", "equivalent"):  # also with one seed, where no rule is applied
+        raise ValueError(f"unknown claim kind {kind!r}: use 'better' or 'equivalent'")
     stats = difference(a, b, noise, coverage)
     if stats["se"] is None:
         return "inconclusive", stats
     lo, hi = stats["lo"], stats["hi"]
     if kind == "better":
         verdict = "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
-    elif kind == "equivalent":
-        if -margin < lo and hi < margin:
-            verdict = "holds"
-        elif lo > margin or hi < -margin:  # every difference the data allows exceeds it
-            verdict = "does not hold"
-        else:
-            verdict = "inconclusive"
+    elif -margin < lo and hi < margin:  # equivalent
+        verdict = "holds"
+    elif lo > margin or hi < -margin:  # every difference the data allows exceeds the margin
+        verdict = "does not hold"
     else:
-        raise ValueError(f"unknown claim kind {kind!r}: use 'better' or 'equivalent'")
+        verdict = "inconclusive"
     return verdict, stats
 
 
@@ -730,9 +732,25 @@ def run_experiments(
                 todo.setdefault(run_key(config), (v, config))
     counts = {"trained": 0, "reused": 0, "remeasured": 0}
     if remeasure_speed:
-        counts["remeasured"] = _remeasure(store, todo, info, scale)
-        if not counts["remeasured"]:  # before the report: it would be rewritten with no results
+        finished = {key for key in todo if store.get(key) is not None}
+        if not finished:  # before the report: it would be rewritten with no results
             raise ValueError(_nothing_to_remeasure(store, suites, scale))
+        reported = _reported_suites(out / "results.json")
+        for suite, (variants, _) in plans.items():
+            # A suite the report holds but not complete at this scale would be dropped from
+            # the report rewritten, its plot deleted, by a command that trains nothing: most
+            # often the scale is not the runs' (--seeds 2 left out).
+            keys = {run_key(run_config(v, scale, seed, info))
+                    for seed in range(scale.seeds) for v in variants}  # fmt: skip
+            if suite in reported and keys - finished:
+                raise ValueError(
+                    f"{len(keys - finished)} of the {len(keys)} runs of the {suite} suite at "
+                    f"this scale ({scale.seeds} seeds) are not finished in {store.dir}, so the "
+                    "report rewritten would leave it out: give the scale the runs were trained "
+                    "with (--seeds, --quick, --epochs, --train-size, --val-size, --segments, "
+                    "--set), or train them first (the same command without --remeasure-speed)"
+                )
+        counts["remeasured"] = _remeasure(store, todo, info, scale)
     else:
         # Each run is claimed with a lock file, so several processes given the same `out` share
         # the work (on a machine with cores or GPU to spare): a run another process holds is
@@ -807,6 +825,8 @@ def _ensure_run(
 ) -> str | None:  # fmt: skip
     """Make sure run `key` (number `i` of `todo`) is in the store: "reused" if it was, "trained"
     if this process trained it, None if another process holds it and `wait` is false."""
+    from .train import TrainingError
+
     if store.get(key) is not None:
         return "reused"
     with _claim(out, key, wait=wait) as mine:
@@ -818,7 +838,18 @@ def _ensure_run(
         seed = config["train"]["seed"]
         log.info("run %d/%d: %s (%s), seed %d", i, len(todo), variant.label, variant.model, seed)
         start = time.perf_counter()
-        result = train_run(config, out / "work" / key)
+        try:
+            result = train_run(config, out / "work" / key)
+        except TrainingError as err:
+            # The engine's advice (lower lr, set grad_clip) names settings this command does
+            # not take; the run is named, as a rerun would diverge at it again.
+            raise TrainingError(
+                f"run {i}/{len(todo)}, {variant.label} ({variant.model}), seed {seed}: "
+                f"{err.detail}",
+                "The suite's recipe does not train this variant at this "
+                "scale: change the scale (--set, --epochs, --train-size) or check the data; "
+                f"delete {out / 'work' / key} to train the run from its start again",
+            ) from None
         history = result["history"]
         if not history or "val_top1" not in history[-1]:
             raise RuntimeError(f"run {key}: the training engine returned no validation history")
@@ -916,6 +947,14 @@ def _plot_names(suites) -> dict[str, str]:
     if "segments" in names:
         names["spectrum"] = "segments-spectrum.png"
     return names
+
+
+def _reported_suites(path: Path) -> set[str]:
+    """The suites of the report in `path` (results.json), if any."""
+    try:
+        return set(json.loads(path.read_text())["suites"])
+    except (OSError, ValueError, KeyError, TypeError):  # no earlier report, or not ours
+        return set()
 
 
 def _dropped_suites(path: Path, results: dict) -> list[str]:
@@ -1097,8 +1136,10 @@ def render_report(results: dict) -> str:
         "validation top-1, mean +- standard deviation over seeds.",
         "",
         "Verdict rule: the difference of mean accuracies with a 95% interval from Student's t, "
-        "the seed-to-seed noise pooled over every distinct variant below "
-        f"({_noise_text(results['seed_noise']['final'])}). *Better*: holds when the interval "
+        "the seed-to-seed noise pooled over every distinct variant below (final accuracy: "
+        f"{_noise_text(results['seed_noise']['final'])}; for the convergence claims, the mean "
+        f"accuracy over the epochs: {_noise_text(results['seed_noise'].get('curve'))}). "
+        "*Better*: holds when the interval "
         "lies above 0, does not hold when "
         f"below 0. *Equivalent*: holds when it lies within +-{100 * EQUIVALENCE_MARGIN:g} pp, "
         "does not hold when it lies wholly outside that margin. *Some of k "

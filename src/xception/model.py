@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import math
+import numbers
 import operator
 import os
 from collections.abc import Mapping
@@ -151,6 +152,12 @@ class ModelConfig:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         self.validate()
+        # Numbers as floats, once checked (messages name a value as it was given), so that
+        # width=1 (YAML's integer) is the config width=1.0 is: one model, and one run in the
+        # experiments' store, whose keys hash the config.
+        for f in dataclasses.fields(self):
+            if f.type == "float":
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
 
     def _bad(self, name: str, hint: str) -> ValueError:
         return ValueError(f"{name}={getattr(self, name)!r} is not valid: {hint}")
@@ -183,7 +190,7 @@ class ModelConfig:
                     continue
                 except ValueError:
                     pass
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's too
                 raise self._bad(f.name, "expected a number")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise self._bad("num_classes", "use a non-negative integer (0 = no classifier)")
