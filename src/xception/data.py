@@ -868,9 +868,11 @@ def make_eval_dataset(
     data has no validation part (class folders alone, `train/` alone, a list without val.csv)
     the dataset is the part training held out, as `make_datasets` split it. The returned
     dataset's `held_out` says whether that was done, and its `listing` (image files only)
-    counts the files listed that passed and that failed the header check (before any split). `train_images`, the number the run trained
-    on, when known: data that has gained or lost images since is refused, because its split is
-    another (one image more reshuffles it) and would score images the run trained on."""
+    counts the files listed that passed and that failed the header check (before any split).
+    `train_images`, the images in the training part of the run's split (before any
+    --train-subset), when known: data that has gained or lost images since is refused,
+    because its split is another (one image more reshuffles it) and would score images the run
+    trained on."""
     root = resolve_data(data)
     if _holds_idx(root):
         return load_idx(root, "test", size=image_size, classes=classes, **norm)

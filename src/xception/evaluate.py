@@ -130,10 +130,10 @@ def load_for_eval(
     'crop_fraction', 'interpolation', 'multilabel', 'loss', 'source', 'config' (the training
     config of a run or checkpoint, else None), 'train_images' (the images in the training part
     of a run's split, before any --train-subset, where it recorded that, else None) and
-    'data_path' (the real path of the run's data, where recorded). Run and checkpoint folders rebuild the exact
-    model they were trained with; a plain weights file needs `model` (a preset name; default
-    'xception') unless it stores its config, and must hold a classifier, which is loaded as it
-    is. Weights that carry their preprocessing (Keras', timm's, ours) are evaluated with it.
+    'data_path' (the real path of the run's data, where recorded). Run and checkpoint folders
+    rebuild the exact model they were trained with; a plain weights file needs `model` (a
+    preset name; default 'xception') unless it stores its config, and must hold a classifier,
+    which is loaded as it is. Weights that carry their preprocessing (Keras', timm's, ours) are evaluated with it.
     `use_ema=False` on a run folder whose final weights are the EMA ones evaluates the raw
     weights of its newest checkpoint; on a weights name or a lone weights file (one set of
     weights) it is a ValueError. `model_args` are config fields a plain weights file was
