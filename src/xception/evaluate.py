@@ -133,7 +133,8 @@ def load_for_eval(
     'data_path' (the real path of the run's data, where recorded). Run and checkpoint folders
     rebuild the exact model they were trained with; a plain weights file needs `model` (a
     preset name; default 'xception') unless it stores its config, and must hold a classifier,
-    which is loaded as it is. Weights that carry their preprocessing (Keras', timm's, ours) are evaluated with it.
+    which is loaded as it is. Weights that carry their preprocessing (Keras', timm's, ours) are
+    evaluated with it.
     `use_ema=False` on a run folder whose final weights are the EMA ones evaluates the raw
     weights of its newest checkpoint; on a weights name or a lone weights file (one set of
     weights) it is a ValueError. `model_args` are config fields a plain weights file was
