@@ -438,6 +438,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         cfg = model.config
         load = (f"classes={cfg.num_classes}" if cfg.num_classes
                 else "include_top=False")  # fmt: skip
+        if cfg.in_chans != 3:  # Keras builds 3 channels unless told: its call failed on this
+            size = input_meta(model).input_size
+            load += f", input_shape=({size}, {size}, {cfg.in_chans})"
         print(f"wrote {path}: Keras weights, {sum(p.numel() for p in model.parameters()):,} "
               f"parameters; keras.applications.Xception(weights={str(path)!r}, {load}) loads "
               "them (the class names and preprocessing are not in a Keras file)")  # fmt: skip

@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import re
+import struct
 import tempfile
 import urllib.error
 import urllib.request
@@ -272,11 +273,13 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
         except PermissionError as err:  # the file is fine: "damaged" would be wrong advice
             raise WeightsError(f"{path}: cannot be read ({err.strerror}): give this user read "
                                "access to it, or copy it somewhere readable") from None  # fmt: skip
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
-            # A garbage or cut-short pre-zip pickle fails inside the unpickler as KeyError or
-            # IndexError: an interrupted download of an old .pth does.
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
+                struct.error) as err:  # fmt: skip
+            # A garbage or cut-short pre-zip pickle fails inside the unpickler as KeyError,
+            # IndexError or struct.error (cut in a length field): an interrupted download of an
+            # old .pth does.
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            if isinstance(err, KeyError | IndexError) or not first:
+            if isinstance(err, KeyError | IndexError | struct.error) or not first:
                 first = f"{type(err).__name__} {first}".strip()
             raise WeightsError(f"{path}: not a readable PyTorch file ({first}): the file is "
                                "damaged or cut short; download or copy it again") from None  # fmt: skip
@@ -640,11 +643,17 @@ def load_into(
         raise WeightsError(f"{source}: {err}") from None
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     head_prefixes = ("fc.",)
+    own_head = [k for k in own if k.startswith(head_prefixes)]
+    file_head = [k for k in sd if k.startswith(head_prefixes)]
     skipped: dict[str, torch.Tensor] = {}
-    for key in list(sd):
-        if key.startswith(head_prefixes) and (key not in own or own[key].shape != sd[key].shape):
-            skipped[key] = sd.pop(key)
-    missing_head = [k for k in own if k.startswith(head_prefixes) and k not in sd]
+    if not own_head:  # the model has no classifier: the file's is left out
+        skipped = {k: sd.pop(k) for k in file_head}
+    elif not all(k in sd and sd[k].shape == own[k].shape for k in own_head):
+        # The head loads whole or not at all (a file's bias beside a fresh weight was neither
+        # head); a classifier tensor the model has no place for (a pruned layer's weight_orig)
+        # stays, for the check below to name as unknown, rather than be dropped unseen.
+        skipped = {k: sd.pop(k) for k in file_head if k in own}
+    missing_head = [k for k in own_head if k not in sd]
     body = {k for k in own if k not in missing_head}
     if mismatch := key_mismatch(body, sd):
         raise WeightsError(
@@ -962,13 +971,19 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                     TimeoutError) as err:  # fmt: skip
                 reason = getattr(err, "reason", None) or err
+                mirror = os.environ.get(URL_ENV)
                 if isinstance(err, urllib.error.HTTPError):  # the server is there: no "offline"
-                    mirror = os.environ.get(URL_ENV)
                     where = (f"the mirror {URL_ENV}={mirror!r} lacks {w.filename}: put it there"
                              if mirror else "the file has moved")  # fmt: skip
                     raise WeightsError(
                         f"cannot download the {w.name!r} weights: {url} answered HTTP {err.code} "
                         f"({reason}); {where}, or {_place_by_hand(w, target)}"
+                    ) from None
+                if isinstance(reason, FileNotFoundError):  # a file:// mirror without the file
+                    raise WeightsError(
+                        f"cannot read the {w.name!r} weights at {url}: the mirror {URL_ENV}="
+                        f"{mirror!r} lacks {w.filename}: put it there, or "
+                        f"{_place_by_hand(w, target)}"
                     ) from None
                 if received:
                     raise WeightsError(

@@ -229,7 +229,10 @@ def _load_state(model: nn.Module, opened, name: str, new_head: bool = False) -> 
         {k: tuple(v.shape) for k, v in sd.items() if k.startswith("fc.")} for sd in (own, data)
     ]
     if new_head and heads[0] != heads[1]:
-        data = {k: v for k, v in data.items() if not k.startswith("fc.")}
+        # The classifier's tensors are left out; a name the model's classifier does not have
+        # (a pruned layer's weight_orig) stays, for key_mismatch to name, as in load_into.
+        data = {k: v for k, v in data.items()
+                if not k.startswith("fc.") or (heads[0] and k not in heads[0])}  # fmt: skip
         own = {k: v for k, v in own.items() if not k.startswith("fc.")}
         classes = getattr(model.fc, "out_features", 0)  # None or no classifier: 0
         if classes:
