@@ -80,7 +80,9 @@ def test_under_ddp_a_peers_failure_is_one_line_pointing_at_its_error(capsys, mon
     monkeypatch.setenv("RANK", "1")
     assert main(["models"]) == 1
     err_text = capsys.readouterr().err
-    assert err_text == "xception models: another rank stopped; see its error above (rank 1)\n"
+    first = str(err).splitlines()[0]
+    assert err_text == (f"xception models: a distributed call failed on rank 1 ({first}): if "
+                        "another rank stopped, its error above says why\n")  # fmt: skip
     monkeypatch.delenv("WORLD_SIZE")  # in one process the same error is a bug: its traceback
     with pytest.raises(RuntimeError):
         main(["models"])

@@ -427,6 +427,8 @@ def _resolve(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir() and not (path / "state.pt").exists():
+        if _NAME.match(path.name):  # a checkpoint folder, not a run's: name what it lacks
+            raise CheckpointError(f"{path / 'state.pt'}: missing; the checkpoint is incomplete")
         latest = find_latest(path) or find_latest(path / "checkpoints")
         if latest is None:
             raise CheckpointError(

@@ -1259,8 +1259,12 @@ def _main(argv: list[str] | None) -> int:
                   "size or the image size", file=sys.stderr)  # fmt: skip
             return 1
         if _another_rank_failed(err):
-            print(f"xception {args.command}: another rank stopped; see its error above (rank "
-                  f"{os.environ.get('RANK', '?')})", file=sys.stderr)  # fmt: skip
+            # Most often a peer stopped, and its error above says why; the call's own words
+            # too, for when this rank lost the others itself (gloo's "Connection refused").
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            print(f"xception {args.command}: a distributed call failed on rank "
+                  f"{os.environ.get('RANK', '?')} ({first}): if another rank stopped, its "
+                  "error above says why", file=sys.stderr)  # fmt: skip
             return 1
         raise
 

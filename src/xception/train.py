@@ -607,8 +607,13 @@ class _Run:
         self.cfg = cfg
         self.resume_from: dict | None = None
         resume = cfg.resume
-        if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            resume = "auto"  # torchrun --max-restarts restarted us: continue from the last save
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (
+            resume is None
+            or (cfg.out is not None and C.find_latest(Path(cfg.out) / "checkpoints") is not None)
+        ):
+            # torchrun --max-restarts restarted us: continue from the run's last save, also in
+            # a job started with --resume PATH (its fork's folder, or its own, has newer ones).
+            resume = "auto"
         if resume is not None:
             self._load_resume(resume)
         cfg = self.cfg
@@ -1205,7 +1210,10 @@ class _Run:
             no_sync = not sync and hasattr(self.net, "no_sync")
             ctx = self.net.no_sync() if no_sync else contextlib.nullcontext()
             if self.seeded_dropout:
-                index = self.rank * cfg.accum_steps + k
+                # Rank r's micro-batch k holds the global batch's places p with p % world == r
+                # and (p // world) % accum_steps == k: the micro-batch one process with
+                # accum_steps = world x accum_steps calls k * world + r.
+                index = k * self.world + self.rank
                 key = sample_keys(cfg.seed ^ 0x5EED, self.step, [index])[0] >> np.uint64(1)
                 torch.manual_seed(int(key))
             if cfg.accum_steps > 1:
