@@ -27,7 +27,7 @@ TOP = W.WEIGHTS["imagenet"].filename
 
 # --- damaged files ---------------------------------------------------------------------------
 def test_a_cut_short_legacy_pth_is_one_weights_error_at_every_length(tmp_path, capsys):
-    """a .pth in torch's legacy (pre-zip) format cut short at some lengths (e.g. 28
+    """A .pth in torch's legacy (pre-zip) format cut short at some lengths (e.g. 28
     bytes, where the unpickler reads a 4-byte string length) escapes as a raw `struct.error:
     unpack requires a buffer of 4 bytes` with a traceback, from `load_file`, `create_model` and
     `xception convert` alike. Every cut must be the one-line WeightsError "not a readable
@@ -295,7 +295,7 @@ def test_an_html_page_is_refused_then_a_retry_and_concurrent_threads_fetch_once(
 
 
 def test_a_file_mirror_without_the_file_is_named_not_called_offline(served, tmp_path, monkeypatch):
-    """with XCEPTION_WEIGHTS_URL a file:// folder that lacks the file, the error says
+    """With XCEPTION_WEIGHTS_URL a file:// folder that lacks the file, the error says
     "If this machine is offline, download https://storage.googleapis.com/...": the machine is
     not offline, the mirror lacks the file (an HTTP mirror's 404 already says "the mirror
     XCEPTION_WEIGHTS_URL=... lacks FILE: put it there"). The file:// case must say the same,
