@@ -696,7 +696,9 @@ def _run_export(args: argparse.Namespace) -> int:
     images = _images(args.calibration, meta.replace(input_size=size), _in_chans(model))
     first = next(images, None)
     if first is None:  # before the work of exporting
-        raise UserError(f"no readable images in {', '.join(args.calibration)}")
+        raise UserError(f"no readable images in {', '.join(args.calibration)} (the log names "
+                        "those that failed): --calibration takes image files or folders of "
+                        "images like those the model will classify")  # fmt: skip
     images = itertools.chain([first], images)
 
     def batches(stream):  # eight images at a time, read as quantize_model asks for them

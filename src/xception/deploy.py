@@ -72,29 +72,35 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         raise ValueError(f"cannot fold {bn} into its conv: it keeps no running statistics "
                          "(track_running_stats=False), so its output depends on the batch; "
                          "give it running statistics, or run the model unfolded")  # fmt: skip
-    # affine=False (as `init_weights` allows): a scale of 1 and a shift of 0.
-    weight = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-    shift = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
-    scale = weight / torch.sqrt(bn.running_var + bn.eps)
+    # affine=False (as `init_weights` allows): a scale of 1 and a shift of 0. Computed in
+    # float64 and rounded once, into the conv's dtype (in bfloat16 or float16 each step lost
+    # bits of its own).
+    mean, var = bn.running_mean.detach().double(), bn.running_var.detach().double()
+    weight = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    shift = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = weight / torch.sqrt(var + bn.eps)
     fused = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
         device=conv.weight.device, dtype=conv.weight.dtype,
     )  # fmt: skip
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
     with torch.no_grad():
-        fused.weight.copy_(conv.weight.detach() * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_((bias - bn.running_mean) * scale + shift)
+        fused.weight.copy_(conv.weight.detach().double() * scale.reshape(-1, 1, 1, 1))
+        fused.bias.copy_((bias - mean) * scale + shift)
     return fused
 
 
-def fold_batchnorm(model: Xception) -> Xception:
+def fold_batchnorm(model: Xception, dtype: torch.dtype | None = None) -> Xception:
     """An eval-mode copy of `model` with every BatchNorm folded into the conv before it.
 
     Folded pairs: the stem convs, the 1x1 shortcut convs and, in each separable conv, its last
     conv (the pointwise 1x1 when depthwise comes first, the spatial conv otherwise); the BNs
-    become identities. Outputs equal the eval-mode model's up to float rounding.
+    become identities. Outputs equal the eval-mode model's up to float rounding. `dtype`: the
+    copy's, set before folding (a bfloat16 model folded, then cast to float32, kept bfloat16's
+    rounding of every folded weight).
     """
+    model = _uncompiled(model)
     if not isinstance(model, Xception):
         # A features_only backbone or the Inception baseline came from create_model too, so
         # "build it with create_model" was advice already followed.
@@ -108,6 +114,8 @@ def fold_batchnorm(model: Xception) -> Xception:
                ": build the model with xception.create_model")
         )  # fmt: skip
     model = copy.deepcopy(model).eval()
+    if dtype is not None:
+        model = model.to(dtype)
     for module in model.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):
             module.conv = _fold_conv_bn(module.conv, module.bn)
@@ -508,6 +516,7 @@ def optimize(
     `device` defaults to the model's; `dtype` to float32 on the CPU and bfloat16 on CUDA. In
     float32 the outputs equal the eval-mode model's within 1e-4.
     """
+    model = _uncompiled(model)
     _check_has_weights(model)
     if device is None:
         device = next(model.parameters()).device
@@ -518,7 +527,7 @@ def optimize(
     if slice_mib == "auto":
         slice_mib = DEFAULT_SLICE_MIB if device.type == "cpu" else None
     _check_slice_mib(slice_mib)  # before the work of folding
-    folded = fold_batchnorm(model).to(device=device, dtype=dtype)
+    folded = fold_batchnorm(model, dtype=dtype).to(device=device)
     folded = folded.to(memory_format=torch.channels_last)
     folded.requires_grad_(False)
     return InferenceModel(folded, backend, device, dtype, slice_mib, cuda_graphs).eval()
@@ -573,9 +582,20 @@ def _check_has_weights(model: nn.Module) -> None:
                          "xception.create_model(..., weights=...)")  # fmt: skip
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile` wrapper runs (a model compiled for training, say): it is
+    what is folded, copied and traced (the wrapper's errors told users to build the model with
+    create_model, or to export at a fixed size, which they had)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" \
+        else model  # fmt: skip
+
+
 def _eager_model(model: nn.Module) -> nn.Module:
     """The module to trace or copy for export and ONNX Runtime: an `InferenceModel`'s folded
-    model, not its runner (compiled graphs cannot be copied), and one with weights."""
+    model, not its runner (compiled graphs cannot be copied), the module a `torch.compile`
+    wrapper runs, and one with weights."""
+    model = _uncompiled(model)
     if isinstance(model, InferenceModel):
         model = model.model
     _check_has_weights(model)
@@ -704,7 +724,11 @@ def _program_min_size(model: nn.Module) -> int:
     return stride + 1
 
 
-def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool) -> None:
+MIN_SIZE_KEY = "xception.min_size"  # an ONNX file's metadata: the smallest input it takes
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bool,
+                 min_size: int | None = None) -> None:  # fmt: skip
     # The torch.export-based exporter: it sees the input size as numbers, so TensorFlow-style
     # pooling becomes Pad(-inf) + MaxPool (the TorchScript exporter cannot express padding
     # computed from the input shape).
@@ -722,13 +746,17 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, dynamic_size: bo
         for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
     program.save(str(path), external_data=False)
-    _fold_pads_into_maxpools(path)
+    # With a dynamic size, the smallest input is written into the file, for OnnxModel to name
+    # rather than fail inside ONNX Runtime.
+    _fold_pads_into_maxpools(path, {MIN_SIZE_KEY: str(min_size)} if dynamic_size and min_size
+                             else {})  # fmt: skip
 
 
-def _fold_pads_into_maxpools(path: Path) -> None:
+def _fold_pads_into_maxpools(path: Path, metadata: dict[str, str] | None = None) -> None:
     """Rewrite each Pad(-inf) -> MaxPool pair as one MaxPool with asymmetric `pads` (ONNX pads
     max pools with -inf). One op less, and int8 quantisers leave MaxPool's padding alone where
-    they would try to quantise the Pad's -inf."""
+    they would try to quantise the Pad's -inf. `metadata` is added to the file's
+    metadata_props (it is rewritten once for both)."""
     import math
 
     import onnx
@@ -765,12 +793,16 @@ def _fold_pads_into_maxpools(path: Path) -> None:
         attr.ints.extend(int(v) for v in (pads[2], pads[3], pads[6], pads[7]))
         pool.input[0] = pad.input[0]
         folded.append(pad)
+    for key, value in (metadata or {}).items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
     if folded:
         for pad in folded:
             graph.node.remove(pad)
         used = {name for node in graph.node for name in node.input}
         for init in [t for t in graph.initializer if t.name not in used]:
             graph.initializer.remove(init)
+    if folded or metadata:
         onnx.save(model, str(path))
 
 
@@ -963,6 +995,11 @@ def export(
     path = Path(path)
     _check_target(path, format)
     model = _eager_model(model)
+    if type(model).__name__ == "XceptionFeatures":  # its list of maps failed the check
+        raise ValueError("a features_only backbone returns a list of feature maps, which export "
+                         "does not check against PyTorch: export the classifier (built without "
+                         "features_only, num_classes=0 for pooled features), or trace the "
+                         "backbone with torch.export yourself")  # fmt: skip
     if dynamic_size and format == "torchscript":
         # The trace holds the traced size's padding and shapes: the file checks its input
         # against that size, and a report of "any size" was wrong.
@@ -1009,7 +1046,8 @@ def export(
                     _traceable_pools(model) if dynamic_size and format != "torchscript" else model
                 )
                 if format == "onnx":
-                    _export_onnx(traced, example, tmp, dynamic_size)
+                    _export_onnx(traced, example, tmp, dynamic_size,
+                                 getattr(model, "min_input_size", None))  # fmt: skip
                 elif format == "torchscript":
                     _export_torchscript(traced, example, tmp)
                 else:
@@ -1019,9 +1057,11 @@ def export(
                 # cause underneath is what names the problem.
                 cause = err.__cause__ if "Failed to export the model with torch.export" in str(
                     err) and err.__cause__ is not None else err  # fmt: skip
+                advice = ("Export at a fixed input size and check" if dynamic_size
+                          else "Check")  # fmt: skip
                 raise ValueError(
-                    f"cannot export this model to {format}: {_first_line(cause)}. Export at a fixed input size "
-                    "and check that the model's options are traceable"
+                    f"cannot export this model to {format}: {_first_line(cause)}. {advice} that "
+                    "the model's options are traceable"
                 ) from err
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -1122,6 +1162,9 @@ class OnnxModel:
         # Fixed sizes as numbers, symbolic ones (the batch, a dynamic size) as None.
         self.input_shape = tuple(d if isinstance(d, int) else None
                                  for d in self.session.get_inputs()[0].shape)  # fmt: skip
+        # The smallest height and width a dynamic-size file takes (written by `export`).
+        stored = self.session.get_modelmeta().custom_metadata_map.get(MIN_SIZE_KEY, "")
+        self.min_size = int(stored) if stored.isdigit() else None
         self._single = None
         self._pool = None
         if split_batch and self.threads > 1:
@@ -1146,6 +1189,10 @@ class OnnxModel:
         if x.ndim == len(want) and all(
             d is None or d == n for d, n in zip(want, x.shape, strict=True)
         ):
+            if self.min_size and x.ndim == 4 and min(x.shape[2:]) < self.min_size:
+                raise ValueError(f"{self.path.name} takes images of at least {self.min_size}x"
+                                 f"{self.min_size} pixels, got input of shape "
+                                 f"{tuple(x.shape)}: resize the images")  # fmt: skip
             return
         shape = ", ".join("N" if i == 0 and d is None else "?" if d is None else str(d)
                           for i, d in enumerate(want))  # fmt: skip

@@ -120,7 +120,7 @@ def _in_chans(model: nn.Module) -> int:
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
     if in_chans not in (1, 3):
         raise ValueError(
-            f"the model takes {in_chans} input channels: predict reads images as RGB (3) or grey "
+            f"the model takes {in_chans} input channels: image files are read as RGB (3) or grey "
             "(1); feed other inputs to the model from Python"
         )
     return in_chans
