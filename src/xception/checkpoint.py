@@ -149,6 +149,10 @@ def check_output_file(
                          "and renamed into place: give a file name")  # fmt: skip
     parent = path.parent
     while not parent.exists() and create_parents and parent != parent.parent:
+        if parent.is_symlink():  # a dangling link: mkdir failed on it after the work
+            raise FileNotFoundError(f"cannot write {path}: {parent} is a link to "
+                                    f"{os.readlink(parent)}, which does not exist: create that "
+                                    "folder, or choose another place")  # fmt: skip
         parent = parent.parent
     if not parent.exists():
         raise FileNotFoundError(

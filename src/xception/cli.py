@@ -821,12 +821,16 @@ def _run_bench(args: argparse.Namespace) -> int:
         quick=quick, only=args.only, device=args.device,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     )  # fmt: skip
-    print(_fmt_bench(report))
-    print(f"wrote {save_json(report, args.json)}")
+    # The files first: a closed or full stdout must not lose the minutes of measurements (as
+    # eval's --json).
+    written = [save_json(report, args.json)]
     if args.markdown:
         comparisons = report.comparisons_markdown()
         atomic_write(args.markdown, report.to_markdown() + (comparisons and "\n" + comparisons))
-        print(f"wrote {args.markdown}")
+        written.append(args.markdown)
+    print(_fmt_bench(report))
+    for path in written:
+        print(f"wrote {path}")
     failed = sorted({r.name for r in report.results if r.error})
     if failed:  # the table has their error rows; a script's `set -e` must see it too
         print(f"{len(failed)} candidate(s) failed: {', '.join(failed)} (see their error rows)",

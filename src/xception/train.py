@@ -622,6 +622,8 @@ class _Run:
         self.out = Path(cfg.out)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out={cfg.out!r} is a file: give a folder for the run")
+        if not self.out.is_dir():  # before the set-up: a file above it, /proc, a dangling link
+            C.check_output_file(self.out / "config.yaml")
         self.ckpt_dir = self.out / "checkpoints"
         holds_a_run = C.find_latest(self.ckpt_dir) is not None
         if self.resume_from is None and holds_a_run:
@@ -1003,6 +1005,9 @@ class _Run:
                 raise OSError(f"cannot write {weights} ({first}): free space, then `xception "
                               f"train --out {self.out} --resume auto` writes it (the run is "
                               "finished and its checkpoints are intact)") from None  # fmt: skip
+            except BaseException:  # Ctrl-C while writing: no temporary file left behind
+                tmp.unlink(missing_ok=True)
+                raise
             card = dict(
                 name=f"{self.cfg.model} trained with recipe {self.cfg.recipe}",
                 **self._meta(), parameters=self.params,
