@@ -46,6 +46,20 @@ RUN_FILES = ("model.safetensors", "ema.safetensors", "model.json", "state.pt", "
              "config.yaml", "curves.png")  # fmt: skip
 
 
+def _data_read(data: str, out: str | None) -> list[Path]:
+    """`out` when it would be a file of the dataset folder `data` (an image, a label list, an
+    IDX file), which eval reads: `--json ds/val.csv` replaced the list it was scoring. Other
+    names inside the folder (ds/eval.json) are no part of the data."""
+    from .data import IMAGE_SUFFIXES
+
+    if out is None or not os.path.isdir(data):
+        return [Path(data)]
+    inside = os.path.realpath(out).startswith(os.path.realpath(data).rstrip(os.sep) + os.sep)
+    name = Path(out).name.lower()
+    read = Path(out).suffix.lower() in {*IMAGE_SUFFIXES, ".csv"} or "-ubyte" in name
+    return [Path(data), *([Path(out)] if inside and read else [])]
+
+
 def _files_read(spec: str | None) -> list[Path]:
     """The files a weights argument reads: the file itself, or a run or checkpoint folder's own
     files (an eval.json of one's own inside it is no part of the run)."""
@@ -341,6 +355,7 @@ def _print_predictions(results: list, fmt: str, topk: int) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from . import runtime
     from .predict import BACKENDS, IMAGE_EXTENSIONS, check_counts, find_images, predict
+    from .weights import refuse_config_overrides
     from .zoo import create_model
 
     check_counts(args.topk, args.batch_size)  # before the weights are loaded (or downloaded)
@@ -356,6 +371,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not any(f.exists() for f in files):  # fail before loading (or downloading) weights
         raise UserError(f"no such file: {', '.join(map(str, files))}")
     runtime.keep_freed_memory()  # this process is ours, as in `xception eval`
+    refuse_config_overrides(args.weights, overrides, progress=not args.no_progress)
     model = create_model(args.model, weights=args.weights, progress=not args.no_progress,
                          **overrides)  # fmt: skip
     num_classes = model.config.num_classes if hasattr(model, "config") else model.fc.out_features
@@ -419,7 +435,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 )  # fmt: skip
 def _run_convert(args: argparse.Namespace) -> int:
     from .checkpoint import check_output_file
-    from .weights import input_meta, save_keras_h5, save_safetensors
+    from .weights import input_meta, refuse_config_overrides, save_keras_h5, save_safetensors
     from .zoo import create_model
 
     out = args.output.lower()
@@ -432,6 +448,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     check_output_file(args.output)
     if args.model == "inception-v3":
         raise UserError("convert handles Xception weights; inception-v3 is torchvision's model")
+    refuse_config_overrides(args.input, overrides)
     model = create_model(args.model, weights=args.input, **overrides)
     if out.endswith(".h5"):
         path = save_keras_h5(model, args.output)  # refuses a variant Keras cannot build
@@ -1072,7 +1089,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     overrides = _model_set(args.set, "eval")
     if args.json_out:
-        check_output_file(args.json_out, reads=[*_files_read(args.checkpoint), args.data])
+        check_output_file(args.json_out, reads=[*_files_read(args.checkpoint),
+                                                *_data_read(args.data, args.json_out)])  # fmt: skip
     # This process is ours: reuse freed memory, as training does (no page faults per batch).
     runtime.keep_freed_memory()
     result = evaluate_file(args.checkpoint, args.data, model=args.model, batch_size=args.batch_size,

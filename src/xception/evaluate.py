@@ -205,6 +205,8 @@ def load_for_eval(
             )  # fmt: skip
         # The weights' own classifier, which must load (a new, random head would be scored);
         # a name without one is refused before its download.
+        if not (named and not W.WEIGHTS[spec].num_classes):
+            W.refuse_config_overrides(spec, model_args)  # a file of ours keeps its config
         net = None if named and not W.WEIGHTS[spec].num_classes else create_model(
             model or "xception", weights=spec, **(model_args or {}))  # fmt: skip
         if not getattr(getattr(net, "fc", None), "out_features", 0):

@@ -1152,6 +1152,20 @@ def read_safetensors_metadata(path: str | Path) -> tuple[dict | None, Weights | 
         raise WeightsError(f"{path}: unreadable xception metadata ({err})") from None
 
 
+def refuse_config_overrides(spec: str | Path, overrides, *, progress: bool = True) -> None:
+    """Refuse config `overrides` (the CLI's --set) for weights that store the config their
+    model was trained with (a run or checkpoint folder, a safetensors file of ours): applied,
+    they built a model the weights never trained (another activation, padding, eps) and
+    predicted, scored or converted it without a word. --set is for a plain .pth."""
+    if not overrides:
+        return
+    opened = open_weights(spec, progress=progress)
+    if opened.format == "xception" and opened.meta is not None:
+        raise WeightsError(f"--set {', '.join(overrides)}: {spec} stores the config its model "
+                           "was trained with, which is used; --set is for a plain .pth that "
+                           "holds none")  # fmt: skip
+
+
 def open_weights(spec: str | Path, *, progress: bool = True) -> OpenedWeights:
     """Read weights given by name (an entry of `WEIGHTS`, downloaded into the cache) or path."""
     if not isinstance(spec, str | os.PathLike) or not str(spec).strip():
