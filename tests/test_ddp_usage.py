@@ -10,28 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from helpers import training_engine
 from safetensors.torch import load_file
 from test_data import make_idx_dataset
+from test_train import tiny_recipe
 
 import xception.checkpoint as C
 import xception.train as T
 from xception.cli import main
 from xception.metrics import Meter
-
-TINY_MODEL = dict(stem_channels=[8, 8], entry_channels=[8, 16, 16], middle_blocks=1,
-                  exit_channels=16, head_channels=[16, 16])  # fmt: skip
-
-
-def tiny_recipe(tmp_path: Path, data: Path, **extra) -> Path:
-    recipe = dict(recipe="fashion-mnist", model_args=TINY_MODEL, data=str(data), image_size=16,
-                  epochs=2, batch_size=32, lr=0.05, warmup_epochs=0, ema_decay=0.9, threads=1,
-                  progress=False, eval_batch_size=64, device="cpu")  # fmt: skip
-    recipe.update(extra)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 @pytest.fixture(scope="module")

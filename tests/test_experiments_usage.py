@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from test_experiments import _FAKE_DATA, _no_plots
 
 from xception import create_model
 from xception.experiments import (
@@ -34,16 +35,10 @@ from xception.experiments import (
 TINY = Scale(name="tiny", seeds=2, epochs=1, train_size=256, val_size=128, batch_size=64,
              model=dict(width=0.25, middle_blocks=1), segments=(2,), speed_batch=8,
              speed_repeats=1)  # fmt: skip
-# Data as `dataset_info` describes it, without hashing any files.
-FAKE_DATA = dict(name="fake-data", title="Fake", sha256="0" * 64, in_chans=1, num_classes=10,
-                 size=28, train_images=60000, test_images=10000)  # fmt: skip
+FAKE_DATA = _FAKE_DATA  # as `dataset_info` describes it, without hashing any files
 
 
-def _fake_plots(monkeypatch):
-    import xception.experiments as experiments
-
-    monkeypatch.setattr(experiments, "_plot_curves", lambda path, *a: path.write_bytes(b"png"))
-    monkeypatch.setattr(experiments, "_plot_spectrum", lambda path, *a: path.write_bytes(b"png"))
+_fake_plots = _no_plots  # plots written as empty files: their drawing is not under test
 
 
 def _put(store, scale: Scale, suite: str, tops: dict) -> None:

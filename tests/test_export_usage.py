@@ -8,6 +8,7 @@ import hashlib
 
 import pytest
 import torch
+from helpers import trained_like
 from torch import nn
 
 from xception import create_model, deploy
@@ -21,14 +22,7 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 def tiny(**overrides) -> nn.Module:
     """A compact model with trained-looking batch norms (folding mistakes show)."""
     torch.manual_seed(0)
-    model = create_model("xception-compact", num_classes=3, **TINY, **overrides)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
-    return model.eval()
+    return trained_like(create_model("xception-compact", num_classes=3, **TINY, **overrides))
 
 
 def digest(path) -> str:
