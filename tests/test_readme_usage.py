@@ -81,6 +81,14 @@ def test_eval_json_onto_the_data_list_of_a_data_folder_is_refused(tmp_path, caps
     assert (data / "val.csv").read_text() == listing, "the data list was overwritten"
     assert code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # An image inside it likewise; a result of one's own beside the data is no part of it.
+    image = (data / "img" / "0.png").read_bytes()
+    assert _run(["eval", "--checkpoint", str(weights), "--data", str(data),
+                 "--json", str(data / "img" / "0.png")]) == 2  # fmt: skip
+    assert (data / "img" / "0.png").read_bytes() == image
+    assert _run(["eval", "--checkpoint", str(weights), "--data", str(data),
+                 "--json", str(data / "eval.json")]) == 0  # fmt: skip
+    assert "map100" in json.loads((data / "eval.json").read_text())
 
 
 def test_predict_does_not_change_a_run_folders_config_with_set(run_folder, tmp_path, capsys):
