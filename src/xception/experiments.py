@@ -949,12 +949,19 @@ def _plot_names(suites) -> dict[str, str]:
     return names
 
 
+def _previous_results(path: Path) -> dict | None:
+    """The results.json at `path` with its suites, or None: no earlier report, or not ours."""
+    try:
+        results = json.loads(path.read_text())
+        return results if isinstance(results, dict) and isinstance(results["suites"], dict) \
+            else None  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _reported_suites(path: Path) -> set[str]:
     """The suites of the report in `path` (results.json), if any."""
-    try:
-        return set(json.loads(path.read_text())["suites"])
-    except (OSError, ValueError, KeyError, TypeError):  # no earlier report, or not ours
-        return set()
+    return set((_previous_results(path) or {"suites": {}})["suites"])
 
 
 def _dropped_suites(path: Path, results: dict) -> list[str]:
@@ -962,11 +969,8 @@ def _dropped_suites(path: Path, results: dict) -> list[str]:
     report held (at another scale: other seeds, epochs, settings; or with runs since removed)
     drops out of it. Say which, where it used to go unsaid; its runs stay in the store.
     Returns the file names of the plots drawn for them, which no report shows any more."""
-    try:
-        before = json.loads(path.read_text())
-        dropped = sorted(set(before["suites"]) - set(results["suites"]))
-    except (OSError, ValueError, KeyError, TypeError):  # no earlier report, or not ours
-        return []
+    before = _previous_results(path)
+    dropped = sorted(set(before["suites"]) - set(results["suites"])) if before else []
     if not dropped:
         return []
     old = before.get("scale") or {}
