@@ -50,11 +50,11 @@ def _data_read(data: str, out: str | None) -> list[Path]:
     """`out` when it would be a file of the dataset folder `data` (an image, a label list, an
     IDX file), which eval reads: `--json ds/val.csv` replaced the list it was scoring. Other
     names inside the folder (ds/eval.json) are no part of the data."""
-    from .data import IMAGE_SUFFIXES
+    from .data import IMAGE_SUFFIXES, _within
 
     if out is None or not os.path.isdir(data):
         return [Path(data)]
-    inside = os.path.realpath(out).startswith(os.path.realpath(data).rstrip(os.sep) + os.sep)
+    inside = _within(os.path.realpath(out), os.path.realpath(data))
     name = Path(out).name.lower()
     read = Path(out).suffix.lower() in {*IMAGE_SUFFIXES, ".csv"} or "-ubyte" in name
     return [Path(data), *([Path(out)] if inside and read else [])]
