@@ -519,7 +519,7 @@ def test_inception_compact_weights_keep_their_metadata_through_predict_and_conve
                    input_size=28, mean=(0.2,) * 3, std=(0.3,) * 3)  # fmt: skip
     path = save_safetensors(model, tmp_path / "inc.safetensors", meta)
     again = create_model("inception-v3-compact", weights=path).eval()
-    assert again.weights_meta == meta
+    assert again.weights_meta == meta.replace(in_chans=3)  # the model's channels added
 
     image = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8)).save(image)
@@ -539,7 +539,9 @@ def test_inception_compact_weights_keep_their_metadata_through_predict_and_conve
     out = tmp_path / "conv.safetensors"
     assert main(["convert", str(path), str(out), "--model", "inception-v3-compact"]) == 0
     assert "3 classes, preprocessing: 28 px, class names included" in capsys.readouterr().out
-    assert create_model("inception-v3-compact", weights=out).weights_meta == meta
+    assert create_model("inception-v3-compact", weights=out).weights_meta == meta.replace(
+        in_chans=3
+    )
 
 
 def test_damaged_pth_files_and_nan_weights_are_refused_in_one_line(tmp_path):
@@ -704,10 +706,12 @@ def test_inception_models_drop_the_class_names_of_a_head_they_did_not_load(tmp_p
     for name in ("inception-v3-compact", "inception-v3"):
         path = tmp_path / f"{name}.safetensors"
         save_safetensors(create_model(name, num_classes=3), path, meta)
-        assert create_model(name, weights=path).weights_meta == meta  # its own head: its names
+        got = create_model(name, weights=path).weights_meta
+        assert got == meta.replace(in_chans=3)  # its own head: its names
         for classes in (5, 0):
             got = create_model(name, weights=path, num_classes=classes).weights_meta
-            assert got == meta.replace(num_classes=classes, categories=None), (name, classes)
+            expected = meta.replace(num_classes=classes, categories=None, in_chans=3)
+            assert got == expected, (name, classes)
 
 
 def test_xception_weights_for_an_inception_model_are_named_before_any_download(
@@ -1156,7 +1160,7 @@ def test_a_file_without_a_classifier_into_a_model_with_one(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         model = create_model("xception-compact", num_classes=5, weights=path)
     assert "classifier not loaded (absent from the file)" in caplog.text
-    assert model.weights_meta == meta.replace(num_classes=5)
+    assert model.weights_meta == meta.replace(num_classes=5, in_chans=3)
     headless = load_file(path)
     with pytest.raises(WeightsError, match=r"f: classifier fc\.\w+ has shape nothing in the file, "
                                            r"the model has \("):  # fmt: skip
@@ -1226,8 +1230,53 @@ def test_our_safetensors_in_upper_case_keep_their_config_and_metadata(tmp_path):
     model = create_model("xception-compact", num_classes=3, in_chans=1, width=0.5)
     path = save_safetensors(model, tmp_path / "GREY.SAFETENSORS", meta)
     opened = open_weights(path)
-    assert opened.meta == meta
+    assert opened.meta == meta.replace(in_chans=1)
     assert opened.config["width"] == 0.5 and "num_classes" not in opened.config
+
+
+def test_transforms_give_the_model_its_channels_from_an_image_of_any_mode(tmp_path):
+    """`model.weights_meta.transforms()` of a grey model gave three channels for an RGB photo
+    (one mean and std broadcast over them) and the model refused the tensor; an RGBA image gave
+    an RGB model four. The metadata of loaded weights now knows the model's input channels."""
+    from PIL import Image
+
+    from xception.weights import Weights, WeightsError, input_meta, open_weights, save_safetensors
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), "RGB")
+    rgba = rgb.copy()
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8), "L"))
+    meta = Weights(name="grey", format="xception", num_classes=3, input_size=28, mean=(0.1,),
+                   std=(0.2,))  # fmt: skip
+    grey = create_model("xception-compact", num_classes=3, in_chans=1, width=0.25)
+    path = save_safetensors(grey, tmp_path / "grey.safetensors", meta)
+    assert open_weights(path).meta == meta.replace(in_chans=1)  # the model's, in the file
+    loaded = create_model("xception-compact", weights=path).eval()
+    assert loaded.weights_meta.in_chans == 1 and loaded.weights_meta == meta.replace(in_chans=1)
+    transform = loaded.weights_meta.transforms()
+    x = transform(rgb)
+    assert x.shape == (1, 28, 28)
+    assert torch.equal(x, meta.transforms()(rgb.convert("L")))  # the luminance, normalised
+    assert torch.equal(transform(rgba), meta.transforms()(_on_white(rgba).convert("L")))
+    assert loaded(x[None]).shape == (1, 3)
+    # An RGB model's metadata composites alpha on white, as predict reads files.
+    rgb_model = create_model("xception-compact", num_classes=3, width=0.25)
+    rgb_meta = input_meta(rgb_model)
+    assert rgb_meta.in_chans == 3
+    assert torch.equal(rgb_meta.transforms()(rgba), rgb_meta.transforms()(_on_white(rgba)))
+    assert rgb_meta.transforms()(rgb.convert("L")).shape == (3, 28, 28)  # the preset's size
+    with pytest.raises(WeightsError, match=r"mean=\(0.5, 0.5\) is not valid: 2 values for 3 "):
+        rgb_meta.replace(mean=(0.5, 0.5), std=(0.5, 0.5))
+    with pytest.raises(WeightsError, match="in_chans=0 is not valid"):
+        rgb_meta.replace(in_chans=0)
+    with pytest.raises(TypeError, match="expected a PIL image, got Tensor"):
+        rgb_meta.transforms()(torch.zeros(3, 8, 8))
+
+
+def _on_white(image):
+    from PIL import Image
+
+    return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
 
 
 def test_keras_files_get_imagenet_names_only_with_1000_classes(tmp_path):
@@ -1397,8 +1446,8 @@ def test_mean_and_std_must_fit_the_model_input_channels(tmp_path):
     four = _rewrite_metadata(good, tmp_path / "four.safetensors", mean=[0.5] * 4, std=[0.5] * 4)
     with pytest.raises(
         WeightsError,
-        match="four.safetensors: the weights metadata has 4 means "
-        "and stds but the model takes 3 input channels",
+        match=r"four.safetensors: weights metadata: mean=\(0.5, 0.5, 0.5, 0.5\) is not valid: "
+        "4 values for 3 input channels",
     ):
         create_model("xception-compact", weights=four)
     one = _rewrite_metadata(good, tmp_path / "one.safetensors", mean=[0.5], std=[0.5])
@@ -1406,7 +1455,8 @@ def test_mean_and_std_must_fit_the_model_input_channels(tmp_path):
     assert row.error is None and np.isfinite(row.top[0].probability)
 
     grey = create_model("xception-compact", num_classes=3, in_chans=1)
-    grey.weights_meta = input_meta(grey).replace(mean=(0.5,) * 3, std=(0.5,) * 3)  # by hand
+    # By hand, without in_chans (which would refuse three means where it is built).
+    grey.weights_meta = input_meta(grey).replace(mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=None)
     with pytest.raises(
         WeightsError,
         match="model.weights_meta: the weights metadata has 3 "

@@ -1243,6 +1243,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    if sys.stderr is None:  # `2>&-`: progress and diagnostics go nowhere, as asked
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     # torch and friends load here, for a few seconds (some options list what the modules
     # offer, and `import xception` leaves them for later): Ctrl-C is no traceback either.
     try:
@@ -1252,6 +1254,10 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("xception: interrupted", file=sys.stderr)
         return 130
+    if sys.stdout is None:  # `>&-`: results printed to nowhere were a silent success
+        print(f"xception {args.command}: error: stdout is closed: give the command somewhere "
+              "to print, e.g. '> /dev/null' to discard what it prints", file=sys.stderr)  # fmt: skip
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

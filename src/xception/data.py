@@ -69,8 +69,7 @@ def load_image(path: str | Path) -> Image.Image:
                     )
                 im.load()
                 sixteen = im.format == "PPM" and im.mode == "I"  # exif_transpose drops format
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im, sixteen)
+                return _to_rgb(_upright(im), sixteen)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -81,6 +80,27 @@ def load_image(path: str | Path) -> Image.Image:
         # Pillow's "cannot identify image file '<path>'" named the file a second time.
         detail = str(err).replace(f" {str(path)!r}", "")
         raise ImageError(f"{path}: not a readable image ({detail})") from None
+
+
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}  # fmt: skip
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """`im` turned as its EXIF orientation says. Pillow's exif_transpose also writes the EXIF
+    back, and a malformed tag elsewhere in it (text in a numeric tag) raised struct.error
+    there, which stopped predict: then the orientation is applied here, the EXIF left alone."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (struct.error, TypeError, ValueError, KeyError):
+        try:
+            orientation = im.getexif().get(0x0112)
+        except (struct.error, TypeError, ValueError, KeyError, OSError):
+            return im  # no orientation to be read: the pixels as stored
+        method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+        return im.transpose(method) if method is not None else im
 
 
 def _to_rgb(im: Image.Image, sixteen: bool = False) -> Image.Image:
@@ -147,11 +167,14 @@ def eval_transform(
     interpolation: str = "bilinear",
     mean: tuple[float, ...] = (0.5, 0.5, 0.5),
     std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    in_chans: int | None = None,
 ) -> T.Compose:
     """Resize the shorter side to size / crop_fraction, centre-crop size, normalise.
 
     crop_fraction=1.0 with a square resize is Keras' preprocessing; timm's legacy_xception uses
-    crop_fraction=0.8975 with bicubic interpolation."""
+    crop_fraction=0.8975 with bicubic interpolation. `in_chans` 1 or 3 first converts an image
+    of any mode as `load_image` does (alpha on white, palette, 16-bit), then to its luminance
+    for 1; otherwise the image is taken as it is."""
     if interpolation not in _INTERPOLATION:
         raise ValueError(f"interpolation={interpolation!r}: use one of {sorted(_INTERPOLATION)}")
     # 0 was a ZeroDivisionError, a negative fraction a negative resize inside torchvision.
@@ -169,7 +192,27 @@ def eval_transform(
             T.Resize(resize_to, interpolation=_INTERPOLATION[interpolation], antialias=True),
             T.CenterCrop(size),
         ]
+    if in_chans in (1, 3):
+        steps.insert(0, _ImageMode(in_chans))
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+class _ImageMode:
+    """Converts a PIL image of any mode to RGB (3 channels) or its luminance (1), as
+    `load_image` and predict do: an RGBA or grey image had given the model 4 or 1 channels."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(image).__name__}: open the file "
+                            "with PIL.Image.open (or xception.data.load_image)")  # fmt: skip
+        rgb = _to_rgb(image)
+        return rgb.convert("L") if self.channels == 1 else rgb
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({'L' if self.channels == 1 else 'RGB'})"
 
 
 class _ResizeLimit:
@@ -212,7 +255,22 @@ IDX_FILES = {
 # What a folder search picks up (class folders, `predict` on a folder); named files are tried
 # whatever their name.
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+    }  # fmt: skip
 )
 # Normalisation (mean, std) per preset family: the paper's models see x / 127.5 - 1.
 KERAS_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,13 +91,17 @@ class Prediction:
 
 def find_images(paths: Iterable[str | Path]) -> list[Path]:
     """Files as given, plus the image files under each folder (`data.image_files`: recursive,
-    sorted, hidden files and folders skipped, links to folders followed)."""
+    sorted, hidden files and folders skipped, links to folders followed), each file once:
+    `photos/ photos/sub/` had classified and counted the images of sub/ twice. The first
+    mention of a file keeps its place (and its spelling)."""
     found: list[Path] = []
+    seen: set[str] = set()
     for path in map(Path, paths):
-        if path.is_dir():
-            found.extend(image_files(path))
-        else:
-            found.append(path)  # a missing file becomes its own error row
+        for file in image_files(path) if path.is_dir() else [path]:
+            key = os.path.realpath(file)  # a missing file becomes its own error row, once
+            if key not in seen:
+                seen.add(key)
+                found.append(file)
     return found
 
 

@@ -724,6 +724,7 @@ class Weights:
     base_url: str | None = None
     description: str = ""
     loss: str = "softmax"
+    in_chans: int | None = None
 
     def __post_init__(self) -> None:
         """Checks every field, so that metadata of one's own (a safetensors file's, a
@@ -774,6 +775,15 @@ class Weights:
             raise self._bad("std", "every std must be above 0 (inputs are divided by it)")
         if self.loss not in ("softmax", "sigmoid"):
             raise self._bad("loss", "use 'softmax' or 'sigmoid'")
+        if self.in_chans is not None:
+            value = _as_int(self.in_chans)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise self._bad("in_chans", "use the model's input channels (1 for grey, 3 "
+                                "for RGB), or leave it out")  # fmt: skip
+            object.__setattr__(self, "in_chans", value)
+            if len(self.mean) not in (1, value):
+                raise self._bad("mean", f"{len(self.mean)} values for {value} input channels: "
+                                "give one per channel, or one for all")  # fmt: skip
 
     def _bad(self, key: str, fix: str) -> WeightsError:
         return WeightsError(f"weights metadata: {key}={getattr(self, key)!r} is not valid: {fix}")
@@ -798,10 +808,11 @@ class Weights:
         return base.rstrip("/") + "/" + self.filename
 
     def transforms(self) -> Callable:
-        """The preprocessing these weights expect: PIL RGB image -> normalised CHW tensor."""
-        return eval_transform(
-            self.input_size, self.crop_fraction, self.interpolation, self.mean, self.std
-        )
+        """The preprocessing these weights expect: PIL image -> normalised CHW tensor. With
+        `in_chans` 1 or 3 (set on a model's `weights_meta`), an image of any mode (RGBA, grey,
+        palette, 16-bit) becomes its luminance or RGB first, so a grey model gets one channel."""
+        return eval_transform(self.input_size, self.crop_fraction, self.interpolation,
+                              self.mean, self.std, self.in_chans)  # fmt: skip
 
     def replace(self, **changes) -> Weights:
         return dataclasses.replace(self, **changes)
@@ -829,12 +840,14 @@ WEIGHTS: dict[str, Weights] = {
         filename="xception_weights_tf_dim_ordering_tf_kernels.h5",
         md5="0a58e3b7378bc2990ea3b43d5981f1f6", base_url=KERAS_BASE_URL,
         description="the official Keras ImageNet weights of keras.applications.Xception",
+        in_chans=3,
     ),
     "imagenet-notop": Weights(
         name="imagenet-notop", format="keras", num_classes=0,
         filename="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
         md5="b0042744bf5b25fce3cb969f33bebb97", base_url=KERAS_BASE_URL,
         description="the official Keras ImageNet weights without the classifier",
+        in_chans=3,
     ),
     # timm's legacy_xception (Cadene's port of the Keras weights) is evaluated the timm way.
     # Its file is not fetched here: pass it as weights=PATH and this metadata comes with it.
@@ -842,6 +855,7 @@ WEIGHTS: dict[str, Weights] = {
         name="timm-imagenet", format="timm", num_classes=1000, categories=_IMAGENET,
         crop_fraction=0.8975, interpolation="bicubic",
         description="timm's legacy_xception / Cadene's ImageNet port: pass the .pth as a path",
+        in_chans=3,
     ),
     # torchvision's Inception V3 ImageNet file (Inception_V3_Weights.IMAGENET1K_V1), for the
     # inception-v3 preset: its preprocessing is torchvision's ImageClassification(crop_size=299,
@@ -852,6 +866,7 @@ WEIGHTS: dict[str, Weights] = {
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         description="torchvision's Inception V3 ImageNet weights (inception_v3_google-0cc3c7bd"
         ".pth, for --model inception-v3): pass the .pth as a path",
+        in_chans=3,
     ),
 }  # fmt: skip
 
@@ -1116,7 +1131,7 @@ def _file_meta(fmt: str, num_classes: int, path: Path, channels: int = 3) -> Wei
         name=path.name, num_classes=num_classes,
         categories=base.categories if num_classes == len(_IMAGENET) else None,
         mean=base.mean if same else base.mean[:1] * channels,
-        std=base.std if same else base.std[:1] * channels,
+        std=base.std if same else base.std[:1] * channels, in_chans=channels,
         filename=None, md5=None, base_url=None, description=f"{fmt} weights from {path}",
     )  # fmt: skip
 
@@ -1214,7 +1229,7 @@ def run_weights_card(meta: Mapping, name: str, description: str) -> Weights:
         name=name, format="xception", num_classes=len(meta["classes"]),
         categories=tuple(meta["classes"]), input_size=meta["image_size"],
         mean=tuple(meta["mean"]), std=tuple(meta["std"]), description=description,
-        loss=meta["loss"],
+        loss=meta["loss"], in_chans=(meta.get("model_config") or {}).get("in_chans"),
     )  # fmt: skip
 
 
@@ -1259,10 +1274,10 @@ def load_weights(model: nn.Module, opened: OpenedWeights, *, require_head: bool 
     class names when the classifier was not loaded (they would name a fresh head's outputs)."""
     report = load_into(model, opened.data, source=opened.source, require_head=require_head)
     head_loaded = model.fc is not None and not report["head"] and not report["missing_head"]
-    meta = meta_for_head(opened.meta, head_loaded, model.config.num_classes)
-    if meta is not None:
-        check_channels(meta, model.config.in_chans, opened.source)
-    model.weights_meta = meta
+    if opened.meta is not None:
+        check_channels(opened.meta, model.config.in_chans, opened.source)
+    model.weights_meta = meta_for_head(opened.meta, head_loaded, model.config.num_classes,
+                                       model.config.in_chans)  # fmt: skip
 
 
 def check_channels(meta: Weights, in_chans: int, source: str) -> None:
@@ -1275,11 +1290,16 @@ def check_channels(meta: Weights, in_chans: int, source: str) -> None:
                            "for all")  # fmt: skip
 
 
-def meta_for_head(meta: Weights | None, head_loaded: bool, num_classes: int) -> Weights | None:
-    """The weights' metadata for a model they were loaded into: without class names where the
+def meta_for_head(meta: Weights | None, head_loaded: bool, num_classes: int,
+                  in_chans: int) -> Weights | None:  # fmt: skip
+    """The weights' metadata for a model they were loaded into: with the model's input channels
+    (so that `transforms()` gives a grey model one channel), and without class names where the
     classifier was not loaded (they would name a fresh head's outputs)."""
     if meta is not None and not head_loaded:
         meta = meta.replace(num_classes=num_classes, categories=None)
+    if meta is not None and meta.in_chans != in_chans:
+        check_channels(meta, in_chans, meta.name)
+        meta = meta.replace(in_chans=in_chans)
     return meta
 
 
@@ -1297,7 +1317,7 @@ def input_meta(model: nn.Module) -> Weights:
     classes = config.num_classes if config is not None else model.fc.out_features  # torchvision
     return Weights(name="unknown", format="xception", num_classes=classes,
                    input_size=default_image_size(model), mean=(0.5,) * channels,
-                   std=(0.5,) * channels)  # fmt: skip
+                   std=(0.5,) * channels, in_chans=channels)  # fmt: skip
 
 
 def save_safetensors(model: nn.Module, path: str | Path, meta: Weights | None = None) -> Path:
@@ -1309,6 +1329,8 @@ def save_safetensors(model: nn.Module, path: str | Path, meta: Weights | None = 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
           if not k.endswith("num_batches_tracked")}  # fmt: skip
     config = getattr(model, "config", None)
+    if meta is not None and config is not None and meta.in_chans is None:
+        meta = meta.replace(in_chans=config.in_chans)  # what the model takes: in the file
     metadata = safetensors_metadata(config.to_dict() if config is not None else None, meta)
     path = Path(path)
     atomic_write(path, save(sd, metadata=metadata))

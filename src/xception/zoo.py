@@ -172,7 +172,9 @@ def _inception_v3_compact(num_classes: int, opened, new_head: bool = False,
     model.weights_meta = None
     if opened is not None:
         head_loaded = _load_state(model, opened, "inception-v3-compact", new_head)
-        model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes)
+        model.weights_meta = W.meta_for_head(
+            opened.meta, head_loaded, num_classes, model.config.in_chans
+        )
     return model
 
 
@@ -342,7 +344,7 @@ def create_model(
                 data = W.torchvision_to_state_dict(opened.data, opened.source)
                 opened = dataclasses.replace(opened, data=data)
             head_loaded = _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
-            model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes)
+            model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes, 3)
         return model
     if name == "inception-v3-compact":
         return _inception_v3_compact(num_classes, opened, not wants_file_head, **overrides)
