@@ -174,17 +174,28 @@ class SamePadMaxPool2d(nn.Module):
     """3x3 max pool with 'same' output size.
 
     mode="keras" pads like TensorFlow (asymmetric on even inputs, with -inf so padding never wins);
-    mode="symmetric" pads (k-1)//2 on every side, like timm/Cadene's port.
+    mode="symmetric" pads (k-1)//2 on every side, like timm/Cadene's port. `dilation` (stride 1,
+    an odd window) spreads the window as a dilated block's convs are: a pool whose stride became
+    dilation (output_stride 8's exit block) had taken the max over half-step neighbours.
     """
 
-    def __init__(self, kernel_size: int = 3, stride: int = 2, mode: str = "keras") -> None:
+    def __init__(self, kernel_size: int = 3, stride: int = 2, mode: str = "keras",
+                 dilation: int = 1) -> None:  # fmt: skip
         super().__init__()
         if mode not in ("keras", "symmetric"):
             raise ValueError(f"padding={mode!r} is not valid: use 'keras' or 'symmetric'")
+        if dilation != 1 and (stride != 1 or kernel_size % 2 == 0):
+            raise ValueError(f"dilation={dilation} needs stride 1 and an odd kernel_size "
+                             f"(got stride={stride}, kernel_size={kernel_size})")  # fmt: skip
         self.kernel_size, self.stride, self.mode = kernel_size, stride, mode
+        self.dilation = dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s = self.kernel_size, self.stride
+        k, s, d = self.kernel_size, self.stride, self.dilation
+        if d != 1:  # 'same' at stride 1: d * (k - 1) / 2 of -inf on every side
+            pad = d * (k - 1) // 2
+            x = F.pad(x, (pad, pad, pad, pad), value=float("-inf"))
+            return F.max_pool2d(x, k, 1, dilation=d)
         # Stride 1 with an odd window: TensorFlow's 'same' is symmetric. An even one pads one
         # more after than before, as below (it lost a row and a column here).
         if self.mode == "symmetric" or (s == 1 and k % 2):
@@ -192,7 +203,8 @@ class SamePadMaxPool2d(nn.Module):
         return same_max_pool2d(x, k, s)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, mode={self.mode!r}"
+        text = f"kernel_size={self.kernel_size}, stride={self.stride}, mode={self.mode!r}"
+        return text + (f", dilation={self.dilation}" if self.dilation != 1 else "")
 
 
 def _ceil_mode_pads_after(size: int, k: int, s: int, before: int, after: int) -> bool:

@@ -302,6 +302,26 @@ class XceptionConfig(ModelConfig):
                 raise bad(name, f"use {n} positive widths")
         if not isinstance(self.exit_channels, int) or self.exit_channels < 1:
             raise bad("exit_channels", "use a positive width (the paper uses 1024)")
+        if isinstance(seg, int) and seg > 1:
+            # All at once: naming one block's width sent the user to a count (16 for block2's
+            # 64) that the next block (728) refused.
+            widths = self.spatial_widths()
+            common = math.gcd(*widths)
+            if common % seg:
+                fits = [str(k) for k in range(1, common + 1) if common % k == 0]
+                raise bad("segments", "it must divide the channels of every separable conv's "
+                          f"spatial conv ({', '.join(map(str, sorted(widths)))}): use one of "
+                          f"{', '.join(fits)} or 'depthwise'")  # fmt: skip
+
+    def spatial_widths(self) -> set[int]:
+        """The channel counts the separable convs' spatial (3x3) convs run on: their inputs with
+        order 'depthwise_first', their outputs with 'pointwise_first'."""
+        ch = self.channels
+        stem, (e1, e2, e3) = ch(self.stem_channels[1]), (ch(w) for w in self.entry_channels)
+        exit_, (h1, h2) = ch(self.exit_channels), (ch(w) for w in self.head_channels)
+        if self.order == "pointwise_first":
+            return {e1, e2, e3, exit_, h1, h2}
+        return {stem, e1, e2, e3, exit_, h1}
 
 
 class XceptionBlock(nn.Module):
@@ -347,7 +367,9 @@ class XceptionBlock(nn.Module):
             channels = width
         if end_with_relu:
             self.add_module(f"sepconv{self.num_convs}_act_out", nn.ReLU(inplace=True))
-        self.pool = SamePadMaxPool2d(3, stride, cfg.padding) if pool else None
+        # A pool whose stride gave way to dilation (output_stride 8: the exit block) looks at
+        # the neighbours its dilated convs do, so the maps are the stride-32 ones, only denser.
+        self.pool = SamePadMaxPool2d(3, stride, cfg.padding, dilation) if pool else None
         self.residual = residual
         self.shortcut: nn.Module | None = None
         if residual and (in_channels != channels or stride != 1):
