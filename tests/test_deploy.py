@@ -1077,10 +1077,13 @@ def test_onnx_model_names_the_shape_it_takes(onnx_file):
     three-line INVALID_ARGUMENT; the TorchScript and .pt2 files name the shape they take."""
     for split in (False, True):
         run = deploy.OnnxModel(onnx_file, threads=2, split_batch=split)
-        for bad in ((4, 3, SIZE + 1, SIZE), (2, 1, SIZE, SIZE), (3, SIZE, SIZE), (2, 3, SIZE)):
+        for bad, fix in (((4, 3, SIZE + 1, SIZE), "give input of that shape, or export again"),
+                         ((2, 1, SIZE, SIZE), "give input of that shape (3 channels, as the"),
+                         ((3, SIZE, SIZE), "add the batch dimension, x.unsqueeze(0)"),
+                         ((2, 3, SIZE), "give input of that shape (3 channels")):  # fmt: skip
             with pytest.raises(ValueError, match=re.escape(
-                    f"model.onnx takes input of shape (N, 3, {SIZE}, {SIZE}), got {bad}: give "
-                    "input of that shape, or export again")):  # fmt: skip
+                    f"model.onnx takes input of shape (N, 3, {SIZE}, {SIZE}), got {bad}: "
+                    + fix)):  # fmt: skip
                 run(torch.randn(bad))
         assert run(torch.randn(4, 3, SIZE, SIZE)).shape == (4, 10)
 
@@ -1238,7 +1241,7 @@ def test_export_cli_int8_reads_the_calibration_images_as_it_needs_them(tmp_path,
                  "--calibration-count", "2", "--model", "xception-compact", "--set",
                  "width=0.25", "--set", "middle_blocks=1"])  # fmt: skip
     assert code == 0
-    assert at_export == [1]  # one image read (there is one to calibrate on), not all eleven
+    assert at_export == [2]  # the first calibration batch, checked first; not all eleven
     assert len(loaded) == 11
     text = capsys.readouterr().out
     assert "calibrated on 2 images" in text and "agreement with fp32 on 9 held-out images" in text

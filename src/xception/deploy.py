@@ -91,6 +91,21 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
+def _as_dtype(dtype) -> torch.dtype | None:
+    """A floating dtype, or None; its name ("bfloat16", "float16") is taken too. A string had
+    reached `model.to()`, which read it as a device ("Invalid device string: 'bfloat16'")."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(named, torch.dtype):
+            dtype = named
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype!r} is not a floating torch dtype: use torch.float32, "
+                        "torch.bfloat16 or torch.float16")  # fmt: skip
+    return dtype
+
+
 def fold_batchnorm(model: Xception, dtype: torch.dtype | None = None) -> Xception:
     """An eval-mode copy of `model` with every BatchNorm folded into the conv before it.
 
@@ -113,6 +128,7 @@ def fold_batchnorm(model: Xception, dtype: torch.dtype | None = None) -> Xceptio
                "run this one as it is" if kind else
                ": build the model with xception.create_model")
         )  # fmt: skip
+    dtype = _as_dtype(dtype)
     model = copy.deepcopy(model).eval()
     if dtype is not None:
         model = model.to(dtype)
@@ -384,6 +400,12 @@ class InferenceModel(nn.Module):
         self._plans: dict[tuple[int, ...], Plan] = {}
         self._traced: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
 
+    def train(self, mode: bool = True) -> InferenceModel:
+        """Stays in eval mode: the batch norm is folded away and the compile and jit backends
+        froze the model, so `.train()` (a parent module's too) had turned dropout on in the
+        eager and compile backends only, and their outputs became random."""
+        return super().train(False)
+
     def plan(self, shape: tuple[int, ...]) -> Plan:
         """The slicing plan for an input of `shape` (N, C, H, W), worked out once per shape."""
         shape = tuple(shape)
@@ -521,7 +543,7 @@ def optimize(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    dtype = dtype or default_dtype(device)
+    dtype = _as_dtype(dtype) or default_dtype(device)
     if backend == "jit" and device.type != "cpu":
         raise ValueError("backend='jit' (oneDNN blocked layout) is CPU only: use 'compile'")
     if slice_mib == "auto":
@@ -1196,9 +1218,20 @@ class OnnxModel:
             return
         shape = ", ".join("N" if i == 0 and d is None else "?" if d is None else str(d)
                           for i, d in enumerate(want))  # fmt: skip
+        c = want[1] if len(want) == 4 else None
+        if x.ndim == 4 and x.shape[1] == c:  # only the height or width differ
+            fix = ("give input of that shape, or export again at the images' size (xception "
+                   "export --size N, or --dynamic-size)")  # fmt: skip
+        elif x.ndim == 3 and x.shape[0] == c:  # exporting again would not help these
+            fix = "add the batch dimension, x.unsqueeze(0)"
+        elif x.ndim == 3 and c == 1:
+            fix = "add the channel dimension, x.unsqueeze(1)"
+        elif x.ndim == 4 and x.shape[-1] == c:
+            fix = "that looks channels-last (N, H, W, C): x.permute(0, 3, 1, 2)"
+        else:
+            fix = f"give input of that shape ({c} channels, as the model was exported)"
         raise ValueError(f"{self.path.name} takes input of shape ({shape}), got "
-                         f"{tuple(x.shape)}: give input of that shape, or export again at the "
-                         "images' size (xception export --size N, or --dynamic-size)")  # fmt: skip
+                         f"{tuple(x.shape)}: {fix}")  # fmt: skip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         check_float_images(x)
@@ -1277,6 +1310,21 @@ class _Batches:
         return {self.name: batch.float().contiguous().numpy()}
 
 
+QUANT_FORMATS = ("qdq", "qoperator")
+
+
+def _check_quant_format(quant_format: str) -> None:
+    if quant_format not in QUANT_FORMATS:
+        raise ValueError(f"unknown quant_format {quant_format!r}: use 'qdq' or 'qoperator'")
+
+
+def _non_empty(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The batches that hold images: empty ones (the end of a split, say) hold nothing to
+    calibrate on, and the histogram calibrators failed on them with numpy's "inhomogeneous
+    shape"."""
+    return (b for b in batches if not (b.ndim == 4 and b.shape[0] == 0))
+
+
 def quantize_onnx(
     fp32_path: str | Path,
     path: str | Path,
@@ -1304,8 +1352,7 @@ def quantize_onnx(
     formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}  # fmt: skip
-    if quant_format not in formats:
-        raise ValueError(f"unknown quant_format {quant_format!r}: use 'qdq' or 'qoperator'")
+    _check_quant_format(quant_format)
     if method not in methods:
         raise ValueError(f"unknown calibration method {method!r}: use one of {list(methods)}")
     fp32_path, path = Path(fp32_path), Path(path)
@@ -1322,9 +1369,7 @@ def quantize_onnx(
         raise ValueError(f"{fp32_path}: not an ONNX model ({_first_line(err)}): give an fp32 "
                          "ONNX model, e.g. one written by `xception export`") from err  # fmt: skip
     name = graph_input.name
-    # Empty batches (the end of a split, say) hold nothing to calibrate on, and the histogram
-    # calibrators failed on them with numpy's "inhomogeneous shape".
-    calibration = (b for b in calibration if not (b.ndim == 4 and b.shape[0] == 0))
+    calibration = _non_empty(calibration)
     first = next(calibration, None)
     if first is None:
         raise ValueError("no calibration images: give at least one batch of images")
@@ -1422,15 +1467,35 @@ def quantize_model(
     calibration: Iterable[torch.Tensor],
     heldout: Iterable[torch.Tensor] = (),
     *,
-    input_size: tuple[int, int] | int = 299,
+    input_size: tuple[int, int] | int | None = None,
     quant_format: str = "qdq",
 ) -> QuantizationReport:
-    """Export `model` to ONNX, quantise it to int8 with ranges calibrated on `calibration`
-    (batches of preprocessed images), report the top-1 agreement of the int8 model with the
-    fp32 PyTorch model on `heldout` (batches of other images, taken one at a time; None when
-    there are none), then write it to `path`."""
+    """Export `model` to ONNX at `input_size` (default: the calibration images' size),
+    quantise it to int8 with ranges calibrated on `calibration` (batches of preprocessed
+    images), report the top-1 agreement of the int8 model with the fp32 PyTorch model on
+    `heldout` (batches of other images, taken one at a time; None when there are none), then
+    write it to `path`. The settings and the first calibration batch are checked before the
+    export (which takes half a minute for the paper's model)."""
     path = Path(path)
     _check_target(path, "onnx")
+    _check_quant_format(quant_format)
+    calibration = _non_empty(calibration)
+    first = next(calibration, None)
+    if first is None:
+        raise ValueError("no calibration images: give at least one batch of images")
+    check_float_images(first)
+    if first.ndim != 4:
+        raise ValueError(f"calibration batches must be (N, channels, height, width), got "
+                         f"{tuple(first.shape)}: torch.stack the preprocessed images")  # fmt: skip
+    got = tuple(first.shape[-2:])
+    if input_size is None:
+        input_size = got
+    elif got != input_size_pair(input_size):
+        h, w = input_size_pair(input_size)
+        raise ValueError(f"the calibration images are {got[0]}x{got[1]} but input_size is "
+                         f"{h}x{w}: pass input_size={got}, or prepare the images at "
+                         f"{h}x{w}")  # fmt: skip
+    calibration = itertools.chain([first], calibration)
     model = _eager_model(model)
     model = copy.deepcopy(model).float().cpu().eval()
     want = (getattr(getattr(model, "config", None), "in_chans", 3), *input_size_pair(input_size))
@@ -1444,6 +1509,9 @@ def quantize_model(
             check_float_images(x)
             if x.numel() == 0:
                 continue
+            if not bool(torch.isfinite(x).all()):  # NaN scores had counted as disagreement
+                raise ValueError("held-out images hold NaN or infinite values: give images "
+                                 "preprocessed as for the model (finite pixel values)")  # fmt: skip
             if x.ndim != 4 or tuple(x.shape[1:]) != want:
                 raise ValueError(f"held-out batches must be (N, {', '.join(map(str, want))}) "
                                  f"like the model's input, got {tuple(x.shape)}: preprocess them "

@@ -29,6 +29,10 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> dict[
         raise ValueError(f"ks={ks!r} is not valid: use positive integers, e.g. (1, 5)")
     if not len(target):
         return {k: 0 for k in ks}
+    if target.is_floating_point() and not bool((target == target.round()).all()):
+        # .long() below had truncated them: class "1.5" counted as class 1.
+        raise ValueError("class indices must be whole numbers, got fractional targets: give "
+                         "each sample's class index (soft labels are for the loss, not top-k)")  # fmt: skip
     num_classes = logits.shape[1]
     low, high = int(target.min()), int(target.max())
     if low < 0 or high >= num_classes:
