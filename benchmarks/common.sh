@@ -6,6 +6,9 @@
 #                           files, removed at exit; publish_results moves them into $out. So an
 #                           interrupted or failed run (a candidate's error row: exit 1) leaves
 #                           the last good set in $out, not some files of each run.
+#   publish_series PREFIX RUNS  publish_results, after drop_stale_series PREFIX RUNS removes an
+#                           earlier, longer series' PREFIX-N.json/.md for N > RUNS: the series
+#                           replaces the last one whole.
 results_folder() {
     local out
     out=$(realpath -m "${BENCH_OUT:-$(dirname "${BASH_SOURCE[0]}")}")
@@ -26,4 +29,20 @@ stage_results() {
 
 publish_results() {
     mv -f "$stage"/* "$out"/
+}
+
+drop_stale_series() {
+    local prefix=$1 runs=$2 file n
+    for file in "$out/$prefix"-*.json "$out/$prefix"-*.md; do
+        n=${file##*/"$prefix"-}
+        n=${n%.*}
+        if [[ $n =~ ^[0-9]+$ ]] && ((10#$n > runs)); then
+            rm -f -- "$file"
+        fi
+    done
+}
+
+publish_series() {
+    drop_stale_series "$1" "$2"
+    publish_results
 }

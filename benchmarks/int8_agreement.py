@@ -42,8 +42,10 @@ def main() -> int:
     if args.calibration < 1:  # a negative count would slice off all but that many images
         p.error(f"--calibration {args.calibration}: give a number of training images, at least 1")
     try:
-        if args.json:
-            check_output_file(args.json)  # before minutes of work, not after
+        if args.json:  # before minutes of work, not after; not over a file of the run
+            from xception.cli import _files_read
+
+            check_output_file(args.json, reads=_files_read(args.run))
         return check(args)
     except (OSError, ValueError) as err:  # missing run or data, damaged weights: one line
         print(f"int8_agreement.py: {err}", file=sys.stderr)

@@ -14,7 +14,7 @@ source "$(dirname "$0")/common.sh"
 out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
-runs=${1:-2}
+runs=${1-2}  # only a missing RUNS: an empty one (an unset variable) is refused
 check_runs openmp.sh "$runs"
 stage_results  # the runs replace the last ones once all have succeeded
 declare -A settings=(
@@ -30,5 +30,8 @@ for i in $(seq 1 "$runs"); do
             --only "optimize(backend='compile')" "timm eager channels_last" \
             --json "$stage/openmp-$name-$i.json"
     done
+done
+for name in default bind spin; do
+    drop_stale_series "openmp-$name" "$runs"
 done
 publish_results

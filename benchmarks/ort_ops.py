@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--onnx", help="an ONNX file (default: export --model at --size first)")
     p.add_argument("--model", default="xception", help="preset to export (default: xception)")
-    p.add_argument("--size", type=int, default=299, help="input height and width")
+    p.add_argument("--size", type=int, help="input height and width (default: the --onnx "
+                   "file's own fixed size, else 299)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1, as "
                    "each of OnnxModel's workers)")  # fmt: skip
     p.add_argument("--runs", type=int, default=10)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="write the summary tables here too")
     args = p.parse_args(argv)
     for flag in ("size", "threads", "runs"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: give a whole number, at least 1")
     if args.warmup < 0:
         p.error(f"--warmup {args.warmup}: give a whole number, 0 or more")
@@ -171,11 +173,27 @@ def main(argv: list[str] | None = None) -> int:
         from xception.checkpoint import atomic_write, check_output_file
 
         for out, suffix in ((args.json, ".json"), (args.markdown, ".md")):
-            if out:
-                check_output_file(out, example_suffix=suffix)  # before the work, not after
+            if out is not None:  # before the work, not after; never over the model profiled
+                check_output_file(
+                    out, example_suffix=suffix, reads=[args.onnx] if args.onnx else []
+                )
+        if (
+            args.json
+            and args.markdown
+            and os.path.realpath(args.json) == os.path.realpath(args.markdown)
+        ):
+            raise ValueError(f"--json and --markdown both name {args.json}: the Markdown would "
+                             "replace the JSON; give two files")  # fmt: skip
         result = run(args)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"ort_ops.py: {err}", file=sys.stderr)
+        return 2
+    except (
+        Exception
+    ) as err:  # ONNX Runtime's own errors (InvalidArgument, Fail) are no RuntimeError
+        if not type(err).__module__.startswith("onnxruntime"):
+            raise
+        print(f"ort_ops.py: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
     text = markdown(result)
     print(text, end="")
@@ -186,10 +204,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _fixed_size(path: str | None) -> tuple[int, int] | None:
+    """The (height, width) an ONNX file was exported at, None for a dynamic size (or no file):
+    a file exported at 71x71 and profiled at the default 299 failed inside ONNX Runtime."""
+    if not path or not os.path.isfile(path):
+        return None
+    import onnx
+
+    try:
+        dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    except Exception:  # not an ONNX file: the session names it
+        return None
+    hw = tuple(d.dim_value for d in dims[2:])
+    return hw if len(hw) == 2 and all(hw) else None
+
+
 def run(args: argparse.Namespace) -> dict:
     import onnxruntime as ort
 
-    size = (args.size, args.size)
+    size = (args.size, args.size) if args.size else _fixed_size(args.onnx) or (299, 299)
     with tempfile.TemporaryDirectory(prefix="ort-ops-model-") as tmp:
         path = Path(args.onnx) if args.onnx else Path(tmp) / "model.onnx"
         if not args.onnx:

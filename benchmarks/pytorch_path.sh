@@ -10,7 +10,7 @@ source "$(dirname "$0")/common.sh"
 out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
-runs=${1:-3}
+runs=${1-3}  # only a missing RUNS: an empty one (an unset variable) is refused
 check_runs pytorch_path.sh "$runs"
 stage_results  # the runs replace the last ones once all have succeeded
 only=("timm eager channels_last" "xception folded channels_last" "optimize(backend='eager')"
@@ -20,4 +20,4 @@ for i in $(seq 1 "$runs"); do
         --only "${only[@]}" --json "$stage/pytorch-path-$i.json" \
         --markdown "$stage/pytorch-path-$i.md"
 done
-publish_results
+publish_series pytorch-path "$runs"

@@ -11,7 +11,7 @@ source "$(dirname "$0")/common.sh"
 out=$(results_folder)  # before the cd: BENCH_OUT is from the caller's folder
 cd "$(dirname "$0")/.."
 lock=/tmp/xception-heavy.lock
-runs=${1:-5}
+runs=${1-5}  # only a missing RUNS: an empty one (an unset variable) is refused
 check_runs targets.sh "$runs"
 stage_results  # the series replaces the last one whole, once every run has succeeded
 files=()
@@ -20,7 +20,7 @@ for i in $(seq 1 "$runs"); do
         --json "$stage/targets-$i.json" --markdown "$stage/targets-$i.md"
     files+=("$out/targets-$i.json")
 done
-publish_results
+publish_series targets "$runs"
 # These runs only: a shorter series must not summarise an earlier series' targets-N.json with it.
 .venv/bin/python benchmarks/targets_summary.py "${files[@]}" > "$stage/targets.md"
 cat "$stage/targets.md"

@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import numbers
 import os
 import platform
 import statistics
@@ -801,6 +802,33 @@ def _candidates(
 # ---------------------------------------------------------------------------------------------
 QUICK_MODEL = dict(width=0.25, middle_blocks=1)
 
+# The peers' packages, by the text their candidates' names start with.
+_PEER_PACKAGES = {"timm": "timm", "keras": "keras", "openvino": "openvino",
+                  "onnxruntime": "onnxruntime"}  # fmt: skip
+
+
+def _why_left_out(texts: list[str], quick: bool, device: torch.device) -> str:
+    """Why candidates `texts` could have named are not among this run's: a peer's package
+    that is not installed, --quick, or a CUDA device (ONNX Runtime, OpenVINO and Keras are
+    CPU candidates here)."""
+    said = []
+    for text in texts:
+        for word, package in _PEER_PACKAGES.items():
+            usable = (_keras_usable() if package == "keras"  # as `_candidates` asks
+                      else _installed(package) if package == "openvino"
+                      else _version(package) is not None)  # fmt: skip
+            if word in text.lower() and not usable and package not in said:
+                said.append(package)
+    notes = [f"{p} is not installed (pip install {p}, or the package's bench extra)"
+             for p in said]  # fmt: skip
+    if quick:
+        notes.append("--quick leaves out the compiled candidates and the peers (inception_v3, "
+                     "timm, openvino, keras)")  # fmt: skip
+    if device.type != "cpu":
+        notes.append(f"on {device.type} the ONNX Runtime, OpenVINO and Keras candidates are "
+                     "left out")  # fmt: skip
+    return "".join(f"; {n}" for n in notes)
+
 
 def run_bench(
     *,
@@ -824,6 +852,13 @@ def run_bench(
     from .evaluate import resolve_device
 
     device = resolve_device(device)
+    # Whole numbers first: 2.5 images per batch failed in every candidate's row, and
+    # repeats=1.5 after the candidates were built and the matrix multiply timed.
+    for name, values in (("size", [size]), ("batches", list(batches)), ("repeats", [repeats]),
+                         ("train_batch", [] if train_batch is None else [train_batch])):  # fmt: skip
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+            raise ValueError(f"{name}={values[0] if len(values) == 1 else tuple(values)!r}: "
+                             "use whole numbers")  # fmt: skip
     if size < 1 or any(b < 1 for b in batches) or (train_batch is not None and train_batch < 1):
         raise ValueError(f"size={size}, batches={tuple(batches)}, train_batch={train_batch}: "
                          "sizes and batches must be at least 1 (train_batch None: no training)")  # fmt: skip
@@ -850,8 +885,13 @@ def run_bench(
         # Training steps are timed only with a training batch: the others are no candidates.
         untimed = [c for c in candidates if c.task == "training" and not train_batch]
         candidates = [c for c in candidates if c not in untimed]
-        if only:
+        if only is not None:
             wanted = (only,) if isinstance(only, str) else tuple(only)
+            if not wanted or any(not isinstance(w, str) or not w.strip() for w in wanted):
+                # '' (an unset shell variable) is in every name: the whole bench ran.
+                raise ValueError(f"empty text in only ({only!r}) is part of every candidate "
+                                 "name: give parts of names, or leave only out to run them "
+                                 "all")  # fmt: skip
             names = sorted({c.name for c in candidates})
             # Each text must name something: a stale name among several (a script's list, a
             # peer not installed) would otherwise drop its candidate and the comparisons on it.
@@ -865,7 +905,8 @@ def run_bench(
                                  "text out")  # fmt: skip
             if unmatched:
                 raise ValueError(f"no candidate name contains {' or '.join(map(repr, unmatched))}: "
-                                 f"the candidates here are {', '.join(names)}")  # fmt: skip
+                                 f"the candidates here are {', '.join(names)}"
+                                 + _why_left_out(unmatched, quick, device))  # fmt: skip
             candidates = [c for c in candidates if any(w in c.name for w in wanted)]
         # The rate the candidates are held to: fp32 on the CPU; on CUDA every candidate runs
         # in bfloat16 (autocast, or a bfloat16 model), so bfloat16's, on products big enough to

@@ -40,6 +40,15 @@ def _path(text: str) -> str:
     return text
 
 
+def _name_part(text: str) -> str:
+    """Part of a candidate's name (bench --only): empty text, in every name, had run them all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty text (an unset shell variable?) is part of every "
+                                         "candidate name: give part of one, or leave --only "
+                                         "out to run them all")  # fmt: skip
+    return text
+
+
 # What a run folder (train.py) and its checkpoint folders (checkpoint.py) are made of: an output
 # given to a command that reads such a folder must not replace one of them.
 RUN_FILES = ("model.safetensors", "ema.safetensors", "model.json", "state.pt", "metrics.csv",
@@ -760,7 +769,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="interleaved rounds after warm-up (default: 5; quick: 2)",
     )
-    p.add_argument("--only", nargs="+", metavar="TEXT",
+    p.add_argument("--only", nargs="+", metavar="TEXT", type=_name_part,
                    help="only candidates whose name contains one of these texts (each text "
                         "must match one)")  # fmt: skip
     p.add_argument("--device", default="cpu",
