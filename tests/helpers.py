@@ -79,3 +79,34 @@ def training_engine(recipe, device: str, **changes):
     run = _Run(make_config(recipe, **changes), torch.device(device), given_keys(recipe, changes))
     run._setup()
     return run
+
+
+def fake_bench_checkout(tmp_path, scripts: tuple[str, ...], xception: str, python: bool = False):
+    """(root, out, env): `scripts` of benchmarks/ copied into a checkout's layout under
+    `tmp_path`, whose .venv/bin/xception runs the bash `xception` instead of a bench (and whose
+    .venv/bin/python is this one, when `python`); `flock` runs its command (pytest may hold the
+    real lock), and BENCH_OUT is a new `results` folder."""
+    import os
+    import shlex
+    import shutil
+    import stat
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "checkout"
+    (root / "benchmarks").mkdir(parents=True)
+    for name in scripts:
+        shutil.copy(Path(__file__).parents[1] / "benchmarks" / name, root / "benchmarks")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (root / ".venv" / "bin").mkdir(parents=True)
+    fakes = {bin_ / "flock": 'shift; exec "$@"\n', root / ".venv" / "bin" / "xception": xception}
+    if python:
+        fakes[root / ".venv" / "bin" / "python"] = f'exec {shlex.quote(sys.executable)} "$@"\n'
+    for path, text in fakes.items():
+        path.write_text("#!/usr/bin/env bash\n" + text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "results"
+    out.mkdir()
+    env = dict(os.environ, BENCH_OUT=str(out), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    return root, out, env

@@ -476,32 +476,15 @@ def _fake_checkout(tmp_path, fails_on_run: int | None):
     """benchmarks/*.sh in a copy of the checkout's layout whose `xception bench` only writes
     "new" into its --json and --markdown files and exits 1 (a candidate's error row) on its
     `fails_on_run`-th call; `flock` runs its command (pytest may hold the real lock)."""
-    import shutil
-    import stat
+    from helpers import fake_bench_checkout
 
-    root = tmp_path / "checkout"
-    (root / "benchmarks").mkdir(parents=True)
-    for name in ("common.sh", "run_all.sh", "targets.sh", "allocator.sh"):
-        shutil.copy(Path(__file__).parents[1] / "benchmarks" / name, root / "benchmarks")
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    (root / ".venv" / "bin").mkdir(parents=True)
-    scripts = {
-        bin_ / "flock": 'shift; exec "$@"\n',
-        root / ".venv" / "bin" / "xception": (
-            f"echo call >> {tmp_path}/calls\n"
-            'while (($#)); do case $1 in --json|--markdown) echo new > "$2"; shift;; esac; shift; done\n'
-            "echo the table\n"
-            f"[[ $(wc -l < {tmp_path}/calls) != {fails_on_run} ]]\n"
-        ),
-    }
-    for path, text in scripts.items():
-        path.write_text("#!/usr/bin/env bash\n" + text)
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "results"
-    out.mkdir()
-    env = dict(os.environ, BENCH_OUT=str(out), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}")
-    return root, out, env
+    return fake_bench_checkout(
+        tmp_path, ("common.sh", "run_all.sh", "targets.sh", "allocator.sh"),
+        f"echo call >> {tmp_path}/calls\n"
+        'while (($#)); do case $1 in --json|--markdown) echo new > "$2"; shift;; esac; shift; done\n'
+        "echo the table\n"
+        f"[[ $(wc -l < {tmp_path}/calls) != {fails_on_run} ]]\n",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(("script", "args", "files", "fails_on_run"), [

@@ -4,16 +4,14 @@ series the scripts write. Everything runs on tiny models or stand-ins, in second
 
 import importlib.util
 import json
-import os
-import shlex
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import fake_bench_checkout
 
 from xception import bench
 from xception.bench import BenchReport, Measurement, run_bench
@@ -250,32 +248,16 @@ def _checkout(tmp_path):
     """benchmarks/ in a copy of the checkout's layout whose `xception bench` writes a small but
     valid report to --json (and a line to --markdown); `flock` runs its command, and
     .venv/bin/python is the real one."""
-    root = tmp_path / "checkout"
-    (root / "benchmarks").mkdir(parents=True)
-    for name in ("common.sh", "targets.sh", "pytorch_path.sh", "targets_summary.py"):
-        shutil.copy(ROOT / "benchmarks" / name, root / "benchmarks")
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    (root / ".venv" / "bin").mkdir(parents=True)
     report = json.dumps(_run([1.0, 1.0, 1.0], [1.2, 1.2, 1.2]))
     (tmp_path / "report.json").write_text(report)
-    scripts = {
-        bin_ / "flock": 'shift; exec "$@"\n',
-        root / ".venv" / "bin" / "python": f'exec {shlex.quote(sys.executable)} "$@"\n',
-        root / ".venv" / "bin" / "xception": (
-            "while (($#)); do case $1 in\n"
-            f'  --json) cp {tmp_path}/report.json "$2"; shift;;\n'
-            '  --markdown) echo new > "$2"; shift;;\n'
-            "esac; shift; done\n"
-        ),
-    }
-    for path, text in scripts.items():
-        path.write_text("#!/usr/bin/env bash\n" + text)
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "results"
-    out.mkdir()
-    env = dict(os.environ, BENCH_OUT=str(out), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}")
-    return root, out, env
+    return fake_bench_checkout(
+        tmp_path, ("common.sh", "targets.sh", "pytorch_path.sh", "targets_summary.py"),
+        "while (($#)); do case $1 in\n"
+        f'  --json) cp {tmp_path}/report.json "$2"; shift;;\n'
+        '  --markdown) echo new > "$2"; shift;;\n'
+        "esac; shift; done\n",
+        python=True,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("script", ["targets.sh", "pytorch_path.sh"])
