@@ -624,8 +624,8 @@ def test_convert_writes_the_format_the_output_name_says(capsys, monkeypatch, tmp
     capsys.readouterr()
     for name, flags, message in (("k.weights.h5", [], "Keras 3's own layout"),
                                  ("w.bin", [], "must be a .safetensors file"),
-                                 ("w.safetensors", ["--model", "inception-v3"],
-                                  "convert handles Xception weights")):  # fmt: skip
+                                 ("w.h5", ["--model", "inception-v3"],
+                                  "a Keras file holds Xception's layers only")):  # fmt: skip
         seen.clear()
         assert main(["convert", "in.pth", str(tmp_path / name), *flags]) == 2
         assert message in capsys.readouterr().err

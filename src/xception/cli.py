@@ -455,8 +455,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise UserError(f"{args.output}: the output must be a .safetensors file (or .h5 for Keras)")
     overrides = _parse_overrides(args.set, {"weights": "IN"})
     check_output_file(args.output)
-    if args.model == "inception-v3":
-        raise UserError("convert handles Xception weights; inception-v3 is torchvision's model")
+    if args.model == "inception-v3" and out.endswith(".h5"):
+        raise UserError("a Keras file holds Xception's layers only: convert inception-v3 "
+                        "weights to .safetensors")  # fmt: skip
     refuse_config_overrides(args.input, overrides)
     model = create_model(args.model, weights=args.input, **overrides)
     if out.endswith(".h5"):
@@ -473,13 +474,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         return 0
     path = save_safetensors(model, args.output, model.weights_meta)
     meta = model.weights_meta
-    cfg = model.config
+    cfg = getattr(model, "config", None)  # none on torchvision's Inception V3
     port = f"padding={cfg.padding}, bn_eps={cfg.bn_eps}, " if hasattr(cfg, "padding") else ""
+    classes = cfg.num_classes if cfg is not None else model.fc.out_features
     preprocessing = (f"preprocessing: {meta.input_size} px" if meta else "no preprocessing "
                      f"stored (predict uses Keras' at {input_meta(model).input_size} px)")  # fmt: skip
     print(
         f"wrote {path}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{cfg.num_classes} classes, {port}{preprocessing}, "
+        f"{classes} classes, {port}{preprocessing}, "
         f"{'class names included' if meta and meta.categories else 'no class names'}"
     )
     return 0

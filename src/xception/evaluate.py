@@ -246,6 +246,8 @@ def load_for_eval(
                          "file)")  # fmt: skip
     if meta["model"] == "inception-v3":
         net = create_model("inception-v3", num_classes=len(meta["classes"]))
+    elif meta["model"] == "inception-v3-compact":  # its config is no XceptionConfig
+        net = create_model("inception-v3-compact", **meta["model_config"])
     else:
         net = Xception(XceptionConfig(**meta["model_config"]))
     W.load_into(net, weights, source=source, require_head=True)

@@ -68,6 +68,19 @@ def check_tensor(x) -> None:
     raise TypeError(f"expected a torch.Tensor batch of images (N, C, H, W), got a {kind}: {fix}")
 
 
+def timm_data_config(model: nn.Module, size: int, crop: float, interpolation: str,
+                     mean: tuple[float, ...], std: tuple[float, ...], num_classes: int) -> dict:  # fmt: skip
+    """A model's `pretrained_cfg` in timm's keys: the input its weights expect (a crop
+    fraction of 1.0 is Keras' square resize), its first conv and its classifier (`fc`)."""
+    first_conv, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    return dict(
+        input_size=(conv.in_channels, size, size),
+        interpolation=interpolation, mean=mean, std=std, crop_pct=crop,
+        crop_mode="squash" if crop >= 1.0 else "center", num_classes=num_classes,
+        first_conv=first_conv, classifier="fc" if num_classes else None,
+    )  # fmt: skip
+
+
 def check_float_images(x: torch.Tensor) -> None:
     """Refuse integer pixels, which a float model would take as 0..255 values and get wrong."""
     check_tensor(x)
@@ -78,11 +91,12 @@ def check_float_images(x: torch.Tensor) -> None:
         )
 
 
-def check_images(x, in_chans: int, min_size: int, compact_hint: bool = False) -> None:
+def check_images(x, in_chans: int, min_size: int, compact_hint: bool = False,
+                 channels_fix: str = "set in_chans to the number of input channels") -> None:  # fmt: skip
     """Refuse a batch a model with `in_chans` input channels and a smallest input of `min_size`
     pixels cannot take, by what is wrong with it and how to fix it (torch's own errors come
     from deep inside a conv and name neither). `compact_hint` adds the compact presets to the
-    fixes of too small an input."""
+    fixes of too small an input; `channels_fix` is the fix of another channel count."""
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing: no values or sizes to check
         return
     check_tensor(x)
@@ -95,7 +109,7 @@ def check_images(x, in_chans: int, min_size: int, compact_hint: bool = False) ->
         elif x.ndim == 4 and x.shape[-1] == c:
             fix = "that looks channels-last (N, H, W, C): x.permute(0, 3, 1, 2)"
         else:
-            fix = "set in_chans to the number of input channels"
+            fix = channels_fix
         raise ValueError(f"expected a batch of shape (N, {c}, H, W), got {tuple(x.shape)}: {fix}")
     check_float_images(x)
     if min(x.shape[-2:]) < min_size:
@@ -557,14 +571,9 @@ class BlockNet(nn.Module):
         else:
             size, crop, interpolation = default_image_size(self), 1.0, "bilinear"
             mean = std = (0.5,) * chans
-        first_conv = next(n for n, m in self.named_modules() if isinstance(m, nn.Conv2d))
         head = getattr(self, "fc", None) is not None  # none in a backbone (XceptionFeatures)
-        return dict(
-            input_size=(chans, size, size), interpolation=interpolation, mean=mean, std=std,
-            crop_pct=crop, crop_mode="squash" if crop >= 1.0 else "center",  # Keras: a square
-            num_classes=self.config.num_classes if head else 0, first_conv=first_conv,
-            classifier="fc" if head else None,
-        )  # fmt: skip
+        return timm_data_config(self, size, crop, interpolation, mean, std,
+                                self.config.num_classes if head else 0)  # fmt: skip
 
     def check_input(self, x: torch.Tensor) -> None:
         cfg = self.config

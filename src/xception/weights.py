@@ -340,20 +340,22 @@ _TV_SCALE = tuple(s / 0.5 for s in (0.229, 0.224, 0.225))
 _TV_SHIFT = tuple((m - 0.5) / 0.5 for m in (0.485, 0.456, 0.406))
 
 
-def torchvision_to_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> dict:
+def torchvision_to_state_dict(sd: Mapping[str, torch.Tensor], source: str,
+                              fold: bool = True) -> dict:  # fmt: skip
     """torchvision's Inception V3 file -> the inception-v3 preset's state dict. The auxiliary
     classifier (`AuxLogits.*`, a training aid only) is left out, as the preset has none, and
-    torchvision's `transform_input`, which these weights were trained behind, is folded into
-    the first conv (scaled per input channel; it has no padding, so the shift is a constant per
-    output channel, taken off its batch norm's running mean): the preset, as built, gives
-    torchvision's outputs, and a model fine-tuned or saved from it needs no flag to reload."""
+    (`fold`) torchvision's `transform_input`, which its ImageNet weights were trained behind, is
+    folded into the first conv (scaled per input channel; it has no padding, so the shift is a
+    constant per output channel, taken off its batch norm's running mean): the preset, as
+    built, gives torchvision's outputs, and a model fine-tuned or saved from it needs no flag
+    to reload."""
     aux = [k for k in sd if k.startswith("AuxLogits.")]
     if aux:
         log.debug("%s: %d AuxLogits tensors left out (inception-v3 has no auxiliary head)",
                   source, len(aux))  # fmt: skip
     out = {k: v for k, v in sd.items() if not k.startswith("AuxLogits.")}
     conv, mean = "Conv2d_1a_3x3.conv.weight", "Conv2d_1a_3x3.bn.running_mean"
-    if conv in out and mean in out and out[conv].ndim == 4 and out[conv].shape[1] == 3:
+    if fold and conv in out and mean in out and out[conv].ndim == 4 and out[conv].shape[1] == 3:
         w = out[conv].double()
         scale = torch.tensor(_TV_SCALE, dtype=torch.float64).view(1, 3, 1, 1)
         shift = torch.tensor(_TV_SHIFT, dtype=torch.float64).view(1, 3, 1, 1)
@@ -1117,7 +1119,7 @@ def _classifier_size(data: Mapping, fmt: str) -> int:
     return int(bias.shape[0]) if bias is not None else 0
 
 
-def _file_meta(fmt: str, num_classes: int, path: Path, channels: int = 3) -> Weights | None:
+def file_meta(fmt: str, num_classes: int, path: Path, channels: int = 3) -> Weights | None:
     """Metadata for a file without its own: the preprocessing of its layout (one mean and std
     per input channel), and ImageNet's class names when it has 1000 classes (the published
     files of each layout are ImageNet)."""
@@ -1218,7 +1220,7 @@ def open_weights(spec: str | Path, *, progress: bool = True) -> OpenedWeights:
     if channels != 3:  # e.g. a model of grey images: the file makes the model it fits
         config.setdefault("in_chans", channels)
     if meta is None:
-        meta = _file_meta(fmt, num_classes, path, channels)
+        meta = file_meta(fmt, num_classes, path, channels)
     return OpenedWeights(data, str(spec), fmt, num_classes, config, meta)
 
 

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from torch import nn
 
-from .model import Xception, XceptionConfig, XceptionFeatures, check_dtype, check_images
+from .model import (
+    Xception,
+    XceptionConfig,
+    XceptionFeatures,
+    check_dtype,
+    check_images,
+    timm_data_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +133,8 @@ def _inception_v3(num_classes: int, **overrides) -> nn.Module:
     unknown = sorted(set(overrides) - {"drop_rate", "in_chans"})
     if unknown or overrides.get("in_chans", 3) != 3:
         raise ValueError(
-            f"inception-v3 accepts only num_classes and drop_rate (got {', '.join(unknown) or 'in_chans'})"
+            "inception-v3 accepts only num_classes and drop_rate (got "
+            f"{', '.join(unknown) or 'in_chans'}), and transform_input with weights"
             + _pretrained_hint("inception-v3", unknown)
         )
     from .inception import InceptionConfig
@@ -145,11 +153,49 @@ def _inception_v3(num_classes: int, **overrides) -> nn.Module:
     return model
 
 
+def _inception_v3_from(opened, num_classes: int, wants_file_head: bool,
+                       transform_input: bool | None = None, **overrides) -> nn.Module:  # fmt: skip
+    """The inception-v3 preset with `opened` weights (or none). `transform_input`: whether a
+    torchvision file was trained behind torchvision's transform_input (its ImageNet file was),
+    which is then folded into the first conv; None guesses it from the file's auxiliary head,
+    which torchvision's ImageNet file has and a file saved from this preset has not. A file
+    saved with aux_logits=False, or one trained from scratch, needs it said."""
+    from . import weights as W
+
+    if transform_input is not None and (not isinstance(transform_input, bool) or opened is None):
+        raise ValueError(f"transform_input={transform_input!r}: say with True or False, and "
+                         "weights=FILE, whether a torchvision Inception V3 file was trained "
+                         "behind torchvision's transform_input (its ImageNet file was)")  # fmt: skip
+    model = _inception_v3(num_classes, **overrides)
+    model.weights_meta = None
+    if opened is not None:
+        torchvision = opened.format == "torchvision"
+        fold = torchvision if transform_input is None else transform_input
+        if torchvision or fold:
+            data = W.torchvision_to_state_dict(opened.data, opened.source, fold=fold)
+            meta = opened.meta if torchvision else W.file_meta("torchvision", opened.num_classes,
+                                                               Path(opened.source))  # fmt: skip
+            opened = dataclasses.replace(opened, data=data, meta=meta)
+        head_loaded = _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
+        # torchvision's model takes RGB only (in_chans other than 3 is refused).
+        model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes, 3)
+    # timm's pipeline reads it (BlockNet's property, for the other presets): without it timm
+    # prepared images at 224 px, bicubic, for weights that take 299.
+    meta = W.input_meta(model)
+    model.pretrained_cfg = timm_data_config(model, meta.input_size, meta.crop_fraction,
+                                            meta.interpolation, meta.mean, meta.std,
+                                            num_classes)  # fmt: skip
+    return model
+
+
 def _check_inception_input(model: nn.Module, args: tuple) -> None:
     """The checks every other preset makes of its input, for torchvision's Inception V3: uint8
     pixels, a grey batch, a numpy array or 74 px failed inside its convs with torch's words."""
     if args:
-        check_images(args[0], 3, INCEPTION_MIN_SIZE)
+        # Its in_chans is 3, always: "set in_chans" was advice the preset then refused.
+        check_images(args[0], 3, INCEPTION_MIN_SIZE,
+                     channels_fix="inception-v3 takes RGB only: repeat a grey channel, "
+                     "x.expand(-1, 3, -1, -1), or use inception-v3-compact, which takes in_chans")  # fmt: skip
         check_dtype(args[0], model)
 
 
@@ -337,15 +383,7 @@ def create_model(
     if num_classes is None:
         num_classes = opened.num_classes if opened is not None else 1000
     if name == "inception-v3":
-        model = _inception_v3(num_classes, **overrides)
-        model.weights_meta = None
-        if opened is not None:
-            if opened.format == "torchvision":
-                data = W.torchvision_to_state_dict(opened.data, opened.source)
-                opened = dataclasses.replace(opened, data=data)
-            head_loaded = _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
-            model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes, 3)
-        return model
+        return _inception_v3_from(opened, num_classes, wants_file_head, **overrides)
     if name == "inception-v3-compact":
         return _inception_v3_compact(num_classes, opened, not wants_file_head, **overrides)
     if opened is not None:
