@@ -32,7 +32,7 @@ def test_info_with_overrides(capsys):
     "argv,message",
     [
         (["info", "xcepton"], "did you mean xception"),
-        (["info", "xception", "--set", "segments=3"], "segments=3 does not divide"),
+        (["info", "xception", "--set", "segments=3"], "segments=3 is not valid: it must divide"),
         (["info", "xception", "--set", "nonsense"], "expected key=value"),
         (["info", "xception", "--set", "width=1000"], "more than this machine's"),  # ~90 TB
         (["info", "inception-v3"], "describes Xception presets"),

@@ -29,9 +29,16 @@ def test_segments_parameter_count_by_formula(segments):
     assert trainable(Xception(segments=segments)) == expected
 
 
-def test_segments_must_divide_every_width_error_names_block_and_value():
-    with pytest.raises(ValueError, match=r"block4: segments=16 does not divide 728"):
+def test_segments_must_divide_every_width_error_names_the_widths_and_the_counts_that_do():
+    with pytest.raises(ValueError, match=r"segments=16 is not valid: it must divide the channels "
+                       r"of every separable conv's spatial conv \(64, 128, 256, 728, 1024, "
+                       r"1536\): use one of 1, 2, 4, 8 or 'depthwise'"):  # fmt: skip
         Xception(segments=16)
+    # A block's own check still names the block, for a segment count the config cannot see.
+    from xception.layers import resolve_segments
+
+    with pytest.raises(ValueError, match="segments=3 does not divide 64 channels"):
+        resolve_segments(3, 64)
 
 
 def test_nonresidual_has_no_shortcuts_and_fewer_params():
