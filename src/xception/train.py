@@ -170,6 +170,9 @@ class TrainConfig:
             raise bad("ema_decay", "use a decay in (0, 1), e.g. 0.999, or leave it unset")
         if self.out is not None and not self.out.strip():  # it trained into the current folder
             raise bad("out", "give a folder for the run, or leave it unset")
+        if self.resume is not None and not str(self.resume).strip():  # it forked the cwd's run
+            raise bad("resume", "an empty path (an unset variable?): give a checkpoint path "
+                      "or 'auto', or leave it unset")  # fmt: skip
         if self.image_size < 1:
             raise bad("image_size", "use the input size in pixels")
         if not -(2**63) <= self.seed < 2**63:  # torch's generators take 64 bits; seed + epoch
@@ -692,7 +695,14 @@ class _Run:
             ckpt = _load_for_resume(resume)
         saved = ckpt["state"]["config"]
         if cfg.out is None:
-            self.cfg = cfg = cfg.replace(out=str(Path(ckpt["path"]).parent.parent))
+            # The run folder holds checkpoints/step-N: a checkpoint copied elsewhere had made
+            # its grandparent (a home folder) the run's, written over its config.yaml.
+            folder = Path(ckpt["path"]).parent
+            if folder.name != "checkpoints":
+                raise ValueError(f"resume={str(resume)!r}: the checkpoint is not in a run's "
+                                 "checkpoints/ folder, so there is no run folder to continue "
+                                 "in: set out (--out DIR; a new folder forks the run there)")  # fmt: skip
+            self.cfg = cfg = cfg.replace(out=str(folder.parent))
         keep = {k: getattr(cfg, k) for k in RESUMABLE
                 if k not in RUN_SETTINGS or k in self.given or k not in saved}  # fmt: skip
         _check_keys(saved, f"checkpoint {ckpt['path']}")
@@ -701,10 +711,15 @@ class _Run:
         except ValueError as err:  # the given values were checked already: the saved ones
             raise C.CheckpointError(f"{ckpt['path']}/state.pt: the run's config in it is not "
                                     f"valid ({err}); resume from another checkpoint") from None  # fmt: skip
+
         # What was given and cannot change in a resume is said, not dropped without a word
         # (only the CLI said it): the run's own value stays.
+        def given(key):  # model_args given are some keys: the others are the run's own
+            value = getattr(cfg, key)
+            return {**self.cfg.model_args, **value} if key == "model_args" else value
+
         dropped = [k for k in sorted(self.given) if k not in RESUMABLE and k in saved
-                   and getattr(cfg, k) != getattr(self.cfg, k)]  # fmt: skip
+                   and given(k) != getattr(self.cfg, k)]  # fmt: skip
         if dropped and self.rank == 0:
             log.warning("a resume continues the run as it was configured: %s given here not "
                         "applied, the run's %s kept (start a new run to change them)",
