@@ -490,13 +490,17 @@ def load_idx(
         raise DataError(f"{images_file}: {images.dtype} pixels; IDX images of unsigned bytes "
                         "(0-255) are expected")  # fmt: skip
     fashion = labels.dtype == np.uint8 and _is_fashion_mnist(root, labels)
-    if classes is None:
-        classes = FASHION_MNIST_CLASSES if fashion else MNIST_CLASSES
-        if len(labels) and labels.min() >= 0 and labels.max() >= len(classes):
-            # Other IDX data (EMNIST: 26 or 47 classes): as many classes as its labels name.
-            classes = tuple(str(k) for k in range(int(labels.max()) + 1))
+    own = FASHION_MNIST_CLASSES if fashion else MNIST_CLASSES
+    if len(labels) and labels.min() >= 0 and labels.max() >= len(own):
+        # Other IDX data (EMNIST: 26 or 47 classes): as many classes as its labels name.
+        own = tuple(str(k) for k in range(int(labels.max()) + 1))
+        if classes is None:
             log.info("%s: labels 0 to %d: %d classes, named by index", labels_file,
-                     len(classes) - 1, len(classes))  # fmt: skip
+                     len(own) - 1, len(own))  # fmt: skip
+    if classes is None:
+        classes = own
+    elif tuple(map(_nfc, classes)) != tuple(map(_nfc, own)):
+        labels = _relabel(labels, own, classes, root)
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DataError(
             f"{labels_file}: labels go from {labels.min()} to {labels.max()}, but there are "
@@ -512,6 +516,28 @@ def load_idx(
         classes,
         **kw,
     )
+
+
+def _relabel(labels: np.ndarray, own: tuple[str, ...], classes: tuple[str, ...],
+             root: Path) -> np.ndarray:  # fmt: skip
+    """IDX labels (indices into the data's own class names, `own`) as indices into a model's
+    `classes`, matched by name: a model trained on Fashion-MNIST's PNG folders has them
+    sorted by name, and label k had been scored against its k-th output. Classes that share
+    no name with the data's (named by index, say) keep the labels as they are."""
+    index = {_nfc(name): k for k, name in enumerate(classes)}
+    index |= {_folder_name(name): k for k, name in enumerate(classes)
+              if _folder_name(name) not in index}  # fmt: skip
+    names = [_nfc(name) for name in own]
+    matched = [n in index or _folder_name(n) in index for n in names]
+    if not any(matched):
+        return labels
+    present = set(np.unique(labels).tolist()) if len(labels) else set()
+    missing = [own[k] for k in sorted(present) if k < len(own) and not matched[k]]
+    if missing:
+        raise DataError(f"{root}: its classes {', '.join(missing)} are not among the model's "
+                        f"({', '.join(classes)}): evaluate a model trained on these classes")  # fmt: skip
+    table = np.array([index.get(n, index.get(_folder_name(n), -1)) for n in names])
+    return table[labels.astype(np.int64)]
 
 
 def train_transform(preset: str, size: int, mean=KERAS_MEAN_STD[0], std=KERAS_MEAN_STD[1],
@@ -681,6 +707,13 @@ def _nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+def _folder_name(name: str) -> str:
+    """A class name as a folder can be named: '/' (and the OS's separators) as '_'."""
+    for sep in {"/", os.sep, os.altsep or "/"}:
+        name = name.replace(sep, "_")
+    return _nfc(name)
+
+
 def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     """(samples, classes) of a folder with one sub-folder of images per class. With ImageNet's
     classes given (ImageNet weights), folders named by WordNet ID (n01440764, ...) are matched
@@ -709,6 +742,9 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     # Matched after Unicode normalisation: macOS writes names decomposed ('e' + accent), so a
     # folder 'café' copied from a Mac did not match the class 'café' a model was trained with.
     index = {_nfc(name): k for k, name in enumerate(classes)}
+    # A class name no folder can have ("T-shirt/top", Fashion-MNIST's) as a folder spells it.
+    index |= {_folder_name(name): k for k, name in enumerate(classes)
+              if _folder_name(name) not in index}  # fmt: skip
     if imagenet:
         index |= {wnid: k for k, wnid in enumerate(imagenet_wnids())}
     unknown = sorted(name for name in found if _nfc(name) not in index)
@@ -719,7 +755,9 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
         more = f", ... ({len(unknown)} folders)" if len(unknown) > 20 else ""
         raise DataError(f"{root}: class folder(s) {', '.join(unknown[:20])}{more} are not in the "
                         f"training classes {listed}: name each class's folder by class "
-                        f"name{ids}")  # fmt: skip
+                        f"name{ids}"
+                        + (" ('/' in a name written as '_')" if any("/" in c for c in classes)
+                           else ""))  # fmt: skip
     first: dict[int, str] = {}
     for name in found:
         other = first.setdefault(index[_nfc(name)], name)

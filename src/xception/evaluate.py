@@ -167,7 +167,15 @@ def load_for_eval(
     if run_weights:
         try:
             meta = json.loads(card.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            # Valid JSON of another shape had failed with a KeyError traceback further on.
+            keys = ("model", "model_config", "classes", "image_size", "mean", "std",
+                    "multilabel", "loss")  # fmt: skip
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not a run's card")
+            if any(k not in meta for k in keys):
+                missing = ", ".join(k for k in keys if k not in meta)
+                raise ValueError(f"no {missing}")
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
             raise ValueError(f"{card} is damaged ({err}): it says how the run's model was built; "
                              f"evaluate one of the run's checkpoints instead (a step-N folder "
                              f"in {path / 'checkpoints'})") from None  # fmt: skip
@@ -350,7 +358,7 @@ def evaluate_file(
     trained on. `limit` scores a seeded sample of that many images, the same every time, spread
     over the data (class folders list their images class by class). `model_args` are config
     fields of a plain weights file's model (see `load_for_eval`)."""
-    from .data import make_eval_dataset
+    from .data import make_eval_dataset, resolve_data
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: give at least 1 image per batch")
@@ -361,6 +369,7 @@ def evaluate_file(
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: give at least 1 image (or no limit)")
     dev = resolve_device(device)
+    resolve_data(data)  # a missing folder is said before the weights are fetched (88 MB) or read
     net, info = load_for_eval(path, model=model, use_ema=use_ema, model_args=model_args)
     size = image_size or info["image_size"]
     in_chans = getattr(getattr(net, "config", None), "in_chans", 3)
