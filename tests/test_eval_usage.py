@@ -108,8 +108,8 @@ def test_fashion_mnists_first_class_can_be_named_by_a_class_folder(tmp_path, cap
     (no folder name holds a '/'), yet eval's error told the user to name each folder by class
     name; so its test images exported as PNG folders (as Kaggle's are) could not be scored.
 
-    Some spelling a folder can take ("T-shirt_top", "T-shirt-top", "T-shirt top", or the class
-    index "0") should be matched to class 0."""
+    "T-shirt_top" ('/' written as '_') is now matched to class 0; the other spellings tried
+    are refused with the class's real name and that rule."""
     net = _constant(_tiny(10, in_chans=1), [5.0] + [0.0] * 9)  # always "T-shirt/top"
     meta = Weights(name="t", format="xception", num_classes=10, categories=FASHION_MNIST_CLASSES,
                    input_size=16, mean=(0.286,), std=(0.353,))  # fmt: skip
@@ -124,9 +124,9 @@ def test_fashion_mnists_first_class_can_be_named_by_a_class_folder(tmp_path, cap
         out = capsys.readouterr()
         if code == 0:
             scored[name] = json.loads(out.out)
-        else:  # the refusal must at least not send the user to an impossible fix
-            assert "T-shirt/top" in out.err
-    assert scored, "no folder name is matched to the class 'T-shirt/top'"
+        else:  # the refusal names the class and how a folder spells it
+            assert "T-shirt/top" in out.err and "'/' in a name written as '_'" in out.err
+    assert list(scored) == ["T-shirt_top"], "no folder name is matched to the class 'T-shirt/top'"
     for result in scored.values():  # the T-shirt image a hit, the trouser a miss
         assert (result["images"], result["top1"]) == (2, 50.0)
 
