@@ -181,16 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             args.json
             and args.markdown
             and os.path.realpath(args.json) == os.path.realpath(args.markdown)
-        ):
+        ):  # as `xception bench` refuses the pair
             raise ValueError(f"--json and --markdown both name {args.json}: the Markdown would "
                              "replace the JSON; give two files")  # fmt: skip
         result = run(args)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"ort_ops.py: {err}", file=sys.stderr)
         return 2
-    except (
-        Exception
-    ) as err:  # ONNX Runtime's own errors (InvalidArgument, Fail) are no RuntimeError
+    except Exception as err:
+        # ONNX Runtime's own errors (InvalidArgument, Fail) are no RuntimeError.
         if not type(err).__module__.startswith("onnxruntime"):
             raise
         print(f"ort_ops.py: {str(err).strip().splitlines()[-1]}", file=sys.stderr)

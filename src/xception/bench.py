@@ -802,25 +802,23 @@ def _candidates(
 # ---------------------------------------------------------------------------------------------
 QUICK_MODEL = dict(width=0.25, middle_blocks=1)
 
-# The peers' packages, by the text their candidates' names start with.
-_PEER_PACKAGES = {"timm": "timm", "keras": "keras", "openvino": "openvino",
-                  "onnxruntime": "onnxruntime"}  # fmt: skip
+# The peers' packages, as their candidates' names spell them.
+_PEER_PACKAGES = ("timm", "keras", "openvino", "onnxruntime")
 
 
 def _why_left_out(texts: list[str], quick: bool, device: torch.device) -> str:
     """Why candidates `texts` could have named are not among this run's: a peer's package
     that is not installed, --quick, or a CUDA device (ONNX Runtime, OpenVINO and Keras are
     CPU candidates here)."""
-    said = []
-    for text in texts:
-        for word, package in _PEER_PACKAGES.items():
-            usable = (_keras_usable() if package == "keras"  # as `_candidates` asks
-                      else _installed(package) if package == "openvino"
-                      else _version(package) is not None)  # fmt: skip
-            if word in text.lower() and not usable and package not in said:
-                said.append(package)
+
+    def usable(package: str) -> bool:  # as `_candidates` asks
+        if package == "keras":
+            return _keras_usable()
+        return _installed(package) if package == "openvino" else _version(package) is not None
+
+    named = [p for p in _PEER_PACKAGES if any(p in text.lower() for text in texts)]
     notes = [f"{p} is not installed (pip install {p}, or the package's bench extra)"
-             for p in said]  # fmt: skip
+             for p in named if not usable(p)]  # fmt: skip
     if quick:
         notes.append("--quick leaves out the compiled candidates and the peers (inception_v3, "
                      "timm, openvino, keras)")  # fmt: skip

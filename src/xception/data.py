@@ -208,6 +208,9 @@ class _ImageMode:
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, got {type(image).__name__}: open the file "
                             "with PIL.Image.open (or xception.data.load_image)")  # fmt: skip
+        mode = "L" if self.channels == 1 else "RGB"
+        if image.mode == mode and "transparency" not in image.info:
+            return image  # as load_image gives it (predict): no copy
         rgb = _to_rgb(image)
         return rgb.convert("L") if self.channels == 1 else rgb
 
@@ -254,24 +257,8 @@ IDX_FILES = {
 }
 # What a folder search picks up (class folders, `predict` on a folder); named files are tried
 # whatever their name.
-IMAGE_SUFFIXES = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".png",
-        ".bmp",
-        ".gif",
-        ".tif",
-        ".tiff",
-        ".webp",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".pnm",
-    }  # fmt: skip
-)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif",
+                            ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})  # fmt: skip
 # Normalisation (mean, std) per preset family: the paper's models see x / 127.5 - 1.
 KERAS_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FASHION_MNIST_MEAN_STD = ((0.2860,), (0.3530,))
@@ -524,20 +511,17 @@ def _relabel(labels: np.ndarray, own: tuple[str, ...], classes: tuple[str, ...],
     `classes`, matched by name: a model trained on Fashion-MNIST's PNG folders has them
     sorted by name, and label k had been scored against its k-th output. Classes that share
     no name with the data's (named by index, say) keep the labels as they are."""
-    index = {_nfc(name): k for k, name in enumerate(classes)}
-    index |= {_folder_name(name): k for k, name in enumerate(classes)
-              if _folder_name(name) not in index}  # fmt: skip
-    names = [_nfc(name) for name in own]
-    matched = [n in index or _folder_name(n) in index for n in names]
-    if not any(matched):
+    index = _class_index(classes)
+    # A data name as the model has it, or as a folder spells it (a run trained on folders).
+    table = [index.get(_nfc(n), index.get(_folder_name(n), -1)) for n in own]
+    if all(k < 0 for k in table):
         return labels
-    present = set(np.unique(labels).tolist()) if len(labels) else set()
-    missing = [own[k] for k in sorted(present) if k < len(own) and not matched[k]]
+    present = np.unique(labels).tolist() if len(labels) else []
+    missing = [own[k] for k in present if table[k] < 0]
     if missing:
         raise DataError(f"{root}: its classes {', '.join(missing)} are not among the model's "
                         f"({', '.join(classes)}): evaluate a model trained on these classes")  # fmt: skip
-    table = np.array([index.get(n, index.get(_folder_name(n), -1)) for n in names])
-    return table[labels.astype(np.int64)]
+    return np.array(table)[labels.astype(np.int64)]
 
 
 def train_transform(preset: str, size: int, mean=KERAS_MEAN_STD[0], std=KERAS_MEAN_STD[1],
@@ -714,6 +698,13 @@ def _folder_name(name: str) -> str:
     return _nfc(name)
 
 
+def _class_index(classes: tuple[str, ...]) -> dict[str, int]:
+    """Class k by its name, after Unicode normalisation, and by the name a folder can have: a
+    class name no folder can have ("T-shirt/top", Fashion-MNIST's) with '_' for '/'."""
+    index = {_nfc(name): k for k, name in enumerate(classes)}
+    return {**{_folder_name(name): k for k, name in enumerate(classes)}, **index}
+
+
 def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     """(samples, classes) of a folder with one sub-folder of images per class. With ImageNet's
     classes given (ImageNet weights), folders named by WordNet ID (n01440764, ...) are matched
@@ -741,10 +732,7 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None):
     imagenet = _is_imagenet(classes)
     # Matched after Unicode normalisation: macOS writes names decomposed ('e' + accent), so a
     # folder 'café' copied from a Mac did not match the class 'café' a model was trained with.
-    index = {_nfc(name): k for k, name in enumerate(classes)}
-    # A class name no folder can have ("T-shirt/top", Fashion-MNIST's) as a folder spells it.
-    index |= {_folder_name(name): k for k, name in enumerate(classes)
-              if _folder_name(name) not in index}  # fmt: skip
+    index = _class_index(classes)
     if imagenet:
         index |= {wnid: k for k, wnid in enumerate(imagenet_wnids())}
     unknown = sorted(name for name in found if _nfc(name) not in index)

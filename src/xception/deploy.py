@@ -609,8 +609,8 @@ def _uncompiled(model: nn.Module) -> nn.Module:
     what is folded, copied and traced (the wrapper's errors told users to build the model with
     create_model, or to export at a fixed size, which they had)."""
     inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" \
-        else model  # fmt: skip
+    compiled = isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule"
+    return inner if compiled else model
 
 
 def _eager_model(model: nn.Module) -> nn.Module:

@@ -142,7 +142,7 @@ def load_for_eval(
     them; run and checkpoint folders store their config, and refuse them."""
     from . import checkpoint as C
     from . import weights as W
-    from .model import Xception, XceptionConfig, default_image_size
+    from .model import default_image_size
     from .zoo import create_model
 
     named = isinstance(path, str) and path in W.WEIGHTS  # as `create_model(weights=...)` reads it
@@ -213,10 +213,11 @@ def load_for_eval(
             )  # fmt: skip
         # The weights' own classifier, which must load (a new, random head would be scored);
         # a name without one is refused before its download.
-        if not (named and not W.WEIGHTS[spec].num_classes):
+        notop = named and not W.WEIGHTS[spec].num_classes
+        if not notop:
             W.refuse_config_overrides(spec, model_args)  # a file of ours keeps its config
-        net = None if named and not W.WEIGHTS[spec].num_classes else create_model(
-            model or "xception", weights=spec, **(model_args or {}))  # fmt: skip
+        net = None if notop else create_model(model or "xception", weights=spec,
+                                              **(model_args or {}))  # fmt: skip
         if not getattr(getattr(net, "fc", None), "out_features", 0):
             raise W.WeightsError(f"{spec}: weights without a classifier (like imagenet-notop): "
                                  "there is nothing to score; evaluate weights with their "
@@ -252,12 +253,10 @@ def load_for_eval(
         raise ValueError(f"--model {model}: {path} holds a {meta['model']} run, which is "
                          f"rebuilt as it was trained; drop --model (it is for a plain weights "
                          "file)")  # fmt: skip
-    if meta["model"] == "inception-v3":
+    if meta["model"] == "inception-v3":  # torchvision's model: no config of ours
         net = create_model("inception-v3", num_classes=len(meta["classes"]))
-    elif meta["model"] == "inception-v3-compact":  # its config is no XceptionConfig
-        net = create_model("inception-v3-compact", **meta["model_config"])
-    else:
-        net = Xception(XceptionConfig(**meta["model_config"]))
+    else:  # the preset with the run's whole config (inception-v3-compact's is no Xception's)
+        net = create_model(meta["model"], **meta["model_config"])
     W.load_into(net, weights, source=source, require_head=True)
     info = {k: meta[k] for k in ("classes", "image_size", "mean", "std", "multilabel", "loss")}
     info.update(source=source, crop_fraction=1.0, interpolation="bilinear", config=config,

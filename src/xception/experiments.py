@@ -953,8 +953,8 @@ def _previous_results(path: Path) -> dict | None:
     """The results.json at `path` with its suites, or None: no earlier report, or not ours."""
     try:
         results = json.loads(path.read_text())
-        return results if isinstance(results, dict) and isinstance(results["suites"], dict) \
-            else None  # fmt: skip
+        ours = isinstance(results, dict) and isinstance(results["suites"], dict)
+        return results if ours else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

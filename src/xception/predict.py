@@ -193,7 +193,9 @@ def _rows(run: Runner, paths: list[Path], meta: Weights, categories, in_chans: i
           batch_size: int, progress: bool) -> Iterator[Prediction]:  # fmt: skip
     from tqdm import tqdm
 
-    transform = meta.transforms()
+    # The model's channels: an image of any mode as RGB, or its luminance for a 1-channel
+    # model (e.g. trained on Fashion-MNIST); metadata set by hand may not say them.
+    transform = meta.replace(in_chans=in_chans).transforms()
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
@@ -203,8 +205,7 @@ def _rows(run: Runner, paths: list[Path], meta: Weights, categories, in_chans: i
                 result = Prediction(str(path))
                 try:
                     image = load_image(path)
-                    # A 1-channel model (e.g. trained on Fashion-MNIST) sees the luminance.
-                    tensors.append(transform(image.convert("L") if in_chans == 1 else image))
+                    tensors.append(transform(image))
                     slots.append(result)
                 except ImageError as err:
                     result.error = _reason(path, err)

@@ -1276,9 +1276,7 @@ def load_weights(model: nn.Module, opened: OpenedWeights, *, require_head: bool 
     class names when the classifier was not loaded (they would name a fresh head's outputs)."""
     report = load_into(model, opened.data, source=opened.source, require_head=require_head)
     head_loaded = model.fc is not None and not report["head"] and not report["missing_head"]
-    if opened.meta is not None:
-        check_channels(opened.meta, model.config.in_chans, opened.source)
-    model.weights_meta = meta_for_head(opened.meta, head_loaded, model.config.num_classes,
+    model.weights_meta = meta_for_head(opened, head_loaded, model.config.num_classes,
                                        model.config.in_chans)  # fmt: skip
 
 
@@ -1292,17 +1290,19 @@ def check_channels(meta: Weights, in_chans: int, source: str) -> None:
                            "for all")  # fmt: skip
 
 
-def meta_for_head(meta: Weights | None, head_loaded: bool, num_classes: int,
+def meta_for_head(opened: OpenedWeights, head_loaded: bool, num_classes: int,
                   in_chans: int) -> Weights | None:  # fmt: skip
-    """The weights' metadata for a model they were loaded into: with the model's input channels
-    (so that `transforms()` gives a grey model one channel), and without class names where the
-    classifier was not loaded (they would name a fresh head's outputs)."""
-    if meta is not None and not head_loaded:
+    """The metadata of `opened` weights for a model they were loaded into: checked against
+    its `in_chans` input channels and holding them (so that `transforms()` gives a grey model
+    one channel), without class names where the classifier was not loaded (they would name a
+    fresh head's outputs)."""
+    meta = opened.meta
+    if meta is None:
+        return None
+    check_channels(meta, in_chans, opened.source)
+    if not head_loaded:
         meta = meta.replace(num_classes=num_classes, categories=None)
-    if meta is not None and meta.in_chans != in_chans:
-        check_channels(meta, in_chans, meta.name)
-        meta = meta.replace(in_chans=in_chans)
-    return meta
+    return meta.replace(in_chans=in_chans) if meta.in_chans != in_chans else meta
 
 
 def input_meta(model: nn.Module) -> Weights:

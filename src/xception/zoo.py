@@ -178,7 +178,7 @@ def _inception_v3_from(opened, num_classes: int, wants_file_head: bool,
             opened = dataclasses.replace(opened, data=data, meta=meta)
         head_loaded = _load_state(model, opened, "inception-v3", new_head=not wants_file_head)
         # torchvision's model takes RGB only (in_chans other than 3 is refused).
-        model.weights_meta = W.meta_for_head(opened.meta, head_loaded, num_classes, 3)
+        model.weights_meta = W.meta_for_head(opened, head_loaded, num_classes, 3)
     # timm's pipeline reads it (BlockNet's property, for the other presets): without it timm
     # prepared images at 224 px, bicubic, for weights that take 299.
     meta = W.input_meta(model)
@@ -218,9 +218,8 @@ def _inception_v3_compact(num_classes: int, opened, new_head: bool = False,
     model.weights_meta = None
     if opened is not None:
         head_loaded = _load_state(model, opened, "inception-v3-compact", new_head)
-        model.weights_meta = W.meta_for_head(
-            opened.meta, head_loaded, num_classes, model.config.in_chans
-        )
+        model.weights_meta = W.meta_for_head(opened, head_loaded, num_classes,
+                                             model.config.in_chans)  # fmt: skip
     return model
 
 
