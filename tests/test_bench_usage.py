@@ -377,3 +377,16 @@ def test_ort_ops_refuses_json_and_markdown_in_one_file(tiny_onnx, tmp_path):
             "--markdown", str(out)]  # fmt: skip
     assert ort_ops.main(argv) == 2
     assert not out.exists()
+
+
+def test_an_empty_output_name_is_named_as_empty_not_as_the_current_folder(tiny_onnx, capsys):
+    """`ort_ops.py --json "$UNSET"` was refused with ". is a folder", a fault the user had
+    not made; every output check now names an empty name as such."""
+    from xception.checkpoint import check_output_file
+
+    ort_ops = _script("ort_ops")
+    assert ort_ops.main(["--onnx", str(tiny_onnx), *QUICK_PROFILE, "--json", ""]) == 2
+    err = capsys.readouterr().err
+    assert "empty output file name" in err and "is a folder" not in err, err
+    with pytest.raises(ValueError, match=r"empty output file name .* e\.g\. result\.md"):
+        check_output_file(" ", example_suffix=".md")

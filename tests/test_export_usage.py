@@ -203,3 +203,19 @@ def test_a_torch_compiled_model_exports_and_optimizes_or_says_to_pass_the_module
     assert (deploy.load_exported(report.path, "torchscript")(x) - expected).abs().max() < 1e-4
     fast = deploy.optimize(compiled, backend="eager")
     assert (fast(x) - expected).abs().max().item() < 1e-4
+
+
+def test_format_names_are_taken_in_any_case(tmp_path, capsys):
+    """`--format ONNX` (as the format is written in prose) and `format="TorchScript"` in the
+    API were refused as unknown formats; any case now names the format, and a wrong name is
+    still refused."""
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(out), "--format", "ONNX", *TINY_SET, "--size", "24"]) == 0
+    assert "wrote " in capsys.readouterr().out and out.stat().st_size > 0
+    report = deploy.export(tiny(), tmp_path / "m.pt", "TorchScript", input_size=24,
+                           check_batches=(1,))  # fmt: skip
+    assert report.format == "torchscript" and report.max_abs_error < 1e-4
+    run = deploy.load_exported(tmp_path / "m.pt", "TORCHSCRIPT")
+    assert run(torch.zeros(1, 3, 24, 24)).shape == (1, 3)
+    with pytest.raises(ValueError, match="unknown export format 'Tflite'"):
+        deploy.export(tiny(), tmp_path / "m.tflite", "Tflite", input_size=24)

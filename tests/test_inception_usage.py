@@ -236,3 +236,18 @@ def test_inception_presets_refuse_what_only_xception_offers_by_name():
                 create_model(name, num_classes=3, **kw)
     with pytest.raises(TypeError, match=r"Inception3 \(the Inception V3 baseline\)"):
         deploy.optimize(create_model("inception-v3", num_classes=3), backend="eager")
+
+
+def test_compact_inception_takes_timms_reset_classifier_call():
+    """timm's `reset_classifier(n, 'avg')` failed with a TypeError on the compact Inception V3
+    (it took num_classes only); 'avg' is now taken, and a pooling it does not have ('' or
+    'max') is refused by name with the call that gives unpooled maps."""
+    model = create_model("inception-v3-compact", num_classes=3, width=0.25).eval()
+    x = torch.randn(2, 1 if model.config.in_chans == 1 else 3, 28, 28)
+    model.reset_classifier(5, "avg")
+    assert model(x).shape == (2, 5) and model.num_classes == 5
+    model.reset_classifier(0, global_pool="avg")
+    assert model(x).shape == (2, model.num_features)
+    for pool in ("", "max"):
+        with pytest.raises(ValueError, match="pools by average only.*forward_features"):
+            model.reset_classifier(0, pool)

@@ -178,3 +178,24 @@ def test_a_model_arg_given_as_the_run_has_it_is_not_called_not_applied(tmp_path,
         logging.getLogger("xception").removeHandler(handler)
     assert kept.model_args == TINY_MODEL
     assert "not applied" not in stream.getvalue(), stream.getvalue()
+
+
+def test_a_run_on_relative_data_resumes_from_another_folder(tmp_path, toy, monkeypatch):
+    """A run started as `--data data/toy` (relative to the folder it started in) could not be
+    resumed from any other folder without giving --data again ("data folder not found"); the
+    resume now reads the data where the run recorded it, and ends as the uninterrupted run."""
+    (tmp_path / "data").mkdir()
+    shutil.copytree(toy, tmp_path / "data" / "toy")
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe(tmp_path, Path("data/toy"), epochs=2, train_subset=64)
+    fit(recipe, out=str(tmp_path / "ref"))
+    _stopped_at(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        fit(recipe, out=str(tmp_path / "run"))
+    monkeypatch.undo()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert not Path("data/toy").exists()
+    fit(None, out=str(tmp_path / "run"), resume="auto", progress=False)
+    _same_run(tmp_path / "ref", tmp_path / "run")

@@ -123,6 +123,9 @@ def check_output_file(
     --weights w.pt` had replaced the weights with the export). Raises ValueError,
     FileNotFoundError or PermissionError naming the fix."""
     given = os.fspath(path)
+    if not given.strip():  # Path("") is the current folder, which was named as the fault
+        raise ValueError("an empty output file name (an unset shell variable?): give a file "
+                         f"name, e.g. result{example_suffix}")  # fmt: skip
     path = Path(path)
     for source in reads:
         if _same_file(path, source):

@@ -664,6 +664,7 @@ def _export_format(output: str, given: str | None) -> str:
     implied = by_suffix.get(Path(output).suffix.lower())
     if given is None:
         return implied or "onnx"
+    given = given.lower()  # --format ONNX names onnx
     if implied is not None and given in _SUFFIXES and implied != given:
         article = "an" if implied[0] in "aeiou" else "a"
         raise UserError(f"{output} is named like {article} {implied} file, but --format is {given}: "

@@ -624,9 +624,15 @@ def _eager_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_target(path: Path, fmt: str) -> None:
-    if fmt not in EXPORT_FORMATS:
+def _format_name(fmt: str) -> str:
+    """`fmt` as EXPORT_FORMATS spells it: "ONNX" and "TorchScript" are the same formats."""
+    name = fmt.lower() if isinstance(fmt, str) else fmt
+    if name not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    return name
+
+
+def _check_target(path: Path, fmt: str) -> None:
     if path.is_dir():
         raise ValueError(f"{path} is a directory: give a file name, e.g. {path / 'model'}"
                          f"{_SUFFIXES[fmt]}")  # fmt: skip
@@ -938,8 +944,7 @@ class _ProgramInputCheck:
 def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable running an exported model on a tensor (ONNX through ONNX Runtime)."""
     path = Path(path)
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    fmt = _format_name(fmt)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: export one with `xception export`")
     if fmt == "onnx":
@@ -1015,6 +1020,7 @@ def export(
     or "exported-program" (`torch.export`, a .pt2 file). The file is written atomically.
     """
     path = Path(path)
+    format = _format_name(format)
     _check_target(path, format)
     model = _eager_model(model)
     if type(model).__name__ == "XceptionFeatures":  # its list of maps failed the check

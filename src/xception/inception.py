@@ -244,7 +244,13 @@ class InceptionV3Compact(BlockNet):
         self.fc = nn.Linear(c, cfg.num_classes) if cfg.num_classes > 0 else None
         init_weights(self)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh classifier for `num_classes` classes (0 = none)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for `num_classes` classes (0 = none). `global_pool` is timm's
+        argument: this model pools by average only, so 'avg' (or None) is all it takes."""
+        if global_pool not in (None, "avg"):  # timm's call with '' or 'max' had a TypeError
+            raise ValueError(
+                f"reset_classifier(..., global_pool={global_pool!r}): the compact Inception V3 "
+                "pools by average only; for unpooled maps call forward_features(x)"
+            )
         self.config = self.config.replace(num_classes=num_classes)
         self._new_classifier(self.num_features, self.config.num_classes)  # an int, numpy's too

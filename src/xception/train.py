@@ -711,6 +711,15 @@ class _Run:
         except ValueError as err:  # the given values were checked already: the saved ones
             raise C.CheckpointError(f"{ckpt['path']}/state.pt: the run's config in it is not "
                                     f"valid ({err}); resume from another checkpoint") from None  # fmt: skip
+        # Data spelt relative to the folder the run started in is found from another folder by
+        # the real path the run recorded (a resume from elsewhere had needed --data again).
+        recorded = ckpt["state"].get("data_path")
+        data = self.cfg.data
+        if ("data" not in self.given and recorded and data not in ("fashion-mnist", "mnist")
+                and not Path(data).expanduser().exists() and Path(recorded).exists()):  # fmt: skip
+            self._info("the run's data %s is not found from %s: using %s, where the run read it",
+                       data, os.getcwd(), recorded)  # fmt: skip
+            self.cfg = self.cfg.replace(data=recorded)
 
         # What was given and cannot change in a resume is said, not dropped without a word
         # (only the CLI said it): the run's own value stays.
