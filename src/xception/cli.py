@@ -838,6 +838,9 @@ def _run_bench(args: argparse.Namespace) -> int:
                         "at least 1 (--train-batch 0 skips training)")  # fmt: skip
     if args.repeats is not None and args.repeats < 1:
         raise UserError(f"--repeats {args.repeats}: time at least 1 round")
+    from .evaluate import resolve_device
+
+    resolve_device(args.device)  # before the threads: a refused run changes nothing
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick

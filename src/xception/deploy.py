@@ -542,7 +542,11 @@ def optimize(
     _check_has_weights(model)
     if device is None:
         device = next(model.parameters()).device
-    device = torch.device(device)
+    from .evaluate import resolve_device
+
+    # 'meta' had "run" to outputs without values; mps, a GPU this machine lacks or a garbage
+    # name failed in .to() with torch's words.
+    device = resolve_device(device)
     dtype = _as_dtype(dtype) or default_dtype(device)
     if backend == "jit" and device.type != "cpu":
         raise ValueError("backend='jit' (oneDNN blocked layout) is CPU only: use 'compile'")

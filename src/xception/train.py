@@ -499,6 +499,11 @@ def _resolve_device(name: str) -> torch.device:
         device = torch.device("cuda", local)
     else:
         device = torch.device(name)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if per_node > 1:  # every rank on that one GPU: NCCL's "Duplicate GPU detected" per rank
+            raise ValueError(f"device={name!r} with {per_node} torchrun processes on this node "
+                             "would put them all on one GPU: use device='cuda' (or 'auto'), "
+                             "which gives each process the GPU of its LOCAL_RANK")  # fmt: skip
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(
             f"device {device} does not exist: this machine has {torch.cuda.device_count()} "
@@ -706,6 +711,13 @@ class _Run:
         keep = {k: getattr(cfg, k) for k in RESUMABLE
                 if k not in RUN_SETTINGS or k in self.given or k not in saved}  # fmt: skip
         _check_keys(saved, f"checkpoint {ckpt['path']}")
+        if saved.get("amp") == "fp16" and self.device.type != "cuda":
+            # Not "the checkpoint's config is not valid": every save of such a run has it, and
+            # --amp bf16 is no fix, as a resume keeps the run's amp.
+            raise ValueError(f"{ckpt['path']} is of a run trained with amp='fp16', which needs "
+                             "CUDA: resume it on a machine with a GPU (device='cuda' or 'auto'), "
+                             "or start a new run here (--weights from its checkpoint "
+                             "fine-tunes)")  # fmt: skip
         try:
             self.cfg = TrainConfig(**{**saved, **keep})
         except ValueError as err:  # the given values were checked already: the saved ones
