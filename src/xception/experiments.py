@@ -114,7 +114,7 @@ SCALES: dict[str, Scale] = {
         model=dict(width=0.75), segments=(1, 2, 4, 8), speed_repeats=3,
     ),
     # The documented scale: the compact preset as it is, 3 seeds (docs/EXPERIMENTS.md: about
-    # 2.2 hours on 2 cores from measured per-variant rates; 3 min on an H100 as 4 processes).
+    # 2.5 hours on 2 cores, one seed of three measured; 3 min on an H100 as 4 processes).
     "full": Scale(
         name="full", seeds=3, epochs=4, train_size=15000, val_size=5000, batch_size=128,
         segments=(1, 2, 4, 8, 16),
@@ -528,7 +528,16 @@ _NOT_IDENTITY = ("out", "resume", "progress", "workers", "device", "threads", "c
 
 def dataset_info(data: str | Path) -> dict:
     """What the runs need to know of the data: experiments use IDX data (Fashion-MNIST, MNIST)."""
-    from .data import IDX_FILES, _find_idx, idx_count, is_idx_dir, open_idx, resolve_data
+    from .data import (
+        IDX_FILES,
+        MNIST_CLASSES,
+        _find_idx,
+        idx_count,
+        is_idx_dir,
+        open_idx,
+        read_idx,
+        resolve_data,
+    )
     from .train import make_config
 
     root = resolve_data(data)
@@ -547,12 +556,16 @@ def dataset_info(data: str | Path) -> dict:
             with open_idx(path) as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
+    # As many classes as the engine's loader (data.load_idx) gives the data: ten, or as many
+    # as the labels name (EMNIST's 26 letters had been trained as 26 and reported as 10).
+    labels = read_idx(_find_idx(root, IDX_FILES["train"][1]))
+    num_classes = max(len(MNIST_CLASSES), int(labels.max()) + 1 if len(labels) else 0)
     return dict(
         name=str(data),
         title="Fashion-MNIST" if str(data) == "fashion-mnist" else root.name,
         sha256=digest.hexdigest(),
         in_chans=1,
-        num_classes=10,
+        num_classes=num_classes,
         size=make_config(RECIPE).image_size,
         train_images=idx_count(root, "train"),
         test_images=idx_count(root, "test"),
@@ -890,7 +903,8 @@ def _summarise(variant: Variant, records: list[dict]) -> dict:
         macs=records[0]["macs"],
         images_per_s=statistics.median(r["images_per_s"] for r in records),
         machines=sorted({_machine_text(r.get("machine")) for r in records}),
-        speed_machine=_speed_text(records[0]),
+        # Every machine that measured the median's speeds (a --seeds rerun elsewhere adds one).
+        speed_machine="; ".join(sorted({_speed_text(r) for r in records})),
         train_seconds=statistics.fmean(r["train_seconds"] for r in records),
     )
 
@@ -1169,11 +1183,16 @@ def render_report(results: dict) -> str:
     else:
         rows = [r for res in results["suites"].values() for r in res["variants"]]
         trained = sorted({m for r in rows for m in r["machines"]})
-        speed = sorted({r["speed_machine"] for r in rows})
+        speed = sorted({m for r in rows for m in r["speed_machine"].split("; ")})
+        mixed = [r["label"] for r in rows if "; " in r["speed_machine"]]
         seconds = {tuple(r["keys"]): r["train_seconds"] * r["seeds"] for r in rows}
         lines += ["", "## Machines", "",
                   f"Trained on: {'; '.join(trained)}; {sum(seconds.values()) / 60:.1f} "
                   "min of training in all (the runs' own times, summed).",
                   f"Inference speed (images/s, batch {scale['speed_batch']}, channels_last, CPU) "
                   f"measured on: {'; '.join(speed)}."]  # fmt: skip
+        if mixed:
+            lines += [f"The speeds of {', '.join(dict.fromkeys(mixed))} are medians over runs "
+                      "measured on more than one machine: `--remeasure-speed` measures every "
+                      "variant again on this one."]  # fmt: skip
     return "\n".join(lines) + "\n"
