@@ -780,13 +780,13 @@ def test_bench_flags_and_defaults_reach_run_bench(capsys, monkeypatch, tmp_path)
         size=299, batches=(1, 8), train_batch=8, repeats=5)  # fmt: skip
     assert "threads" not in seen
     argv = ["bench", "--size", "128", "--batch", "4", "16", "--train-batch", "0", "--repeats",
-            "3", "--device", "cuda:1", "--only", "eager", "onnx", "--threads", "3", "--json",
+            "3", "--device", "cpu:0", "--only", "eager", "onnx", "--threads", "3", "--json",
             "r.json"]  # fmt: skip
     assert main(argv) == 0
     kwargs = seen["run_bench"]
     kwargs.pop("progress")
     assert kwargs == dict(size=128, batches=(4, 16), train_batch=None, repeats=3, quick=False,
-                          only=["eager", "onnx"], device="cuda:1")  # fmt: skip
+                          only=["eager", "onnx"], device="cpu:0")  # fmt: skip
     assert seen["threads"] == 3 and (tmp_path / "r.json").is_file()
 
 
