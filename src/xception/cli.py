@@ -231,6 +231,12 @@ def _run_models(args: argparse.Namespace) -> int:
     if not names:
         import difflib
 
+        if any(c in args.filter for c in "*?["):  # a pattern matches whole names, as timm's
+            inner = args.filter.strip("*")
+            hint = (f"try '*{inner}*'" if f"*{inner}*" != args.filter
+                    else f"names: {', '.join(PRESETS)}")  # fmt: skip
+            raise UserError(f"no preset name matches {args.filter!r} (a pattern matches the "
+                            f"whole name): {hint}")  # fmt: skip
         close = difflib.get_close_matches(args.filter, PRESETS, n=3, cutoff=0.4)
         raise UserError(f"no preset name contains {args.filter!r}"
                         + (f": did you mean {', '.join(close)}?" if close else
@@ -273,7 +279,11 @@ def _run_info(args: argparse.Namespace) -> int:
     if args.size < 1:
         raise UserError(f"--size {args.size}: give the input size in pixels")
     overrides = _parse_overrides(args.set, {"num_classes": "--num-classes"})
-    model = create_model(args.model, num_classes=args.num_classes, **overrides)
+    try:
+        model = create_model(args.model, num_classes=args.num_classes, **overrides)
+    except ValueError as err:  # the config's advice, in this command's words
+        raise UserError(re.sub(r"\bset num_classes=(\d+)", r"give --num-classes \1",
+                               str(err))) from None  # fmt: skip
     # Too small an input is refused before anything is printed: one line, not two.
     model.check_input(torch.empty(1, model.config.in_chans, args.size, args.size, device="meta"))
     print(f"{args.model}: {model.config}")
@@ -453,7 +463,15 @@ def _run_convert(args: argparse.Namespace) -> int:
                         "layout; name the file .h5 (the layout of Keras' ImageNet files)")  # fmt: skip
     if not out.endswith((".safetensors", ".h5")):  # as the loaders read suffixes
         raise UserError(f"{args.output}: the output must be a .safetensors file (or .h5 for Keras)")
+    if out.endswith(".h5") and not args.output.endswith(".h5"):  # Keras: "format not supported"
+        raise UserError(f"{args.output}: Keras reads only a lower-case .h5 name as an .h5 file: "
+                        f"name it {args.output[:-3]}.h5")  # fmt: skip
     overrides = _parse_overrides(args.set, {"weights": "IN"})
+    if overrides.get("num_classes", 0) != 0:  # a file with a random head, exit 0
+        raise UserError(f"--set num_classes={overrides['num_classes']}: convert keeps the "
+                        "weights' own classifier (a new head would be random); --set "
+                        "num_classes=0 drops it, and xception train --weights fine-tunes a new "
+                        "one")  # fmt: skip
     check_output_file(args.output)
     if args.model == "inception-v3" and out.endswith(".h5"):
         raise UserError("a Keras file holds Xception's layers only: convert inception-v3 "
@@ -465,8 +483,12 @@ def _run_convert(args: argparse.Namespace) -> int:
         cfg = model.config
         load = (f"classes={cfg.num_classes}" if cfg.num_classes
                 else "include_top=False")  # fmt: skip
-        if cfg.in_chans != 3:  # Keras builds 3 channels unless told: its call failed on this
-            size = input_meta(model).input_size
+        if not cfg.num_classes and cfg.pooling:  # Keras' default is the map, not our vector
+            load += f", pooling={cfg.pooling!r}"
+        size = input_meta(model).input_size
+        if cfg.in_chans != 3 or size != 299:
+            # Keras builds 299x299x3 unless told: its call failed on a grey model's images, and
+            # with the top, on the images of a model trained at another size.
             load += f", input_shape=({size}, {size}, {cfg.in_chans})"
         print(f"wrote {path}: Keras weights, {sum(p.numel() for p in model.parameters()):,} "
               f"parameters; keras.applications.Xception(weights={str(path)!r}, {load}) loads "

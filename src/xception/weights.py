@@ -449,6 +449,17 @@ def state_dict_to_keras(model: nn.Module) -> dict[str, dict[str, np.ndarray]]:
     norm, `conv2d`, `batch_normalization`, `conv2d_1`, ...; `predictions` last)."""
     from .model import Xception, XceptionConfig
 
+    # torch.compile's and (Distributed)DataParallel's wrappers: their model converts, as
+    # save_safetensors takes them (a compiled Xception was "no counterpart in Keras").
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(
+            model, nn.DataParallel | nn.parallel.DistributedDataParallel
+        ):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
     if not isinstance(model, Xception):
         raise WeightsError(f"{type(model).__name__} has no counterpart in Keras' applications "
                            "here: only Xception converts to a Keras file")  # fmt: skip
@@ -461,8 +472,8 @@ def state_dict_to_keras(model: nn.Module) -> dict[str, dict[str, np.ndarray]]:
     if differ:
         raise WeightsError(
             f"Keras' Xception has no counterpart for {', '.join(differ)}: only the paper's "
-            "model (preset xception, with Keras' padding) converts to a Keras file; keep the "
-            ".safetensors file for this one"
+            "model (preset xception, with Keras' padding) converts to a Keras file; convert "
+            "this one to .safetensors (OUT.safetensors) instead"
         )
     sd = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()
           if not k.endswith("num_batches_tracked")}  # fmt: skip
