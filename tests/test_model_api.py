@@ -105,7 +105,7 @@ def test_failed_reset_classifier_leaves_model_unchanged():
     """A refused reset_classifier must not leave a half-changed head or config."""
     model = xception.create_model("xception-compact", num_classes=4).eval()
     fc = model.fc
-    for bad in [(-1,), (True,), (3, "bogus"), (3, None)]:
+    for bad in [(-1,), (True,), (3, "bogus"), (3, "")]:
         with pytest.raises(ValueError):
             model.reset_classifier(*bad)
     assert model.fc is fc and model.config.num_classes == 4 and model.config.pooling == "avg"
@@ -158,7 +158,7 @@ def test_reset_classifier_takes_timms_global_pool_keyword():
     model.reset_classifier(3, "avg")
     assert model.config.pooling == "avg" and model.fc.out_features == 3
     with pytest.raises(ValueError, match="global_pool .* or pooling, not both"):
-        model.reset_classifier(2, "avg", global_pool="max")
+        model.reset_classifier(2, "avg", pooling="max")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -556,6 +556,17 @@ class BlockNet(nn.Module):
         return self.config.num_classes
 
     @property
+    def head_hidden_size(self) -> int:
+        """timm's name for the width of `forward_head(x, pre_logits=True)`: `num_features`,
+        or the last hidden FC layer's width where the head has them (xception-fc)."""
+        return getattr(self, "head_features", self.num_features)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for `pretrained_cfg`, which code written for timm < 0.9 reads."""
+        return self.pretrained_cfg
+
+    @property
     def pretrained_cfg(self) -> dict:
         """The input the model's weights expect, in timm's keys, so that timm's own pipeline
         prepares images right: `timm.data.resolve_model_data_config(model)`, then
@@ -588,8 +599,20 @@ class BlockNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         self.check_dtype(x)
+        images = x
         for name in self.block_names:
-            x = self._block(name, x)
+            try:
+                x = self._block(name, x)
+            except ValueError as err:  # torch's words name neither the batch nor a fix
+                if "more than 1 value per channel" not in str(err):
+                    raise
+                raise ValueError(
+                    f"a training batch of 1 image of {images.shape[-2]}x{images.shape[-1]} px: "
+                    f"{name}'s maps are "
+                    "1x1 there, and batch norm in training needs more than one value per "
+                    "channel: train on batches of at least 2 images (drop_last=True drops a "
+                    "last batch of 1), on larger images, or call model.eval() for inference"
+                ) from None
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -736,17 +759,21 @@ class Xception(BlockNet):
         return maps
 
     def reset_classifier(
-        self, num_classes: int, pooling: str | None = "keep", *, global_pool: str | None = None
+        self, num_classes: int, global_pool: str | None = None, *, pooling: str | None = "keep"
     ) -> None:
         """A fresh classifier for `num_classes` classes (0 = none); hidden FC layers are kept.
-        `pooling` 'keep' keeps the model's; `global_pool` is timm's name for it ('avg', 'max',
-        or '' for none), as is `reset_classifier(n, '')`."""
+        `global_pool` is timm's argument: 'avg', 'max', '' for no pooling, None to keep the
+        model's (positional too: `reset_classifier(0, None)` had dropped the pooling).
+        `pooling` is the config's spelling ('avg', 'max', None for none; 'keep')."""
         num_classes = _as_int(num_classes)
         if global_pool is not None:
             if pooling != "keep":
                 raise ValueError("give global_pool (timm's name) or pooling, not both")
-            pooling = global_pool
-        if pooling == "":  # timm's "no pooling"
+            if global_pool not in ("avg", "max", ""):  # not the config's words: None keeps
+                raise ValueError(f"global_pool={global_pool!r} is not valid: use 'avg', 'max', "
+                                 "'' (no pooling) or None (keep the model's)")  # fmt: skip
+            pooling = global_pool or None  # '' is timm's "no pooling"
+        if pooling == "":
             pooling = None
         if pooling == "keep":
             pooling = self.config.pooling
@@ -788,16 +815,39 @@ def input_size_pair(input_size: tuple[int, int] | int) -> tuple[int, int]:
 
 class FeatureInfo(list):
     """A features-only model's `feature_info`: one dict per map it returns (`module`,
-    `channels`, `stride`), with timm's accessors over them."""
+    `channels`, `stride`, and timm's names for the last two, `num_chs` and `reduction`), with
+    timm's accessors over them: every map's value, or with `idx` (an index or a list of them,
+    negative from the end) the chosen ones', as `feature_info.channels(-1)` sizes a neck."""
 
-    def channels(self) -> list[int]:
-        return [f["channels"] for f in self]
+    def __init__(self, infos=()) -> None:
+        super().__init__({**f, "num_chs": f["channels"], "reduction": f["stride"]} for f in infos)
 
-    def reduction(self) -> list[int]:
-        return [f["stride"] for f in self]
+    def _rows(self, idx):
+        return list(self) if idx is None else [self[i] for i in idx]
 
-    def module_name(self) -> list[str]:
-        return [f["module"] for f in self]
+    def _get(self, key: str, idx):
+        if idx is None or isinstance(idx, tuple | list):
+            return [f[key] for f in self._rows(idx)]
+        return self[idx][key]
+
+    def channels(self, idx=None) -> list[int] | int:
+        return self._get("channels", idx)
+
+    def reduction(self, idx=None) -> list[int] | int:
+        return self._get("stride", idx)
+
+    def module_name(self, idx=None) -> list[str] | str:
+        return self._get("module", idx)
+
+    def get_dicts(self, keys=None, idx=None) -> list[dict] | dict:
+        """timm's: the maps' dicts (each cut to `keys` when given); one dict for an int idx."""
+
+        def cut(f: dict) -> dict:
+            return dict(f) if keys is None else {k: f[k] for k in keys}
+
+        if idx is None or isinstance(idx, tuple | list):
+            return [cut(f) for f in self._rows(idx)]
+        return cut(self[idx])
 
 
 class XceptionFeatures(nn.Module):
@@ -847,6 +897,7 @@ class XceptionFeatures(nn.Module):
     check_input = BlockNet.check_input
     check_dtype = BlockNet.check_dtype
     pretrained_cfg = BlockNet.pretrained_cfg
+    default_cfg = BlockNet.default_cfg
     grad_checkpointing = False
     set_grad_checkpointing = BlockNet.set_grad_checkpointing
     _block = BlockNet._block

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import fnmatch
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
@@ -66,12 +67,22 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }  # fmt: skip
 
 
-def list_models(pattern: str | None = None) -> list[str]:
+def list_models(filter: str | Sequence[str] | None = None, *, pattern=None) -> list[str]:  # noqa: A002 (timm's name)
     """Names accepted by `create_model`, optionally filtered by a substring (any case), or by
-    shell wildcards matching the whole name as timm's `list_models('*xception*')` does."""
-    if pattern is None:
+    shell wildcards matching the whole name as timm's `list_models('*xception*')` does; a list
+    of them gives the names any of them matches, as timm's does. `pattern` is the older name."""
+    if pattern is not None:
+        if filter is not None:
+            raise TypeError("give filter (timm's name) or pattern, not both")
+        filter = pattern
+    if filter is None:
         return sorted(PRESETS)
-    pattern = pattern.lower()
+    if isinstance(filter, list | tuple | set):  # each a str: timm's list of patterns
+        return sorted({n for one in filter for n in list_models(one)})
+    if not isinstance(filter, str):
+        raise TypeError(f"list_models({filter!r}): give a name part or pattern (a str), or a "
+                        "list of them")  # fmt: skip
+    pattern = filter.lower()
     if any(c in pattern for c in "*?["):
         return sorted(fnmatch.filter(PRESETS, pattern))
     return sorted(n for n in PRESETS if pattern in n)
@@ -185,6 +196,7 @@ def _inception_v3_from(opened, num_classes: int, wants_file_head: bool,
     model.pretrained_cfg = timm_data_config(model, meta.input_size, meta.crop_fraction,
                                             meta.interpolation, meta.mean, meta.std,
                                             num_classes)  # fmt: skip
+    model.default_cfg = model.pretrained_cfg  # timm's older name for it
     return model
 
 
