@@ -1113,9 +1113,10 @@ def test_lr_schedules_match_hand_computed_rates():
     cfg = _cfg(schedule="step", lr_decay=0.5, lr_decay_epochs=1.9, warmup_epochs=0.9)
     want = {0: 1 / 3, 1: 2 / 3, 2: 1.0, 5: 1.0, 6: 0.5, 11: 0.5, 12: 0.25, 18: 0.125}
     assert {s: lr_factor(cfg, s, 3) for s in want} == pytest.approx(want, abs=1e-12)
-    # lr_decay_samples takes precedence: 100 samples // batch 32 = every 3 steps.
+    # lr_decay_samples takes precedence, by the samples seen before the step (32 per step):
+    # 96 before step 3, 128 before step 4 (one decay), 224 before step 7 (two).
     cfg = _cfg(schedule="step", lr_decay=0.5, lr_decay_epochs=1.9, lr_decay_samples=100)
-    want = {0: 1.0, 2: 1.0, 3: 0.5, 5: 0.5, 6: 0.25}
+    want = {0: 1.0, 3: 1.0, 4: 0.5, 6: 0.5, 7: 0.25}
     assert {s: lr_factor(cfg, s, 3) for s in want} == pytest.approx(want, abs=1e-12)
     # Cosine over 2 epochs of 5 steps after a 2-step warm-up (round(0.4 * 5)), floor 0.2: the
     # cosine runs over the 8 steps after the warm-up, t = (step - 2) / 8.

@@ -427,11 +427,14 @@ class TensorImageDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx]
+        if self.size is not None:
+            # Resized first, as image files are (train_transform): the crop's padding is in
+            # pixels of the size trained on (16 px IDX images at 32 had shifted twice as far).
+            x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear",
+                              antialias=True)  # fmt: skip
         if self.augment == "small":
             x = self._crop_flip(x, sample_keys(self.seed, self.epoch, indices))
         x = (x.float() - self.mean) / self.std
-        if self.size is not None:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
         return x, self.targets[idx]
 
     def _crop_flip(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:

@@ -161,6 +161,9 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise bad(name, "use 0 or more")
+        if self.warmup_epochs > self.epochs:  # the rate never reached lr, the schedule never ran
+            raise bad("warmup_epochs", f"a warm-up longer than the run's epochs={self.epochs}: "
+                      "use fewer warm-up epochs (a fraction is fine), or more epochs")  # fmt: skip
         if self.workers < 0:  # torch's message named num_workers, a key that does not exist
             raise bad("workers", "use 0 (load images in the training process) or more")
         for name in ("label_smoothing", "drop_rate"):
@@ -181,6 +184,12 @@ class TrainConfig:
             raise bad("threads", "use a positive number of threads, or leave it unset (all cores)")
         if self.crop_padding < 0:
             raise bad("crop_padding", "use 0 or more pixels")
+        if self.crop_padding >= self.image_size:  # a crop could then be padding alone
+            raise bad("crop_padding", f"use fewer pixels than image_size={self.image_size}, "
+                      "e.g. an eighth of it")  # fmt: skip
+        if not 0 < self.val_fraction < 1:  # checked here too: data with its own validation
+            # part never read it, and the same recipe failed on other data
+            raise bad("val_fraction", "use a fraction in (0, 1) to hold out, e.g. 0.1")
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "use a value in [0, 1), e.g. 0.9")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
@@ -418,10 +427,12 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if cfg.schedule == "step":
         if cfg.lr_decay_samples:
-            period = max(1, cfg.lr_decay_samples // cfg.batch_size)
+            # By the samples seen before this step: a period of whole steps (3M // 256) had
+            # decayed 192 samples early per decay, a growing lead over the run.
+            decays = step * cfg.batch_size // cfg.lr_decay_samples
         else:
-            period = max(1, round(cfg.lr_decay_epochs * steps_per_epoch))
-        factor *= cfg.lr_decay ** (step // period)
+            decays = step // max(1, round(cfg.lr_decay_epochs * steps_per_epoch))
+        factor *= cfg.lr_decay**decays
     elif cfg.schedule == "cosine":
         t = min(1.0, max(0, step - warmup) / max(1, total - warmup))
         factor *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
@@ -991,10 +1002,16 @@ class _Run:
             where = f"{bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}" if bad \
                 else "on another rank"  # fmt: skip
             raise TrainingError(
-                f"weights no longer finite at epoch {self.epoch + 1}, step {self.step} ({where}): "
+                f"weights no longer finite at epoch {self._epoch_of(self.step)}, step {self.step} "
+                f"({where}): "
                 f"training stopped; last good checkpoint: {last or 'none'}",
                 _DIVERGED,
             )
+
+    def _epoch_of(self, step: int) -> int:
+        """The epoch (from 1) that optimizer step `step` (from 1) belongs to: checks at an
+        epoch's end ran after the count moved on, and named the next epoch."""
+        return max(0, step - 1) // self.steps_per_epoch + 1
 
     def _seconds(self) -> float:
         return self.partial_seconds + (time.perf_counter() - self.epoch_start)
