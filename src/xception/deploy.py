@@ -544,12 +544,15 @@ def optimize(
         device = next(model.parameters()).device
     from .evaluate import resolve_device
 
+    jit_only_cpu = "backend='jit' (oneDNN blocked layout) is CPU only: use 'compile'"
+    if backend == "jit" and str(device).split(":")[0] not in ("cpu", "auto"):
+        raise ValueError(jit_only_cpu)  # before the device's check: whatever the machine has
     # 'meta' had "run" to outputs without values; mps, a GPU this machine lacks or a garbage
     # name failed in .to() with torch's words.
     device = resolve_device(device)
+    if backend == "jit" and device.type != "cpu":  # "auto" on a GPU machine
+        raise ValueError(jit_only_cpu)
     dtype = _as_dtype(dtype) or default_dtype(device)
-    if backend == "jit" and device.type != "cpu":
-        raise ValueError("backend='jit' (oneDNN blocked layout) is CPU only: use 'compile'")
     if slice_mib == "auto":
         slice_mib = DEFAULT_SLICE_MIB if device.type == "cpu" else None
     _check_slice_mib(slice_mib)  # before the work of folding
@@ -1190,10 +1193,21 @@ class OnnxModel:
         self.threads = threads or torch.get_num_threads()
         self.slice_images = slice_images
         self.session = onnx_session(self.path, threads=self.threads)
-        self.input_name = self.session.get_inputs()[0].name
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:  # ONNX Runtime's "Required inputs ... are missing" named no file
+            raise ValueError(f"{self.path.name} takes {len(inputs)} inputs "
+                             f"({', '.join(i.name for i in inputs)}): OnnxModel runs models "
+                             "with one image input, as `xception export` writes them")  # fmt: skip
+        if inputs[0].type != "tensor(float)":
+            raise ValueError(f"{self.path.name} takes {inputs[0].type} input: OnnxModel feeds "
+                             "float32 images (tensor(float)); export the model in float32")  # fmt: skip
+        self.input_name = inputs[0].name
         # Fixed sizes as numbers, symbolic ones (the batch, a dynamic size) as None.
         self.input_shape = tuple(d if isinstance(d, int) else None
-                                 for d in self.session.get_inputs()[0].shape)  # fmt: skip
+                                 for d in inputs[0].shape)  # fmt: skip
+        # A file exported without a dynamic batch (torch.onnx.export's default) takes one
+        # image per call: a batch runs image by image rather than being refused.
+        self.one_per_call = self.input_shape[:1] == (1,) and len(self.input_shape) == 4
         # The smallest height and width a dynamic-size file takes (written by `export`).
         stored = self.session.get_modelmeta().custom_metadata_map.get(MIN_SIZE_KEY, "")
         self.min_size = int(stored) if stored.isdigit() else None
@@ -1209,6 +1223,8 @@ class OnnxModel:
     def slices(self, batch: int) -> list[tuple[int, int]]:
         """The (start, stop) image ranges a batch of `batch` images runs as: one range when the
         batch is not split, else slices of `slice_images`, at least one per thread."""
+        if self.one_per_call:
+            return [(i, i + 1) for i in range(batch)]
         if self._pool is None or batch < self.threads:
             return [(0, batch)]
         step = min(self.slice_images, -(-batch // self.threads))
@@ -1218,6 +1234,8 @@ class OnnxModel:
         """Input of another size or rank failed inside ONNX Runtime, with its three-line
         INVALID_ARGUMENT: name the shape the file takes, and the fix."""
         want = self.input_shape
+        if self.one_per_call:
+            want = (None, *want[1:])
         if x.ndim == len(want) and all(
             d is None or d == n for d, n in zip(want, x.shape, strict=True)
         ):
@@ -1238,8 +1256,10 @@ class OnnxModel:
             fix = "add the channel dimension, x.unsqueeze(1)"
         elif x.ndim == 4 and x.shape[-1] == c:
             fix = "that looks channels-last (N, H, W, C): x.permute(0, 3, 1, 2)"
-        else:
+        elif c is not None:
             fix = f"give input of that shape ({c} channels, as the model was exported)"
+        else:
+            fix = "give input of that shape"
         raise ValueError(f"{self.path.name} takes input of shape ({shape}), got "
                          f"{tuple(x.shape)}: {fix}")  # fmt: skip
 
@@ -1250,6 +1270,9 @@ class OnnxModel:
         slices = self.slices(x.shape[0])
         if len(slices) == 1:
             return torch.from_numpy(self._run(self.session, x))
+        if self._pool is None:  # one image per call on one session
+            return torch.from_numpy(np.concatenate([self._run(self.session, x[a:b])
+                                                    for a, b in slices]))  # fmt: skip
         # ONNX Runtime releases the GIL while it runs, so the workers really run side by side;
         # map() hands out the slices in order as workers free up and returns them in order.
         outs = self._pool.map(lambda s: self._run(self._single, x[s[0] : s[1]]), slices)
@@ -1378,6 +1401,11 @@ def quantize_onnx(
     except Exception as err:
         raise ValueError(f"{fp32_path}: not an ONNX model ({_first_line(err)}): give an fp32 "
                          "ONNX model, e.g. one written by `xception export`") from err  # fmt: skip
+    quantized = sorted({n.op_type for n in graph.node if n.op_type in (
+        "QuantizeLinear", "DequantizeLinear") or n.op_type.startswith("QLinear")})  # fmt: skip
+    if quantized:  # ONNX Runtime quantised it again into a file it cannot load, over `path`
+        raise ValueError(f"{fp32_path} is quantised already ({', '.join(quantized)} nodes): "
+                         "give the fp32 ONNX model it was made from")  # fmt: skip
     name = graph_input.name
     calibration = _non_empty(calibration)
     first = next(calibration, None)

@@ -284,6 +284,11 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor] | dict[str, dict[str,
             raise WeightsError(f"{path}: not a readable PyTorch file ({first}): the file is "
                                "damaged or cut short; download or copy it again") from None  # fmt: skip
         return _unwrap(obj, path)
+    if suffix == ".onnx":  # "unknown weights format" named no way to use the file
+        raise WeightsError(
+            f"{path}: an ONNX export, not weights: classify with the weights it was exported "
+            "from and --backend onnxruntime, or run the file with xception.deploy.OnnxModel"
+        )
     raise WeightsError(
         f"{path}: unknown weights format {suffix!r}: use .h5 (Keras), .safetensors, or "
         ".pth/.pt (PyTorch state dict; .pth.tar for timm's training checkpoints)"
