@@ -572,6 +572,8 @@ class FileDataset(torch.utils.data.Dataset):
         self.seed, self.epoch, self.multilabel = seed, 0, multilabel
         self.substitute, self.grey = substitute, grey
         self.failed: set[int] = set()
+        self.tried: set[int] = set()  # indices this process has loaded (or failed to)
+        self.classes_checked: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -584,6 +586,7 @@ class FileDataset(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             path, target = self.samples[i]
+            self.tried.add(i)
             try:
                 image = load_image(path)
                 if self.grey:
@@ -599,9 +602,36 @@ class FileDataset(torch.utils.data.Dataset):
                                 else f"{path}: {text}")  # fmt: skip
                 if not self.substitute:
                     return None, target
+                self._check_failures(target)
                 continue
             return x, target
         raise DataError("no readable image left in the dataset")
+
+    def _check_failures(self, target) -> None:
+        """In training, where failures are replaced: stop when most images tried fail to
+        decode, or when a class has no image that decodes (its images had all been replaced
+        by other classes' without a word: a class the model never saw)."""
+        tried, failed = len(self.tried), len(self.failed)
+        if failed * 2 > tried >= min(20, len(self.samples)):
+            raise DataError(f"{failed} of {tried} images tried failed to decode (they passed the "
+                            "header check): most of the data is unreadable; check the files")  # fmt: skip
+        if self.multilabel or int(target) in self.classes_checked:
+            return
+        k = int(target)
+        self.classes_checked.add(k)  # once per class and process: one decode at most, usually
+        files = [(j, path) for j, (path, t) in enumerate(self.samples) if int(t) == k]
+        for j, path in files:
+            if j in self.failed:
+                continue
+            try:
+                load_image(path)
+                return
+            except ImageError as err:
+                self.failed.add(j)
+                log.warning("skipping unreadable image %s", err)
+        raise DataError(f"class {self.classes[k]!r} has no readable image: all {len(files)} of "
+                        f"its files failed to decode (e.g. {files[0][1]}): replace or remove "
+                        "them")  # fmt: skip
 
     @staticmethod
     def collate(batch):
@@ -883,6 +913,25 @@ def _file_datasets(train_samples, val_samples, classes, multilabel, *, size, aug
     return train, val
 
 
+def _holds_images(folder: Path) -> bool:
+    """Whether `folder` has image files of its own (not only in sub-folders)."""
+    return any(not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+               for f in folder.iterdir())  # fmt: skip
+
+
+def _is_split(root: Path, name: str) -> bool:
+    """Whether `root/name` ('train' or 'val') is a split of class folders rather than a class
+    of its own: a folder with no images of its own, beside no class folders. CIFAR-100's and
+    Pascal VOC's "train" class had been taken for a split ("no class folders") in training,
+    and a "val" class in eval."""
+    folder = root / name
+    if not folder.is_dir() or _holds_images(folder):
+        return False
+    return not any(d.is_dir() and d.name not in ("train", "val", "test")
+                   and not d.name.startswith(".") and _holds_images(d)
+                   for d in root.iterdir())  # fmt: skip
+
+
 def make_datasets(
     data: str | Path,
     *,
@@ -919,11 +968,16 @@ def make_datasets(
             samples, val_samples = [samples[i] for i in keep], [samples[i] for i in held]
         return _file_datasets(samples, val_samples, classes, True, size=image_size,
                               augment=augment, padding=padding, seed=seed)  # fmt: skip
-    if (root / "train").is_dir():
+    if _is_split(root, "train"):
         samples, classes = scan_folder(root / "train")
-        if (root / "val").is_dir():
+        if _is_split(root, "val"):
             val_samples, _ = scan_folder(root / "val", classes)
         else:
+            for other in ("valid", "validation"):  # Kaggle's and Roboflow's names for it
+                if (root / other).is_dir():
+                    log.warning("%s is not read as the validation part (only val/ is): %s of "
+                                "train/ is held out instead; rename it val/ to use it",
+                                root / other, f"{val_fraction:.0%}")  # fmt: skip
             keep, held = split_samples(len(samples), val_fraction, seed)
             samples, val_samples = [samples[i] for i in keep], [samples[i] for i in held]
     else:
@@ -998,16 +1052,16 @@ def make_eval_dataset(
         listing = (len(samples), samples.skipped)
         samples, split = held(samples), held_out
         dataset = FileDataset(samples, classes, transform, multilabel=True, **kw)
-    elif (root / "val").is_dir():
+    elif _is_split(root, "val"):
         samples, classes = scan_folder(root / "val", classes)
         listing = (len(samples), samples.skipped)
         dataset = FileDataset(samples, classes, transform, **kw)
-    elif (root / "train").is_dir() and not held_out:
+    elif _is_split(root, "train") and not held_out:
         # 'train' is the training split, not a class (as `make_datasets` reads the folder).
         raise DataError(f"{root} has train/ but no val/: pass --data {root / 'train'} to "
                         "evaluate on the training images, or add val/")  # fmt: skip
     else:
-        samples, classes = scan_folder(root / "train" if (root / "train").is_dir() else root,
+        samples, classes = scan_folder(root / "train" if _is_split(root, "train") else root,
                                        classes)  # fmt: skip
         listing = (len(samples), samples.skipped)
         if held_out:
