@@ -234,7 +234,7 @@ def test_failed_outputs_leave_the_previous_file_and_no_new_folders(tmp_path, cap
         (["convert", "{w}", "{tmp}/x.pth"], "the output must be a .safetensors file"),
         (["convert", "{w}", "{tmp}/x.weights.h5"], "Keras 3's own"),
         (["predict", "{tmp}/nothing.png", "--weights", "{w}"], "no such file"),
-        (["predict", "{tmp}/x.png", "--weights", "{tmp}/m.onnx"], "unknown weights format"),
+        (["predict", "{tmp}/x.png", "--weights", "{tmp}/m.onnx"], "an ONNX export, not weights"),
         (["predict", "{tmp}", "--weights", "{w}", "--topk", "0"], "--topk 0 is not valid"),
         (["eval", "--checkpoint", "{w}", "--data", "{tmp}/nowhere"], "data folder not found"),
         (["info", "xception-compact", "--size", "0"], "--size 0"),

@@ -881,7 +881,18 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> None:
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         traced = torch.jit.trace(model, x, check_trace=False)
         guarded = torch.jit.script(_TracedSize(traced, *x.shape[1:]))
-        torch.jit.save(guarded, str(path))
+        _save_through_python(lambda f: torch.jit.save(guarded, f), path)
+
+
+def _save_through_python(save, path: Path) -> None:
+    """`save(file)` into memory, then the bytes written to `path` by Python: torch's own file
+    writer aborted the process (SIGABRT, a C++ trace) on a full disk, leaving its half-written
+    file; this way the failure is an OSError and the file is removed."""
+    import io
+
+    buffer = io.BytesIO()
+    save(buffer)
+    path.write_bytes(buffer.getvalue())
 
 
 def _export_program(
@@ -889,7 +900,7 @@ def _export_program(
 ) -> None:
     shapes = _dynamic_shapes(dynamic_size, least)
     program = torch.export.export(model, (x,), dynamic_shapes=shapes)
-    torch.export.save(program, str(path))
+    _save_through_python(lambda f: torch.export.save(program, f), path)
 
 
 class _ProgramInputCheck:
@@ -1107,6 +1118,12 @@ def export(
                     x = torch.randn(n, in_chans, h, w, generator=gen)
                     worst = max(worst, _discrepancy(model(x), torch.as_tensor(runner(x)), format))
             publish(tmp, path)
+        except OSError as err:
+            if err.filename is not None or err.errno is None:
+                raise
+            # "[Errno 27] File too large" named no file (the exporters write without a name)
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror}: free space, or "
+                                     "choose another place") from None  # fmt: skip
         finally:
             tmp.unlink(missing_ok=True)
     # Debug: the report says it to the caller (the CLI prints it), and quantize_model's export

@@ -970,6 +970,22 @@ def _check_cached(target: Path, w: Weights) -> None:
     log.info("%s: verified (sha256 %s)", target, sha256)
 
 
+def _write_cache(f, chunk: bytes, w: Weights, target: Path) -> None:
+    """Write `chunk` of a download into the cache (`b""`: flush and sync it), a full disk named
+    as the cache's: "[Errno 27] File too large" or "while writing the output" (predict writes
+    none) named neither the cache nor how to move it."""
+    try:
+        if chunk:
+            f.write(chunk)
+        else:
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise WeightsError(f"cannot write the {w.name!r} weights into the cache {target.parent} "
+                           f"({err.strerror}): free space there, or set {HOME_ENV} to a folder "
+                           "with room") from None  # fmt: skip
+
+
 def _fetch(w: Weights, target: Path, progress: bool) -> None:
     """Stream w.url into a temp file next to `target`, hashing as it goes; only a complete file
     with the published MD5 is renamed into place. Anything else leaves no trace."""
@@ -996,7 +1012,7 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
                     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                               desc=w.filename, disable=not progress) as bar:  # fmt: skip
                         while chunk := response.read(1 << 20):
-                            f.write(chunk)
+                            _write_cache(f, chunk, w, target)
                             md5.update(chunk)
                             sha256.update(chunk)
                             received += len(chunk)
@@ -1032,8 +1048,7 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
                     f"download of {url} broke off after {received:,} of {total:,} bytes; "
                     f"nothing was kept: run again, or {_place_by_hand(w, target)}"
                 )
-            f.flush()
-            os.fsync(f.fileno())
+            _write_cache(f, b"", w, target)  # flushed and synced
         if md5.hexdigest() != w.md5 and total is None:
             raise WeightsError(
                 f"{url} sent {received:,} bytes with MD5 {md5.hexdigest()}, not the published "
