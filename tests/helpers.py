@@ -110,3 +110,25 @@ def fake_bench_checkout(tmp_path, scripts: tuple[str, ...], xception: str, pytho
     out.mkdir()
     env = dict(os.environ, BENCH_OUT=str(out), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}")
     return root, out, env
+
+
+def tiny_model_and_images(root):
+    """Under `root`: a tiny 3-class model's safetensors `w.safetensors` (class names and 32 px
+    preprocessing included) and `data/`, a folder of images of those classes. Returns root."""
+    from PIL import Image
+
+    from xception.weights import Weights, save_safetensors
+    from xception.zoo import create_model
+
+    torch.manual_seed(0)
+    model = create_model("xception-compact", num_classes=3, width=0.25, middle_blocks=1).eval()
+    meta = Weights(name="tiny", format="xception", num_classes=3, categories=("a", "b", "c"),
+                   input_size=32)  # fmt: skip
+    save_safetensors(model, root / "w.safetensors", meta)
+    rng = np.random.default_rng(0)
+    for c in "abc":
+        (root / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "data" / c / f"{i}.png")
+    return root

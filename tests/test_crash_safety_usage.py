@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_model_and_images
 from safetensors.torch import load_file
 from test_data import make_idx_dataset
 from test_train import metrics_rows, tiny_recipe
@@ -281,25 +282,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def tiny_weights(tmp_path_factory) -> Path:
     """A tiny 3-class model's safetensors (class names and preprocessing included) and a
     folder of images of those classes beside it."""
-    import numpy as np
-    from PIL import Image
-
-    from xception.weights import Weights, save_safetensors
-    from xception.zoo import create_model
-
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    model = create_model("xception-compact", num_classes=3, width=0.25, middle_blocks=1).eval()
-    meta = Weights(name="tiny", format="xception", num_classes=3, categories=("a", "b", "c"),
-                   input_size=32)  # fmt: skip
-    save_safetensors(model, root / "w.safetensors", meta)
-    rng = np.random.default_rng(0)
-    for c in "abc":
-        (root / "data" / c).mkdir(parents=True)
-        for i in range(2):
-            pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "data" / c / f"{i}.png")
-    return root / "w.safetensors"
+    return tiny_model_and_images(tmp_path_factory.mktemp("weights")) / "w.safetensors"
 
 
 @pytest.fixture(scope="module")

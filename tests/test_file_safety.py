@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_model_and_images
 
 from xception import deploy
 from xception.cli import main
-from xception.weights import Weights, save_safetensors
-from xception.zoo import create_model
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 TINY_TRAIN = ["--model", "xception-compact", "--data", FASHION, "--train-subset", "128",
@@ -27,22 +26,7 @@ TINY_TRAIN = ["--model", "xception-compact", "--data", FASHION, "--train-subset"
 def tiny(tmp_path_factory):
     """A tiny 3-class model's safetensors (class names and preprocessing included) and a
     folder of images of those classes."""
-    import numpy as np
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("safety")
-    torch.manual_seed(0)
-    model = create_model("xception-compact", num_classes=3, width=0.25, middle_blocks=1).eval()
-    meta = Weights(name="tiny", format="xception", num_classes=3, categories=("a", "b", "c"),
-                   input_size=32)  # fmt: skip
-    save_safetensors(model, root / "w.safetensors", meta)
-    rng = np.random.default_rng(0)
-    for c in "abc":
-        (root / "data" / c).mkdir(parents=True)
-        for i in range(2):
-            pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "data" / c / f"{i}.png")
-    return root
+    return tiny_model_and_images(tmp_path_factory.mktemp("safety"))
 
 
 class _ClosedPipe(io.StringIO):

@@ -10,30 +10,9 @@ import copy
 import pytest
 import torch
 from helpers import timm_xception
-from torch import nn
+from test_model_api import TINY, randomize_bn, tiny
 
 import xception
-
-# A tiny paper-topology model (stride-2 'valid' stem, TensorFlow 'same' pools) at little cost.
-TINY = dict(stem_channels=(8, 16), entry_channels=(16, 24, 32), middle_blocks=1,
-            exit_channels=32, head_channels=(48, 64), num_classes=7)  # fmt: skip
-
-
-def tiny(**overrides) -> xception.Xception:
-    return xception.create_model("xception", **{**TINY, **overrides})
-
-
-def trained_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +56,7 @@ def test_reset_classifier_with_global_pool_none_keeps_the_pooling_positionally_t
 def test_reset_classifier_round_trips_keep_outputs_consistent_with_forward_head():
     """reset_classifier(0) then (n, 'max'): pooled features equal forward_head(pre_logits) and
     the new logits equal fc of them; the backbone is untouched."""
-    model = trained_bn(tiny(drop_rate=0.3)).eval()
+    model = randomize_bn(tiny(drop_rate=0.3)).eval()
     x = torch.randn(2, 3, 35, 41)
     with torch.no_grad():
         feats = model.forward_features(x)
@@ -168,7 +147,7 @@ def test_head_hidden_size_gives_the_pre_logits_width_as_in_timm():
 def test_meta_device_construction_then_to_empty_or_assign_loads_exactly():
     """timm's fast-init pattern: build on the meta device, then to_empty + load_state_dict
     (or load_state_dict(assign=True)); both give the source model's logits exactly."""
-    src = trained_bn(tiny()).eval()
+    src = randomize_bn(tiny()).eval()
     x = torch.randn(2, 3, 34, 33)
     with torch.no_grad():
         expected = src(x)
@@ -228,7 +207,7 @@ def test_grad_checkpointing_with_dropout_dilation_and_hidden_fc_gives_the_plain_
 def test_jit_trace_of_model_and_backbone_matches_eager_at_the_traced_size():
     """torch.jit.trace (timm's export path) of the model and of a features_only backbone at an
     even size: the traced modules give the eager outputs."""
-    model = trained_bn(tiny()).eval()
+    model = randomize_bn(tiny()).eval()
     backbone = xception.create_model("xception", features_only=True, out_indices=(1, 3),
                                      **TINY).eval()  # fmt: skip
     x = torch.randn(2, 3, 32, 34)
@@ -242,7 +221,7 @@ def test_jit_trace_of_model_and_backbone_matches_eager_at_the_traced_size():
 
 def test_double_and_half_inputs_need_the_models_dtype_and_then_agree():
     """.double() gives the float32 logits to 1e-6; the backbone follows .double() too."""
-    model = trained_bn(tiny()).eval()
+    model = randomize_bn(tiny()).eval()
     x = torch.randn(1, 3, 29, 30)
     with torch.no_grad():
         ref = model(x)
