@@ -962,6 +962,7 @@ def test_demo_trains_and_tests_on_the_data_given(capsys, monkeypatch, tmp_path):
 
 def test_main_reports_interrupts_full_disks_and_exits_torchrun_workers(capsys, monkeypatch):
     import errno
+    import logging
     import os
 
     _failing(monkeypatch, KeyboardInterrupt())
@@ -974,8 +975,13 @@ def test_main_reports_interrupts_full_disks_and_exits_torchrun_workers(capsys, m
                                        "place\n")  # fmt: skip
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
+    # The process would end here: logging's shutdown, run for real inside pytest, closed the
+    # handlers of this process's earlier tests (some on the real stderr), and pytest then
+    # died writing its report ("lost sys.stderr").
+    shut = []
+    monkeypatch.setattr(logging, "shutdown", lambda: shut.append(True))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
-    assert main(["models"]) == 2 and exits == [2]  # a worker leaves at once
+    assert main(["models"]) == 2 and exits == [2] and shut  # a worker leaves at once
     capsys.readouterr()
     exits.clear()
     from xception import cli
