@@ -335,8 +335,11 @@ def test_int8_calibrates_at_the_exported_size_and_reports_no_agreement_without_c
     assert report.heldout_images == 4 and report.top1_agreement is None  # was 375%
     with pytest.raises(ValueError, match="needs class scores"):
         deploy.top1_agreement(features, features, x)
+    fp32 = deploy.export(features, tmp_path / "fp32.onnx", input_size=32, check_batches=(1,))
     with pytest.raises(ValueError, match=r"must be \(N, 3, 32, 32\) like the model's input"):
-        deploy.quantize_onnx(tmp_path / "f.onnx", tmp_path / "g.onnx", [torch.randn(2, 3, 48, 48)])
+        deploy.quantize_onnx(fp32.path, tmp_path / "g.onnx", [torch.randn(2, 3, 48, 48)])
+    with pytest.raises(ValueError, match="quantised already"):  # the int8 file is no input
+        deploy.quantize_onnx(tmp_path / "f.onnx", tmp_path / "g.onnx", [torch.randn(2, 3, 32, 32)])
 
 
 def test_a_resumes_warnings_name_the_options_as_typed(tmp_path, caplog):

@@ -609,7 +609,7 @@ class BlockNet(nn.Module):
                 raise ValueError(
                     f"a training batch of 1 image of {images.shape[-2]}x{images.shape[-1]} px: "
                     f"{name}'s maps are "
-                    "1x1 there, and batch norm in training needs more than one value per "
+                    "1x1 there, and batch norm in training needs more than 1 value per "
                     "channel: train on batches of at least 2 images (drop_last=True drops a "
                     "last batch of 1), on larger images, or call model.eval() for inference"
                 ) from None
