@@ -1056,12 +1056,12 @@ def make_eval_dataset(
         samples, classes = scan_folder(root / "val", classes)
         listing = (len(samples), samples.skipped)
         dataset = FileDataset(samples, classes, transform, **kw)
-    elif _is_split(root, "train") and not held_out:
+    elif (train_split := _is_split(root, "train")) and not held_out:
         # 'train' is the training split, not a class (as `make_datasets` reads the folder).
         raise DataError(f"{root} has train/ but no val/: pass --data {root / 'train'} to "
                         "evaluate on the training images, or add val/")  # fmt: skip
     else:
-        samples, classes = scan_folder(root / "train" if _is_split(root, "train") else root,
+        samples, classes = scan_folder(root / "train" if train_split else root,
                                        classes)  # fmt: skip
         listing = (len(samples), samples.skipped)
         if held_out:

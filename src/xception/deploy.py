@@ -1287,12 +1287,13 @@ class OnnxModel:
         slices = self.slices(x.shape[0])
         if len(slices) == 1:
             return torch.from_numpy(self._run(self.session, x))
-        if self._pool is None:  # one image per call on one session
-            return torch.from_numpy(np.concatenate([self._run(self.session, x[a:b])
-                                                    for a, b in slices]))  # fmt: skip
         # ONNX Runtime releases the GIL while it runs, so the workers really run side by side;
         # map() hands out the slices in order as workers free up and returns them in order.
-        outs = self._pool.map(lambda s: self._run(self._single, x[s[0] : s[1]]), slices)
+        # Without workers (a one-image-per-call file on one thread) the session takes each.
+        pooled = self._pool is not None
+        session = self._single if pooled else self.session
+        run = self._pool.map if pooled else map
+        outs = run(lambda s: self._run(session, x[s[0] : s[1]]), slices)
         return torch.from_numpy(np.concatenate(list(outs)))
 
 
