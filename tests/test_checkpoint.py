@@ -1,6 +1,8 @@
 import errno
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -697,18 +699,21 @@ def test_a_state_saved_on_a_gpu_this_machine_lacks_loads_on_the_cpu(tmp_path, mo
 
 
 def test_missing_or_unreadable_weights_are_one_line_naming_the_file(tmp_path, monkeypatch):
-    import safetensors.torch
+    import safetensors
 
     sd, state = _state()
     path = C.save_checkpoint(tmp_path, "step-000000001", sd, state, ema=sd)
-    (path / "model.safetensors").unlink()
-    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: damaged or incomplete"):
-        C.load_checkpoint(path)
+    (path / "model.safetensors").rename(tmp_path / "kept")
+    for state_only in (False, True):  # a state-only load reads the weights files' headers
+        with pytest.raises(C.CheckpointError, match=r"model\.safetensors: missing; the checkpoint "
+                           "is incomplete"):  # fmt: skip
+            C.load_checkpoint(path, state_only=state_only)
+    (tmp_path / "kept").rename(path / "model.safetensors")
 
     def unreadable(*args, **kwargs):
         raise RuntimeError("Error while deserializing header: HeaderTooLarge\nmore detail")
 
-    monkeypatch.setattr(safetensors.torch, "load_file", unreadable)
+    monkeypatch.setattr(safetensors, "safe_open", unreadable)
     with pytest.raises(C.CheckpointError) as err:
         C.load_checkpoint(path)
     assert str(err.value) == (
@@ -745,10 +750,10 @@ def test_a_named_pipe_in_place_of_the_output_is_refused(tmp_path):
     assert not (tmp_path / "pipe").is_file()
 
 
-@pytest.mark.parametrize("key", ["format", "version"])
+@pytest.mark.parametrize("key", ["format", "version", "checkpoint"])
 def test_a_state_using_a_header_key_is_refused_before_anything_is_written(tmp_path, key):
-    """The header {"format", "version"} was written before the state, so a state key of either
-    name replaced it: the checkpoint then loaded as foreign or as a newer version, after it had
+    """The header {"format", "version", "checkpoint"} was written before the state, so a state
+    key of one of these names replaced it: the checkpoint then loaded as foreign or as a newer version, after it had
     replaced a good one of the same name."""
     sd, state = _state()
     good = C.save_checkpoint(tmp_path, "step-1", sd, state)
@@ -764,3 +769,45 @@ def test_a_state_using_a_header_key_is_refused_before_anything_is_written(tmp_pa
     with pytest.raises(TypeError, match="state must be a dict of the training state, got list"):
         C.save_checkpoint(tmp_path, "step-2", sd, [("step", 2)])
     assert C.load_checkpoint(tmp_path, state_only=True)["state"]["step"] == 7
+
+
+def test_a_save_binds_its_files_and_a_mixed_up_checkpoint_is_refused(tmp_path):
+    """Each save's weights files carry its random id in their metadata and state.pt carries it,
+    the name it was saved under and the files written; a file from another save, or one listed
+    and missing, is refused in a full and in a state-only load, naming the file."""
+    from safetensors import safe_open
+
+    sd, state = _state()
+    a = C.save_checkpoint(tmp_path, "step-000000001", sd, state, ema=sd)
+    b = C.save_checkpoint(tmp_path, "step-000000002", sd, state, ema=sd)
+    header = torch.load(b / "state.pt", weights_only=True)["checkpoint"]
+    assert header["name"] == "step-000000002"
+    assert header["files"] == ["model.safetensors", "ema.safetensors"]
+    for name in header["files"]:
+        with safe_open(str(b / name), framework="pt") as f:
+            assert f.metadata() == {"format": "pt", "checkpoint": header["id"]}
+    other = torch.load(a / "state.pt", weights_only=True)["checkpoint"]["id"]
+    assert other != header["id"]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name, message in (
+        ("model.safetensors", f"{b / 'model.safetensors'}: from another save than "
+                              f"{b / 'state.pt'}"),
+        ("ema.safetensors", f"{b / 'ema.safetensors'}: from another save"),
+        ("state.pt", f"{b / 'state.pt'}: was saved as step-000000001, not in this folder"),
+    ):  # fmt: skip
+        shutil.copy2(b / name, kept / name)
+        shutil.copy2(a / name, b / name)
+        for state_only in (False, True):
+            with pytest.raises(C.CheckpointError, match=re.escape(message)):
+                C.load_checkpoint(b, state_only=state_only)
+        shutil.copy2(kept / name, b / name)
+    assert C.load_checkpoint(b)["ema"] is not None
+    (b / "ema.safetensors").unlink()  # listed in state.pt
+    for state_only in (False, True):
+        with pytest.raises(C.CheckpointError, match=re.escape(
+                f"{b / 'ema.safetensors'}: missing; the checkpoint is incomplete")):  # fmt: skip
+            C.load_checkpoint(b, state_only=state_only)
+    # A checkpoint saved without EMA weights lists none: it loads without them.
+    c = C.save_checkpoint(tmp_path, "step-000000003", sd, state)
+    assert C.load_checkpoint(c)["ema"] is None

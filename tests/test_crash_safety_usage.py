@@ -448,3 +448,90 @@ def test_a_read_only_run_folder_is_refused_in_one_line_and_left_as_it_was(tmp_pa
     err = _error_line(proc)
     assert str(run) in err and ("ermission" in err or "not writable" in err), err
     assert _snapshot(run) == before
+
+
+def test_a_newest_checkpoint_missing_its_ema_file_names_the_one_before_it(tmp_path, ref, capsys):
+    """The EMA file lost from the newest checkpoint was found only when the weights were
+    restored, and the error's advice ("resume from another checkpoint") led to `--resume
+    step-6`, refused as older than the newest, whose advice was `--resume auto` again. Now
+    the load finds it (state.pt lists the files saved) and names the way past it."""
+    run, older, newest = _copy_of(ref, tmp_path)
+    (newest / "ema.safetensors").unlink()
+    err = _train_error(capsys, ["train", "--out", str(run), "--resume", "auto", "--epochs", "3"])
+    assert f"{newest / 'ema.safetensors'}: missing; the checkpoint is incomplete" in err, err
+    assert f"move {newest} out of {newest.parent}, then --resume auto continues from " \
+           f"{older.name}" in err, err  # fmt: skip
+    err = _train_error(capsys, ["train", "--out", str(run), "--resume", str(older),
+                                "--epochs", "3"])  # fmt: skip
+    assert "cannot be resumed" in err and f"move {newest} out of" in err, err
+    # The advice works: the run continues from step-6 and ends its third epoch.
+    newest.rename(tmp_path / "set-aside")
+    assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("part", ["state.pt", "model.safetensors", "ema.safetensors"])
+def test_a_file_copied_in_from_another_checkpoint_is_refused_naming_it(
+    tmp_path, ref, toy, capsys, part
+):
+    """One file of the newest checkpoint replaced by the same file of the one before it (a
+    hand-made repair, a careless copy). A state.pt from step 6 in step-8 was called "older
+    than step-000000008" (itself); a weights file from step 6 was resumed without a word, so
+    the run went on from step 8 with step 6's weights. Every file of a save now carries the
+    save's id, and state.pt the name it was saved under."""
+    run, older, newest = _copy_of(ref, tmp_path)
+    shutil.copy2(older / part, newest / part)
+    before = _snapshot(run)
+    err = _train_error(capsys, ["train", "--out", str(run), "--resume", "auto", "--epochs", "3"])
+    if part == "state.pt":
+        assert f"{newest / 'state.pt'}: was saved as {older.name}, not in this folder" in err, err
+    else:
+        assert f"{newest / part}: from another save than {newest / 'state.pt'}" in err, err
+    assert "older than" not in err and f"move {newest} out of" in err, err
+    assert _snapshot(run) == before
+    # Scoring or predicting with the mixed-up checkpoint is refused as well.
+    err = _train_error(capsys, ["eval", "--checkpoint", str(newest), "--data", str(toy)])
+    assert str(newest) in err and ("different saves" in err or "another save" in err), err
+
+
+def test_a_second_run_into_a_folder_in_use_is_told_it_is_in_use(tmp_path, ref, capsys):
+    """A second `train --out RUN` while the first still trains there was told the folder
+    "already holds a run: continue it with --resume auto", which, followed, is refused as in
+    use, or once the first run ends, trains on from where it stopped. It is now told the folder
+    is in use, before anything is read or written."""
+    run, _, newest = _copy_of(ref, tmp_path)
+    before = _snapshot(run)
+    lock = C.lock_run_folder(run)
+    try:
+        for extra in ([], ["--resume", "auto"], ["--resume", str(newest)]):
+            err = _train_error(capsys, ["train", "--recipe", str(ref[0]), "--out", str(run),
+                                        "--epochs", "3", *extra])  # fmt: skip
+            assert f"{run} is in use by another training run (process {os.getpid()})" in err, err
+    finally:
+        lock.close()
+    assert _snapshot(run) == before
+
+
+def test_a_checkpoint_from_before_the_save_ids_resumes_and_its_damage_names_the_way_past(
+    tmp_path, ref, capsys
+):
+    """Checkpoints written before saves recorded their id and files (state.pt without the
+    `checkpoint` header) still load and resume. Damage found only when their weights are
+    restored (the EMA file lost) names the checkpoint before it, as damage found on loading
+    does, not "resume from another checkpoint", whose only way (`--resume OLDER`) is refused."""
+    run, older, newest = _copy_of(ref, tmp_path)
+    for folder in (older, newest):
+        state = torch.load(folder / "state.pt", weights_only=True)
+        state.pop("checkpoint", None)
+        torch.save(state, folder / "state.pt")
+    loaded = C.load_checkpoint(newest)
+    assert loaded["model"] is not None and loaded["ema"] is not None
+    assert C.load_checkpoint(newest, state_only=True)["state"]["step"] == 8
+    (newest / "ema.safetensors").rename(tmp_path / "ema.safetensors")
+    err = _train_error(capsys, ["train", "--out", str(run), "--resume", "auto", "--epochs", "3"])
+    assert f"{newest / 'ema.safetensors'}: missing, and the run keeps EMA weights" in err, err
+    assert f"move {newest} out of {newest.parent}, then --resume auto continues from " \
+           f"{older.name}" in err, err  # fmt: skip
+    (tmp_path / "ema.safetensors").rename(newest / "ema.safetensors")
+    assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3"]

@@ -7,6 +7,9 @@ A checkpoint is a folder `step-<N>` (or `best-step-<N>`) holding
                       epoch, step, position in the epoch, metrics history and the run's config,
                       made only of tensors and plain Python values, so `torch.load(...,
                       weights_only=True)` reads it and nothing in it can run code.
+One save's files carry the same random id (state.pt's header and the weights files' metadata)
+and state.pt lists the files written, so a file copied in from another save, or one lost, is
+refused on loading rather than resumed.
 The folder is assembled under a temporary name, every file fsynced, then renamed into place: a
 crash leaves either the complete checkpoint or none, and never touches an existing one. A folder
 of the same name (a re-run of the same step) is swapped for the new one in one step where the
@@ -26,6 +29,7 @@ import random
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -288,7 +292,7 @@ def save_checkpoint(
         raise TypeError(f"state must be a dict of the training state, got {type(state).__name__}")
     # The header is written over the state: a key of its own had replaced it, and the file was
     # then refused on loading ("not an xception training checkpoint") or read as another version.
-    reserved = sorted(set(state) & {"format", "version"})
+    reserved = sorted(set(state) & {"format", "version", "checkpoint"})
     if reserved:
         raise ValueError(f"state has the key(s) {', '.join(map(repr, reserved))}, which the "
                          "checkpoint's header uses: store them under other names")  # fmt: skip
@@ -296,13 +300,20 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    # Binds the save's files together: a weights file copied in from another checkpoint (of
+    # the same model, so it loaded) had been resumed without a word.
+    header = {"id": uuid.uuid4().hex, "name": name, "files": ["model.safetensors"]}
+    if ema is not None:
+        header["files"].append("ema.safetensors")
+    tag = {"format": "pt", "checkpoint": header["id"]}
     try:
         tmp.chmod(default_mode(directory=True))
         try:
-            save_file(_contiguous(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(_contiguous(model), str(tmp / "model.safetensors"), metadata=tag)
             if ema is not None:
-                save_file(_contiguous(ema), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
-            torch.save({"format": FORMAT, "version": VERSION, **state}, tmp / "state.pt")
+                save_file(_contiguous(ema), str(tmp / "ema.safetensors"), metadata=tag)
+            torch.save({"format": FORMAT, "version": VERSION, "checkpoint": header, **state},
+                       tmp / "state.pt")  # fmt: skip
             mode = default_mode()  # safetensors creates its files private (0600)
             for f in tmp.iterdir():
                 f.chmod(mode)
@@ -368,6 +379,14 @@ def find_latest(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _in_use(folder: str | Path, f) -> ValueError:
+    f.seek(0)
+    holder = f.read().strip() or "unknown"
+    f.close()
+    return ValueError(f"{folder} is in use by another training run (process {holder}): wait "
+                      "for it to finish, or choose another --out")  # fmt: skip
+
+
 def lock_run_folder(folder: str | Path):
     """Hold `folder`'s lock file for as long as the returned file stays open (the process's
     life at most): a second training run into the same folder is refused instead of mixing
@@ -381,16 +400,31 @@ def lock_run_folder(folder: str | Path):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise ValueError(f"{folder} is in use by another training run (process {holder}): wait "
-                         "for it to finish, or choose another --out") from None  # fmt: skip
+        raise _in_use(folder, f) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def check_run_folder_free(folder: str | Path) -> None:
+    """Raise the ValueError `lock_run_folder` would when another run holds `folder`, without
+    taking the lock or creating anything. A shared lock, released at once: the ranks of one
+    job may look at the same time without seeing each other."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        f = open(Path(folder) / ".lock")
+    except OSError:  # no lock file (no run yet) or an unreadable one: lock_run_folder decides
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise _in_use(folder, f) from None
+    f.close()
 
 
 def prune(root: str | Path, keep_last: int) -> None:
@@ -446,12 +480,16 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path, tensors: bool) -> tuple[dict, dict | None]:
+    """A weights file's metadata and, when `tensors`, its tensors (else only its header is read)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return meta, ({k: f.get_tensor(k) for k in f.keys()} if tensors else None)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: damaged or incomplete weights file ({first})") from None
@@ -461,7 +499,8 @@ def load_checkpoint(path: str | Path, *, state_only: bool = False) -> dict:
     """Read a checkpoint folder (or a file inside it; or a run folder: its newest checkpoint).
 
     Returns {'path', 'state', 'model', 'ema'} ('model'/'ema' None when `state_only`, 'ema' None
-    when absent). Raises CheckpointError naming the file when anything is cut short or foreign."""
+    when absent). Raises CheckpointError naming the file when anything is cut short, foreign,
+    or from another save (`state_only` reads the weights files' headers, not their tensors)."""
     path = _resolve(path)
     if path.is_file():
         raise CheckpointError(
@@ -484,11 +523,30 @@ def load_checkpoint(path: str | Path, *, state_only: bool = False) -> dict:
         raise CheckpointError(
             f"{state_file}: written by a newer xception (format {state['version']}); upgrade"
         )
+    header = state.get("checkpoint")  # None in checkpoints written before it was recorded
+    files = ["model.safetensors"]
+    if isinstance(header, dict):
+        named, saved = checkpoint_step(path), checkpoint_step(str(header.get("name")))
+        if None not in (named, saved) and named != saved:
+            # A state.pt copied in from another save: resumed, the run went back (or on) to
+            # its step under this name, and a resume's own checks called the folder older
+            # than itself.
+            raise CheckpointError(f"{state_file}: was saved as {header['name']}, not in this "
+                                  "folder: the checkpoint's files come from different saves; "
+                                  "put back its own state.pt")  # fmt: skip
+        files += [f for f in header.get("files") or () if f == "ema.safetensors"]
+    elif (path / "ema.safetensors").exists():
+        files.append("ema.safetensors")
     out = {"path": path, "state": state, "model": None, "ema": None}
-    if not state_only:
-        out["model"] = _load_safetensors(path / "model.safetensors")
-        if (path / "ema.safetensors").exists():
-            out["ema"] = _load_safetensors(path / "ema.safetensors")
+    if state_only and not isinstance(header, dict):
+        return out  # nothing to check the weights files' headers against
+    for name in files:
+        meta, tensors = _read_safetensors(path / name, tensors=not state_only)
+        if isinstance(header, dict) and meta.get("checkpoint") != header.get("id"):
+            raise CheckpointError(f"{path / name}: from another save than {state_file} (its "
+                                  "checkpoint id differs): the file was copied in from another "
+                                  "checkpoint; put back its own")  # fmt: skip
+        out["model" if name == "model.safetensors" else "ema"] = tensors
     return out
 
 

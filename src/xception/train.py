@@ -633,12 +633,18 @@ class _Run:
             # torchrun --max-restarts restarted us: continue from the run's last save, also in
             # a job started with --resume PATH (its fork's folder, or its own, has newer ones).
             resume = "auto"
+        # A run still writing into the folder: said first, not "already holds a run: continue
+        # it with --resume auto" (wrong while it runs), nor its half-read newest checkpoint.
+        if cfg.out is not None:
+            self._refuse_if_in_use(Path(cfg.out))
         if resume is not None:
             self._load_resume(resume)
-        cfg = self.cfg
+        out_given, cfg = cfg.out is not None, self.cfg
         if cfg.out is None:
             raise ValueError("no output folder: set out (--out DIR)")
         self.out = Path(cfg.out)
+        if not out_given:  # the run folder of the checkpoint resumed
+            self._refuse_if_in_use(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out={cfg.out!r} is a file: give a folder for the run")
         if not self.out.is_dir():  # before the set-up: a file above it, /proc, a dangling link
@@ -679,6 +685,21 @@ class _Run:
                     "continue from the newest (--resume auto)"
                 )
 
+    def _refuse_if_in_use(self, folder: Path) -> None:
+        """Stop every rank when another run holds `folder` (rank 0 looks; its lock is taken
+        later, in `_run`, and the others wait here for its answer)."""
+        refused = None
+        if self.rank == 0 and folder.is_dir():
+            try:
+                C.check_run_folder_free(folder)
+            except ValueError as err:
+                refused = err
+        if self.distributed and reduce_sums([float(refused is not None)], self.device)[0]:
+            refused = refused or ValueError(f"{folder} is in use by another training run "
+                                            "(named on rank 0)")  # fmt: skip
+        if refused is not None:
+            raise refused
+
     def _info(self, msg: str, *args) -> None:
         """Progress news, once per run: from rank 0 only under torchrun."""
         if self.rank == 0:
@@ -696,17 +717,8 @@ class _Run:
             resume = str(latest)
             try:
                 ckpt = _load_for_resume(resume)
-            except C.CheckpointError as err:  # point at the one before it, which may be intact
-                older = [p for p in C.list_checkpoints(latest.parent) if p != latest]
-                if not older:
-                    raise
-                # Not `--resume OLDER`: in its own run folder, behind the damaged newest one,
-                # that is refused (its saves would be pruned), and the refusal's advice was
-                # `--resume auto`, this error again.
-                raise C.CheckpointError(
-                    f"{err}; the one before it may be intact: move {latest} out of "
-                    f"{latest.parent}, then --resume auto continues from {older[-1].name}"
-                ) from None
+            except C.CheckpointError as err:
+                raise _past_damaged(err, latest) from None
         else:
             ckpt = _load_for_resume(resume)
         saved = ckpt["state"]["config"]
@@ -875,7 +887,10 @@ class _Run:
         self.history: list[dict] = []
         self.partial: dict = {}
         if self.resume_from is not None:
-            self._restore(self.resume_from)
+            try:
+                self._restore(self.resume_from)
+            except C.CheckpointError as err:  # damage only the restore finds
+                raise _past_damaged(err, Path(self.resume_from["path"])) from None
 
     def _check_same_data(self) -> None:
         """A resume's data (moved, perhaps) is the run's: its classes and training images."""
@@ -1346,6 +1361,21 @@ class _Run:
 # What a resume reads from a checkpoint's state.pt (`_Run._save` writes every one of them).
 RESUME_FIELDS = ("config", "meta", "epoch", "batch_in_epoch", "step", "optimizer", "scaler",
                  "rng", "history")  # fmt: skip
+
+
+def _past_damaged(err: C.CheckpointError, path: Path) -> C.CheckpointError:
+    """`err` about checkpoint `path`, with the way past it when it is its run's newest: the
+    one before it. Not `--resume OLDER`: in its own run folder, behind the damaged newest one,
+    that is refused (its saves would be pruned), and that refusal's advice is `--resume auto`,
+    which meets this error again."""
+    if C.find_latest(path.parent) != path:
+        return err
+    older = [p for p in C.list_checkpoints(path.parent) if p != path]
+    if not older:
+        return err
+    return C.CheckpointError(f"{err}; the one before it may be intact: move {path} out of "
+                             f"{path.parent}, then --resume auto continues from "
+                             f"{older[-1].name}")  # fmt: skip
 
 
 def _load_for_resume(path, state_only: bool = False) -> dict:
