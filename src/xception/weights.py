@@ -898,9 +898,13 @@ _FORMAT_CONFIG = {"timm": {"padding": "symmetric", "bn_eps": 1e-5}}
 def cache_dir() -> Path:
     """`$XCEPTION_HOME`, else `$XDG_CACHE_HOME/xception`, else `~/.cache/xception`."""
     home = os.environ.get(HOME_ENV)
-    if home:
-        return Path(home).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xception"
+    if home:  # absolute: messages then name the folder whatever the working directory
+        return Path(home).expanduser().absolute()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec: a relative path there is invalid and is ignored (used, the cache had moved
+    # with the working directory, and the weights been downloaded again in every folder).
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "xception"
 
 
 def _file_hashes(path: Path) -> tuple[str, str]:
@@ -981,9 +985,33 @@ def _write_cache(f, chunk: bytes, w: Weights, target: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        raise WeightsError(f"cannot write the {w.name!r} weights into the cache {target.parent} "
-                           f"({err.strerror}): free space there, or set {HOME_ENV} to a folder "
-                           "with room") from None  # fmt: skip
+        raise _cache_full(w, target, err) from None
+
+
+def _cache_full(w: Weights, target: Path, err: OSError) -> WeightsError:
+    return WeightsError(f"cannot write the {w.name!r} weights into the cache {target.parent} "
+                        f"({err.strerror or err}): free space there, or set {HOME_ENV} to a "
+                        "folder with room")  # fmt: skip
+
+
+def _http_failure(err: urllib.error.HTTPError, w: Weights, target: Path) -> WeightsError:
+    """What an HTTP status means for the user: only 404/410 say the file is not there."""
+    url, code, mirror = w.url, err.code, os.environ.get(URL_ENV)
+    reason = " ".join(str(getattr(err, "reason", "") or err).split())  # urllib's may be 3 lines
+    if code in (404, 410):
+        where = (f"the mirror {URL_ENV}={mirror!r} lacks {w.filename}: put it there" if mirror
+                 else "the file has moved")  # fmt: skip
+    elif code in (401, 403, 407):
+        where = "access was refused: check the server's permissions, or its credentials or proxy"
+    elif 300 <= code < 400:
+        where = (f"it redirects in a loop or to nowhere: check {URL_ENV}" if mirror else
+                 "it redirects in a loop or to nowhere")  # fmt: skip
+    elif code >= 500:
+        where = "the server failed: run again later"
+    else:
+        where = "the server refused the request"
+    return WeightsError(f"cannot download the {w.name!r} weights: {url} answered HTTP {code} "
+                        f"({reason}); {where}, or {_place_by_hand(w, target)}")  # fmt: skip
 
 
 def _fetch(w: Weights, target: Path, progress: bool) -> None:
@@ -992,10 +1020,13 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
     from tqdm import tqdm
 
     url = w.url
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as err:  # a full disk (or no inodes) before the first byte
+        raise _cache_full(w, target, err) from None
     tmp = Path(name)
     md5, sha256 = hashlib.md5(), hashlib.sha256()
-    received, total = 0, None
+    received, total, answered = 0, None, False
     try:
         with os.fdopen(fd, "wb") as f:
             try:
@@ -1004,6 +1035,7 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
                 except ValueError as err:  # not a URL urllib can open
                     raise WeightsError(f"cannot download from {url!r} ({err}): check {URL_ENV}, "
                                        "an http://, https:// or file:// folder") from None  # fmt: skip
+                answered = True  # what goes wrong from here is a transfer cut short
                 with opened as response:
                     # A length that is not a number is taken as none announced: the MD5
                     # check below still catches a short or wrong file.
@@ -1019,22 +1051,17 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
                             bar.update(len(chunk))
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                     TimeoutError) as err:  # fmt: skip
-                reason = getattr(err, "reason", None) or err
+                reason = " ".join(str(getattr(err, "reason", None) or err).split())
                 mirror = os.environ.get(URL_ENV)
                 if isinstance(err, urllib.error.HTTPError):  # the server is there: no "offline"
-                    where = (f"the mirror {URL_ENV}={mirror!r} lacks {w.filename}: put it there"
-                             if mirror else "the file has moved")  # fmt: skip
-                    raise WeightsError(
-                        f"cannot download the {w.name!r} weights: {url} answered HTTP {err.code} "
-                        f"({reason}); {where}, or {_place_by_hand(w, target)}"
-                    ) from None
-                if isinstance(reason, FileNotFoundError):  # a file:// mirror without the file
+                    raise _http_failure(err, w, target) from None
+                if isinstance(getattr(err, "reason", None), FileNotFoundError):  # a file:// mirror
                     raise WeightsError(
                         f"cannot read the {w.name!r} weights at {url}: the mirror {URL_ENV}="
                         f"{mirror!r} lacks {w.filename}: put it there, or "
                         f"{_place_by_hand(w, target)}"
                     ) from None
-                if received:
+                if received or answered:  # the first bytes may sit in http.client's buffer
                     raise WeightsError(
                         f"download of {url} broke off after {received:,} bytes ({reason}); "
                         f"nothing was kept: run again, or {_place_by_hand(w, target)}"
@@ -1063,7 +1090,11 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
                 f"file, fix that, or {_place_by_hand(w, target)}"
             )
         os.chmod(tmp, default_mode())
-        _write_sidecar(target, w, md5.hexdigest(), sha256.hexdigest(), tmp.stat(), url)
+        try:
+            _write_sidecar(target, w, md5.hexdigest(), sha256.hexdigest(), tmp.stat(), url)
+        except OSError as err:  # the verified file is kept: the next call hashes it again
+            log.warning("%s: verified, but its record could not be written (%s); it is hashed "
+                        "again on the next use", target, err.strerror or err)  # fmt: skip
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
