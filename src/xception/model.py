@@ -522,6 +522,11 @@ def _recompute_contexts(block: nn.Module) -> tuple:
     return contextlib.nullcontext(), on_copies()
 
 
+def _call_with(block: nn.Module, names: list[str], x: torch.Tensor, *params) -> torch.Tensor:
+    """`block(x)` with its parameters `names` taken from `params`."""
+    return torch.func.functional_call(block, dict(zip(names, params, strict=True)), (x,))
+
+
 class BlockNet(nn.Module):
     """What Xception and the compact Inception V3 share: blocks run in `block_names` order, a
     head of global pooling, optional hidden FC layers, dropout and a classifier, and the timm-style
@@ -547,7 +552,12 @@ class BlockNet(nn.Module):
 
             if torch.compiler.is_compiling():  # the compiled graph's recomputation is pure
                 return checkpoint(block, x, use_reentrant=False)
-            return checkpoint(block, x, use_reentrant=False,
+            # The parameters go in as the checkpoint's inputs: recomputed from the module's
+            # attributes, the backward pass of torch.func.functional_call(model, params, x)
+            # used the module's own weights, put back by then, not `params` (wrong gradients).
+            params = dict(block.named_parameters())
+            return checkpoint(functools.partial(_call_with, block, list(params)), x,
+                              *params.values(), use_reentrant=False,
                               context_fn=functools.partial(_recompute_contexts, block))  # fmt: skip
         return block(x)
 
@@ -599,21 +609,25 @@ class BlockNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         self.check_dtype(x)
-        images = x
+        size = x.shape[-2:]
         for name in self.block_names:
-            try:
-                x = self._block(name, x)
-            except ValueError as err:  # torch's words name neither the batch nor a fix
-                if "more than 1 value per channel" not in str(err):
-                    raise
-                raise ValueError(
-                    f"a training batch of 1 image of {images.shape[-2]}x{images.shape[-1]} px: "
-                    f"{name}'s maps are "
-                    "1x1 there, and batch norm in training needs more than 1 value per "
-                    "channel: train on batches of at least 2 images (drop_last=True drops a "
-                    "last batch of 1), on larger images, or call model.eval() for inference"
-                ) from None
+            x = self._named_block(name, x, size)
         return x
+
+    def _named_block(self, name: str, x: torch.Tensor, size) -> torch.Tensor:
+        """`_block`, and torch's batch-norm error for a one-image training batch, which names
+        neither the batch nor a fix, in words that do (`size`: the images' height, width)."""
+        try:
+            return self._block(name, x)
+        except ValueError as err:
+            if "more than 1 value per channel" not in str(err):
+                raise
+            raise ValueError(
+                f"a training batch of 1 image of {size[0]}x{size[1]} px: {name}'s maps are "
+                "1x1 there, and batch norm in training needs more than 1 value per channel: "
+                "train on batches of at least 2 images (drop_last=True drops a last batch of "
+                "1), on larger images, or call model.eval() for inference"
+            ) from None
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool is None:
@@ -711,6 +725,9 @@ class Xception(BlockNet):
         self.feature_info.append(
             dict(module=f"block{n + 1}", channels=self.num_features, stride=stride)
         )
+        # With timm's keys and accessors, as timm's legacy_xception has them: its
+        # FeatureListNet(model) had stopped on a bare assertion.
+        self.feature_info = FeatureInfo(self.feature_info)
 
         self.global_pool = self._make_pool(cfg.pooling)
         hidden: list[nn.Module] = []
@@ -751,9 +768,9 @@ class Xception(BlockNet):
         self.check_input(x)
         self.check_dtype(x)
         wanted = {info["module"] for info in self.feature_info}
-        maps = []
+        maps, size = [], x.shape[-2:]
         for name in self.block_names:
-            x = self._block(name, x)
+            x = self._named_block(name, x, size)
             if name in wanted:
                 maps.append(x)
         return maps
@@ -901,6 +918,7 @@ class XceptionFeatures(nn.Module):
     grad_checkpointing = False
     set_grad_checkpointing = BlockNet.set_grad_checkpointing
     _block = BlockNet._block
+    _named_block = BlockNet._named_block
     forward = Xception.feature_maps
 
 
