@@ -64,7 +64,9 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%) for single-label data; loss, MAP@k (%) and top-1
     precision (%) for multi-label data, with 'n' the images scored and 'unreadable' those a
-    file dataset could not decode (left out, not replaced). Sums are reduced over DDP ranks."""
+    file dataset could not decode (left out, not replaced). Sums are reduced over DDP ranks.
+    NaN scores rank as ties; every metric is NaN when no image has a finite output at all (a
+    diverged model)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -74,6 +76,7 @@ def evaluate_model(
         meter.update(name, 0.0, 0)
     loader = _shard_loader(dataset, batch_size, rank, world, workers)
     meter.update("unreadable", sum(map(len, loader.batch_sampler)), 1)
+    meter.update("unranked", 0, 1)  # images with no finite output at all
     try:
         for x, y in loader:
             if x is None:  # no readable image in this batch
@@ -85,6 +88,7 @@ def evaluate_model(
                 logits = model(x)
             logits = logits.float()
             n = len(x)
+            meter.update("unranked", (~logits.isfinite()).all(1).sum().item(), 0)
             # The sigmoid loss is the training loss's: summed over classes, averaged over images.
             if multilabel:
                 meter.update("loss", F.binary_cross_entropy_with_logits(
@@ -110,7 +114,13 @@ def evaluate_model(
     meter = meter.reduce()
     unreadable = int(meter.sums.pop("unreadable"))
     meter.counts.pop("unreadable")
+    unranked = meter.sums.pop("unranked")
+    meter.counts.pop("unranked")
     out = meter.means()
+    if unranked and unranked == meter.counts.get("loss"):
+        # Not one finite output: all tie, and a diverged model had scored about chance, not
+        # the null that says it has no accuracy.
+        out = dict.fromkeys(out, float("nan"))
     out["n"] = int(meter.counts.get("loss", 0))
     out["unreadable"] = unreadable
     return out

@@ -803,6 +803,12 @@ class _Run:
         self.split_images = len(train)
         self.train_set = _subset(train, cfg.train_subset, cfg.seed)
         self.val_set = _subset(val, cfg.val_subset, cfg.seed + 1)
+        if len(val) == 0:  # every epoch had been scored NaN, and the run gone on to its end
+            from .data import DataError
+
+            raise DataError(f"{cfg.data}: its validation part holds no images, so no epoch can "
+                            "be scored: give data with images in its test split or val/ folder, "
+                            "or hold some out of the training images (val_fraction)")  # fmt: skip
         if self.resume_from is not None:
             self._check_same_data()
         per_rank = cfg.batch_size // self.world
@@ -1086,7 +1092,9 @@ class _Run:
                 final=self.history[-1] if self.history else None, best=self.best,
                 epochs=self.epoch, steps=self.step, config=self.cfg.to_dict(),
             )  # fmt: skip
-            C.atomic_write(self.out / "model.json", json.dumps(card, indent=2))
+            # JSON has no NaN (strict readers refused the file): a metric without a value is null.
+            C.atomic_write(self.out / "model.json",
+                           json.dumps(_null_if_not_finite(card), indent=2, allow_nan=False))  # fmt: skip
         return weights
 
     def _weights_metadata(self) -> dict[str, str]:
@@ -1361,6 +1369,17 @@ class _Run:
 # What a resume reads from a checkpoint's state.pt (`_Run._save` writes every one of them).
 RESUME_FIELDS = ("config", "meta", "epoch", "batch_in_epoch", "step", "optimizer", "scaler",
                  "rng", "history")  # fmt: skip
+
+
+def _null_if_not_finite(value):
+    """`value` with every NaN or infinite float inside it (dicts, lists) made None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _null_if_not_finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_null_if_not_finite(v) for v in value]
+    return value
 
 
 def _past_damaged(err: C.CheckpointError, path: Path) -> C.CheckpointError:
