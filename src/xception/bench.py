@@ -816,7 +816,9 @@ def _why_left_out(texts: list[str], quick: bool, device: torch.device) -> str:
             return _keras_usable()
         return _installed(package) if package == "openvino" else _version(package) is not None
 
-    named = [p for p in _PEER_PACKAGES if any(p in text.lower() for text in texts)]
+    # Either way round: `--only onnx` names onnxruntime's candidates as well as `onnxruntime`.
+    named = [p for p in _PEER_PACKAGES
+             if any(p in text.lower() or text.lower() in p for text in texts)]  # fmt: skip
     notes = [f"{p} is not installed (pip install {p}, or the package's bench extra)"
              for p in named if not usable(p)]  # fmt: skip
     if quick:

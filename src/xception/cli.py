@@ -1279,6 +1279,11 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+# The optional packages and the extra (pyproject.toml) that installs each.
+_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+           "tensorboard": "tensorboard", "timm": "bench", "keras": "bench", "openvino": "bench"}  # fmt: skip
+
+
 def _main(argv: list[str] | None) -> int:
     if sys.stderr is None:  # `2>&-`: progress and diagnostics go nowhere, as asked
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
@@ -1319,6 +1324,14 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"xception {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:  # an optional feature's package, not installed
+        package = (err.name or "").split(".")[0]
+        if package not in _EXTRAS:
+            raise
+        print(f"xception {args.command}: error: this needs {package}, which is not installed: "
+              f"pip install 'xception[{_EXTRAS[package]}]' (from a checkout: pip install "
+              f"'.[{_EXTRAS[package]}]')", file=sys.stderr)  # fmt: skip
+        return 2
     except RuntimeError as err:
         memory = _out_of_memory(err)
         if memory is not None:

@@ -710,7 +710,10 @@ def imagenet_wnids() -> tuple[str, ...]:
     """ImageNet-1k's WordNet IDs (n01440764, ...) in class-index order: the i-th is the class of
     the i-th output of ImageNet weights (Keras', timm's, torchvision's), whose names
     `WEIGHTS['imagenet'].categories` lists in the same order."""
-    return tuple(Path(__file__).with_name("imagenet_wnids.txt").read_text("ascii").split())
+    from importlib import resources  # not a path beside __file__: a zipped package has none
+
+    return tuple(resources.files(__package__).joinpath("imagenet_wnids.txt").read_text("ascii")
+                 .split())  # fmt: skip
 
 
 def _is_imagenet(classes: tuple[str, ...]) -> bool:
@@ -888,8 +891,8 @@ def resolve_data(data: str | Path) -> Path:
         if not FASHION_MNIST_DIR.is_dir():
             raise DataError(
                 f"Fashion-MNIST not found at {FASHION_MNIST_DIR}: install the Debian package "
-                "dataset-fashion-mnist (make setup does, as root), or pass --data DIR with the IDX "
-                "files (make demo DATA=DIR)"
+                "dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist), or pass "
+                "--data DIR, a folder holding its four IDX files (xception demo --data DIR)"
             )
         return FASHION_MNIST_DIR
     if str(data) == "mnist":

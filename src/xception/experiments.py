@@ -1037,6 +1037,14 @@ def _write_outputs(out: Path, scale: Scale, data: dict, store: Store) -> dict:
     return results
 
 
+def _figure():
+    """A figure drawn without pyplot, which `matplotlib.use("Agg")` had needed: that switched
+    the backend of the whole process (a notebook's, a script's window) for good."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(6.4, 4.2))
+
+
 def _save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -1046,12 +1054,10 @@ def _save_figure(fig, path: Path) -> None:
 def _plot_curves(path: Path, suite: str, res: dict, scale: Scale, title: str) -> None:
     """Validation accuracy against epochs, one line per variant (mean over seeds, +-1 std band),
     in the manner of the paper's Figures 9 and 10."""
-    import matplotlib
+    import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = _figure()
+    ax = fig.subplots()
     for row in res["variants"]:
         epochs = list(range(1, len(row["curve_mean"]) + 1))
         mean = [100 * m for m in row["curve_mean"]]
@@ -1068,20 +1074,15 @@ def _plot_curves(path: Path, suite: str, res: dict, scale: Scale, title: str) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def _plot_spectrum(path: Path, res: dict, scale: Scale, title: str) -> None:
     """Accuracy against the number of segments, parameters and MACs on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = res["variants"]
     xs = list(range(len(rows)))
     names = [str(r["overrides"].get("segments", "")) for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = _figure()
+    ax = fig.subplots()
     ax.errorbar(xs, [100 * r["val_acc_mean"] for r in rows],
                 yerr=[100 * r["val_acc_std"] for r in rows], marker="o", capsize=3,
                 color="C0", label="validation accuracy")  # fmt: skip
@@ -1102,7 +1103,6 @@ def _plot_spectrum(path: Path, res: dict, scale: Scale, title: str) -> None:
     ax.set_title(f"segment spectrum: {title}, {scale.name} scale")
     ax.grid(alpha=0.3)
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def _pp(x: float | None) -> str:

@@ -1440,13 +1440,11 @@ def _fmt(value) -> str:
 
 def _plot_curves(history: list[dict], title: str) -> bytes:
     """Loss and top-1 per epoch, train and val, side by side (as the paper's figures)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot, which the caller's backend is for
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for ax, metric, label in ((ax1, "loss", "loss"), (ax2, "top1", "top-1 accuracy (%)")):
         for split in ("train", "val"):
             key = f"{split}_{metric}"
@@ -1461,5 +1459,4 @@ def _plot_curves(history: list[dict], title: str) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
