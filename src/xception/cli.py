@@ -14,7 +14,9 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -397,7 +399,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     topk = min(args.topk, num_classes)
     # Checks the model and builds the backend: a model that cannot classify is refused before
     # anything is printed (a CSV header on stdout would be a bogus file).
-    rows = predict(model, files, topk=args.topk, batch_size=args.batch_size,
+    # The paths as given, not `files`: a row names a file as it was typed (./-x.png).
+    rows = predict(model, args.paths, topk=args.topk, batch_size=args.batch_size,
                    backend=args.backend, progress=not args.no_progress)  # fmt: skip
     # A file name that is not UTF-8 (from another system's archive) is written as its bytes, as
     # ls does: in a strict UTF-8 locale it failed the whole table (or CSV from that row on).
@@ -1279,6 +1282,31 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, `timeout`, a scheduler, `docker stop`), raised as Ctrl-C raises
+    KeyboardInterrupt: the default action killed the process where it stood, and temporary
+    files (an export's, a JSON result's) stayed beside their outputs."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated for the command's life, where its handler is the default
+    one (the main thread only; training installs its own, to checkpoint first)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):  # fmt: skip
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 # The optional packages and the extra (pyproject.toml) that installs each.
 _EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
            "tensorboard": "tensorboard", "timm": "bench", "keras": "bench", "openvino": "bench"}  # fmt: skip
@@ -1305,8 +1333,11 @@ def _main(argv: list[str] | None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        with _warnings_as_typed(args):
+        with _warnings_as_typed(args), _sigterm_raises():
             return int(args.run(args) or 0)
+    except Terminated:
+        print(f"xception {args.command}: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
         try:  # and nothing to flush into the closed pipe at exit (Python's own advice)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -24,6 +24,7 @@ from torch import nn
 from . import deploy
 from .data import IMAGE_SUFFIXES, ImageError, image_files, load_image
 from .model import Xception
+from .runtime import stderr_is_terminal
 from .weights import Weights, check_channels, input_meta
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,23 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
     sorted, hidden files and folders skipped, links to folders followed), each file once:
     `photos/ photos/sub/` had classified and counted the images of sub/ twice. The first
     mention of a file keeps its place (and its spelling)."""
-    found: list[Path] = []
+    return [file for file, _ in _find_spelled(paths)]
+
+
+def _find_spelled(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """`find_images`' files, each with the name its row shows: a file named directly as it
+    was typed (`./-x.png`, which Path spells `-x.png`, read as an option by `xargs ls`)."""
+    found: list[tuple[Path, str]] = []
     seen: set[str] = set()
-    for path in map(Path, paths):
-        for file in image_files(path) if path.is_dir() else [path]:
+    for given in paths:
+        path = Path(given)
+        named = [(f, str(f)) for f in image_files(path)] if path.is_dir() else [
+            (path, os.fspath(given))]  # fmt: skip
+        for file, spelling in named:
             key = os.path.realpath(file)  # a missing file becomes its own error row, once
             if key not in seen:
                 seen.add(key)
-                found.append(file)
+                found.append((file, spelling))
     return found
 
 
@@ -183,26 +193,28 @@ def predict(
                     "labelling by index", len(categories), num_classes)  # fmt: skip
         categories = None
     # One path is one file or folder: a string is not a sequence of one-letter paths.
-    files = find_images([paths] if isinstance(paths, str | Path) else paths)
+    files = _find_spelled([paths] if isinstance(paths, str | Path) else paths)
     run = BACKENDS[backend](model)
     return _rows(run, files, meta, categories, in_chans, min(topk, num_classes), batch_size,
                  progress)  # fmt: skip
 
 
-def _rows(run: Runner, paths: list[Path], meta: Weights, categories, in_chans: int, k: int,
-          batch_size: int, progress: bool) -> Iterator[Prediction]:  # fmt: skip
+def _rows(run: Runner, paths: list[tuple[Path, str]], meta: Weights, categories, in_chans: int,
+          k: int, batch_size: int, progress: bool) -> Iterator[Prediction]:  # fmt: skip
     from tqdm import tqdm
 
     # The model's channels: an image of any mode as RGB, or its luminance for a 1-channel
     # model (e.g. trained on Fashion-MNIST); metadata set by hand may not say them.
     transform = meta.replace(in_chans=in_chans).transforms()
-    with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar:
+    # No bar redrawn with carriage returns into a log file (stderr not a terminal).
+    with tqdm(total=len(paths), unit="img", desc="predict",
+              disable=not (progress and stderr_is_terminal())) as bar:  # fmt: skip
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             results: list[Prediction] = []
             tensors, slots = [], []
-            for path in chunk:
-                result = Prediction(str(path))
+            for path, spelling in chunk:
+                result = Prediction(spelling)
                 try:
                     image = load_image(path)
                     tensors.append(transform(image))

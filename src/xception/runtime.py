@@ -35,8 +35,10 @@ import ctypes.util
 import logging
 import os
 import platform
+import sys
 
-__all__ = ["allocator_state", "keep_freed_memory", "raise_malloc_thresholds"]
+__all__ = ["allocator_state", "keep_freed_memory", "raise_malloc_thresholds",
+           "stderr_is_terminal"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +151,13 @@ def allocator_state() -> str:
     # reads an empty number as 0 (`MALLOC_MMAP_MAX_=` stops it mapping big blocks).
     changes += [f"{name}={os.environ[name]}" for name in _MALLOC_ENV if name in os.environ]
     return f"glibc {version}, " + (" + ".join(changes) if changes else "as shipped")
+
+
+def stderr_is_terminal() -> bool:
+    """Whether the process's stderr is a terminal: progress bars redraw themselves there with
+    carriage returns, which a log file (`2> train.log`, nohup, a scheduler's) keeps as copies
+    of the bar, hundreds a minute."""
+    try:
+        return bool(sys.stderr is not None and sys.stderr.isatty())
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False

@@ -617,6 +617,29 @@ def refuse_replacing_results(out: str | Path) -> None:
                          "another --out, or move them away first")  # fmt: skip
 
 
+class _LineProgress:
+    """The epoch's progress for a stderr that is not a terminal (a log file): a plain log line
+    at most every `every` seconds, where tqdm redrew its bar with carriage returns several
+    times a second. Takes the calls the epoch loop makes of a tqdm bar."""
+
+    def __init__(self, total: int, initial: int, desc: str, every: float = 60.0) -> None:
+        self.total, self.n, self.desc, self.every = total, initial, desc, every
+        self.last, self.postfix = time.monotonic(), ""
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every and self.n < self.total:
+            self.last = now
+            log.info("%s: batch %d/%d%s", self.desc, self.n, self.total, self.postfix)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+
 class _Run:
     def __init__(self, cfg: TrainConfig, device: torch.device, given: set[str]) -> None:
         self.device, self.given = device, given
@@ -1218,12 +1241,14 @@ class _Run:
         base.set_epoch(self.epoch)
         self.net.train()
         bar = None
-        if cfg.progress and self.rank == 0:
+        desc = f"epoch {self.epoch + 1}/{cfg.epochs}"
+        if cfg.progress and self.rank == 0 and not runtime.stderr_is_terminal():
+            bar = _LineProgress(self.steps_per_epoch, self.batch_in_epoch, desc)
+        elif cfg.progress and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
-                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch",
-                       dynamic_ncols=True, leave=True)  # fmt: skip
+            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=desc,
+                       unit="batch", dynamic_ncols=True, leave=True)  # fmt: skip
         self.epoch_start = time.perf_counter()
         seen_since = 0
         for x, y in self.loader:

@@ -39,6 +39,7 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES
 from .checkpoint import atomic_write, default_mode
 from .data import _INTERPOLATION, eval_transform, is_crop_fraction, is_number
 from .model import _as_int
+from .runtime import stderr_is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -1042,7 +1043,8 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
                     length = (response.headers.get("Content-Length") or "").strip()
                     total = int(length) if length.isdecimal() else None
                     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                              desc=w.filename, disable=not progress) as bar:  # fmt: skip
+                              desc=w.filename,
+                              disable=not (progress and stderr_is_terminal())) as bar:  # fmt: skip
                         while chunk := response.read(1 << 20):
                             _write_cache(f, chunk, w, target)
                             md5.update(chunk)
