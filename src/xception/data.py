@@ -106,13 +106,17 @@ def _upright(im: Image.Image) -> Image.Image:
 def _to_rgb(im: Image.Image, sixteen: bool = False) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit greyscale: scale to 8 bits by the range the format allows (float: [0, 1]
-        # when no value is above 1). `sixteen`: 16-bit data in mode I (Pillow reads a PGM
-        # whose maxval is over 255 so, scaled to 0-65535), also when all of it is dark.
+        # when its values are, but for a slight overshoot). `sixteen`: 16-bit data in mode I
+        # (Pillow reads a PGM whose maxval is over 255 so, scaled to 0-65535), also when all
+        # of it is dark.
         import numpy as np
 
         arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
-        if im.mode == "F" and arr.max() <= 1.0:
-            top = 1.0  # a float image in [0, 1], the usual scale of float TIFFs
+        if im.mode == "F" and arr.max() <= 1.5:
+            # A float image in [0, 1], the usual scale of float TIFFs; a bicubic resize or a
+            # sharpening leaves values a little above 1, which had made it read as 0-255 (all
+            # but black; on that scale, values up to 1.5 are black anyway). Clipped at 1.
+            top = 1.0
         else:
             top = 65535.0 if sixteen or im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         # A 16-bit grey PNG's transparent value (tRNS) is on the 16-bit scale: its pixels
@@ -211,7 +215,7 @@ class _ImageMode:
         mode = "L" if self.channels == 1 else "RGB"
         if image.mode == mode and "transparency" not in image.info:
             return image  # as load_image gives it (predict): no copy
-        rgb = _to_rgb(image)
+        rgb = _to_rgb(image, image.format == "PPM" and image.mode == "I")  # as load_image
         return rgb.convert("L") if self.channels == 1 else rgb
 
     def __repr__(self) -> str:
@@ -258,7 +262,8 @@ IDX_FILES = {
 # What a folder search picks up (class folders, `predict` on a folder); named files are tried
 # whatever their name.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif",
-                            ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})  # fmt: skip
+                            ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".avif",
+                            ".apng"})  # fmt: skip
 # Normalisation (mean, std) per preset family: the paper's models see x / 127.5 - 1.
 KERAS_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FASHION_MNIST_MEAN_STD = ((0.2860,), (0.3530,))
@@ -653,12 +658,22 @@ def _check_readable(paths: list[Path], where: str) -> list[bool]:
     ok = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                im.verify()
+            with warnings.catch_warnings():  # not Pillow's raw two-line warning: our one line
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise ValueError("too large")
+                    im.verify()
             ok.append(True)
-        except Exception as err:  # noqa: BLE001 - any decoder failure means 'unreadable'
-            log.warning("skipping unreadable image %s (%s)", path, err)
-            ok.append(False)
+        except Exception:  # noqa: BLE001 - any failure: decode it as training and eval would
+            # verify() is stricter than the decoder (a PNG cut at its IEND chunk, a bad CRC
+            # in a trailing text chunk): such files, which predict classifies, were dropped.
+            try:
+                load_image(path)
+                ok.append(True)
+            except ImageError as err:
+                log.warning("skipping unreadable image (%s)", err)
+                ok.append(False)
     bad = ok.count(False)
     if ok and bad * 2 > len(ok):
         raise DataError(
