@@ -226,9 +226,15 @@ def test_checkpoints_with_missing_or_foreign_parts_are_one_line_errors(tmp_path,
         (state_with_optimizer_of_b, "state.pt: its optimizer state does not fit the run's model "
          "(loaded state dict contains a parameter group"),
         (lambda ckpt: shutil.copy(b / "model.safetensors", ckpt / "model.safetensors"),
+         "model.safetensors: from another save than"),
+        (lambda ckpt: (ckpt / "ema.safetensors").unlink(),
+         "ema.safetensors: missing; the checkpoint is incomplete"),
+        # Checkpoints written before saves recorded their id: found when the weights load.
+        (lambda ckpt: (state_without("checkpoint")(ckpt),
+                       shutil.copy(b / "model.safetensors", ckpt / "model.safetensors")),
          "model.safetensors: does not fit the model its checkpoint's state.pt describes "
          '(Missing key(s) in state_dict: "block6.'),
-        (lambda ckpt: (ckpt / "ema.safetensors").unlink(),
+        (lambda ckpt: (state_without("checkpoint")(ckpt), (ckpt / "ema.safetensors").unlink()),
          "ema.safetensors: missing, and the run keeps EMA weights (ema_decay=0.9): the "
          "checkpoint is incomplete"),
     ]  # fmt: skip
@@ -1314,21 +1320,28 @@ def test_best_needs_a_strict_improvement_and_keep_last_prunes_step_checkpoints(
 
 
 def test_epoch_batches_follow_the_seeded_permutation_of_each_epoch():
-    """Epoch e's batches are DistributedSampler's permutation randperm(n, seed + e), every
-    world-th index to each rank, incomplete batches dropped, the first `start` skipped; a
-    subset is the first n of randperm(len, seed), in index order."""
+    """Epoch e's batches are DistributedSampler's permutation randperm(n, key(seed, e)) (order
+    1, of checkpoints written before the key: randperm(n, seed + e)), every world-th index to
+    each rank, incomplete batches dropped, the first `start` skipped; a subset is the first n
+    of randperm(len, seed), in index order."""
+    import numpy as np
+
+    from xception.data import sample_keys
     from xception.train import _EpochBatches, _subset
 
     data = list(range(11))
-    for epoch in (0, 1):
-        perm = torch.randperm(11, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
-        for rank in (0, 1):
-            mine = perm[:10][rank::2]
-            sampler = _EpochBatches(11, 2, rank, 2, 3, data)
-            sampler.set_epoch(epoch)
-            assert list(sampler) == [mine[0:2], mine[2:4]] and len(sampler) == 2
-            sampler.set_epoch(epoch, 1)
-            assert list(sampler) == [mine[2:4]] and len(sampler) == 1
+    for order in (1, 2):
+        for epoch in (0, 1):
+            seed = 3 + epoch if order == 1 else int(sample_keys(3 ^ 0x0DE5, epoch, [0])[0]
+                                                    >> np.uint64(1))  # fmt: skip
+            perm = torch.randperm(11, generator=torch.Generator().manual_seed(seed)).tolist()
+            for rank in (0, 1):
+                mine = perm[:10][rank::2]
+                sampler = _EpochBatches(11, 2, rank, 2, 3, data, order)
+                sampler.set_epoch(epoch)
+                assert list(sampler) == [mine[0:2], mine[2:4]] and len(sampler) == 2
+                sampler.set_epoch(epoch, 1)
+                assert list(sampler) == [mine[2:4]] and len(sampler) == 1
     sub = _subset(list(range(20)), 5, 7)
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(7))
     assert sub.indices == sorted(perm[:5].tolist())

@@ -467,9 +467,17 @@ class TensorImageDataset(torch.utils.data.Dataset):
 
 
 def load_idx(
-    root: str | Path, split: str, *, classes: tuple[str, ...] | None = None, **kw
+    root: str | Path,
+    split: str,
+    *,
+    classes: tuple[str, ...] | None = None,
+    like: TensorImageDataset | None = None,
+    **kw,
 ) -> TensorImageDataset:
-    """Fashion-MNIST / MNIST split ('train' or 'test') from IDX files, in memory."""
+    """Fashion-MNIST / MNIST split ('train' or 'test') from IDX files, in memory. `like`: the
+    other split of the same data, whose classes and normalisation this one takes (each split
+    had told the dataset from its own labels: a training part that did not look like
+    Fashion-MNIST's was normalised as MNIST, its test split as Fashion-MNIST)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
@@ -486,7 +494,9 @@ def load_idx(
                         "(0-255) are expected")  # fmt: skip
     fashion = labels.dtype == np.uint8 and _is_fashion_mnist(root, labels)
     own = FASHION_MNIST_CLASSES if fashion else MNIST_CLASSES
-    if len(labels) and labels.min() >= 0 and labels.max() >= len(own):
+    if like is not None:
+        own = classes = like.classes
+    elif len(labels) and labels.min() >= 0 and labels.max() >= len(own):
         # Other IDX data (EMNIST: 26 or 47 classes): as many classes as its labels name.
         own = tuple(str(k) for k in range(int(labels.max()) + 1))
         if classes is None:
@@ -505,12 +515,15 @@ def load_idx(
     default = FASHION_MNIST_MEAN_STD if fashion else MNIST_MEAN_STD
     kw.setdefault("mean", default[0])
     kw.setdefault("std", default[1])
-    return TensorImageDataset(
+    dataset = TensorImageDataset(
         torch.from_numpy(images.copy()).unsqueeze(1),
         torch.from_numpy(labels.astype(np.int64)),
         classes,
         **kw,
     )
+    if like is not None:  # exactly the other split's (not through a round trip of floats)
+        dataset.mean, dataset.std = like.mean.clone(), like.std.clone()
+    return dataset
 
 
 def _relabel(labels: np.ndarray, own: tuple[str, ...], classes: tuple[str, ...],
@@ -975,7 +988,7 @@ def make_datasets(
         kw = dict(size=image_size, seed=seed)
         train = load_idx(root, "train", augment="none" if augment == "none" else "small",
                          padding=padding, **kw)  # fmt: skip
-        return train, load_idx(root, "test", classes=train.classes, **kw)
+        return train, load_idx(root, "test", like=train, **kw)
     if root.is_file() or (root / "train.csv").is_file():
         train_list = root if root.is_file() else root / "train.csv"
         samples, classes = read_label_list(train_list)

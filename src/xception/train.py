@@ -535,20 +535,33 @@ def _base(dataset):
     return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
 
 
-class _EpochBatches(torch.utils.data.Sampler):
-    """Per-rank batches of one epoch: DistributedSampler's permutation of (seed, epoch), every
-    world-th sample to each rank, incomplete global batches dropped, the first `start` skipped
-    (a mid-epoch resume never loads the batches it skips)."""
+# The epoch order's version, recorded in checkpoints: 1 seeded the permutation with seed +
+# epoch, so seed 1's epoch 0 was seed 0's epoch 1 (the seeds of a multi-seed experiment shared
+# their orders, shifted); 2 seeds it with a hash of both. A run resumes in its own.
+BATCH_ORDER = 2
 
-    def __init__(self, n: int, per_rank: int, rank: int, world: int, seed: int, dataset) -> None:
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """Per-rank batches of one epoch: DistributedSampler's permutation, seeded by a hash of
+    (seed, epoch) (`order` 1: seed + epoch), every world-th sample to each rank, incomplete
+    global batches dropped, the first `start` skipped (a mid-epoch resume never loads the
+    batches it skips)."""
+
+    def __init__(self, n: int, per_rank: int, rank: int, world: int, seed: int, dataset,
+                 order: int = BATCH_ORDER) -> None:  # fmt: skip
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
-        self.per_rank, self.start = per_rank, 0
+        self.per_rank, self.start, self.seed, self.order = per_rank, 0, seed, order
         self.num_batches = n // (per_rank * world)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
+        if self.order == 1:
+            self.sampler.set_epoch(epoch)
+        else:
+            key = sample_keys(self.seed ^ 0x0DE5, epoch, [0])[0] >> np.uint64(1)
+            self.sampler.seed = int(key)
+            self.sampler.set_epoch(0)
         self.start = start
 
     def __len__(self) -> int:
@@ -840,14 +853,23 @@ class _Run:
                 f"batch_size={cfg.batch_size} must be divisible by the {self.world} ranks "
                 f"times accum_steps={cfg.accum_steps}"
             )
+        # A run resumes in the epoch order it began in (checkpoints before BATCH_ORDER: 1).
+        self.batch_order = (self.resume_from["state"].get("batch_order", 1)
+                            if self.resume_from is not None else BATCH_ORDER)  # fmt: skip
         self.sampler = _EpochBatches(len(self.train_set), per_rank, self.rank, self.world,
-                                     cfg.seed, self.train_set)  # fmt: skip
+                                     cfg.seed, self.train_set, self.batch_order)  # fmt: skip
         self.steps_per_epoch = self.sampler.num_batches
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"batch_size={cfg.batch_size} is larger than the {len(self.train_set)} "
                 "training samples: lower batch_size"
             )
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        if cfg.warmup_epochs > 0 and warmup <= 1 and self.rank == 0:
+            # Step s runs at (s + 1) / warmup of the rate: 0 or 1 warm-up step is none.
+            log.warning("warmup_epochs=%s is %d step(s) at %d steps an epoch: no step runs "
+                        "below the full learning rate; give more warmup_epochs, or a smaller "
+                        "batch_size", _fmt(cfg.warmup_epochs), warmup, self.steps_per_epoch)  # fmt: skip
         # Its own generator, seeded per epoch in _train_epoch: each iterator draws its workers'
         # base seed from it. From the global generator, a mid-epoch resume's extra iterator
         # shifted the torch RNG state every later checkpoint records.
@@ -1022,7 +1044,7 @@ class _Run:
                 if meter is not None else {},
                 ema_updates=self.ema.updates if self.ema else 0, world=self.world,
                 train_images=len(self.train_set), split_images=self.split_images,
-                data_path=self.data_path,
+                data_path=self.data_path, batch_order=self.batch_order,
             )  # fmt: skip
             ema = self.ema.module.state_dict() if self.ema else None
             sd = {k: v for k, v in self.model.state_dict().items()}
