@@ -223,15 +223,21 @@ def test_bad_files_named_to_predict_get_one_line_rows_naming_the_reason(tmp_path
     assert "decompression bomb" in errors["bomb.png"] and errors["good.jpg"] == ""
 
 
-def test_a_picture_between_the_projects_limit_and_pillows_is_refused_by_every_consumer(tmp_path):
-    """100 MP: over the project's 89.5 MP limit, under Pillow's 179 MP error. predict gives it
-    an error row, eval and training's listing or decode leave it out; nothing decodes it."""
+def _classes_with_a_huge_picture(tmp_path: Path) -> Path:
+    """Class folders a and b of two small pictures each, and a/huge.png claiming 100 MP."""
     root = tmp_path / "data"
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
         for i in range(2):
             _noise(i).save(root / cls / f"{i}.png")
     _png_claiming(root / "a" / "huge.png", 10000, 10000)
+    return root
+
+
+def test_a_picture_between_the_projects_limit_and_pillows_is_refused_by_every_consumer(tmp_path):
+    """100 MP: over the project's 89.5 MP limit, under Pillow's 179 MP error. predict gives it
+    an error row, eval and training's listing or decode leave it out; nothing decodes it."""
+    root = _classes_with_a_huge_picture(tmp_path)
     with pytest.raises(ImageError, match=r"huge\.png: .*(exceeds the limit|decompression bomb)"):
         load_image(root / "a" / "huge.png")
     rows = {Path(r.path).name: r for r in predict(_tiny_model(), [root / "a"])}
@@ -305,12 +311,7 @@ def test_listing_a_folder_with_a_huge_picture_lets_no_raw_python_warning_through
     DecompressionBombWarning as a raw Python warning (two lines on stderr pointing at Pillow's
     source), before the project's own one-line 'skipping ... possible decompression bomb'.
     The listing now catches it as load_image does: one line."""
-    root = tmp_path / "data"
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(2):
-            _noise(i).save(root / cls / f"{i}.png")
-    _png_claiming(root / "a" / "huge.png", 10000, 10000)
+    root = _classes_with_a_huge_picture(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_eval_dataset(root, image_size=SIZE)
