@@ -227,3 +227,15 @@ def test_the_epoch_progress_in_a_log_is_a_plain_line_once_a_minute(caplog, monke
     assert lines == ["epoch 2/3: batch 4/10, loss 0.5000, acc 81.25, img_s 40",
                      "epoch 2/3: batch 6/10, loss 0.5000, acc 81.25, img_s 40",
                      "epoch 2/3: batch 7/10, loss 0.5000, acc 81.25, img_s 40"], lines  # fmt: skip
+
+
+def test_verbose_is_taken_before_or_after_the_command():
+    """`xception models -v` was refused as "unrecognized arguments: -v": the flag was the main
+    parser's only. It is now taken on either side of the command."""
+    from xception.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "models"]).verbose is True
+    assert parser.parse_args(["models", "-v"]).verbose is True
+    assert parser.parse_args(["info", "--verbose", "xception"]).verbose is True
+    assert parser.parse_args(["models"]).verbose is False

@@ -1263,6 +1263,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # After the command too (`xception models -v` was "unrecognized arguments"); not
+        # given there, the value before the command stands.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging (also before the command)")  # fmt: skip
         add_arguments(p)
         p.set_defaults(run=run, options=_option_names(p))
     return parser
