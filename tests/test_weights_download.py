@@ -110,8 +110,10 @@ def _cache_files(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
 
 
-def test_download_then_cache_hit_and_logits_match_keras(env, server, keras_files, capfd):
+def test_download_then_cache_hit_and_logits_match_keras(env, server, keras_files, capfd,
+                                                       monkeypatch):  # fmt: skip
     kmodel, files = keras_files
+    monkeypatch.setattr(W, "stderr_is_terminal", lambda: True)  # a bar is drawn at a terminal
     model = create_model("xception", weights="imagenet").eval()
     assert len(server.requests) == 1 and server.requests[0].endswith(TOP)
     assert TOP in capfd.readouterr().err  # the progress bar names the file
