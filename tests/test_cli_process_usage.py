@@ -128,6 +128,12 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tiny):
         assert done.returncode in (0, 141) and "Traceback" not in err, (argv, err)
 
 
+def _sigint_default() -> None:
+    """In the child: Ctrl-C's default action. A pytest-xdist worker ignores SIGINT, its
+    children inherit that, and Python then installs no KeyboardInterrupt handler in them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_a_streamed_predict_ends_130_with_whole_rows(tiny, tmp_path):
     """Ctrl-C at a terminal reaches the whole process group while CSV rows stream: exit 130,
     one line on stderr, every row printed is whole."""
@@ -144,10 +150,15 @@ def test_ctrl_c_during_a_streamed_predict_ends_130_with_whole_rows(tiny, tmp_pat
                              "w.safetensors", "--format", "csv", "--batch-size", "1",
                              "--no-progress"],
                             cwd=tiny, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, start_new_session=True)  # fmt: skip
-    lines = [proc.stdout.readline() for _ in range(3)]  # the header and two rows
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+                            env=ENV, start_new_session=True,
+                            preexec_fn=_sigint_default)  # fmt: skip
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]  # the header and two rows
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:  # not left waiting on the pipe if anything above fails
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().endswith("interrupted"), err
     rows = list(csv.reader(io.StringIO("".join(lines) + out)))

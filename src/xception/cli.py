@@ -1295,9 +1295,13 @@ class Terminated(BaseException):
 @contextlib.contextmanager
 def _sigterm_raises():
     """SIGTERM raises Terminated for the command's life, where its handler is the default
-    one (the main thread only; training installs its own, to checkpoint first)."""
+    one (the main thread only, not under torchrun; training installs its own, to checkpoint
+    first)."""
+    # Not under torchrun: its agent stops the other workers with SIGTERM when one fails, and a
+    # worker blocked in a collective call would wait out the agent's grace period.
     if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):  # fmt: skip
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            or "TORCHELASTIC_RUN_ID" in os.environ):  # fmt: skip
         yield
         return
 
