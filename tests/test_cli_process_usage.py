@@ -259,3 +259,24 @@ def test_verbose_is_taken_before_or_after_the_command():
     assert parser.parse_args(["models", "-v"]).verbose is True
     assert parser.parse_args(["info", "--verbose", "xception"]).verbose is True
     assert parser.parse_args(["models"]).verbose is False
+
+
+def test_sigterm_raises_for_the_commands_life_but_not_under_torchrun(monkeypatch):
+    """The command's SIGTERM handler is installed for its life only, and not in a torchrun
+    worker: its agent stops the other workers with SIGTERM, and one blocked in a collective
+    call would wait out the agent's grace period instead of dying at once."""
+    from xception.cli import Terminated, _sigterm_raises
+
+    kept = signal.signal(
+        signal.SIGTERM, signal.SIG_DFL
+    )  # as a command starts (pytest's may differ)
+    try:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        with _sigterm_raises(), pytest.raises(Terminated):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+        with _sigterm_raises():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, kept)

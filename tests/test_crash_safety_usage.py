@@ -507,6 +507,9 @@ def test_a_second_run_into_a_folder_in_use_is_told_it_is_in_use(tmp_path, ref, c
             err = _train_error(capsys, ["train", "--recipe", str(ref[0]), "--out", str(run),
                                         "--epochs", "3", *extra])  # fmt: skip
             assert f"{run} is in use by another training run (process {os.getpid()})" in err, err
+        # Without --out as well (the run folder is then the resumed checkpoint's).
+        err = _train_error(capsys, ["train", "--resume", str(newest), "--epochs", "3"])
+        assert f"{run} is in use by another training run (process {os.getpid()})" in err, err
     finally:
         lock.close()
     assert _snapshot(run) == before

@@ -730,6 +730,11 @@ class _Run:
                 C.check_run_folder_free(folder)
             except ValueError as err:
                 refused = err
+        self._stop_together(refused, folder)
+
+    def _stop_together(self, refused: ValueError | None, folder: Path) -> None:
+        """Raise rank 0's refusal of `folder` on every rank: the others would wait in their
+        next collective call (a collective call itself, made by all ranks)."""
         if self.distributed and reduce_sums([float(refused is not None)], self.device)[0]:
             refused = refused or ValueError(f"{folder} is in use by another training run "
                                             "(named on rank 0)")  # fmt: skip
@@ -1172,12 +1177,7 @@ class _Run:
                 self._lock = C.lock_run_folder(self.out)
             except ValueError as err:
                 refused = err
-        # All ranks stop together: the others would wait in their next collective call.
-        if self.distributed and reduce_sums([float(refused is not None)], self.device)[0]:
-            refused = refused or ValueError(f"{self.out} is in use by another training run "
-                                            "(named on rank 0)")  # fmt: skip
-        if refused is not None:
-            raise refused
+        self._stop_together(refused, self.out)
         if self.rank == 0:
             self._write_outputs()
         self.tb = self._tensorboard() if self.rank == 0 and cfg.tensorboard else None
