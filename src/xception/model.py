@@ -644,8 +644,11 @@ class BlockNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def get_classifier(self) -> nn.Module | None:
-        return self.fc
+    def get_classifier(self) -> nn.Module:
+        """The classifier `fc`; for a model without one (num_classes 0), a fresh `nn.Identity`,
+        as timm returns, so `model.get_classifier()(features)` works either way. It is not
+        registered: the model's state_dict keeps no `fc` keys."""
+        return self.fc if self.fc is not None else nn.Identity()
 
     def _new_classifier(self, in_features: int, num_classes: int) -> None:
         """`fc` becomes a fresh Linear (Xavier-uniform weights, zero bias) on the model's
