@@ -1273,6 +1273,32 @@ def test_transforms_give_the_model_its_channels_from_an_image_of_any_mode(tmp_pa
         rgb_meta.transforms()(torch.zeros(3, 8, 8))
 
 
+def test_transforms_of_a_two_or_four_channel_model_take_images_with_as_many_bands():
+    """transforms() of a model with in_chans 4 took an RGB image as it was and failed inside
+    torchvision's Normalize ("The size of tensor a (3) must match ... (4)"); one of in_chans 2
+    failed the same way. An image with as many bands (LA for 2, RGBA for 4) now gives the
+    model its channels, and any other is refused with the counts and the conversion to make."""
+    from PIL import Image
+
+    from xception.data import ImageError
+    from xception.weights import input_meta
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA")
+    for chans, good, bad in [(4, rgba, rgba.convert("RGB")), (2, rgba.convert("LA"), rgba.convert("L"))]:  # fmt: skip
+        model = create_model("xception-compact", num_classes=3, in_chans=chans, width=0.25).eval()
+        transform = input_meta(model).transforms()
+        x = transform(good)
+        assert x.shape == (chans, 28, 28)
+        # Pillow's square resize of the image (alpha premultiplied), with Keras' x / 127.5 - 1.
+        pixels = np.asarray(good.resize((28, 28), Image.BILINEAR), np.float32)
+        assert np.abs(x.numpy() - (pixels.transpose(2, 0, 1) / 127.5 - 1)).max() < 1e-5
+        assert model(x[None]).shape == (1, 3)
+        with pytest.raises(ImageError, match=rf"'{bad.mode}' image has {len(bad.getbands())} "
+                           rf"band.*takes {chans} input channels: give it.*convert"):  # fmt: skip
+            transform(bad)
+
+
 def _on_white(image):
     from PIL import Image
 

@@ -178,7 +178,8 @@ def eval_transform(
     crop_fraction=1.0 with a square resize is Keras' preprocessing; timm's legacy_xception uses
     crop_fraction=0.8975 with bicubic interpolation. `in_chans` 1 or 3 first converts an image
     of any mode as `load_image` does (alpha on white, palette, 16-bit), then to its luminance
-    for 1; otherwise the image is taken as it is."""
+    for 1; for another count, an image with as many bands (RGBA for 4) is taken as it is and
+    any other refused."""
     if interpolation not in _INTERPOLATION:
         raise ValueError(f"interpolation={interpolation!r}: use one of {sorted(_INTERPOLATION)}")
     # 0 was a ZeroDivisionError, a negative fraction a negative resize inside torchvision.
@@ -198,6 +199,8 @@ def eval_transform(
         ]
     if in_chans in (1, 3):
         steps.insert(0, _ImageMode(in_chans))
+    elif in_chans is not None:
+        steps.insert(0, _ImageBands(in_chans))
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -220,6 +223,33 @@ class _ImageMode:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({'L' if self.channels == 1 else 'RGB'})"
+
+
+class _ImageBands:
+    """For a model of another channel count than 1 or 3: takes an image whose bands are as many
+    as the model's channels (an "LA" image for 2, "RGBA" or "CMYK" for 4) as it is, and refuses
+    any other with the counts and the fix; torchvision's Normalize had failed on the tensor."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(image).__name__}: open the file "
+                            "with PIL.Image.open (or xception.data.load_image)")  # fmt: skip
+        bands = len(image.getbands())
+        if bands != self.channels:
+            modes = {2: "'LA' (grey and alpha)", 4: "'RGBA' or 'CMYK'"}
+            fix = (f"give it {modes[self.channels]} images, e.g. image.convert"
+                   f"('{'LA' if self.channels == 2 else 'RGBA'}')" if self.channels in modes
+                   else "build its input tensors yourself")  # fmt: skip
+            raise ImageError(f"a {image.mode!r} image has {bands} band"
+                             f"{'s' if bands != 1 else ''}, but the model takes {self.channels} "
+                             f"input channels: {fix}")  # fmt: skip
+        return image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.channels})"
 
 
 class _ResizeLimit:
