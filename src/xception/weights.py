@@ -715,6 +715,8 @@ def load_into(
 KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/xception/"
 URL_ENV = "XCEPTION_WEIGHTS_URL"  # a mirror (or file:// folder) holding the same file names
 HOME_ENV = "XCEPTION_HOME"
+TIMEOUT_ENV = "XCEPTION_DOWNLOAD_TIMEOUT"  # seconds a download may wait on the server, each time
+DEFAULT_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -1015,12 +1017,29 @@ def _http_failure(err: urllib.error.HTTPError, w: Weights, target: Path) -> Weig
                         f"({reason}); {where}, or {_place_by_hand(w, target)}")  # fmt: skip
 
 
+def download_timeout() -> float:
+    """Seconds a download waits for the server to connect or send its next bytes:
+    `XCEPTION_DOWNLOAD_TIMEOUT`, or 60. A slow link or mirror can raise it."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise WeightsError(f"{TIMEOUT_ENV}={value!r} is not valid: give the seconds a download "
+                           f"may wait for the server, a number above 0 (default "
+                           f"{DEFAULT_TIMEOUT:g})")  # fmt: skip
+    return seconds
+
+
 def _fetch(w: Weights, target: Path, progress: bool) -> None:
     """Stream w.url into a temp file next to `target`, hashing as it goes; only a complete file
     with the published MD5 is renamed into place. Anything else leaves no trace."""
     from tqdm import tqdm
 
-    url = w.url
+    url, timeout = w.url, download_timeout()  # a bad setting is refused before any file is made
     try:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     except OSError as err:  # a full disk (or no inodes) before the first byte
@@ -1032,7 +1051,7 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
         with os.fdopen(fd, "wb") as f:
             try:
                 try:
-                    opened = urllib.request.urlopen(url, timeout=60)
+                    opened = urllib.request.urlopen(url, timeout=timeout)
                 except ValueError as err:  # not a URL urllib can open
                     raise WeightsError(f"cannot download from {url!r} ({err}): check {URL_ENV}, "
                                        "an http://, https:// or file:// folder") from None  # fmt: skip
@@ -1054,6 +1073,9 @@ def _fetch(w: Weights, target: Path, progress: bool) -> None:
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                     TimeoutError) as err:  # fmt: skip
                 reason = " ".join(str(getattr(err, "reason", None) or err).split())
+                if isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None),
+                                                               TimeoutError):  # fmt: skip
+                    reason += f"; the server was silent for {timeout:g} s ({TIMEOUT_ENV})"
                 mirror = os.environ.get(URL_ENV)
                 if isinstance(err, urllib.error.HTTPError):  # the server is there: no "offline"
                     raise _http_failure(err, w, target) from None
