@@ -179,6 +179,22 @@ def test_float16_autocast_and_half_model_agree_with_float32():
         assert close(copy.deepcopy(model).half()(x.half()), ref, 1e-2)
 
 
+def test_a_float64_model_under_autocast_names_the_mismatch():
+    """Autocast leaves float64 weights as they are and casts a float32 batch down: a
+    `.double()` model under bf16 autocast failed in its first conv with torch's "expected
+    scalar type BFloat16 but found Double". It now names both dtypes and the fixes; a float64
+    batch, which autocast leaves alone too, still runs."""
+    model = copy.deepcopy(trained_like(tiny())).double()
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"weights are float64, which autocast leaves as "
+                           r"they are, while it casts the torch.float32 batch to torch.bfloat16: "
+                           r"use a float32 model"):  # fmt: skip
+            model(x)
+        out = model(x.double())
+    assert out.dtype == torch.float64
+
+
 def test_inputs_sliced_from_larger_tensors_give_the_contiguous_outputs():
     """A channel slice of a 5-channel tensor, every other image of a batch, a transposed copy
     and a channels_last model given a strided input: the contiguous batch's logits."""

@@ -124,10 +124,18 @@ def check_images(x, in_chans: int, min_size: int, compact_hint: bool = False,
 def check_dtype(x: torch.Tensor, model: nn.Module) -> None:
     """Refuse a batch of another float type than the model's weights (float64 from
     `torch.from_numpy`, float32 for a `.half()` model), which failed inside the first conv with
-    torch's "expected scalar type". Autocast casts for itself, so it is let through."""
-    if isinstance(x, torch.fx.Proxy) or _autocast(x.device.type):
+    torch's "expected scalar type". Autocast casts for itself, so it is let through, but for
+    float64 weights, which it leaves as they are while it casts a float32 batch down."""
+    if isinstance(x, torch.fx.Proxy):
         return
     weight = next(model.parameters(), None)
+    if _autocast(x.device.type):
+        if weight is not None and weight.dtype == torch.float64 and x.dtype != torch.float64:
+            low = torch.get_autocast_dtype(x.device.type)
+            raise ValueError(f"the model's weights are float64, which autocast leaves as they "
+                             f"are, while it casts the {x.dtype} batch to {low}: use a float32 "
+                             "model under autocast, model.float(), or a float64 batch")  # fmt: skip
+        return
     if weight is not None and x.dtype != weight.dtype:
         raise ValueError(f"the batch is {x.dtype} but the model's weights are {weight.dtype}: "
                          f"convert the batch, x.to({weight.dtype}), or the model, "
