@@ -515,10 +515,15 @@ def _run_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # experiment (the paper's ablations)
 # ---------------------------------------------------------------------------------------------
-def _experiment_args(p: argparse.ArgumentParser) -> None:
-    from .experiments import SUITES
+# The names the parser offers, here so that building it loads no torch: `--help`, `--version`
+# and a usage error answer at once, not after seconds of imports. The modules' own tuples are
+# the truth; tests/test_cli.py checks these against them.
+SUITE_NAMES = ("residual", "mid-activation", "order", "vs-inception", "segments")
+EXPORT_FORMAT_NAMES = ("onnx", "torchscript", "exported-program")
 
-    p.add_argument("suite", choices=[*SUITES, "all"], help="which claims to test")
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suite", choices=[*SUITE_NAMES, "all"], help="which claims to test")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -626,10 +631,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
 # export / bench (deployment and speed)
 # ---------------------------------------------------------------------------------------------
 def _export_args(p: argparse.ArgumentParser) -> None:
-    from .deploy import EXPORT_FORMATS
-
     p.add_argument("output", metavar="OUT", type=_path, help="file to write (.onnx, .pt, .pt2)")
-    p.add_argument("--format", help=f"one of {', '.join(EXPORT_FORMATS)} (default: from "
+    p.add_argument("--format", help=f"one of {', '.join(EXPORT_FORMAT_NAMES)} (default: from "
                    "OUT's suffix, else onnx)")  # fmt: skip
     p.add_argument("--model", default="xception", help="preset (default: %(default)s)")
     p.add_argument("--weights", type=_path, help="weights name, file, run folder or checkpoint "
@@ -1323,8 +1326,8 @@ _EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
 def _main(argv: list[str] | None) -> int:
     if sys.stderr is None:  # `2>&-`: progress and diagnostics go nowhere, as asked
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-    # torch and friends load here, for a few seconds (some options list what the modules
-    # offer, and `import xception` leaves them for later): Ctrl-C is no traceback either.
+    # torch and friends load here, for a few seconds, once the arguments parse (`import
+    # xception` leaves them for later): Ctrl-C is no traceback either.
     try:
         args = build_parser().parse_args(argv)
         from .data import ImageError
