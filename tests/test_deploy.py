@@ -367,12 +367,12 @@ def test_optimize_sliced_matches_eager(model, backend):
     """A budget below one image's activations: every early block runs image by image, the
     slices are joined where the budget allows, and the outputs equal the whole batch's."""
     fast = deploy.optimize(model, backend=backend, slice_mib=0.05)
-    x = torch.randn(5, 3, SIZE, SIZE)
+    x = torch.randn(3, 3, SIZE, SIZE)
     plan = fast.plan(x.shape)
     assert plan[0][1] == 1 and len(plan) >= 2
     assert (fast(x) - eager(model, x)).abs().max().item() < 1e-4
     whole = deploy.optimize(model, backend="eager", slice_mib=None)
-    assert whole.plan(x.shape) == ((tuple(whole.model.block_names), 5),)
+    assert whole.plan(x.shape) == ((tuple(whole.model.block_names), 3),)
 
 
 @pytest.mark.parametrize("backend", ["eager", "compile"])

@@ -611,7 +611,9 @@ def test_a_features_only_backbone_checkpoints_its_blocks_too():
 def test_grad_checkpointing_under_torch_compile_gives_the_plain_step():
     """Under torch.compile the blocks are checkpointed without the eager path's copies of the
     batch-norm buffers (the compiled recomputation is pure): gradients match the plain step's,
-    and the running statistics are updated once, not twice."""
+    and the running statistics are updated once, not twice. Compiled by Dynamo and AOTAutograd
+    (the aot_eager backend), which trace the checkpoint and decide its recomputation; inductor's
+    kernels for the same graph added 35 s to the suite and nothing this test checks."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -623,8 +625,7 @@ def test_grad_checkpointing_under_torch_compile_gives_the_plain_step():
     x = torch.randn(2, 3, 72, 72)
     plain(x).square().mean().backward()
     counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False):
-        torch.compile(ckpt)(x).square().mean().backward()
+    torch.compile(ckpt, backend="aot_eager")(x).square().mean().backward()
     assert counters["stats"]["unique_graphs"] >= 1  # it ran compiled, not eager
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
