@@ -204,6 +204,12 @@ def eval_transform(
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
+def _require_pil(image) -> None:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}: open the file with "
+                        "PIL.Image.open (or xception.data.load_image)")  # fmt: skip
+
+
 class _ImageMode:
     """Converts a PIL image of any mode to RGB (3 channels) or its luminance (1), as
     `load_image` and predict do: an RGBA or grey image had given the model 4 or 1 channels."""
@@ -212,9 +218,7 @@ class _ImageMode:
         self.channels = channels
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected a PIL image, got {type(image).__name__}: open the file "
-                            "with PIL.Image.open (or xception.data.load_image)")  # fmt: skip
+        _require_pil(image)
         mode = "L" if self.channels == 1 else "RGB"
         if image.mode == mode and "transparency" not in image.info:
             return image  # as load_image gives it (predict): no copy
@@ -234,9 +238,7 @@ class _ImageBands:
         self.channels = channels
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected a PIL image, got {type(image).__name__}: open the file "
-                            "with PIL.Image.open (or xception.data.load_image)")  # fmt: skip
+        _require_pil(image)
         bands = len(image.getbands())
         if bands != self.channels:
             modes = {2: "'LA' (grey and alpha)", 4: "'RGBA' or 'CMYK'"}
