@@ -1297,6 +1297,11 @@ def test_transforms_of_a_two_or_four_channel_model_take_images_with_as_many_band
         with pytest.raises(ImageError, match=rf"'{bad.mode}' image has {len(bad.getbands())} "
                            rf"band.*takes {chans} input channels: give it.*convert"):  # fmt: skip
             transform(bad)
+    # No image mode has 5 bands: such a model's tensors are the caller's to build.
+    five = input_meta(create_model("xception-compact", num_classes=3, in_chans=5, width=0.25))
+    with pytest.raises(ImageError, match="'RGBA' image has 4 bands, but the model takes 5 input "
+                       "channels: build its input tensors yourself"):  # fmt: skip
+        five.transforms()(rgba)
 
 
 def _on_white(image):

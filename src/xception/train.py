@@ -420,10 +420,15 @@ class EMA:
                 e.copy_(v)
 
 
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The optimizer steps of the linear warm-up: warmup_epochs' worth, rounded."""
+    return round(cfg.warmup_epochs * steps_per_epoch)
+
+
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at optimizer step `step` (0-based): warm-up, then the schedule."""
     total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if cfg.schedule == "step":
         if cfg.lr_decay_samples:
@@ -869,7 +874,7 @@ class _Run:
                 f"batch_size={cfg.batch_size} is larger than the {len(self.train_set)} "
                 "training samples: lower batch_size"
             )
-        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        warmup = warmup_steps(cfg, self.steps_per_epoch)
         if cfg.warmup_epochs > 0 and warmup <= 1 and self.rank == 0:
             # Step s runs at (s + 1) / warmup of the rate: 0 or 1 warm-up step is none.
             log.warning("warmup_epochs=%s is %d step(s) at %d steps an epoch: no step runs "
